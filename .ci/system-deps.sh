@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the tests judge certificates with: etcd (server + etcdctl) and a kubectl.
+set -euo pipefail
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
+# Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).
+command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "system-deps: missing ${need[*]} and not root; tests that need them will fail" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# mypy over pkisvc and backends as installed: backends/ is the package pkisvc.backends
+# (setup.py package_dir), which mypy cannot map, so type-check a tree of symlinks shaped
+# like the installed package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tree=.typecheck
+rm -rf "$tree"
+mkdir -p "$tree/pkisvc"
+for f in pkisvc/*.py; do ln -s "../../$f" "$tree/pkisvc/"; done
+ln -s ../../backends "$tree/pkisvc/backends"
+cd "$tree"
+exec ../.venv/bin/mypy --config-file ../setup.cfg pkisvc

@@ -1,0 +1,39 @@
+# pkisvc — `make run` serves the API on 127.0.0.1:8800; `make test` installs and runs everything.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+BIND   ?= 127.0.0.1:8800
+DATA_DIR ?= ./pkisvc-data
+PYTEST_ARGS ?=
+
+.PHONY: run test lint deps system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip 'setuptools>=70' wheel
+
+$(VENV)/.run-installed: setup.py | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-installed: setup.py | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,vault,salt]'
+	touch $@ $(VENV)/.run-installed
+
+run: $(VENV)/.run-installed
+	PKISVC_DATA_DIR=$(DATA_DIR) $(BIN)/pkisvc serve --bind $(BIND)
+
+deps: $(VENV)/.test-installed
+
+system-deps:
+	bash .ci/system-deps.sh
+
+lint: deps
+	$(BIN)/ruff check pkisvc backends tests
+	bash .ci/typecheck.sh
+
+test: deps system-deps lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -1,0 +1,82 @@
+"""The Backend contract every secrets backend fulfils.
+
+A backend keeps bytes and records; it knows nothing of certificates.  Every method turns its
+own failures into pkisvc errors at its border: `NotFound`, `VersionConflict`,
+`BackendUnavailable` — nothing foreign escapes.  `tests/test_backend_contract.py` is the
+suite a backend must pass.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from pkisvc.model import AuditEvent, GenerationRecord, StoredGeneration, TokenRecord
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A versioned store of generations, an audit trail and hashed API tokens."""
+
+    name: str
+
+    def latest(self) -> int | None:
+        """Return the newest version, or None for an empty store.
+
+        Raises: BackendUnavailable.
+        """
+
+    def read(self, version: int | None = None) -> StoredGeneration:
+        """Return one whole generation (the latest when version is None).
+
+        Raises: NotFound (no such version, or an empty store), BackendUnavailable.
+        """
+
+    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+        """Store gen as version `expected + 1` (1 when expected is None) and return it.
+
+        Atomic: readers see all of it or nothing.  gen.record.version must equal that number.
+        Raises: VersionConflict when the latest version is not `expected`;
+        BackendUnavailable.
+        """
+
+    def versions(self) -> list[GenerationRecord]:
+        """Return every generation's record, oldest first.
+
+        Raises: BackendUnavailable.
+        """
+
+    def append_audit(self, event: AuditEvent) -> None:
+        """Append one audit event durably.
+
+        Raises: BackendUnavailable.
+        """
+
+    def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
+        """Return up to limit events at or after since, newest first.
+
+        Raises: BackendUnavailable.
+        """
+
+    def ping(self) -> None:
+        """Check the backend can be read and written.
+
+        Raises: BackendUnavailable.
+        """
+
+    def tokens(self) -> list[TokenRecord]:
+        """Return the API tokens made by `pkisvc token create`.
+
+        Raises: BackendUnavailable.
+        """
+
+    def put_token(self, token: TokenRecord) -> None:
+        """Add a token.
+
+        Raises: Conflict when the name is taken; BackendUnavailable.
+        """
+
+    def revoke_token(self, name: str) -> None:
+        """Remove a token.
+
+        Raises: NotFound; BackendUnavailable.
+        """

@@ -1,0 +1,321 @@
+"""The default backend: a versioned directory tree on local disk.
+
+    <data_dir>/generations/000001/{record.json, ca.crt, ca.key, ...}   immutable, 0700/0600
+    <data_dir>/current          the latest version, replaced atomically
+    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync
+    <data_dir>/tokens.json      hashed API tokens
+    <data_dir>/tmp/             staging; whatever is left here after a crash is debris
+
+A generation is staged in tmp/, fsynced, and renamed into generations/ while the writer holds
+an exclusive `flock` on <data_dir>/.lock, so readers see a whole generation or none.  A crash
+after that rename but before `current` moved leaves a whole generation ahead of `current`;
+the next writer (or a new process) rolls `current` forward to it.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound, VersionConflict
+from pkisvc.model import (
+    AuditEvent,
+    GenerationRecord,
+    StoredGeneration,
+    TokenRecord,
+    valid_file_name,
+)
+from pkisvc.settings import Settings
+
+RECORD = "record.json"
+_GEN_DIR = re.compile(r"^\d{6,}$")
+
+
+class FilesBackend:
+    """Generations as directories under one data dir."""
+
+    name = "files"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._gens = self.root / "generations"
+        self._tmp = self.root / "tmp"
+        self._current = self.root / "current"
+        self._audit = self.root / "audit.jsonl"
+        self._tokens = self.root / "tokens.json"
+        self._cache: dict[int, StoredGeneration] = {}
+        self._records: dict[int, GenerationRecord] = {}
+        self._recovered = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FilesBackend:
+        return cls(settings.data_dir)
+
+    def __repr__(self) -> str:
+        return f"FilesBackend({str(self.root)!r})"
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turn OS errors into BackendUnavailable, naming the data dir, not the content."""
+        try:
+            yield
+        except OSError as e:
+            raise BackendUnavailable(
+                f"files backend at {self.root}: cannot {what}: {e.strerror or e}") from None
+
+    def _ensure_dirs(self) -> None:
+        for d in (self.root, self._gens, self._tmp):
+            if not d.is_dir():
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the cross-process writer lock (and recover from a crash once)."""
+        self._ensure_dirs()
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._recover()
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def _recover(self) -> None:
+        """Clear staging debris; roll `current` forward to a whole generation a crash left."""
+        for entry in os.scandir(self._tmp):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        for entry in os.scandir(self.root):
+            if entry.name.startswith((".current.", ".ping.")):
+                os.unlink(entry.path)
+        newest = max(self._dir_versions(), default=None)
+        if newest is not None and (self._read_current() or 0) < newest:
+            self._set_current(newest)
+        self._recovered = True
+
+    def _dir_versions(self) -> list[int]:
+        try:
+            names = os.listdir(self._gens)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if _GEN_DIR.match(n))
+
+    def _read_current(self) -> int | None:
+        try:
+            text = self._current.read_text()
+        except FileNotFoundError:
+            return None
+        return int(text.strip())
+
+    def _set_current(self, version: int) -> None:
+        tmp = self.root / f".current.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_file(tmp, f"{version}\n".encode())
+        os.replace(tmp, self._current)
+        _fsync_dir(self.root)
+
+    def _gen_dir(self, version: int) -> Path:
+        return self._gens / f"{version:06d}"
+
+    # --- generations -------------------------------------------------------------------
+
+    def latest(self) -> int | None:
+        with self._io("read the current version"):
+            if not self._recovered and self._tmp.exists():
+                with self._locked():
+                    pass
+            try:
+                return self._read_current()
+            except ValueError:
+                raise BackendUnavailable(f"files backend at {self.root}: `current` is corrupt") \
+                    from None
+
+    def read(self, version: int | None = None) -> StoredGeneration:
+        v = self.latest() if version is None else version
+        if v is None:
+            raise NotFound("the store is empty: run `pkisvc init`")
+        if not isinstance(v, int) or v < 1:
+            raise NotFound(f"no version {v}")
+        if v in self._cache:
+            return self._cache[v]
+        if version is not None and v > (self.latest() or 0):
+            raise NotFound(f"no version {v}")
+        d = self._gen_dir(v)
+        with self._io(f"read version {v}"):
+            try:
+                files = {}
+                for entry in os.scandir(d):
+                    if entry.name != RECORD and valid_file_name(entry.name):
+                        files[entry.name] = Path(entry.path).read_bytes()
+                record = GenerationRecord.from_dict(json.loads((d / RECORD).read_bytes()))
+            except FileNotFoundError:
+                raise NotFound(f"no version {v}") from None
+        gen = StoredGeneration(record, files)
+        self._cache[v] = gen
+        self._records[v] = record
+        return gen
+
+    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+        version = (expected or 0) + 1
+        if gen.record.version != version:
+            raise InvalidRequest(
+                f"generation says version {gen.record.version}, expected {version}")
+        for name in gen.files:
+            if not valid_file_name(name) or name == RECORD:
+                raise InvalidRequest(f"not a storable file name: {name!r}")
+        with self._io(f"write version {version}"), self._locked():
+            current = self._read_current()
+            if current != expected:
+                raise VersionConflict(
+                    f"the store is at version {current}, the writer built on {expected}")
+            stage = self._tmp / f"{version:06d}.{os.getpid()}.{secrets.token_hex(4)}"
+            stage.mkdir(mode=0o700)
+            os.chmod(stage, 0o700)
+            for name, data in gen.files.items():
+                _write_file(stage / name, data)
+            _write_file(stage / RECORD, json.dumps(gen.record.to_dict(), indent=1).encode())
+            _fsync_dir(stage)
+            try:
+                os.rename(stage, self._gen_dir(version))
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise VersionConflict(f"version {version} already exists") from None
+                raise
+            _fsync_dir(self._gens)
+            self._set_current(version)
+        self._cache[version] = gen
+        self._records[version] = gen.record
+        return version
+
+    def versions(self) -> list[GenerationRecord]:
+        latest = self.latest()
+        out = []
+        with self._io("list versions"):
+            for v in self._dir_versions():
+                if latest is None or v > latest:
+                    break
+                rec = self._records.get(v)
+                if rec is None:
+                    rec = GenerationRecord.from_dict(
+                        json.loads((self._gen_dir(v) / RECORD).read_bytes()))
+                    self._records[v] = rec
+                out.append(rec)
+        return out
+
+    # --- audit -------------------------------------------------------------------------
+
+    def append_audit(self, event: AuditEvent) -> None:
+        line = (json.dumps(event.to_dict(), separators=(",", ":")) + "\n").encode()
+        with self._io("append to the audit log"):
+            self._ensure_dirs()
+            # One write() on an O_APPEND descriptor: concurrent writers never interleave.
+            fd = os.open(self._audit, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # close a line torn by a crash; it is skipped on read
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
+        with self._io("read the audit log"):
+            try:
+                lines = self._audit.read_bytes().splitlines()
+            except FileNotFoundError:
+                return []
+        out: list[AuditEvent] = []
+        for raw in reversed(lines):
+            if len(out) >= limit:
+                break
+            try:
+                event = AuditEvent.from_dict(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a crash mid-append
+            if since is not None and _parse_time(event.time) < since:
+                continue
+            out.append(event)
+        return out
+
+    # --- health ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self._io("reach the data dir"):
+            self._ensure_dirs()
+            probe = self.root / f".ping.{os.getpid()}.{secrets.token_hex(4)}"
+            _write_file(probe, b"", sync=False)
+            with contextlib.suppress(FileNotFoundError):  # a recovering writer may beat us
+                os.unlink(probe)
+            self._read_current()
+
+    # --- tokens ------------------------------------------------------------------------
+
+    def _load_tokens(self) -> list[TokenRecord]:
+        try:
+            data: list[dict[str, Any]] = json.loads(self._tokens.read_bytes())
+        except FileNotFoundError:
+            return []
+        return [TokenRecord.from_dict(t) for t in data]
+
+    def _save_tokens(self, tokens: list[TokenRecord]) -> None:
+        tmp = self._tmp / f".tokens.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_file(tmp, json.dumps([t.to_dict() for t in tokens], indent=1).encode())
+        os.replace(tmp, self._tokens)
+        _fsync_dir(self.root)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._io("read tokens"):
+            return self._load_tokens()
+
+    def put_token(self, token: TokenRecord) -> None:
+        with self._io("write tokens"), self._locked():
+            tokens = self._load_tokens()
+            if any(t.name == token.name for t in tokens):
+                raise Conflict(f"a token named {token.name!r} exists")
+            self._save_tokens([*tokens, token])
+
+    def revoke_token(self, name: str) -> None:
+        with self._io("write tokens"), self._locked():
+            tokens = self._load_tokens()
+            kept = [t for t in tokens if t.name != name]
+            if len(kept) == len(tokens):
+                raise NotFound(f"no token named {name!r}")
+            self._save_tokens(kept)
+
+
+def _write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -1,0 +1,24 @@
+"""gunicorn settings for `pkisvc serve` (`gunicorn -c python:pkisvc.gunicorn_conf ...`)."""
+from __future__ import annotations
+
+from pkisvc.settings import Settings
+
+_settings = Settings.load()
+
+bind = [_settings.bind]
+workers = _settings.workers
+# gthread keeps connections alive (sync workers close after every response).
+worker_class = "gthread"
+threads = 4
+timeout = 60
+graceful_timeout = 10
+# gunicorn 27 opens a per-user control socket by default; instances would share it.
+control_socket_disable = True
+accesslog = "-"
+# No request bodies, query strings or headers: tokens stay out of the log.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
+errorlog = "-"
+loglevel = _settings.log_level
+if _settings.tls.cert and _settings.tls.key:
+    certfile = _settings.tls.cert
+    keyfile = _settings.tls.key

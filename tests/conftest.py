@@ -1,0 +1,75 @@
+"""Shared fixtures: settings on a temp data dir, one backend per kind, a store, helpers."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pkisvc.backends.files import FilesBackend
+from pkisvc.settings import Settings
+from pkisvc.store import CertStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings isolated from the environment; EC keys unless a test asks otherwise."""
+    values = {"data_dir": str(data_dir), "key_type": "ecdsa-p256", **overrides}
+    return Settings.load(env={}, overrides=values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture(params=["files"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "files":
+        return FilesBackend(tmp_path / "data")
+    raise AssertionError(request.param)
+
+
+@pytest.fixture
+def store(backend: Any, settings: Settings) -> CertStore:
+    return CertStore(backend, settings)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll check() until it returns something truthy, or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:
+            last = e
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `pkisvc` as a user would, in a clean environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PKISVC_")}
+    return subprocess.run([sys.executable, "-m", "pkisvc.cli", *args], capture_output=True,
+                          text=True, env={**base, **(env or {})}, input=input, timeout=120)
+
+
+def openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=cwd,
+                          check=False, timeout=60)

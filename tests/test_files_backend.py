@@ -1,0 +1,126 @@
+"""The files backend on disk: modes, crash debris, kill -9, an unusable data dir."""
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from pkisvc import pki
+from pkisvc.backends.files import FilesBackend
+from pkisvc.errors import BackendUnavailable
+from pkisvc.store import CertStore, parse_files
+from tests.conftest import REPO, make_settings, wait_for
+
+
+def mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_key_files_0600_and_directories_0700(store, settings):
+    store.init(actor="t")
+    store.rotate_ca(actor="t")
+    root = settings.data_dir
+    assert mode(root) == 0o700
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            assert mode(os.path.join(dirpath, d)) == 0o700, d
+        for f in filenames:
+            assert mode(os.path.join(dirpath, f)) == 0o600, f
+    assert (root / "generations" / "000002" / "ca.key").exists()
+    assert (root / "current").read_text() == "2\n"
+
+
+def test_the_umask_cannot_loosen_modes(tmp_path):
+    old = os.umask(0)
+    try:
+        settings = make_settings(tmp_path / "data")
+        CertStore(FilesBackend(settings.data_dir), settings).init(actor="t")
+    finally:
+        os.umask(old)
+    assert mode(settings.data_dir / "generations" / "000001" / "server.key") == 0o600
+
+
+def test_debris_is_never_mistaken_for_a_generation(store, settings):
+    store.init(actor="t")
+    root = settings.data_dir
+    half = root / "tmp" / "000002.999.dead"
+    half.mkdir()
+    (half / "ca.crt").write_bytes(b"half written")
+    (root / "generations" / "notes").mkdir()
+    (root / "generations" / "000002.partial").mkdir()
+    fresh = CertStore(FilesBackend(root), settings)
+    assert fresh.latest() == 1
+    assert [r.version for r in fresh.versions()] == [1]
+    assert fresh.rotate_ca(actor="t").version == 2
+    assert not half.exists()
+
+
+def test_a_whole_generation_ahead_of_current_is_rolled_forward(store, settings):
+    store.init(actor="t")
+    store.rotate_ca(actor="t")
+    (settings.data_dir / "current").write_text("1\n")  # a crash between rename and `current`
+    fresh = CertStore(FilesBackend(settings.data_dir), settings)
+    assert fresh.latest() == 2
+    assert fresh.rotate_ca(actor="t").version == 3
+
+
+def test_unusable_data_dir_is_backend_unavailable_and_writes_nothing(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the data dir should be")
+    settings = make_settings(blocker)
+    store = CertStore(FilesBackend(blocker), settings)
+    with pytest.raises(BackendUnavailable, match="files backend at .*data"):
+        store.init(actor="t")
+    with pytest.raises(BackendUnavailable):
+        store.ping()
+    assert blocker.read_text() == "a file where the data dir should be"
+
+
+def test_torn_audit_line_is_skipped(store, settings):
+    store.init(actor="t")
+    with open(settings.data_dir / "audit.jsonl", "ab") as f:
+        f.write(b'{"time": "2026-')
+    store.rotate_ca(actor="t")
+    assert [e.version for e in store.audit()] == [2, 1]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_rotation_twenty_times(tmp_path):
+    settings = make_settings(tmp_path / "data")
+    CertStore(FilesBackend(settings.data_dir), settings).init(actor="t")
+    acked: list[int] = []
+    rng = random.Random(7)
+    for _ in range(20):
+        p = subprocess.Popen([sys.executable, "-m", "tests.workers", "crash",
+                              str(settings.data_dir), "100000"], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        first = wait_for(p.stdout.readline, 60, "the worker's first rotation")
+        acked.append(int(first))
+        # Let it run into the middle of further rotations, then kill it without warning.
+        deadline_lines = rng.randint(1, 15)
+        for _ in range(deadline_lines):
+            line = p.stdout.readline()
+            if line:
+                acked.append(int(line))
+        os.kill(p.pid, signal.SIGKILL)
+        rest, _ = p.communicate(timeout=30)
+        acked += [int(x) for x in rest.split()]
+        assert p.returncode == -signal.SIGKILL
+
+        store = CertStore(FilesBackend(settings.data_dir), settings)
+        latest = store.latest()
+        assert latest is not None and latest >= max(acked)
+        records = store.versions()
+        assert [r.version for r in records] == list(range(latest, 0, -1))
+        pki.check_set(parse_files(store.read().files))
+    # Every generation, including those written just before a kill, is whole.
+    store = CertStore(FilesBackend(settings.data_dir), settings)
+    for r in store.versions():
+        gen = store.read(r.version)
+        pki.check_set(parse_files(gen.files))
+        assert gen.record.version == r.version
+    assert set(acked) <= {r.version for r in store.versions()}
