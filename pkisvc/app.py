@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
-from flask import Flask
+from flask import Flask, Response, current_app, g, request
 
-from pkisvc import api, errors
+from pkisvc import api, auth, errors, metrics
 from pkisvc.backends import Backend, load_backend
+from pkisvc.errors import Conflict
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
@@ -19,12 +23,63 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     """Create the pkisvc WSGI application."""
     settings = settings or Settings.load()
     store = CertStore(backend or load_backend(settings), settings)
-    if settings.auto_init and store.ensure_initialised(actor="pkisvc:first-start"):
-        log.info("initialised an empty store (version 1)")
+    if settings.auto_init:
+        bootstrap(store)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["pkisvc"] = store
+    app.extensions["pkisvc.pillar"] = {}
     app.register_blueprint(api.bp)
+    app.add_url_rule("/metrics", "metrics", metrics_view)
+    app.before_request(_start_timer)
+    app.after_request(_count)
     errors.register(app)
     return app
+
+
+def bootstrap(store: CertStore) -> Path | None:
+    """Initialise an empty store; make `<data_dir>/admin.token` if it is missing.
+
+    Safe when several workers start at once: one of them wins each step.
+    """
+    if store.ensure_initialised(actor="pkisvc:first-start"):
+        log.info("initialised an empty store: version 1")
+    path = store.settings.data_dir / "admin.token"
+    if path.exists():
+        return None
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    names = {t.name for t in store.tokens()}
+    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, 10**6))) if n not in names)
+    try:
+        token = store.create_token(name, ["admin", "secrets"], actor="pkisvc:first-start")
+    except Conflict:
+        return None  # another worker made it a moment ago
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        store.revoke_token(name, actor="pkisvc:first-start")
+        return None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.warning("admin token %r written to %s", name, path)
+    return path
+
+
+def metrics_view() -> Response:
+    store: CertStore = current_app.extensions["pkisvc"]
+    if store.settings.metrics_scope:
+        auth.check(store.settings.metrics_scope)
+    return Response(metrics.render(store), mimetype="text/plain; version=0.0.4")
+
+
+def _start_timer() -> None:
+    g.started = time.perf_counter()
+
+
+def _count(response: Response) -> Response:
+    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    if "started" in g:
+        metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+    return response

@@ -134,9 +134,13 @@ def serve(c: Context, bind: str | None, workers: int | None) -> None:
     if workers:
         env["PKISVC_WORKERS"] = str(workers)
     settings = Settings.load(env.get("PKISVC_CONFIG"), env=env)  # fail here, in one line
-    if settings.auto_init and CertStore(load_backend(settings), settings).ensure_initialised(
-            actor=actor()):
-        click.echo("initialised an empty store: version 1", err=True)
+    if settings.auto_init:
+        from pkisvc.app import bootstrap
+
+        bootstrap(CertStore(load_backend(settings), settings))
+        token_file = settings.data_dir / "admin.token"
+        if token_file.exists():
+            click.echo(f"admin token: {token_file}", err=True)
     click.echo(f"pkisvc serving on {settings.bind} ({settings.backend} backend)", err=True)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:pkisvc.gunicorn_conf",
             "pkisvc.app:create_app()"]
@@ -332,6 +336,44 @@ def backup(c: Context, dest: str) -> None:
         tmp.unlink(missing_ok=True)
         raise InvalidRequest(f"{dest}: {e.strerror}") from None
     click.echo(f"backup of {count} versions written to {out}")
+
+
+@main.group()
+def token() -> None:
+    """API tokens kept (hashed) by the backend."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["read", "secrets", "audit", "admin"]),
+              help="Repeat for several; admin implies read and audit, not secrets.")
+@pass_ctx
+def token_create(c: Context, name: str, scopes: tuple[str, ...]) -> None:
+    """Make a token and print it, alone, this once (only its hash is kept)."""
+    click.echo(c.store.create_token(name, list(scopes), actor=actor()))
+
+
+@token.command("list")
+@OUTPUT
+@pass_ctx
+def token_list(c: Context, fmt: str) -> None:
+    """List tokens (names and scopes; never the tokens)."""
+    rows = [{"name": t.name, "scopes": list(t.scopes), "created_at": "",
+             "source": "settings"} for t in c.settings.tokens]
+    rows += [{"name": t.name, "scopes": list(t.scopes), "created_at": t.created_at,
+              "source": "backend"} for t in c.store.tokens()]
+    emit(fmt, rows, lambda: [["NAME", "SCOPES", "CREATED", "SOURCE"], *(
+        [r["name"], ",".join(r["scopes"]), r["created_at"], r["source"]] for r in rows)])
+
+
+@token.command("revoke")
+@click.argument("name")
+@pass_ctx
+def token_revoke(c: Context, name: str) -> None:
+    """Revoke a token at once, for every worker and replica."""
+    c.store.revoke_token(name, actor=actor())
+    click.echo(f"token {name} revoked")
 
 
 if __name__ == "__main__":

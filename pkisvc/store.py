@@ -8,8 +8,11 @@ times).  Every change appends one audit event.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,18 +37,28 @@ from pkisvc.model import (
     ITEMS,
     KEY_FILES,
     LEAVES,
+    SCOPES,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
     ItemRecord,
     StoredGeneration,
+    TokenRecord,
 )
 from pkisvc.settings import Settings, parse_san
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 25
+MAX_ATTEMPTS = 60
 IMPORT_FILES = ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
+
+
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def hash_token(token: str) -> str:
+    """The sha256 (hex) under which a token is kept."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def utcnow() -> datetime:
@@ -114,8 +127,32 @@ class CertStore:
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         return self.backend.audit(since=since, limit=limit)
 
-    def tokens(self) -> list[Any]:
+    def tokens(self) -> list[TokenRecord]:
         return self.backend.tokens()
+
+    def create_token(self, name: str, scopes: list[str] | tuple[str, ...], *, actor: str,
+                     remote_addr: str | None = None) -> str:
+        """Make an API token; return it (the only time it is seen: only its hash is kept)."""
+        if not _TOKEN_NAME.match(name):
+            raise InvalidRequest(f"token name {name!r}: letters, digits, '.', '_', '-' only")
+        if not scopes or not set(scopes) <= set(SCOPES):
+            raise InvalidRequest(f"scopes must be drawn from {', '.join(SCOPES)}")
+        if any(t.name == name for t in self.settings.tokens):
+            raise Conflict(f"a token named {name!r} is defined in the settings")
+        token = "pks_" + secrets.token_urlsafe(32)
+        now = pki.rfc3339(self.now())
+        self.backend.put_token(TokenRecord(name, hash_token(token), tuple(scopes), now))
+        self.backend.append_audit(AuditEvent(time=now, actor=actor, action="token-create",
+                                             reason=f"{name}: {','.join(scopes)}",
+                                             remote_addr=remote_addr))
+        return token
+
+    def revoke_token(self, name: str, *, actor: str, remote_addr: str | None = None) -> None:
+        """Revoke an API token made by create_token."""
+        self.backend.revoke_token(name)
+        self.backend.append_audit(AuditEvent(time=pki.rfc3339(self.now()), actor=actor,
+                                             action="token-revoke", reason=name,
+                                             remote_addr=remote_addr))
 
     def expiration(self, version: int | None = None) -> list[dict[str, Any]]:
         """Rows for `check-expiration`: each certificate, its expiry and what is left."""
@@ -262,8 +299,8 @@ class CertStore:
                 if expect_empty:
                     raise AlreadyInitialised("the store was initialised meanwhile") from None
                 log.info("%s met a concurrent writer on version %s; retrying", operation, parent)
-                if attempt >= 2:
-                    time.sleep(random.uniform(0, 0.005 * attempt))
+                if attempt >= 1:  # back off, randomly, so racing writers spread out
+                    time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
             self.backend.append_audit(AuditEvent(

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import requests
 
 from pkisvc.backends.files import FilesBackend
 from pkisvc.settings import Settings
@@ -73,3 +76,40 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
 def openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=cwd,
                           check=False, timeout=60)
+
+
+def start(cmd, env, port, *, scheme="http", verify=True):
+    """Start a server process in its own group; return it once /v1/health answers."""
+    log = tempfile.TemporaryFile()
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=log)
+
+    def up():
+        if p.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"{cmd[:3]} exited: {log.read().decode()[-2000:]}")
+        return requests.get(f"{scheme}://127.0.0.1:{port}/v1/health", timeout=2,
+                            verify=verify).status_code == 200
+    try:
+        wait_for(up, 120, "the service to answer")
+    except BaseException:
+        stop(p)
+        raise
+    return p
+
+
+def stop(p):
+    """Stop the server by its PID (its own process group), and wait for it."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKISVC_")}
+    env.update(extra)
+    return env

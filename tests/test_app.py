@@ -1,7 +1,4 @@
 """The application factory, the first endpoints, and the service run as users run it."""
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -9,7 +6,7 @@ import requests
 
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
-from tests.conftest import REPO, free_port, make_settings, wait_for
+from tests.conftest import clean_env, free_port, make_settings, start, stop
 
 
 @pytest.fixture
@@ -60,38 +57,6 @@ def test_errors_are_json(client):
     assert r.status_code == 404 and r.get_json()["error"] == "not_found"
     r = client.post("/v1/health")
     assert r.status_code == 405 and r.get_json()["error"] == "method_not_allowed"
-
-
-def start(cmd, env, port):
-    """Start a server process in its own group; return it once /v1/health answers."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: (p.poll() is None and requests.get(
-            f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200)
-            or (p.poll() is not None and pytest.fail(p.stderr.read().decode())),
-            120, "the service to answer")
-    except BaseException:
-        stop(p)
-        raise
-    return p
-
-
-def stop(p):
-    """Stop the server by its PID (its own process group), and wait for it."""
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PKISVC_")}
-    env.update(extra)
-    return env
 
 
 def test_pkisvc_serve_runs_gunicorn(tmp_path):

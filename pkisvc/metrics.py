@@ -1,0 +1,83 @@
+"""Prometheus metrics: certificate facts read from the store at scrape, request counters.
+
+Certificate expiry, the current version and rotation counts come from the store on every
+scrape, so any worker answers the same.  Request counts and latency are per process; under
+gunicorn they are summed across workers through prometheus_client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`, set by pkisvc's gunicorn config).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter as Tally
+from datetime import datetime
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from pkisvc.errors import BackendUnavailable, NotFound
+from pkisvc.store import CertStore
+
+REQUESTS = Counter("pkisvc_http_requests_total", "HTTP requests answered.",
+                   ["method", "endpoint", "status"], registry=None)
+LATENCY = Histogram("pkisvc_http_request_duration_seconds", "Time to answer a request.",
+                    ["endpoint"], registry=None,
+                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+
+def _timestamp(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+class StoreCollector:
+    """Read the store's current generation and history at every scrape."""
+
+    def __init__(self, store: CertStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self.store.settings.cluster
+        up = GaugeMetricFamily("pkisvc_backend_up", "1 when the backend answers.",
+                               labels=["cluster"])
+        try:
+            gen = self.store.read()
+            history = self.store.versions()
+        except (BackendUnavailable, NotFound) as e:
+            up.add_metric([cluster], 0 if isinstance(e, BackendUnavailable) else 1)
+            yield up
+            return
+        up.add_metric([cluster], 1)
+        yield up
+        expiry = GaugeMetricFamily("pkisvc_certificate_expiration_timestamp_seconds",
+                                   "notAfter of each certificate of the current version.",
+                                   labels=["cluster", "item"])
+        start = GaugeMetricFamily("pkisvc_certificate_not_before_timestamp_seconds",
+                                  "notBefore of each certificate of the current version.",
+                                  labels=["cluster", "item"])
+        for item, rec in gen.record.items.items():
+            expiry.add_metric([cluster, item], _timestamp(rec.not_after))
+            start.add_metric([cluster, item], _timestamp(rec.not_before))
+        yield expiry
+        yield start
+        version = GaugeMetricFamily("pkisvc_generation", "The current version.",
+                                    labels=["cluster"])
+        version.add_metric([cluster], gen.version)
+        yield version
+        ops = CounterMetricFamily("pkisvc_rotations", "Generations made, by operation.",
+                                  labels=["cluster", "operation"])
+        for op, n in sorted(Tally(r.operation for r in history).items()):
+            ops.add_metric([cluster, op], n)
+        yield ops
+
+
+def render(store: CertStore) -> bytes:
+    """The text exposition of every pkisvc metric."""
+    registry = CollectorRegistry(auto_describe=False)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(REQUESTS)
+        registry.register(LATENCY)
+    registry.register(StoreCollector(store))
+    return generate_latest(registry)

@@ -1,0 +1,193 @@
+"""The OpenAPI 3 description of the HTTP API (served at /v1/openapi.json)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pkisvc import __version__
+from pkisvc.model import ITEMS, KEY_TYPES, OPERATIONS, SCOPES
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    words = {400: "Bad request", 401: "No or unknown token", 403: "Token lacks the scope",
+             404: "Not found", 405: "Method not allowed", 409: "Conflict",
+             413: "Body over 64 KiB", 422: "The set is not whole",
+             503: "Backend unavailable"}
+    return {str(c): _json(_ref("Error"), words[c]) for c in codes}
+
+
+def _op(summary: str, scope: str | None, responses: dict[str, Any], *,
+        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
+        op_id: str) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "operationId": op_id, "responses": responses}
+    if scope:
+        op["security"] = [{"bearer": []}]
+        op["x-scope"] = scope
+    else:
+        op["security"] = []
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": False,
+                             "content": {"application/json": {"schema": body}}}
+    return op
+
+
+_VERSION_Q = {"name": "version", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1}}
+_ITEM_P = {"name": "item", "in": "path", "required": True,
+           "schema": {"type": "string", "enum": list(ITEMS)}}
+_STR = {"type": "string"}
+_NSTR = {"type": ["string", "null"]}
+_NINT = {"type": ["integer", "null"]}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error", "message"],
+              "properties": {"error": _STR, "message": _STR}},
+    "ItemSummary": {
+        "type": "object",
+        "required": ["fingerprint", "serial", "subject", "issuer", "sans", "not_before",
+                     "not_after"],
+        "properties": {"fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                       "serial": {"type": "string", "pattern": "^[0-9a-f]+$"},
+                       "subject": _STR, "issuer": _STR,
+                       "sans": {"type": "array", "items": _STR},
+                       "not_before": {"type": "string", "format": "date-time"},
+                       "not_after": {"type": "string", "format": "date-time"}}},
+    "Generation": {
+        "type": "object",
+        "required": ["version", "operation", "created_at", "actor", "reason", "items", "trust"],
+        "properties": {
+            "version": {"type": "integer", "minimum": 1}, "parent": _NINT,
+            "operation": {"type": "string", "enum": list(OPERATIONS)},
+            "created_at": {"type": "string", "format": "date-time"},
+            "actor": _STR, "reason": _STR, "key_type": _STR,
+            "items": {"type": "object", "additionalProperties": _ref("ItemSummary")},
+            "trust": {"type": "array", "items": _STR},
+            "source_version": _NINT, "rotation": {"type": ["object", "null"]}}},
+    "Cert": {"allOf": [_ref("ItemSummary"), {
+        "type": "object", "required": ["item", "version", "pem"],
+        "properties": {"item": {"type": "string", "enum": list(ITEMS)},
+                       "version": {"type": "integer"}, "pem": _STR}}]},
+    "Key": {"type": "object", "required": ["item", "version", "pem"],
+            "properties": {"item": _STR, "version": {"type": "integer"}, "pem": _STR}},
+    "Pillar": {"type": "object", "required": ["version", "role", "files", "fingerprints"],
+               "properties": {"version": {"type": "integer"}, "role": _STR,
+                              "files": {"type": "object", "additionalProperties": _STR},
+                              "fingerprints": {"type": "object",
+                                               "additionalProperties": _STR},
+                              "trust": {"type": "array", "items": _STR}}},
+    "AuditEvent": {"type": "object", "required": ["time", "actor", "action"],
+                   "properties": {"time": _STR, "actor": _STR, "action": _STR,
+                                  "version": _NINT, "items": {"type": "array", "items": _STR},
+                                  "reason": _STR, "remote_addr": _NSTR, "minion": _NSTR,
+                                  "role": _NSTR}},
+}
+
+_REASON = {"type": "string", "maxLength": 1024}
+
+
+def document() -> dict[str, Any]:
+    """Return the OpenAPI document."""
+    gen201 = {"201": _json(_ref("Generation"), "The new generation")}
+    paths: dict[str, Any] = {
+        "/v1/health": {"get": _op("Service and backend health", None, {
+            "200": _json({"type": "object", "required": ["status", "backend", "version"],
+                          "properties": {"status": {"enum": ["ok"]}, "backend": {"enum": ["ok"]},
+                                         "version": _NINT}}, "Healthy"),
+            "503": _json({"type": "object", "required": ["status", "backend"],
+                          "properties": {"status": {"enum": ["degraded"]},
+                                         "backend": {"enum": ["down"]}}}, "Backend down")},
+            op_id="health")},
+        "/v1/ca": {"get": _op("The trust bundle (hosts' ca.crt) and the signing CA", None, {
+            "200": _json({"type": "object", "required": ["version", "pem"],
+                          "properties": {"version": {"type": "integer"}, "pem": _STR,
+                                         "trust": {"type": "array", "items": _STR},
+                                         "ca": _ref("ItemSummary")}}, "The trust bundle"),
+            **_errors(404, 503)}, op_id="getCa")},
+        "/v1/ca.pem": {"get": _op("The trust bundle as PEM", None, {
+            "200": {"description": "PEM", "content": {"application/x-pem-file": {
+                "schema": _STR}}}, **_errors(404, 503)}, op_id="getCaPem")},
+        "/v1/init": {"post": _op("Make version 1", "admin", {**gen201, **_errors(
+            400, 401, 403, 409, 413, 503)}, body={
+            "type": "object", "additionalProperties": False,
+            "properties": {"reason": _REASON, "key_type": {"enum": list(KEY_TYPES)}}},
+            op_id="init")},
+        "/v1/ca/rotate": {"post": _op("New CA and leaves in one generation", "admin", {
+            **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, body={
+            "type": "object", "additionalProperties": False,
+            "properties": {"reason": _REASON, "mode": {"enum": ["immediate"]},
+                           "key_type": {"enum": list(KEY_TYPES)}}}, op_id="rotateCa")},
+        "/v1/certs": {"get": _op("The current generation's items", "read", {
+            "200": _json({"type": "object", "required": ["version", "items"],
+                          "properties": {"version": {"type": "integer"},
+                                         "trust": {"type": "array", "items": _STR},
+                                         "items": {"type": "object",
+                                                   "additionalProperties": _ref("ItemSummary")}}},
+                         "Items"), **_errors(400, 401, 403, 404, 503)},
+            params=[_VERSION_Q], op_id="listCerts")},
+        "/v1/certs/{item}": {"get": _op("One certificate", "read", {
+            "200": _json(_ref("Cert"), "The certificate"), **_errors(400, 401, 403, 404, 503)},
+            params=[_ITEM_P, _VERSION_Q], op_id="getCert")},
+        "/v1/certs/{item}/key": {"get": _op("A leaf's private key (audited)", "secrets", {
+            "200": _json(_ref("Key"), "The key"), **_errors(400, 401, 403, 404, 503)},
+            params=[_ITEM_P, _VERSION_Q], op_id="getKey")},
+        "/v1/certs/{item}/rotate": {"post": _op("Re-issue server or kubecfg", "admin", {
+            **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, params=[_ITEM_P], body={
+            "type": "object", "additionalProperties": False,
+            "properties": {"reason": _REASON, "sans": {"type": "array", "items": _STR}}},
+            op_id="rotateLeaf")},
+        "/v1/versions": {"get": _op("Every generation, newest first", "read", {
+            "200": _json({"type": "object", "required": ["versions"], "properties": {
+                "versions": {"type": "array", "items": _ref("Generation")}}}, "History"),
+            **_errors(401, 403, 503)}, op_id="listVersions")},
+        "/v1/versions/{version}": {"get": _op("One generation's record", "read", {
+            "200": _json(_ref("Generation"), "The record"), **_errors(401, 403, 404, 503)},
+            params=[{"name": "version", "in": "path", "required": True,
+                     "schema": {"type": "integer", "minimum": 1}}], op_id="getVersion")},
+        "/v1/rollback": {"post": _op("A new generation copying an old one", "admin", {
+            **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, body={
+            "type": "object", "additionalProperties": False, "required": ["version"],
+            "properties": {"version": {"type": "integer", "minimum": 1},
+                           "reason": _REASON}}, op_id="rollback")},
+        "/v1/pillar/{minion_id}": {"get": _op("A role's files for a minion (audited)", "secrets", {
+            "200": _json(_ref("Pillar"), "The files"),
+            "304": {"description": "Unchanged since the ETag given"},
+            **_errors(400, 401, 403, 404, 503)},
+            params=[{"name": "minion_id", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]*$"}},
+                    {"name": "role", "in": "query", "required": True, "schema": _STR},
+                    {"name": "If-None-Match", "in": "header", "required": False,
+                     "schema": _STR}], op_id="getPillar")},
+        "/v1/audit": {"get": _op("Audit events, newest first", "audit", {
+            "200": _json({"type": "object", "required": ["events"], "properties": {
+                "events": {"type": "array", "items": _ref("AuditEvent")}}}, "Events"),
+            **_errors(400, 401, 403, 503)},
+            params=[{"name": "since", "in": "query", "required": False,
+                     "schema": {"type": "string", "format": "date-time"}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+            op_id="listAudit")},
+        "/v1/openapi.json": {"get": _op("This document", None, {
+            "200": _json({"type": "object"}, "OpenAPI 3")}, op_id="openapi")},
+        "/metrics": {"get": _op("Prometheus metrics", None, {
+            "200": {"description": "Text exposition",
+                    "content": {"text/plain": {"schema": _STR}}},
+            **_errors(401, 403)}, op_id="metrics")},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pkisvc", "version": __version__,
+                 "description": "Versioned certificates for Salt-managed Kubernetes clusters. "
+                                f"Scopes: {', '.join(SCOPES)} (admin implies read and audit)."},
+        "paths": paths,
+        "components": {"schemas": _SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

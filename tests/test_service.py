@@ -1,0 +1,129 @@
+"""The service as users run it: gunicorn with several workers, the README walkthrough, TLS."""
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import pytest
+import requests
+
+from pkisvc import pki
+from pkisvc.backends.files import FilesBackend
+from pkisvc.store import parse_files
+from tests.conftest import REPO, clean_env, free_port, start, stop
+
+
+@pytest.fixture
+def service(tmp_path):
+    """`pkisvc serve` with 2 workers on a free port; yields (base url, data dir)."""
+    port = free_port()
+    data = tmp_path / "pkisvc-data"
+    env = clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256")
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "2"], env, port)
+    yield f"http://127.0.0.1:{port}", data
+    stop(p)
+
+
+def admin(data):
+    return {"Authorization": f"Bearer {(data / 'admin.token').read_text().strip()}"}
+
+
+def test_fifty_concurrent_rotations_are_gapless(service):
+    url, data = service
+    h = admin(data)
+
+    def rotate(i):
+        r = requests.post(f"{url}/v1/ca/rotate", json={"reason": f"r{i}"}, headers=h, timeout=60)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(rotate, range(50)))
+    assert all(status == 201 for status, _ in answers), answers
+    acked = sorted(doc["version"] for _, doc in answers)
+    assert acked == list(range(2, 52))
+    backend = FilesBackend(data)
+    assert [r.version for r in backend.versions()] == list(range(1, 52))
+    for v in range(1, 52):
+        pki.check_set(parse_files(backend.read(v).files))
+    events = [e for e in backend.audit(limit=10000) if e.action == "rotate-ca"]
+    assert sorted(e.version for e in events) == list(range(2, 52))
+    assert {e.reason for e in events} == {f"r{i}" for i in range(50)}
+
+
+def test_revoked_token_is_refused_by_every_worker(service):
+    url, data = service
+    token = subprocess.run([sys.executable, "-m", "pkisvc.cli", "token", "create", "grafana",
+                            "--scope", "read"], capture_output=True, text=True, check=True,
+                           env=clean_env(PKISVC_DATA_DIR=str(data))).stdout
+    assert re.fullmatch(r"pks_\S+\n", token)
+    h = {"Authorization": f"Bearer {token.strip()}", "Connection": "close"}
+    # New connections spread over both workers.
+    assert {requests.get(f"{url}/v1/versions", headers=h, timeout=5).status_code
+            for _ in range(12)} == {200}
+    subprocess.run([sys.executable, "-m", "pkisvc.cli", "token", "revoke", "grafana"],
+                   check=True, capture_output=True, env=clean_env(PKISVC_DATA_DIR=str(data)))
+    assert {requests.get(f"{url}/v1/versions", headers=h, timeout=5).status_code
+            for _ in range(12)} == {401}
+
+
+def test_metrics_agree_across_workers(service):
+    url, data = service
+    requests.post(f"{url}/v1/ca/rotate", headers=admin(data), timeout=30)
+    bodies = {requests.get(f"{url}/metrics", headers={"Connection": "close"},
+                           timeout=5).text for _ in range(8)}
+    for text in bodies:
+        assert 'pkisvc_generation{cluster="default"} 2.0' in text
+        assert re.search(r'pkisvc_http_requests_total\{endpoint="/v1/ca/rotate",method="POST",'
+                         r'status="201"\} 1\.0', text)
+
+
+def walkthrough():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- walkthrough:.*?-->\n```sh\n(.*?)```\n<!-- /walkthrough -->",
+                      readme, re.S)
+    assert block, "README lost its walkthrough block"
+    return block.group(1)
+
+
+def test_readme_walkthrough_works_verbatim(service, tmp_path):
+    url, data = service
+    port = url.rsplit(":", 1)[1]
+    script = walkthrough().replace("127.0.0.1:8800", f"127.0.0.1:{port}")
+    # The README runs from the checkout, where `make run` keeps ./pkisvc-data.
+    r = subprocess.run(["bash", "-c", script], cwd=data.parent, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"status":"ok"' in r.stdout.replace(" ", "")
+    assert (data.parent / "ca.crt").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    backend = FilesBackend(data)
+    assert [(v.version, v.operation) for v in backend.versions()] == [
+        (1, "init"), (2, "rotate-ca"), (3, "rotate-kubecfg"), (4, "rollback")]
+    assert backend.read(4).files == backend.read(1).files
+    assert "pkisvc_certificate_expiration_timestamp_seconds" in r.stdout
+
+
+def test_tls(tmp_path):
+    now = datetime.now(UTC)
+    ca_key, key = pki.generate_key("ecdsa-p256"), pki.generate_key("ecdsa-p256")
+    ca = pki.make_ca(pki.Profile("ca", "api-ca", 30), ca_key, now=now)
+    cert = pki.issue(pki.Profile("server", "pkisvc", 30, sans=("127.0.0.1",)), ca, ca_key, key,
+                     now=now)
+    (tmp_path / "ca.pem").write_bytes(pki.cert_pem(ca))
+    (tmp_path / "tls.crt").write_bytes(pki.cert_pem(cert))
+    (tmp_path / "tls.key").write_bytes(pki.key_pem(key))
+    port = free_port()
+    env = clean_env(PKISVC_DATA_DIR=str(tmp_path / "data"), PKISVC_KEY_TYPE="ecdsa-p256",
+                    PKISVC_TLS__CERT=str(tmp_path / "tls.crt"),
+                    PKISVC_TLS__KEY=str(tmp_path / "tls.key"))
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "1"], env, port, scheme="https", verify=str(tmp_path / "ca.pem"))
+    try:
+        r = requests.get(f"https://127.0.0.1:{port}/v1/ca", verify=str(tmp_path / "ca.pem"),
+                         timeout=5)
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://127.0.0.1:{port}/v1/ca", timeout=5)
+    finally:
+        stop(p)
