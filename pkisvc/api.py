@@ -117,12 +117,29 @@ def init() -> tuple[dict[str, Any], int]:
 def rotate_ca() -> tuple[dict[str, Any], int]:
     data = body(reason=str, mode=str, key_type=str)
     mode = data.get("mode", "immediate")
-    if mode == "staged":
-        raise InvalidRequest("staged CA rotation is not available in this version")
-    if mode != "immediate":
+    if mode not in ("immediate", "staged"):
         raise InvalidRequest("mode must be 'immediate' or 'staged'")
-    return created(store().rotate_ca(actor=g.actor, reason=data.get("reason", ""),
-                                     key_type=key_type(data), remote_addr=request.remote_addr))
+    change = store().stage_trust if mode == "staged" else store().rotate_ca
+    return created(change(actor=g.actor, reason=data.get("reason", ""), key_type=key_type(data),
+                          remote_addr=request.remote_addr))
+
+
+@bp.post("/ca/rotate/<step>")
+@requires("admin")
+def rotation_step(step: str) -> tuple[dict[str, Any], int]:
+    steps = {"continue": store().stage_switch, "finish": store().stage_finish,
+             "abort": store().stage_abort}
+    if step not in steps:
+        raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
+    data = body(reason=str)
+    return created(steps[step](actor=g.actor, reason=data.get("reason", ""),
+                               remote_addr=request.remote_addr))
+
+
+@bp.get("/ca/rotation")
+@requires("read")
+def rotation() -> dict[str, Any]:
+    return store().rotation()
 
 
 @bp.post("/certs/<item>/rotate")

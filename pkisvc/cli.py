@@ -163,11 +163,53 @@ def rotate() -> None:
 
 @rotate.command("ca")
 @click.option("--key-type", type=click.Choice(KEY_TYPES), help="Default: the `key_type` setting.")
+@click.option("--staged", is_flag=True,
+              help="Phase 1 of a rotation without downtime: trust the new CA beside the old.")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotate_ca(c: Context, key_type: str | None, reason: str) -> None:
-    """New CA and new leaves, in one generation."""
-    done(c.store.rotate_ca(actor=actor(), reason=reason, key_type=key_type))
+def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
+    """New CA and new leaves, in one generation (or --staged, in three)."""
+    change = c.store.stage_trust if staged else c.store.rotate_ca
+    done(change(actor=actor(), reason=reason, key_type=key_type))
+
+
+@main.group()
+def rotation() -> None:
+    """Drive a staged CA rotation: status, continue, finish, abort."""
+
+
+@rotation.command("status")
+@OUTPUT
+@pass_ctx
+def rotation_status(c: Context, fmt: str) -> None:
+    """Show the open staged rotation, if any."""
+    state = c.store.rotation()
+    emit(fmt, state, lambda: [["FIELD", "VALUE"], *([k, "" if v is None else v]
+                                                    for k, v in state.items())])
+
+
+@rotation.command("continue")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def rotation_continue(c: Context, reason: str) -> None:
+    """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
+    done(c.store.stage_switch(actor=actor(), reason=reason))
+
+
+@rotation.command("finish")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def rotation_finish(c: Context, reason: str) -> None:
+    """Phase 3: trust only the new CA."""
+    done(c.store.stage_finish(actor=actor(), reason=reason))
+
+
+@rotation.command("abort")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def rotation_abort(c: Context, reason: str) -> None:
+    """Drop the new CA (phase 1 only; later, use rollback)."""
+    done(c.store.stage_abort(actor=actor(), reason=reason))
 
 
 @rotate.command("server")

@@ -64,6 +64,11 @@ class StoreCollector:
                                     labels=["cluster"])
         version.add_metric([cluster], gen.version)
         yield version
+        phase = GaugeMetricFamily("pkisvc_ca_rotation_phase",
+                                  "Phase of the open staged CA rotation (0: none).",
+                                  labels=["cluster"])
+        phase.add_metric([cluster], (gen.record.rotation or {}).get("phase", 0))
+        yield phase
         ops = CounterMetricFamily("pkisvc_rotations", "Generations made, by operation.",
                                   labels=["cluster", "operation"])
         for op, n in sorted(Tally(r.operation for r in history).items()):

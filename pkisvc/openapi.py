@@ -123,8 +123,24 @@ def document() -> dict[str, Any]:
         "/v1/ca/rotate": {"post": _op("New CA and leaves in one generation", "admin", {
             **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, body={
             "type": "object", "additionalProperties": False,
-            "properties": {"reason": _REASON, "mode": {"enum": ["immediate"]},
+            "properties": {"reason": _REASON, "mode": {"enum": ["immediate", "staged"]},
                            "key_type": {"enum": list(KEY_TYPES)}}}, op_id="rotateCa")},
+        "/v1/ca/rotate/{step}": {"post": _op(
+            "Next phase of a staged rotation: continue (leaves from the new CA), finish "
+            "(trust only the new CA) or abort (phase 1 only)", "admin", {
+                **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)},
+            params=[{"name": "step", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ["continue", "finish", "abort"]}}],
+            body={"type": "object", "additionalProperties": False,
+                  "properties": {"reason": _REASON}}, op_id="rotationStep")},
+        "/v1/ca/rotation": {"get": _op("The open staged rotation, if any", "read", {
+            "200": _json({"type": "object", "required": ["open", "phase", "version", "next"],
+                          "properties": {"open": {"type": "boolean"}, "phase": _NINT,
+                                         "version": {"type": "integer"},
+                                         "old_ca": _NSTR, "new_ca": _NSTR,
+                                         "next": {"enum": ["continue", "finish", None]},
+                                         "abortable": {"type": "boolean"}}}, "Status"),
+            **_errors(401, 403, 404, 503)}, op_id="getRotation")},
         "/v1/certs": {"get": _op("The current generation's items", "read", {
             "200": _json({"type": "object", "required": ["version", "items"],
                           "properties": {"version": {"type": "integer"},

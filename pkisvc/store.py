@@ -50,6 +50,7 @@ from pkisvc.settings import Settings, parse_san
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
+NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 IMPORT_FILES = ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
 
 
@@ -201,6 +202,99 @@ class CertStore:
             self._refuse_during_staged_rotation(base)
             return self._fresh_set(keys)
         return self._commit("rotate-ca", actor, reason, build, remote_addr=remote_addr)
+
+    # --- staged CA rotation (DESIGN §6) --------------------------------------------------
+
+    def rotation(self) -> dict[str, Any]:
+        """The open staged rotation, if any: phase, CAs, and the step that comes next."""
+        gen = self.read()
+        state = dict(gen.record.rotation or {})
+        phase = state.get("phase")
+        return {"open": bool(state), "phase": phase, "version": gen.version,
+                "old_ca": state.get("old_ca"), "new_ca": state.get("new_ca"),
+                "next": {1: "continue", 2: "finish"}.get(phase) if phase else None,
+                "abortable": phase == 1}
+
+    def stage_trust(self, *, actor: str, reason: str = "", key_type: str | None = None,
+                    remote_addr: str | None = None) -> GenerationRecord:
+        """Phase 1: make the next CA and trust it beside the current one; leaves unchanged."""
+        kt = key_type or self.settings.key_type
+        next_key = pki.generate_key(kt)
+
+        def build(base: StoredGeneration | None) -> Draft:
+            assert base is not None
+            self._refuse_during_staged_rotation(base)
+            cur = parse_files(base.files)
+            if cur.ca_key is None:
+                raise Conflict(f"version {base.version} holds no CA key: use an immediate "
+                               "rotation (rotate ca) to replace the imported CA")
+            s = self.settings
+            next_ca = pki.make_ca(pki.Profile("ca", s.ca.common_name, s.ca.days), next_key,
+                                  now=self.now())
+            certs = pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key, cur.kubecfg,
+                                cur.kubecfg_key, (*cur.trust, next_ca))
+            extra = {NEXT_CA_CERT: pki.cert_pem(next_ca), NEXT_CA_KEY: pki.key_pem(next_key)}
+            state = {"phase": 1, "old_ca": pki.fingerprint(cur.ca),
+                     "new_ca": pki.fingerprint(next_ca), "started": base.version + 1}
+            return Draft(certs, extra, rotation=state)
+        return self._commit("ca-stage-trust", actor, reason, build, items=("ca",),
+                            remote_addr=remote_addr)
+
+    def stage_switch(self, *, actor: str, reason: str = "",
+                     remote_addr: str | None = None) -> GenerationRecord:
+        """Phase 2: re-issue server and kubecfg from the new CA; trust stays old + new."""
+        keys: dict[str, pki.PrivateKey] = {}
+
+        def build(base: StoredGeneration | None) -> Draft:
+            assert base is not None
+            state = self._expect_phase(base, 1, "continue")
+            next_ca = pki.load_cert(base.files[NEXT_CA_CERT], NEXT_CA_CERT)
+            next_key = pki.load_key(base.files[NEXT_CA_KEY], NEXT_CA_KEY)
+            cur = parse_files(base.files)
+            if not keys:
+                kt = pki.key_type_of(next_key)
+                keys.update(server=pki.generate_key(kt), kubecfg=pki.generate_key(kt))
+            now = self.now()
+            server = pki.issue(self._server_profile(), next_ca, next_key, keys["server"], now=now)
+            kubecfg = pki.issue(self._client_profile(), next_ca, next_key, keys["kubecfg"],
+                                now=now)
+            certs = pki.CertSet(next_ca, next_key, server, keys["server"], kubecfg,
+                                keys["kubecfg"], cur.trust)
+            return Draft(certs, rotation={**state, "phase": 2})
+        return self._commit("ca-stage-switch", actor, reason, build, remote_addr=remote_addr)
+
+    def stage_finish(self, *, actor: str, reason: str = "",
+                     remote_addr: str | None = None) -> GenerationRecord:
+        """Phase 3: trust only the new CA; the staged rotation is over."""
+        def build(base: StoredGeneration | None) -> Draft:
+            assert base is not None
+            self._expect_phase(base, 2, "finish")
+            cur = parse_files(base.files)
+            return Draft(pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key,
+                                     cur.kubecfg, cur.kubecfg_key, (cur.ca,)))
+        return self._commit("ca-stage-finish", actor, reason, build, items=("ca",),
+                            remote_addr=remote_addr)
+
+    def stage_abort(self, *, actor: str, reason: str = "",
+                    remote_addr: str | None = None) -> GenerationRecord:
+        """Drop the next CA (phase 1 only: later, roll back instead)."""
+        def build(base: StoredGeneration | None) -> Draft:
+            assert base is not None
+            self._expect_phase(base, 1, "abort")
+            cur = parse_files(base.files)
+            return Draft(pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key,
+                                     cur.kubecfg, cur.kubecfg_key, (cur.ca,)))
+        return self._commit("ca-stage-abort", actor, reason, build, items=("ca",),
+                            remote_addr=remote_addr)
+
+    @staticmethod
+    def _expect_phase(base: StoredGeneration, phase: int, step: str) -> dict[str, Any]:
+        state = dict(base.record.rotation or {})
+        if state.get("phase") != phase:
+            now = f"phase {state['phase']}" if state else "no staged rotation is open"
+            hint = {"abort": " (after phase 1, roll back to the version before it instead)"}
+            raise Conflict(f"cannot {step}: {now}{hint.get(step, '') if state else ''}")
+        return state
 
     def rotate_leaf(self, item: str, *, actor: str, reason: str = "",
                     sans: list[str] | None = None, key_type: str | None = None,

@@ -55,6 +55,9 @@ ENDPOINTS = [
     ("GET", "/v1/versions/1", "read", None, 200),
     ("GET", "/v1/pillar/k8s-master-1?role=master", "secrets", None, 200),
     ("GET", "/v1/audit", "audit", None, 200),
+    ("GET", "/v1/ca/rotation", "read", None, 200),
+    ("POST", "/v1/ca/rotate/abort", "admin", {}, 409),
+    ("POST", "/v1/ca/rotate/finish", "admin", None, 409),
 ]
 IMPLIED = {"admin": {"admin", "read", "audit"}, "read": {"read"}, "secrets": {"secrets"},
            "audit": {"audit"}}
@@ -271,10 +274,15 @@ def test_metrics_are_read_from_the_store(app, tokens):
     assert 'pkisvc_generation{cluster="default"} 2.0' in text
     assert 'pkisvc_rotations_total{cluster="default",operation="rotate-ca"} 1.0' in text
     from datetime import datetime
-    ts = datetime.fromisoformat(rec.items["server"].not_after.replace("Z", "+00:00")).timestamp()
-    assert (f'pkisvc_certificate_expiration_timestamp_seconds{{cluster="default",item="server"}}'
-            f" {ts:.9e}") in text or f'item="server"}} {ts}' in text
-    assert "pkisvc_certificate_not_before_timestamp_seconds" in text
+
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, s.labels.get("item")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    for item in ("ca", "server", "kubecfg"):
+        for field, metric in (("not_after", "pkisvc_certificate_expiration_timestamp_seconds"),
+                              ("not_before", "pkisvc_certificate_not_before_timestamp_seconds")):
+            when = getattr(rec.items[item], field).replace("Z", "+00:00")
+            assert samples[(metric, item)] == datetime.fromisoformat(when).timestamp()
     assert 'pkisvc_http_requests_total{endpoint="/v1/ca/rotate",method="POST",status="201"}' in text
     assert "pkisvc_http_request_duration_seconds_bucket" in text
 
