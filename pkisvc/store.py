@@ -266,25 +266,23 @@ class CertStore:
     def stage_finish(self, *, actor: str, reason: str = "",
                      remote_addr: str | None = None) -> GenerationRecord:
         """Phase 3: trust only the new CA; the staged rotation is over."""
-        def build(base: StoredGeneration | None) -> Draft:
-            assert base is not None
-            self._expect_phase(base, 2, "finish")
-            cur = parse_files(base.files)
-            return Draft(pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key,
-                                     cur.kubecfg, cur.kubecfg_key, (cur.ca,)))
-        return self._commit("ca-stage-finish", actor, reason, build, items=("ca",),
-                            remote_addr=remote_addr)
+        return self._close_rotation("ca-stage-finish", 2, "finish", actor, reason, remote_addr)
 
     def stage_abort(self, *, actor: str, reason: str = "",
                     remote_addr: str | None = None) -> GenerationRecord:
         """Drop the next CA (phase 1 only: later, roll back instead)."""
+        return self._close_rotation("ca-stage-abort", 1, "abort", actor, reason, remote_addr)
+
+    def _close_rotation(self, operation: str, phase: int, step: str, actor: str, reason: str,
+                        remote_addr: str | None) -> GenerationRecord:
+        """End a staged rotation: trust only the signing CA, drop the next CA's files."""
         def build(base: StoredGeneration | None) -> Draft:
             assert base is not None
-            self._expect_phase(base, 1, "abort")
+            self._expect_phase(base, phase, step)
             cur = parse_files(base.files)
             return Draft(pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key,
                                      cur.kubecfg, cur.kubecfg_key, (cur.ca,)))
-        return self._commit("ca-stage-abort", actor, reason, build, items=("ca",),
+        return self._commit(operation, actor, reason, build, items=("ca",),
                             remote_addr=remote_addr)
 
     @staticmethod
