@@ -55,6 +55,7 @@ class FilesBackend:
         self._records: dict[int, GenerationRecord] = {}
         self._recovered = False
         self._token_cache: tuple[tuple[int, int, int], list[TokenRecord]] | None = None
+        self._current_cache: tuple[tuple[int, int], int] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
@@ -115,11 +116,20 @@ class FilesBackend:
         return sorted(int(n) for n in names if _GEN_DIR.match(n))
 
     def _read_current(self) -> int | None:
+        # Asked on every request; `current` is only ever replaced (new inode), so a stat
+        # tells whether the number read last time still holds.
         try:
-            text = self._current.read_text()
+            st = os.stat(self._current)
         except FileNotFoundError:
             return None
-        return int(text.strip())
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._current_cache
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        with open(self._current, "rb") as f:
+            version = int(f.read().strip())
+        self._current_cache = (stamp, version)
+        return version
 
     def _set_current(self, version: int) -> None:
         tmp = self.root / f".current.{os.getpid()}.{secrets.token_hex(4)}"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from typing import Any
 
@@ -10,18 +9,23 @@ from flask import Blueprint, Response, current_app, g, request
 
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.model import CERT_FILES, ITEMS, KEY_TYPES, TRUST_FILE
+from pkisvc.fastpath import MINION_ID, Bodies
+from pkisvc.model import ITEMS, KEY_TYPES, TRUST_FILE
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
-_MINION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}$")
 _REASON_MAX = 1024
 
 
 def store() -> CertStore:
     s: CertStore = current_app.extensions["pkisvc"]
     return s
+
+
+def bodies() -> Bodies:
+    b: Bodies = current_app.extensions["pkisvc.bodies"]
+    return b
 
 
 # --- request parsing ----------------------------------------------------------------------
@@ -177,9 +181,11 @@ def certs() -> dict[str, Any]:
 
 @bp.get("/certs/<item>")
 @requires("read")
-def cert(item: str) -> dict[str, Any]:
-    version, rec, pem = store().item(item_name(item), query_int("version", 1, 10**9))
-    return {"item": item, "version": version, "pem": pem.decode(), **rec.to_dict()}
+def cert(item: str) -> Response:
+    version = query_int("version", 1, 10**9) or store().latest()
+    if version is None:
+        raise NotFound("the store is empty: run `pkisvc init`")
+    return Response(bodies().cert(version, item_name(item)), mimetype="application/json")
 
 
 @bp.get("/certs/<item>/key")
@@ -209,7 +215,7 @@ def version(version: int) -> dict[str, Any]:
 @bp.get("/pillar/<minion_id>")
 @requires("secrets")
 def pillar(minion_id: str) -> Response:
-    if not _MINION_ID.match(minion_id):
+    if not MINION_ID.match(minion_id):
         raise InvalidRequest("not a minion id")
     role = request.args.get("role")
     if not role:
@@ -221,32 +227,11 @@ def pillar(minion_id: str) -> Response:
     etag = f'"{gen.version}"'
     if request.if_none_match.contains(str(gen.version)):
         return Response(status=304, headers={"ETag": etag})
-    payload = _pillar_payload(gen.version, role, names)
+    payload = bodies().pillar(gen.version, role)
     store().record_delivery(actor=g.actor, action="pillar", version=gen.version,
                             items=tuple(names), minion=minion_id, role=role,
                             remote_addr=request.remote_addr)
     return Response(payload, mimetype="application/json", headers={"ETag": etag})
-
-
-def _pillar_payload(version: int, role: str, names: tuple[str, ...]) -> bytes:
-    """The role's JSON answer for a version; generations never change, so it is cached."""
-    cache: dict[tuple[int, str], bytes] = current_app.extensions["pkisvc.pillar"]
-    hit = cache.get((version, role))
-    if hit is not None:
-        return hit
-    gen = store().read(version)
-    files = store().host_files(gen, names)
-    by_file = {CERT_FILES[i]: gen.record.items[i].fingerprint for i in ("server", "kubecfg")}
-    by_file["ca.crt"] = gen.record.items["ca"].fingerprint
-    doc = {"version": version, "role": role,
-           "files": {n: b.decode() for n, b in files.items()},
-           "fingerprints": {n: by_file[n] for n in names if n in by_file},
-           "trust": list(gen.record.trust)}
-    payload = json.dumps(doc).encode()
-    if any(v != version for v, _ in cache):
-        cache.clear()  # keep only the latest version's answers
-    cache[(version, role)] = payload
-    return payload
 
 
 @bp.get("/audit")

@@ -11,6 +11,7 @@ from flask import Flask, Response, current_app, g, request
 from pkisvc import api, auth, errors, metrics
 from pkisvc.backends import Backend, load_backend
 from pkisvc.errors import Conflict
+from pkisvc.fastpath import Bodies, FastReads
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
@@ -29,12 +30,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["pkisvc"] = store
-    app.extensions["pkisvc.pillar"] = {}
+    app.extensions["pkisvc.bodies"] = bodies = Bodies(store)
     app.register_blueprint(api.bp)
     app.add_url_rule("/metrics", "metrics", metrics_view)
     app.before_request(_start_timer)
     app.after_request(_count)
     errors.register(app)
+    app.wsgi_app = FastReads(app.wsgi_app, store, bodies)  # type: ignore[method-assign]
     return app
 
 

@@ -23,7 +23,8 @@ timeout = 60
 graceful_timeout = 10
 # gunicorn 27 opens a per-user control socket by default; instances would share it.
 control_socket_disable = True
-accesslog = "-"
+# Off unless asked for (`access_log: true`): it costs a fifth of the read throughput.
+accesslog = "-" if _settings.access_log else None
 # No request bodies, query strings or headers: tokens stay out of the log.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"

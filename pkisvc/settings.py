@@ -90,6 +90,7 @@ class Settings:
     vault: VaultSettings
     metrics_scope: str | None
     auto_init: bool
+    access_log: bool
     log_level: str
     source: str | None = None
 
@@ -347,6 +348,7 @@ _SCHEMA: dict[str, _Field] = {
     "vault.max_versions": _Field(1000, _int(1, 1_000_000)),
     "metrics_scope": _Field(None, _scope, text=True),
     "auto_init": _Field(True, _bool),
+    "access_log": _Field(False, _bool),
     "log_level": _Field("info", _log_level, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
@@ -425,6 +427,7 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             role_id=v["vault.role_id"], secret_id=v["vault.secret_id"],
             mount=v["vault.mount"], prefix=v["vault.prefix"], ca_cert=v["vault.ca_cert"],
             timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
-        metrics_scope=v["metrics_scope"], auto_init=v["auto_init"], log_level=v["log_level"],
+        metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
+        access_log=v["access_log"], log_level=v["log_level"],
         source=source,
     )

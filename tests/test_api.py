@@ -310,3 +310,19 @@ def test_openapi_describes_every_route(app):
             routes.add((path, method.lower()))
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert routes == documented
+
+
+def test_fast_path_answers_as_flask_does(app, tokens):
+    client = app.test_client()
+    h = auth(tokens["read"])
+    fast = client.get("/v1/certs/server", headers=h)  # served by FastReads
+    slow = client.get("/v1/certs/server?version=1", headers=h)  # a query: served by Flask
+    assert fast.status_code == slow.status_code == 200
+    assert fast.get_json() == slow.get_json()
+    assert fast.headers["Content-Type"] == slow.headers["Content-Type"] == "application/json"
+    app.extensions["pkisvc"].revoke_token("t-read", actor="test")
+    r = client.get("/v1/certs/server", headers=h)
+    assert r.status_code == 401 and r.get_json()["error"] == "unauthorized"
+    assert client.get("/v1/certs/server", headers=auth(tokens["audit"])).status_code == 403
+    client.post("/v1/ca/rotate", headers=auth(tokens["admin"]))
+    assert client.get("/v1/certs/server", headers=auth(tokens["admin"])).get_json()["version"] == 2
