@@ -169,6 +169,18 @@ def rollback() -> tuple[dict[str, Any], int]:
                                     remote_addr=request.remote_addr))
 
 
+@bp.post("/renew")
+@requires("admin")
+def renew() -> tuple[dict[str, Any], int]:
+    data = body(dry_run=bool)
+    report, record = store().renew(actor=g.actor, dry_run=data.get("dry_run", False),
+                                   remote_addr=request.remote_addr)
+    if record is None:
+        return {**report, "renewed": False}, 200
+    return {**record.summary(), "due": report["due"], "ca_warning": report["ca_warning"],
+            "renewed": True}, 201
+
+
 # --- reading -------------------------------------------------------------------------------
 
 @bp.get("/certs")

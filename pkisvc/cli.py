@@ -380,6 +380,28 @@ def backup(c: Context, dest: str) -> None:
     click.echo(f"backup of {count} versions written to {out}")
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only list what is due.")
+@OUTPUT
+@pass_ctx
+def renew(c: Context, dry_run: bool, fmt: str) -> None:
+    """Re-issue the leaves inside `renew_before`; do nothing when nothing is due."""
+    report, record = c.store.renew(actor=actor(), dry_run=dry_run)
+    if report["ca_warning"]:
+        click.echo(f"warning: {report['ca_warning']}", err=True)
+    if fmt != "table":
+        emit(fmt, {**report, "renewed": record.version if record else None}, lambda: [])
+    elif not report["due"]:
+        click.echo(f"nothing due (version {report['version']}, renew_before "
+                   f"{c.settings.renew_before // 86400}d)")
+    else:
+        for d in report["due"]:
+            click.echo(f"{'due' if dry_run else 'renewed'}: {d['item']} "
+                       f"(expires {d['not_after']}, {short_duration(d['residual_seconds'])} left)")
+        if record is not None:
+            done(record)
+
+
 @main.group()
 def token() -> None:
     """API tokens kept (hashed) by the backend."""

@@ -55,11 +55,19 @@ class StoreCollector:
         start = GaugeMetricFamily("pkisvc_certificate_not_before_timestamp_seconds",
                                   "notBefore of each certificate of the current version.",
                                   labels=["cluster", "item"])
+        renewal = GaugeMetricFamily(
+            "pkisvc_certificate_renewal_timestamp_seconds",
+            "When renewal becomes due: notAfter less renew_before (ca_warn_before for the CA).",
+            labels=["cluster", "item"])
+        s = self.store.settings
         for item, rec in gen.record.items.items():
             expiry.add_metric([cluster, item], _timestamp(rec.not_after))
             start.add_metric([cluster, item], _timestamp(rec.not_before))
+            ahead = s.ca_warn_before if item == "ca" else s.renew_before
+            renewal.add_metric([cluster, item], _timestamp(rec.not_after) - ahead)
         yield expiry
         yield start
+        yield renewal
         version = GaugeMetricFamily("pkisvc_generation", "The current version.",
                                     labels=["cluster"])
         version.add_metric([cluster], gen.version)

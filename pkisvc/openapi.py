@@ -19,6 +19,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     words = {400: "Bad request", 401: "No or unknown token", 403: "Token lacks the scope",
              404: "Not found", 405: "Method not allowed", 409: "Conflict",
              413: "Body over 64 KiB", 422: "The set is not whole",
+             500: "Settings that cannot work (e.g. leaves shorter than renew_before)",
              503: "Backend unavailable"}
     return {str(c): _json(_ref("Error"), words[c]) for c in codes}
 
@@ -141,6 +142,19 @@ def document() -> dict[str, Any]:
                                          "next": {"enum": ["continue", "finish", None]},
                                          "abortable": {"type": "boolean"}}}, "Status"),
             **_errors(401, 403, 404, 503)}, op_id="getRotation")},
+        "/v1/renew": {"post": _op("Renew the leaves inside renew_before (never the CA)",
+                                  "admin", {
+            "201": _json({"allOf": [_ref("Generation"), {"type": "object", "properties": {
+                "due": {"type": "array"}, "ca_warning": _NSTR,
+                "renewed": {"const": True}}}]}, "Renewed: the new generation"),
+            "200": _json({"type": "object", "required": ["due", "renewed", "version"],
+                          "properties": {"version": {"type": "integer"},
+                                         "due": {"type": "array"}, "ca_warning": _NSTR,
+                                         "renewed": {"const": False}}},
+                         "Nothing due, or a dry run: what is due"),
+            **_errors(400, 401, 403, 404, 409, 413, 500, 503)},
+            body={"type": "object", "additionalProperties": False,
+                  "properties": {"dry_run": {"type": "boolean"}}}, op_id="renew")},
         "/v1/certs": {"get": _op("The current generation's items", "read", {
             "200": _json({"type": "object", "required": ["version", "items"],
                           "properties": {"version": {"type": "integer"},

@@ -162,7 +162,7 @@ class CertStore:
         rows = []
         for item in ("server", "kubecfg", "ca"):
             rec = gen.record.items[item]
-            not_after = datetime.fromisoformat(rec.not_after.replace("Z", "+00:00"))
+            not_after = _parse_time(rec.not_after)
             rows.append({
                 "certificate": item, "file": CERT_FILES[item], "expires": rec.not_after,
                 "residual_seconds": int((not_after - now).total_seconds()),
@@ -202,6 +202,80 @@ class CertStore:
             self._refuse_during_staged_rotation(base)
             return self._fresh_set(keys)
         return self._commit("rotate-ca", actor, reason, build, remote_addr=remote_addr)
+
+    # --- renewal ------------------------------------------------------------------------
+
+    def due(self, version: int | None = None) -> dict[str, Any]:
+        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
+        gen = self.read(version)
+        now = self.now()
+        s = self.settings
+        due = []
+        for item in LEAVES:
+            left = int((_parse_time(gen.record.items[item].not_after) - now).total_seconds())
+            if left < s.renew_before:
+                due.append({"item": item, "not_after": gen.record.items[item].not_after,
+                            "residual_seconds": left})
+        ca_left = int((_parse_time(gen.record.items["ca"].not_after) - now).total_seconds())
+        warning = None
+        if ca_left < s.ca_warn_before:
+            warning = (f"the CA expires {gen.record.items['ca'].not_after} "
+                       f"({max(ca_left, 0) // 86400} days left): run a staged CA rotation "
+                       "(pkisvc rotate ca --staged); renew never rotates the CA")
+        return {"version": gen.version, "due": due, "ca_warning": warning}
+
+    def renew(self, *, actor: str, dry_run: bool = False,
+              remote_addr: str | None = None) -> tuple[dict[str, Any], GenerationRecord | None]:
+        """Re-issue every leaf inside `renew_before` in one generation; nothing due, nothing done.
+
+        Returns (what was due, the new record or None).
+        """
+        s = self.settings
+        for item, days in (("server", s.server.days), ("kubecfg", s.kubecfg.days)):
+            if days * 86400 <= s.renew_before:
+                raise ConfigError(f"setting '{item}.days' ({days}d) must be longer than "
+                                  f"'renew_before' ({s.renew_before // 86400}d), or every run "
+                                  "would renew again")
+        report = self.due()
+        if dry_run or not report["due"]:
+            return report, None
+        keys: dict[str, pki.PrivateKey] = {}
+
+        def build(base: StoredGeneration | None) -> Draft:
+            assert base is not None
+            if base.record.rotation:
+                raise Conflict("a staged CA rotation is open: finish it (its second phase "
+                               "re-issues both leaves) instead of renewing")
+            cur = parse_files(base.files)
+            if cur.ca_key is None:
+                raise Conflict(f"version {base.version} holds no CA key: rotate the CA")
+            due_now = {d["item"] for d in self.due(base.version)["due"]}
+            if not due_now:  # a concurrent writer renewed them meanwhile
+                raise _NothingDue
+            for item in due_now - set(keys):
+                keys[item] = pki.generate_key(pki.key_type_of(cur.ca_key))
+            now = self.now()
+            server, server_key, kubecfg, kubecfg_key = (cur.server, cur.server_key,
+                                                        cur.kubecfg, cur.kubecfg_key)
+            if "server" in due_now:
+                server_key = keys["server"]
+                server = pki.issue(self._server_profile(), cur.ca, cur.ca_key, server_key,
+                                   now=now)
+            if "kubecfg" in due_now:
+                kubecfg_key = keys["kubecfg"]
+                kubecfg = pki.issue(self._client_profile(), cur.ca, cur.ca_key, kubecfg_key,
+                                    now=now)
+            return Draft(pki.CertSet(cur.ca, cur.ca_key, server, server_key, kubecfg,
+                                     kubecfg_key, cur.trust), _extra_files(base))
+        items = tuple(d["item"] for d in report["due"])
+        reason = "due: " + ", ".join(f"{d['item']} expires {d['not_after']}"
+                                     for d in report["due"])
+        try:
+            record = self._commit("renew", actor, reason, build, items=items,
+                                  remote_addr=remote_addr)
+        except _NothingDue:
+            return {**report, "due": []}, None
+        return report, record
 
     # --- staged CA rotation (DESIGN §6) --------------------------------------------------
 
@@ -455,6 +529,14 @@ class CertStore:
             phase = base.record.rotation.get("phase")
             raise Conflict(f"a staged CA rotation is open (phase {phase}): continue, finish "
                            "or abort it first")
+
+
+class _NothingDue(Exception):
+    """Raised inside a renewal build when nothing is due any more."""
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def parse_san_or_fail(value: Any) -> str:
