@@ -6,7 +6,7 @@ BIND   ?= 127.0.0.1:8800
 DATA_DIR ?= ./pkisvc-data
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps system-deps clean
+.PHONY: run test lint deps system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,19 @@ system-deps:
 	bash .ci/system-deps.sh
 
 lint: deps
-	$(BIN)/ruff check pkisvc backends tests
+	$(BIN)/ruff check pkisvc backends tests bench
 	bash .ci/typecheck.sh
 
 test: deps system-deps lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.test-installed
+	$(BIN)/pip install -q --disable-pip-version-check matplotlib
+	touch $@
+
+# Side-by-side benchmarks (not tests): writes bench/results/latest.{json,md,png}.
+bench: $(VENV)/.bench-installed system-deps
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -6,6 +6,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks our alert rules
+command -v wrk >/dev/null 2>&1 || need+=(wrk)                # make bench drives load with it
 # A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
 # Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).
 command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)

@@ -176,10 +176,15 @@ def load_cert(data: bytes, name: str) -> x509.Certificate:
     return certs[0]
 
 
-def load_key(data: bytes, name: str) -> PrivateKey:
-    """Parse an unencrypted PEM private key of a supported type."""
+def load_key(data: bytes, name: str, *, trusted: bool = False) -> PrivateKey:
+    """Parse an unencrypted PEM private key of a supported type.
+
+    trusted: the key comes from a generation pkisvc wrote (and checked) itself, so the slow
+    RSA consistency check (about 50 ms for 2048 bits) is skipped.
+    """
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(
+            data, password=None, unsafe_skip_rsa_key_validation=trusted)
     except (ValueError, TypeError):
         # Never echo the data: it is key material.
         raise InvalidMaterial(f"{name}: not an unencrypted PEM private key") from None

@@ -553,15 +553,15 @@ def _extra_files(gen: StoredGeneration) -> dict[str, bytes]:
 
 
 def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
-    """Parse a stored generation's files."""
+    """Parse a stored generation's files (written, and checked, by pkisvc)."""
     ca_key = files.get(KEY_FILES["ca"])
     return pki.CertSet(
         ca=pki.load_cert(files[CERT_FILES["ca"]], "ca.crt"),
-        ca_key=pki.load_key(ca_key, "ca.key") if ca_key is not None else None,
+        ca_key=pki.load_key(ca_key, "ca.key", trusted=True) if ca_key is not None else None,
         server=pki.load_cert(files[CERT_FILES["server"]], "server.cert"),
-        server_key=pki.load_key(files[KEY_FILES["server"]], "server.key"),
+        server_key=pki.load_key(files[KEY_FILES["server"]], "server.key", trusted=True),
         kubecfg=pki.load_cert(files[CERT_FILES["kubecfg"]], "kubecfg.crt"),
-        kubecfg_key=pki.load_key(files[KEY_FILES["kubecfg"]], "kubecfg.key"),
+        kubecfg_key=pki.load_key(files[KEY_FILES["kubecfg"]], "kubecfg.key", trusted=True),
         trust=tuple(pki.load_certs(files[TRUST_FILE], "trust bundle")),
     )
 

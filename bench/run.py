@@ -1,0 +1,248 @@
+"""Side-by-side benchmarks: pkisvc against OpenBao and the raw crypto limit.
+
+`make bench` runs this.  Every figure is the median of RUNS runs, pkisvc and its peer
+interleaved in the same minutes, and each ratio compares figures of the same run.  Writes
+bench/results/latest.json (every figure, the machine, the versions), latest.md and latest.png.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import REPO, OpenBao, Pkisvc, cleanup, http, workdir
+
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "3"))
+RESULTS = REPO / "bench" / "results"
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# --- load generation -------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, header: str, conns: int, seconds: int = WRK_SECONDS) -> dict[str, float]:
+    """One wrk run: requests/s, p50 and p99 in ms, non-2xx answers."""
+    out = subprocess.run(["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{seconds}s",
+                          "--latency", "-H", header, url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m, out
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            "non_2xx": int(bad.group(1)) if bad else 0}
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: median([r[k] for r in runs]) for k in runs[0]}
+
+
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    """Latency in ms of n sequential calls."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+class Client:
+    """One keep-alive HTTP connection: the same client for pkisvc and OpenBao."""
+
+    def __init__(self, base: str, headers: dict[str, str]) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.headers = {"Content-Type": "application/json", **headers}
+
+    def post(self, path: str, body: Any = None, expect: int = 200) -> Any:
+        self.conn.request("POST", path, body=json.dumps(body or {}), headers=self.headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status != expect:
+            raise RuntimeError(f"POST {path}: {r.status} {data[:300]!r}")
+        return json.loads(data)
+
+
+# --- 1. read ---------------------------------------------------------------------------
+
+def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, Pkisvc]) -> dict[str, Any]:
+    token = files.token("bench-read", "read")
+    status, body = http("GET", f"{files.url}/v1/certs/server",
+                        headers={"Authorization": f"Bearer {token}"})
+    assert status == 200, body
+    bao.call("POST", "secret/data/bench/server", {"data": body})  # the same material
+    sides = {"pkisvc_files": (f"{files.url}/v1/certs/server", f"Authorization: Bearer {token}"),
+             "openbao_kv": (f"{bao.addr}/v1/secret/data/bench/server",
+                            f"X-Vault-Token: {bao.token}")}
+    for name, svc in extra.items():
+        t = svc.token("bench-read", "read")
+        sides[name] = (f"{svc.url}/v1/certs/server", f"Authorization: Bearer {t}")
+    result: dict[str, Any] = {}
+    for conns in (1, 8):
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+        for _ in range(RUNS):
+            for name, (url, header) in sides.items():  # interleaved: same minutes, same noise
+                runs[name].append(wrk(url, header, conns))
+        for name in sides:
+            result.setdefault(name, {})[f"c{conns}"] = summarise(runs[name])
+        result.setdefault("ratios", {})
+        for name in sides:
+            if name != "openbao_kv":
+                result["ratios"][f"{name}_c{conns}"] = round(
+                    result[name][f"c{conns}"]["rps"] / result["openbao_kv"][f"c{conns}"]["rps"],
+                    3)
+    result["body_bytes"] = len(json.dumps(body))
+    return result
+
+
+# --- 3. rotate, 4. CA rotation -----------------------------------------------------------
+
+def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for kt, mount, n in (("ecdsa-p256", "pki-ec", 40), ("rsa-2048", "pki-rsa", 6)):
+        svc = Pkisvc(root / f"rotate-{kt}", {"PKISVC_KEY_TYPE": kt,
+                                             "PKISVC_SERVER__SANS": '["k8s-master-1"]'}).start()
+        try:
+            client = Client(svc.url, {"Authorization": f"Bearer {svc.token('b', 'admin')}"})
+            peer = Client(bao.addr, {"X-Vault-Token": bao.token})
+            issue = {"common_name": "kube-apiserver", "ttl": "8760h",
+                     "alt_names": "kubernetes,kubernetes.default,kubernetes.default.svc,"
+                                  "kubernetes.default.svc.cluster.local,k8s-master-1",
+                     "ip_sans": "10.0.0.1"}
+            ours, theirs = [], []
+            for _ in range(RUNS):
+                ours.append(median(timed(lambda c=client: c.post(
+                    "/v1/certs/server/rotate", expect=201), n)))
+                theirs.append(median(timed(lambda p=peer, m=mount, b=issue: p.post(
+                    f"/v1/{m}/issue/leaf", b), n)))
+            result[kt] = {"pkisvc_ms": median(ours), "openbao_pki_issue_ms": median(theirs),
+                          "ratio": round(median(ours) / median(theirs), 3), "per_run": n}
+        finally:
+            svc.stop()
+    return result
+
+
+def raw_set(key_type: str) -> None:
+    """Three keys, a CA and two leaves with cryptography alone: the floor for a CA rotation."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    def key() -> Any:
+        if key_type == "rsa-2048":
+            return rsa.generate_private_key(65537, 2048)
+        return ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    ca_key, s_key, k_key = key(), key(), key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes-ca")])
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + timedelta(days=3650))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    for cn, k in (("kube-apiserver", s_key), ("kubecfg", k_key)):
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(name).public_key(k.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + timedelta(days=365))
+                .sign(ca_key, hashes.SHA256()))
+        leaf.public_bytes(serialization.Encoding.PEM)
+        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption())
+    ca.public_bytes(serialization.Encoding.PEM)
+
+
+def bench_ca_rotation(root: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for kt, n in (("rsa-2048", 5), ("ecdsa-p256", 40)):
+        svc = Pkisvc(root / f"ca-{kt}", {"PKISVC_KEY_TYPE": kt}).start()
+        try:
+            client = Client(svc.url, {"Authorization": f"Bearer {svc.token('b', 'admin')}"})
+            ours, raw = [], []
+            for _ in range(RUNS):
+                ours.append(median(timed(lambda c=client: c.post("/v1/ca/rotate", expect=201),
+                                         n)))
+                raw.append(median(timed(lambda k=kt: raw_set(k), n)))
+            result[kt] = {"pkisvc_ms": median(ours), "raw_crypto_ms": median(raw),
+                          "ratio": round(median(ours) / median(raw), 3), "per_run": n}
+        finally:
+            svc.stop()
+    return result
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    from importlib.metadata import version
+
+    from pkisvc import __version__
+    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "kernel": platform.release(), "pkisvc": __version__,
+            "cryptography": version("cryptography"), "flask": version("flask"),
+            "gunicorn": version("gunicorn"),
+            "wrk": (wrk_v.stdout + wrk_v.stderr).split("\n")[0].strip()}
+
+
+def main() -> None:
+    root = workdir()
+    started = time.monotonic()
+    doc: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "runs": RUNS, "wrk_seconds": WRK_SECONDS, "machine": machine()}
+    bao = OpenBao(root / "openbao").start()
+    doc["machine"]["openbao"] = bao.version()
+    files = Pkisvc(root / "files", {"PKISVC_KEY_TYPE": "rsa-2048"}).start()
+    try:
+        print("read ...", flush=True)
+        doc["read"] = bench_read(files, bao, {})
+        doc["memory"] = {"requests_served": None, "worker_rss_mb": files.worker_rss_mb()}
+        doc["memory"]["max_worker_rss_mb"] = round(max(doc["memory"]["worker_rss_mb"]), 1)
+        doc["memory"]["requests_served"] = int(sum(
+            r["rps"] * WRK_SECONDS * RUNS for side in ("pkisvc_files",)
+            for r in doc["read"][side].values()))
+        print("rotate ...", flush=True)
+        doc["rotate"] = bench_rotate(root, bao)
+        print("CA rotation ...", flush=True)
+        doc["ca_rotation"] = bench_ca_rotation(root)
+    finally:
+        files.stop()
+        bao.stop()
+        cleanup(root)
+    doc["seconds"] = round(time.monotonic() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from report import write_markdown, write_png
+    write_markdown(doc, RESULTS / "latest.md")
+    write_png(doc, RESULTS / "latest.png")
+    print((RESULTS / "latest.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
