@@ -67,6 +67,15 @@ def test_a_whole_generation_ahead_of_current_is_rolled_forward(store, settings):
     assert fresh.rotate_ca(actor="t").version == 3
 
 
+def test_a_torn_current_is_recovered_from_the_generations(store, settings):
+    store.init(actor="t")
+    store.rotate_ca(actor="t")
+    (settings.data_dir / "current").write_bytes(b"")  # lost in a power cut before writeback
+    fresh = CertStore(FilesBackend(settings.data_dir), settings)
+    assert fresh.latest() == 2
+    assert (settings.data_dir / "current").read_text() == "2\n"
+
+
 def test_unusable_data_dir_is_backend_unavailable_and_writes_nothing(tmp_path):
     blocker = tmp_path / "data"
     blocker.write_text("a file where the data dir should be")
