@@ -334,5 +334,29 @@ def backup(c: Context, dest: str) -> None:
     click.echo(f"backup of {count} versions written to {out}")
 
 
+
+@main.command("kubeconfig")
+@click.option("--server", required=True, help="The API server URL, e.g. https://k8s-master-1:6443.")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Default: the latest.")
+@click.option("--tls-server-name", help="Name to verify the server as (e.g. "
+              "kubernetes.default.svc) when the URL's host is not in its SANs.")
+@pass_ctx
+def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: str | None
+                ) -> None:
+    """Print a kubeconfig for the kubecfg user (trust bundle and client pair embedded)."""
+    from pkisvc import kubeconfig
+
+    store = c.store
+    gen = store.read(version)
+    files = store.host_files(gen, ["ca.crt", "kubecfg.crt", "kubecfg.key"])
+    doc = kubeconfig.build(server=server, trust_pem=files["ca.crt"],
+                           cert_pem=files["kubecfg.crt"], key_pem=files["kubecfg.key"],
+                           cluster=c.settings.cluster, user=c.settings.kubecfg.common_name,
+                           tls_server_name=tls_server_name)
+    store.record_delivery(actor=actor(), action="kubeconfig", version=gen.version,
+                          items=("kubecfg",))
+    click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
+
+
 if __name__ == "__main__":
     main()
