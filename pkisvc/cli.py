@@ -358,5 +358,52 @@ def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: s
     click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
 
 
+
+@main.command("doctor")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="Where the host's / is (a chroot, an image, a test tree).")
+@click.option("--role", type=click.Choice(["master", "node"]), default="master",
+              show_default=True, help="What the host should hold.")
+@click.option("--warn-within", type=click.IntRange(0, 36500), default=30, show_default=True,
+              help="WARN on certificates expiring within this many days.")
+@click.option("--store/--no-store", "use_store", default=True, show_default=True,
+              help="Compare with the store's latest version (skipped when it is empty).")
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+@pass_ctx
+def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool, fmt: str
+            ) -> None:
+    """Check the certificates installed on this host; exit 1 when a check FAILs."""
+    from datetime import timedelta
+
+    from pkisvc import doctor
+    from pkisvc.store import utcnow
+
+    expected, store_error, now = None, None, utcnow()
+    if use_store:
+        try:
+            now = c.store.now()
+            expected = doctor.expected_from(c.store.versions())
+        except PkiError as e:
+            store_error = e.message
+    report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
+                        warn_within=timedelta(days=warn_within))
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        rows = [["STATUS", "CHECK", "PATH", "MESSAGE"],
+                *([ch.status, ch.check, ch.path, ch.message] for ch in report.checks)]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            click.echo("   ".join([*(x.ljust(w) for x, w in zip(r[:3], widths, strict=True)),
+                                   r[3]]).rstrip())
+        fixes = [ch for ch in report.checks if ch.status != "PASS" and ch.fix]
+        for ch in fixes:
+            click.echo(f"fix {ch.path} ({ch.check}): {ch.fix}")
+        s = report.to_dict()["summary"]
+        click.echo(f"{s['pass']} passed, {s['warn']} warnings, {s['fail']} failed")
+    sys.exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -271,8 +271,8 @@ class Etcd:
 
 # --- material ----------------------------------------------------------------------------
 
-def make_store(root: Path, key_type: str, sans: tuple[str, ...] = ("127.0.0.1",)
-               ) -> tuple[CertStore, Path]:
+def make_store(root: Path, key_type: str, sans: tuple[str, ...] = ("127.0.0.1",),
+               clock: Any = None) -> tuple[CertStore, Path]:
     """An initialised store on root/data and the config file the CLI reads for it."""
     from pkisvc.backends.files import FilesBackend
     from tests.conftest import make_settings
@@ -282,6 +282,6 @@ def make_store(root: Path, key_type: str, sans: tuple[str, ...] = ("127.0.0.1",)
     cfg.write_text(json.dumps({"data_dir": str(root / "data"), "key_type": key_type,
                                "server": {"sans": list(sans)}}))
     settings = make_settings(root / "data", key_type=key_type, **{"server.sans": list(sans)})
-    store = CertStore(FilesBackend(root / "data"), settings)
+    store = CertStore(FilesBackend(root / "data"), settings, **({"clock": clock} if clock else {}))
     store.init(actor="test", key_type=key_type)
     return store, cfg
