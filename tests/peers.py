@@ -40,16 +40,56 @@ def write_host_files(store: CertStore, dest: Path, version: int | None = None) -
 # --- kubectl ---------------------------------------------------------------------------
 
 def find_kubectl() -> str | None:
-    """A fixed kubectl build: the newest `kubectl.1.NN` beside a version dispatcher, else the
-    binary itself (Debian's kubernetes-client)."""
+    """A fixed kubectl build: $KUBECTL, else the newest `kubectl.1.NN` beside a version
+    dispatcher, else the binary itself (Debian's kubernetes-client)."""
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
     found = shutil.which("kubectl")
     if not found:
         return None
     real = Path(found).resolve()
-    pinned = sorted(real.parent.glob("kubectl.1.*"),
-                    key=lambda p: int(p.name.rsplit(".", 1)[1]) if p.name.rsplit(".", 1)[1]
-                    .isdigit() else -1)
+
+    def minor(p: Path) -> int:
+        tail = p.name.rsplit(".", 1)[1]
+        return int(tail) if tail.isdigit() else -1
+    pinned = sorted(real.parent.glob("kubectl.1.*"), key=minor)
     return str(pinned[-1]) if pinned else str(real)
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    """A kubectl binary and what it can do: `auth whoami` came in 1.27/1.28; Go refuses
+    negative serials from 1.23 on (Debian's kubernetes-client is 1.20 on Go 1.19)."""
+
+    path: str
+    minor: int
+    go: tuple[int, int]
+
+    @classmethod
+    def probe(cls, path: str) -> Kubectl:
+        r = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True,
+                           text=True, timeout=30, env={"PATH": os.environ.get("PATH", "")})
+        assert r.returncode == 0, r.stderr
+        v = json.loads(r.stdout)["clientVersion"]
+        go = re.match(r"go(\d+)\.(\d+)", v.get("goVersion", "go0.0"))
+        return cls(path, int(re.sub(r"\D", "", v["minor"]) or 0),
+                   (int(go.group(1)), int(go.group(2))) if go else (0, 0))
+
+    @property
+    def has_whoami(self) -> bool:
+        return self.minor >= 28
+
+    def whoami(self, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
+        """Ask the server who we are: `auth whoami -o json`, or the same SelfSubjectReview
+        POST through `create --raw` on a kubectl too old for whoami."""
+        if self.has_whoami:
+            return run_kubectl(self.path, kubeconfig, "auth", "whoami", "-o", "json")
+        review = kubeconfig.with_suffix(".review.json")
+        review.write_text(json.dumps({"apiVersion": "authentication.k8s.io/v1",
+                                      "kind": "SelfSubjectReview"}))
+        return run_kubectl(self.path, kubeconfig, "create", "--raw",
+                           "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                           "-f", str(review))
 
 
 def run_kubectl(kubectl: str, kubeconfig: Path, *args: str,
@@ -81,6 +121,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or ""):  # kubectl create --raw
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                chunk = self.rfile.read(size + 2)[:size] if size else b""
+                if not size:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return body
+                body += chunk
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     def do_GET(self) -> None:
         if self.path.split("?")[0] == "/version":
             self._json(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.1",
@@ -90,8 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "reason": "NotFound", "code": 404})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        self._read_body()
         m = re.fullmatch(r"/apis/authentication\.k8s\.io/(v1|v1beta1|v1alpha1)/"
                          r"selfsubjectreviews(\?.*)?", self.path)
         if not m:

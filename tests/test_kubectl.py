@@ -13,15 +13,15 @@ from pkisvc import kubeconfig as kubeconfig_doc
 from pkisvc.model import KEY_TYPES
 from tests import badcerts
 from tests.conftest import run_cli
-from tests.peers import ApiServer, find_kubectl, make_store, run_kubectl, write_host_files
+from tests.peers import ApiServer, Kubectl, find_kubectl, make_store, write_host_files
 
 
 @pytest.fixture(scope="session")
-def kubectl() -> str:
+def kubectl() -> Kubectl:
     k = find_kubectl()
     if not k:
         pytest.fail("no kubectl: run `bash .ci/system-deps.sh` as root")
-    return k
+    return Kubectl.probe(k)
 
 
 def kubeconfig(cfg: Path, dest: Path, *args: str) -> dict:
@@ -31,8 +31,8 @@ def kubeconfig(cfg: Path, dest: Path, *args: str) -> dict:
     return yaml.safe_load(r.stdout)
 
 
-def whoami(kubectl: str, kc: Path) -> dict:
-    r = run_kubectl(kubectl, kc, "auth", "whoami", "-o", "json")
+def whoami(kubectl: Kubectl, kc: Path) -> dict:
+    r = kubectl.whoami(kc)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["status"]["userInfo"]
 
@@ -73,7 +73,7 @@ def test_client_from_another_ca_is_refused(tmp_path, kubectl):
         # Trust our CA (so kubectl accepts the server) but present the other CA's pair.
         bad["clusters"] = good["clusters"]
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-        r = run_kubectl(kubectl, tmp_path / "bad.yaml", "auth", "whoami", "-o", "json")
+        r = kubectl.whoami(tmp_path / "bad.yaml")
         assert r.returncode != 0
         assert "tls" in r.stderr.lower() or "certificate" in r.stderr.lower(), r.stderr
         assert api.rejected and "certificate verify failed" in api.rejected[-1]
@@ -85,7 +85,7 @@ def test_name_outside_the_sans_is_refused_with_gos_words(tmp_path, kubectl):
     certs = write_host_files(store, tmp_path / "srv")
     with ApiServer(certs / "server.cert", certs / "server.key", certs / "ca.crt") as api:
         kubeconfig(cfg, tmp_path / "kc.yaml", "--server", f"https://localhost:{api.port}")
-        r = run_kubectl(kubectl, tmp_path / "kc.yaml", "auth", "whoami")
+        r = kubectl.whoami(tmp_path / "kc.yaml")
     assert r.returncode != 0
     assert "x509: certificate is valid for" in r.stderr and "not localhost" in r.stderr
 
@@ -126,6 +126,9 @@ CLIENT_SIDE = ["serving cert without SANs", "negative serial", "serving cert wit
 
 @pytest.mark.parametrize("name", CLIENT_SIDE)
 def test_kubectl_refuses_what_our_checks_refuse(broken, kubectl, name):
+    if name == "negative serial" and kubectl.go < (1, 23):
+        pytest.skip(f"{kubectl.path} is built with Go {kubectl.go}: Go refuses negative "
+                    "serials from 1.23 on (our check refuses them anyway: test_pki)")
     root, table = broken
     m = table[name]
     d = root / name.replace(" ", "-").replace(":", "")
@@ -141,7 +144,7 @@ def test_kubectl_refuses_what_our_checks_refuse(broken, kubectl, name):
             # Without SANs Go names the CN fallback only when asked for that very name.
             tls_server_name="kube-apiserver" if "SANs" in name
             else "kubernetes.default.svc")))
-        r = run_kubectl(kubectl, d / "kc.yaml", "auth", "whoami")
+        r = kubectl.whoami(d / "kc.yaml")
     assert r.returncode != 0
     assert m.go in r.stderr, r.stderr
     if name.startswith("root"):
