@@ -297,6 +297,9 @@ def _check_leaf(host: _Host, add: Any, cert_path: str, key_path: str,
                   f"{cert.issuer.rfc4514_string()})", REFRESH))
     elif not pki.has_usage(cert, usage):
         add(Check("leaf", cert_path, FAIL, f"extended key usage {label} missing", APPLY))
+    elif usage == ExtendedKeyUsageOID.SERVER_AUTH and not pki.sans_of(cert):
+        add(Check("leaf", cert_path, FAIL, "no subjectAltName (Go refuses CN-only serving "
+                  "certificates)", APPLY))
     else:
         add(Check("leaf", cert_path, PASS, f"{cert.subject.rfc4514_string()}, serial "
                   f"{cert.serial_number:x}, fingerprint {_short(pki.fingerprint(cert))}"))
@@ -313,6 +316,12 @@ def _check_leaf(host: _Host, add: Any, cert_path: str, key_path: str,
         add(Check("key", key_path, PASS, f"matches {cert_path}"))
     else:
         add(Check("key", key_path, FAIL, f"does not match {cert_path}", APPLY))
+    mode = host.path(key_path).stat().st_mode & 0o777
+    if mode & 0o077:
+        add(Check("key-mode", key_path, FAIL, f"mode {mode:04o}: readable beyond its owner",
+                  f"chmod 0600 {key_path} (or: {APPLY})"))
+    else:
+        add(Check("key-mode", key_path, PASS, f"mode {mode:04o}"))
     return cert
 
 

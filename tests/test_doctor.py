@@ -108,6 +108,10 @@ def _key_mismatch(store, root, tmp):
     (srv / "server.key").write_bytes((srv / "kubecfg.key").read_bytes())
 
 
+def _readable_key(store, root, tmp):
+    (root / "srv/kubernetes/kubecfg.key").chmod(0o644)
+
+
 def _older_version(store, root, tmp):
     store.rotate_leaf("kubecfg", actor="test")
 
@@ -125,6 +129,9 @@ FAULTS = {
     "key not matching its cert": (
         _key_mismatch, [("key", "/srv/kubernetes/server.key")],
         "does not match /srv/kubernetes/server.cert", "state.apply kubernetes.cert.configured"),
+    "key readable by others": (
+        _readable_key, [("key-mode", "/srv/kubernetes/kubecfg.key")], "mode 0644",
+        "chmod 0600 /srv/kubernetes/kubecfg.key"),
     "older version than the store's": (
         _older_version, [("version", "/srv/kubernetes")],
         "kubecfg.crt from version 1, the store's latest is 2", "saltutil.refresh_pillar"),
