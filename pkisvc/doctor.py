@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -279,7 +279,7 @@ def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
     return Report(str(root), role, now, expected.version if expected else None, tuple(checks))
 
 
-def _check_leaf(host: _Host, add: Any, cert_path: str, key_path: str,
+def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_path: str,
                 usage: x509.ObjectIdentifier, trust: list[x509.Certificate]
                 ) -> x509.Certificate | None:
     data, why = host.read(cert_path)

@@ -5,6 +5,7 @@ be fed to `pki`/`CertStore` (which must refuse them) and to a real Go peer (whic
 """
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,9 +53,18 @@ def build(cn: str, issuer: x509.Name | None, issuer_key: pki.PrivateKey, key: pk
     if eku:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(pki._general_names(sans)),
-                            critical=False)
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n)
+             for n in sans]), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_rsa(key: pki.PrivateKey) -> bool:
@@ -68,7 +78,7 @@ def _negative_serial_server(files: dict[str, bytes], sans: tuple[str, ...],
     work.mkdir(parents=True, exist_ok=True)
     for n in ("ca.crt", "ca.key", "server.key"):
         (work / n).write_bytes(files[n])
-    alt = ",".join(f"IP:{s}" if s.replace(".", "").isdigit() else f"DNS:{s}" for s in sans)
+    alt = ",".join(f"IP:{s}" if _is_ip(s) else f"DNS:{s}" for s in sans)
     (work / "ext.cnf").write_text(
         f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
         f"extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={alt}\n")
