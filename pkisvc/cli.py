@@ -368,11 +368,13 @@ def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: s
               help="WARN on certificates expiring within this many days.")
 @click.option("--store/--no-store", "use_store", default=True, show_default=True,
               help="Compare with the store's latest version (skipped when it is empty).")
+@click.option("--url", help="Compare the CA with the service's current trust bundle and "
+              "version (GET URL/v1/ca) instead of the store.")
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 @pass_ctx
-def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool, fmt: str
-            ) -> None:
+def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
+            url: str | None, fmt: str) -> None:
     """Check the certificates installed on this host; exit 1 when a check FAILs."""
     from datetime import timedelta
 
@@ -380,12 +382,17 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     from pkisvc.store import utcnow
 
     expected, store_error, now = None, None, utcnow()
-    if use_store:
+    if url:
+        try:
+            expected = doctor.expected_from_ca(fetch_json(f"{url.rstrip('/')}/v1/ca"), url)
+        except PkiError as e:
+            store_error = f"the service: {e.message}"
+    elif use_store:
         try:
             now = c.store.now()
             expected = doctor.expected_from(c.store.versions())
         except PkiError as e:
-            store_error = e.message
+            store_error = f"the store: {e.message}"
     report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
                         warn_within=timedelta(days=warn_within))
     if fmt == "json":
@@ -403,6 +410,27 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
         s = report.to_dict()["summary"]
         click.echo(f"{s['pass']} passed, {s['warn']} warnings, {s['fail']} failed")
     sys.exit(0 if report.ok else 1)
+
+
+def fetch_json(url: str, timeout: float = 5) -> Any:
+    """GET url and parse its JSON body.
+
+    Raises: InvalidRequest with one line saying what went wrong.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise InvalidRequest(f"{url}: not an http(s) URL")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - scheme checked
+            return json.loads(r.read(1 << 20))
+    except urllib.error.HTTPError as e:
+        raise InvalidRequest(f"{url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise InvalidRequest(f"{url}: {getattr(e, 'reason', e)}") from None
+    except ValueError:
+        raise InvalidRequest(f"{url}: not JSON") from None
 
 
 if __name__ == "__main__":

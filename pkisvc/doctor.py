@@ -63,6 +63,7 @@ class Expected:
     trust: tuple[str, ...]
     items: Mapping[str, str]
     known: Mapping[str, int] = field(default_factory=dict)
+    source: str = "the store"
 
 
 def expected_from(records: Iterable[GenerationRecord]) -> Expected | None:
@@ -77,6 +78,20 @@ def expected_from(records: Iterable[GenerationRecord]) -> Expected | None:
     latest = recs[0]
     return Expected(latest.version, tuple(latest.trust),
                     {k: v.fingerprint for k, v in latest.items.items()}, known)
+
+
+def expected_from_ca(body: Mapping[str, Any], url: str) -> Expected:
+    """Build Expected from the service's `GET /v1/ca` answer: the trust bundle only.
+
+    Raises: InvalidMaterial when the answer is not a version and a bundle.
+    """
+    try:
+        version = int(body["version"])
+        trust = tuple(body.get("trust") or _fps(pki.load_certs(str(body["pem"]).encode(),
+                                                                f"{url}/v1/ca")))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidMaterial(f"{url}/v1/ca: not a pkisvc answer") from None
+    return Expected(version, trust, {}, source=f"the service at {url}")
 
 
 @dataclass(frozen=True)
@@ -274,8 +289,8 @@ def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
     if expected is not None:
         add(_version(expected, ref, {i: pki.fingerprint(c) for i, c in leaves.items()}, role))
     elif store_error:
-        add(Check("version", SRV, WARN, f"not compared with the store: {store_error}",
-                  "pkisvc --config FILE doctor (the service's settings)"))
+        add(Check("version", SRV, WARN, f"not compared: {store_error}",
+                  "run with the service's settings (pkisvc --config FILE doctor) or --url"))
     return Report(str(root), role, now, expected.version if expected else None, tuple(checks))
 
 
@@ -351,17 +366,21 @@ def _item_of(path: str) -> str:
 def _version(exp: Expected, ca: set[str], leaves: Mapping[str, str], role: str) -> Check:
     want = {"ca.crt": set(exp.trust)}
     have: dict[str, set[str]] = {"ca.crt": ca}
-    if role == "master":
+    if role == "master" and exp.items:
         for item, (cert_path, _, _) in LEAVES.items():
             name = Path(cert_path).name
             want[name] = {exp.items[item]}
             have[name] = {leaves[item]} if item in leaves else set()
     stale = [n for n in want if have[n] != want[n]]
+    src = exp.source
     if not stale:
-        return Check("version", SRV, PASS, f"matches the store's version {exp.version}")
+        return Check("version", SRV, PASS, f"matches version {exp.version} ({src})")
     seen = {exp.known[fp] for n in stale for fp in have[n] if fp in exp.known}
     if seen:
-        return Check("version", SRV, FAIL, f"{', '.join(stale)} from version "
-                     f"{max(seen)}, the store's latest is {exp.version}", REFRESH)
-    return Check("version", SRV, FAIL, f"{', '.join(stale)} not from this store (latest "
-                 f"version {exp.version})", REFRESH)
+        return Check("version", SRV, FAIL, f"{', '.join(stale)} from version {max(seen)}; "
+                     f"latest is {exp.version} ({src})", REFRESH)
+    if not exp.known:  # only the current trust bundle is known (the service's /v1/ca)
+        return Check("version", SRV, FAIL, f"{', '.join(stale)} is not the trust bundle of "
+                     f"version {exp.version} ({src})", REFRESH)
+    return Check("version", SRV, FAIL, f"{', '.join(stale)} not from {src} (latest version "
+                 f"{exp.version})", REFRESH)

@@ -134,7 +134,7 @@ FAULTS = {
         "chmod 0600 /srv/kubernetes/kubecfg.key"),
     "older version than the store's": (
         _older_version, [("version", "/srv/kubernetes")],
-        "kubecfg.crt from version 1, the store's latest is 2", "saltutil.refresh_pillar"),
+        "kubecfg.crt from version 1; latest is 2 (the store)", "saltutil.refresh_pillar"),
 }
 
 
@@ -210,3 +210,36 @@ def test_doctor_takes_the_clock_and_root_as_arguments(host):
     assert ("expiry", "/srv/kubernetes/server.cert") in [
         (c.check, c.path) for c in report.checks if c.status == "FAIL"]
     assert os.fspath(root) == report.root
+
+
+def test_url_compares_the_ca_with_the_running_service(host, tmp_path):
+    import sys
+
+    from tests.conftest import free_port
+    from tests.test_app import clean_env, start, stop
+
+    store, cfg, root = host
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "1"],
+              clean_env(PKISVC_DATA_DIR=str(tmp_path / "svc" / "data")), port)
+    try:
+        code, report = run_doctor(cfg, root, "--url", url)
+        assert code == 0 and report["store_version"] == 1
+        assert [c["message"] for c in report["checks"] if c["check"] == "version"] == [
+            f"matches version 1 (the service at {url})"]
+        store.rotate_ca(actor="test")
+        code, report = run_doctor(cfg, root, "--url", url)
+        assert code == 1 and failing(report) == [("version", "/srv/kubernetes")]
+        bad = next(c for c in report["checks"] if c["status"] == "FAIL")
+        assert bad["message"].startswith("ca.crt is not the trust bundle of version 2")
+        assert "saltutil.refresh_pillar" in bad["fix"]
+    finally:
+        stop(p)
+    code, report = run_doctor(cfg, root, "--url", url)
+    assert code == 0 and report["store_version"] is None
+    warned = [c for c in report["checks"] if c["status"] == "WARN"]
+    assert [(c["check"], c["message"].split(":")[:2]) for c in warned] == [
+        ("version", ["not compared", " the service"])]
+    assert f"127.0.0.1:{port}" in warned[0]["message"]
