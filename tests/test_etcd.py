@@ -79,7 +79,8 @@ def test_etcdctl_with_a_foreign_pair_only_times_out(tmp_path, etcd):
     r = e.etcdctl(foreign / "kubecfg.crt", foreign / "kubecfg.key", "get", "k", timeout="1s")
     assert r.returncode != 0
     assert "context deadline exceeded" in r.stderr  # the reason is only in etcd's log:
-    assert any("signed by unknown authority" in w for w in e.rejections())
+    words = wait_for(e.rejections, timeout=10, what="etcd's rejection")
+    assert any("signed by unknown authority" in w for w in words), words
 
 
 def test_etcd_refuses_a_client_cert_without_client_auth(tmp_path, etcd):
