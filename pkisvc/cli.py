@@ -370,11 +370,18 @@ def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: s
               help="Compare with the store's latest version (skipped when it is empty).")
 @click.option("--url", help="Compare the CA with the service's current trust bundle and "
               "version (GET URL/v1/ca) instead of the store.")
+@click.option("--kubectl", "use_kubectl", is_flag=True,
+              help="Also compare the ca.crt in kube-system secrets with the CA.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False),
+              help="The kubeconfig --kubectl uses (default: kubectl's own).")
+@click.option("--kubectl-path", default="kubectl", envvar="KUBECTL", show_default=True,
+              help="The kubectl binary --kubectl runs.")
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 @pass_ctx
 def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
-            url: str | None, fmt: str) -> None:
+            url: str | None, use_kubectl: bool, kubeconfig: str | None, kubectl_path: str,
+            fmt: str) -> None:
     """Check the certificates installed on this host; exit 1 when a check FAILs."""
     from datetime import timedelta
 
@@ -393,7 +400,14 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
             expected = doctor.expected_from(c.store.versions())
         except PkiError as e:
             store_error = f"the store: {e.message}"
+    secrets, secrets_error = None, None
+    if use_kubectl:
+        try:
+            secrets = kube_system_ca_secrets(kubectl_path, kubeconfig)
+        except PkiError as e:
+            secrets_error = e.message
     report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
+                        secrets=secrets, secrets_error=secrets_error,
                         warn_within=timedelta(days=warn_within))
     if fmt == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -410,6 +424,32 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
         s = report.to_dict()["summary"]
         click.echo(f"{s['pass']} passed, {s['warn']} warnings, {s['fail']} failed")
     sys.exit(0 if report.ok else 1)
+
+
+def kube_system_ca_secrets(kubectl: str, kubeconfig: str | None) -> dict[str, bytes]:
+    """Return the ca.crt of every kube-system secret that has one (name -> PEM).
+
+    Raises: InvalidRequest with kubectl's first line of complaint.
+    """
+    import base64
+    import binascii
+    import subprocess
+
+    argv = [kubectl, *(["--kubeconfig", kubeconfig] if kubeconfig else []),
+            "--request-timeout=10s", "get", "--raw", "/api/v1/namespaces/kube-system/secrets"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise InvalidRequest(f"{kubectl}: {e}") from None
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[0]
+        raise InvalidRequest(f"kubectl: {why}")
+    try:
+        items = json.loads(r.stdout)["items"]
+        return {i["metadata"]["name"]: base64.b64decode(i["data"]["ca.crt"])
+                for i in items if "ca.crt" in (i.get("data") or {})}
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidRequest("kubectl: not a SecretList") from None
 
 
 def fetch_json(url: str, timeout: float = 5) -> Any:

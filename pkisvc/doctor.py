@@ -185,10 +185,13 @@ def _bundle_fps(data: bytes) -> set[str]:
 
 def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
         expected: Expected | None = None, store_error: str | None = None,
+        secrets: Mapping[str, bytes] | None = None, secrets_error: str | None = None,
         warn_within: timedelta = timedelta(days=30)) -> Report:
     """Check a host's installed certificates under root at time now.
 
     expected: the store's view (see expected_from); store_error: why it could not be had.
+    secrets: the `ca.crt` of each kube-system secret that has one (name -> PEM), to compare
+    with the CA; secrets_error: why they could not be read.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
@@ -291,7 +294,37 @@ def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
     elif store_error:
         add(Check("version", SRV, WARN, f"not compared: {store_error}",
                   "run with the service's settings (pkisvc --config FILE doctor) or --url"))
+
+    # 7. The CA copies in the cluster (the seed's "System Secrets Not Updating").
+    if secrets is not None:
+        checks.extend(_secrets(secrets, ref))
+    elif secrets_error:
+        add(Check("secret", "kube-system", WARN, f"not compared: {secrets_error}",
+                  "check kubectl's access (--kubeconfig)"))
     return Report(str(root), role, now, expected.version if expected else None, tuple(checks))
+
+
+def _secrets(secrets: Mapping[str, bytes], ref: set[str]) -> list[Check]:
+    if not secrets:
+        return [Check("secret", "kube-system", PASS, "no secret holds a ca.crt")]
+    out = []
+    for name, pem in sorted(secrets.items()):
+        where = f"kube-system/secret/{name}"
+        certs, why = _parse_certs(pem, f"{where} ca.crt")
+        fix = (f"kubectl -n kube-system delete secret {name} (it is re-created with the new "
+               "CA), then delete the pods that mount it")
+        if not certs:
+            out.append(Check("secret", where, FAIL, why, fix))
+        elif not ref:
+            out.append(Check("secret", where, WARN, f"holds {_describe_fps(_fps(certs))}; "
+                             f"nothing to compare with ({CA} unusable)", APPLY))
+        elif set(_fps(certs)) != ref:
+            out.append(Check("secret", where, FAIL, f"stale ca.crt: holds "
+                             f"{_describe_fps(_fps(certs))}, {CA} holds "
+                             f"{_describe_fps(sorted(ref))}", fix))
+        else:
+            out.append(Check("secret", where, PASS, f"ca.crt is the CA of {CA}"))
+    return out
 
 
 def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_path: str,

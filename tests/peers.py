@@ -4,6 +4,7 @@ Everything listens on loopback with free ports; processes are stopped by their P
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -135,9 +136,17 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self) -> None:
-        if self.path.split("?")[0] == "/version":
+        path = self.path.split("?")[0]
+        if path == "/version":
             self._json(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.1",
                              "platform": "linux/amd64"})
+        elif path == "/api/v1/namespaces/kube-system/secrets":
+            self._json(200, {"kind": "SecretList", "apiVersion": "v1", "metadata": {},
+                             "items": [{"metadata": {"name": n, "namespace": "kube-system"},
+                                        "type": "kubernetes.io/service-account-token",
+                                        "data": {k: base64.b64encode(v).decode()
+                                                 for k, v in data.items()}}
+                                       for n, data in self.server.secrets.items()]})
         else:
             self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                              "reason": "NotFound", "code": 404})
@@ -166,6 +175,7 @@ class _TLSServer(ThreadingHTTPServer):
         self.ctx = ctx
         self.requests: list[str] = []
         self.rejected: list[str] = []
+        self.secrets: dict[str, dict[str, bytes]] = {}  # kube-system secrets: name -> data
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -216,6 +226,11 @@ class ApiServer:
     def requests(self) -> list[str]:
         assert self._srv is not None
         return self._srv.requests
+
+    @property
+    def secrets(self) -> dict[str, dict[str, bytes]]:
+        assert self._srv is not None
+        return self._srv.secrets
 
     @property
     def rejected(self) -> list[str]:

@@ -243,3 +243,39 @@ def test_url_compares_the_ca_with_the_running_service(host, tmp_path):
     assert [(c["check"], c["message"].split(":")[:2]) for c in warned] == [
         ("version", ["not compared", " the service"])]
     assert f"127.0.0.1:{port}" in warned[0]["message"]
+
+
+def test_kubectl_compares_the_ca_in_kube_system_secrets(host, tmp_path):
+    from tests.peers import ApiServer, find_kubectl, write_host_files
+
+    store, cfg, root = host
+    kubectl = find_kubectl()
+    if not kubectl:
+        pytest.fail("no kubectl: run `bash .ci/system-deps.sh` as root")
+    certs = write_host_files(store, tmp_path / "apiserver")
+    other, _ = make_store(tmp_path / "other", "ecdsa-p256")
+    with ApiServer(certs / "server.cert", certs / "server.key", certs / "ca.crt") as api:
+        r = run_cli("--config", str(cfg), "kubeconfig", "--server",
+                    f"https://127.0.0.1:{api.port}")
+        assert r.returncode == 0, r.stderr
+        kc = tmp_path / "kc.yaml"
+        kc.write_text(r.stdout)
+        args = ("--kubectl", "--kubeconfig", str(kc), "--kubectl-path", kubectl)
+        api.secrets["default-token-abcde"] = {"ca.crt": store.read().files["trust.crt"],
+                                              "token": b"not-a-real-token"}
+        code, report = run_doctor(cfg, root, *args)
+        assert code == 0, report
+        assert [(c["path"], c["status"]) for c in report["checks"] if c["check"] == "secret"
+                ] == [("kube-system/secret/default-token-abcde", "PASS")]
+        # The seed's trouble: a secret still holds the CA from before the rotation.
+        api.secrets["canal-token-xyz12"] = {"ca.crt": other.read().files["trust.crt"]}
+        code, report = run_doctor(cfg, root, *args)
+        assert code == 1
+        assert failing(report) == [("secret", "kube-system/secret/canal-token-xyz12")]
+        bad = next(c for c in report["checks"] if c["status"] == "FAIL")
+        assert bad["message"].startswith("stale ca.crt")
+        assert bad["fix"].startswith("kubectl -n kube-system delete secret canal-token-xyz12")
+    code, report = run_doctor(cfg, root, *args)  # the API server is gone
+    assert code == 0
+    assert [(c["check"], c["status"]) for c in report["checks"] if c["status"] != "PASS"] == [
+        ("secret", "WARN")]
