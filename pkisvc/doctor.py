@@ -249,7 +249,9 @@ def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
         else:
             data, why = host.read(end)
             certs, why = _parse_certs(data, end) if data is not None else ([], why)
-            if ref and set(_fps(certs)) != ref:
+            if not certs:
+                add(Check("symlink", SYMLINK, FAIL, f"-> {end}: {why}", UPDATE_CA))
+            elif ref and set(_fps(certs)) != ref:
                 add(Check("symlink", SYMLINK, FAIL, f"-> {end} holds "
                           f"{_describe_fps(_fps(certs))}, not the CA of {CA}", UPDATE_CA))
             elif not link.is_symlink():

@@ -279,3 +279,28 @@ def test_kubectl_compares_the_ca_in_kube_system_secrets(host, tmp_path):
     assert code == 0
     assert [(c["check"], c["status"]) for c in report["checks"] if c["status"] != "PASS"] == [
         ("secret", "WARN")]
+
+
+def test_symlink_variants(host, tmp_path):
+    store, _, root = host
+    link = root / "etc/ssl/certs/kubernetes.pem"
+    now = store.now()
+
+    def symlink_check():
+        report = doctor.run(root, now=now)
+        return next((c.status, c.message) for c in report.checks if c.check == "symlink")
+
+    link.unlink()
+    link.symlink_to("../../../usr/local/share/ca-certificates/kubernetes-ca.crt")
+    assert symlink_check() == ("PASS", "-> /usr/local/share/ca-certificates/kubernetes-ca.crt")
+    other, _ = make_store(tmp_path / "other", "ecdsa-p256")
+    (root / "etc/ssl/certs/old-ca.crt").write_bytes(other.read().files["trust.crt"])
+    link.unlink()
+    link.symlink_to("old-ca.crt")
+    status, message = symlink_check()
+    assert status == "FAIL" and message.startswith("-> /etc/ssl/certs/old-ca.crt holds")
+    link.unlink()
+    link.write_bytes(store.read().files["trust.crt"])
+    assert symlink_check()[0] == "WARN"
+    link.unlink()
+    assert symlink_check() == ("FAIL", "missing")
