@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkisvc import pki
+from pkisvc.store import CertStore
 
 SERVER_AUTH, CLIENT_AUTH = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
 
@@ -92,6 +93,15 @@ def _negative_serial_server(files: dict[str, bytes], sans: tuple[str, ...],
     ossl("x509", "-req", "-in", "s.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial",
          "-5", "-days", "1", "-extfile", "ext.cnf", "-out", "server.cert")
     return (work / "server.cert").read_bytes()
+
+
+def set_files(store: CertStore) -> dict[str, bytes]:
+    """The latest generation as an import would carry it: the seed's names plus ca.key, with
+    ca.crt = the signing CA."""
+    gen = store.read()
+    return {**store.host_files(gen, ("server.cert", "server.key", "kubecfg.crt",
+                                     "kubecfg.key")),
+            "ca.crt": gen.files["ca.crt"], "ca.key": gen.files["ca.key"]}
 
 
 def mistakes(files: dict[str, bytes], work: Path) -> list[Mistake]:

@@ -86,10 +86,7 @@ def test_etcdctl_with_a_foreign_pair_only_times_out(tmp_path, etcd):
 def test_etcd_refuses_a_client_cert_without_client_auth(tmp_path, etcd):
     store, _ = make_store(tmp_path, "ecdsa-p256")
     certs = write_host_files(store, tmp_path / "srv")
-    gen = store.read()
-    files = {**store.host_files(gen, ("server.cert", "server.key", "kubecfg.crt",
-                                      "kubecfg.key")),
-             "ca.crt": gen.files["ca.crt"], "ca.key": gen.files["ca.key"]}
+    files = badcerts.set_files(store)
     m = next(m for m in badcerts.mistakes(files, tmp_path / "work")
              if m.name == "client cert without clientAuth")
     (certs / "noclientauth.crt").write_bytes(m.files["kubecfg.crt"])

@@ -116,10 +116,7 @@ def broken(tmp_path_factory):
     """One good ECDSA set and every mistake of the Go table built from it."""
     root = tmp_path_factory.mktemp("broken")
     store, _ = make_store(root, "ecdsa-p256")
-    gen = store.read()
-    files = {**store.host_files(gen, ("server.cert", "server.key", "kubecfg.crt",
-                                      "kubecfg.key")),
-             "ca.crt": gen.files["ca.crt"], "ca.key": gen.files["ca.key"]}
+    files = badcerts.set_files(store)
     return root, {m.name: m for m in badcerts.mistakes(files, root / "work")}
 
 

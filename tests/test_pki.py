@@ -216,10 +216,7 @@ def test_every_go_table_mistake_is_refused_before_anything_is_written(tmp_path):
     from tests.peers import make_store
 
     store, _ = make_store(tmp_path, "ecdsa-p256")
-    gen = store.read()
-    files = {**store.host_files(gen, ("server.cert", "server.key", "kubecfg.crt",
-                                      "kubecfg.key")),
-             "ca.crt": gen.files["ca.crt"], "ca.key": gen.files["ca.key"]}
+    files = badcerts.set_files(store)
     table = badcerts.mistakes(files, tmp_path / "work")
     assert {m.name for m in table} == {
         "serving cert without SANs", "negative serial", "serving cert without serverAuth",
