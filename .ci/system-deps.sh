@@ -6,6 +6,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)  # carries refused client pairs to etcd
+[ -x /usr/sbin/update-ca-certificates ] || need+=(ca-certificates)  # doctor's host trees
 # A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
 # Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).  Never both:
 # the image's `kubectl` package owns /usr/bin/kubectl, which kubernetes-client also ships.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,13 +36,28 @@ def lay_down(store: CertStore, root: Path, version: int | None = None,
         (root / p).write_bytes(ca)
     certs = root / "etc/ssl/certs"
     certs.mkdir(parents=True, exist_ok=True)
+    update_ca_certificates(root)
     link = certs / "kubernetes.pem"
     if link.is_symlink():
         link.unlink()
     link.symlink_to("/usr/local/share/ca-certificates/kubernetes-ca.crt")
-    system = SYSTEM_BUNDLE.read_bytes() if SYSTEM_BUNDLE.exists() else b""
-    (certs / "ca-certificates.crt").write_bytes(system + ca)
     return root
+
+
+def update_ca_certificates(root: Path) -> None:
+    """Run Debian's update-ca-certificates under root, with only the local certificates (the
+    whole system set costs ~2 s a run)."""
+    conf, hooks = root / "etc/ca-certificates.conf", root / "etc/ca-certificates/update.d"
+    hooks.mkdir(parents=True, exist_ok=True)
+    conf.touch()
+    tool = shutil.which("update-ca-certificates") or "/usr/sbin/update-ca-certificates"
+    r = subprocess.run(
+        [tool, "--fresh", "--certsconf", str(conf),
+         "--certsdir", str(root / "usr/share/ca-certificates"),
+         "--localcertsdir", str(root / "usr/local/share/ca-certificates"),
+         "--etccertsdir", str(root / "etc/ssl/certs"), "--hooksdir", str(hooks)],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def run_doctor(cfg: Path, root: Path, *args: str):
@@ -304,3 +321,18 @@ def test_symlink_variants(host, tmp_path):
     assert symlink_check()[0] == "WARN"
     link.unlink()
     assert symlink_check() == ("FAIL", "missing")
+
+
+def test_a_full_system_bundle_is_read(host):
+    """The real system bundle (odd old roots included) with our CA appended, as hosts have."""
+    store, _, root = host
+    if not SYSTEM_BUNDLE.exists():
+        pytest.skip("no system CA bundle on this machine")
+    bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    bundle.write_bytes(SYSTEM_BUNDLE.read_bytes() + store.read().files["trust.crt"])
+    report = doctor.run(root, now=store.now())
+    assert [(c.status, c.message) for c in report.checks if c.check == "bundle"] == [
+        ("PASS", "contains the CA")]
+    bundle.write_bytes(SYSTEM_BUNDLE.read_bytes())
+    report = doctor.run(root, now=store.now())
+    assert [c.status for c in report.checks if c.check == "bundle"] == ["FAIL"]
