@@ -7,8 +7,14 @@ command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks our alert rules
 command -v wrk >/dev/null 2>&1 || need+=(wrk)                # make bench drives load with it
+command -v curl >/dev/null 2>&1 || need+=(curl)  # carries refused client pairs to etcd
+[ -x /usr/sbin/update-ca-certificates ] || need+=(ca-certificates)  # doctor's host trees
 # A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
-# Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).
+# Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).  Never both:
+# the image's `kubectl` package owns /usr/bin/kubectl, which kubernetes-client also ships.
+# kubernetes-client is 1.20 on Go 1.19: the tests then ask SelfSubjectReview through
+# `kubectl create --raw` and skip the one Go>=1.23 fact (negative serials); set KUBECTL=PATH
+# to judge with another build.
 command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then

@@ -9,19 +9,19 @@ import os
 import sys
 import tarfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import click
 import yaml
 
-from pkisvc import __version__
+from pkisvc import __version__, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.errors import InvalidRequest, PkiError
 from pkisvc.model import KEY_TYPES, TRUST_FILE
 from pkisvc.settings import Settings
-from pkisvc.store import CertStore, read_import_dir, read_import_pillar
+from pkisvc.store import CertStore, read_import_dir, read_import_pillar, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +438,90 @@ def token_revoke(c: Context, name: str) -> None:
     """Revoke a token at once, for every worker and replica."""
     c.store.revoke_token(name, actor=actor())
     click.echo(f"token {name} revoked")
+
+
+@main.command("kubeconfig")
+@click.option("--server", required=True, help="The API server URL, e.g. https://k8s-master-1:6443.")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Default: the latest.")
+@click.option("--tls-server-name", help="Name to verify the server as (e.g. "
+              "kubernetes.default.svc) when the URL's host is not in its SANs.")
+@pass_ctx
+def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: str | None
+                ) -> None:
+    """Print a kubeconfig for the kubecfg user (trust bundle and client pair embedded)."""
+    store = c.store
+    gen = store.read(version)
+    files = store.host_files(gen, ["ca.crt", "kubecfg.crt", "kubecfg.key"])
+    doc = kubeconfig.build(server=server, trust_pem=files["ca.crt"],
+                           cert_pem=files["kubecfg.crt"], key_pem=files["kubecfg.key"],
+                           cluster=c.settings.cluster, user=c.settings.kubecfg.common_name,
+                           tls_server_name=tls_server_name)
+    store.record_delivery(actor=actor(), action="kubeconfig", version=gen.version,
+                          items=("kubecfg",))
+    click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
+
+
+
+@main.command("doctor")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="Where the host's / is (a chroot, an image, a test tree).")
+@click.option("--role", type=click.Choice(["master", "node"]), default="master",
+              show_default=True, help="What the host should hold.")
+@click.option("--warn-within", type=click.IntRange(0, 36500), default=30, show_default=True,
+              help="WARN on certificates expiring within this many days.")
+@click.option("--store/--no-store", "use_store", default=True, show_default=True,
+              help="Compare with the store's latest version (skipped when it is empty).")
+@click.option("--url", help="Compare the CA with the service's current trust bundle and "
+              "version (GET URL/v1/ca) instead of the store.")
+@click.option("--kubectl", "use_kubectl", is_flag=True,
+              help="Also compare the ca.crt in kube-system secrets with the CA.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False),
+              help="The kubeconfig --kubectl uses (default: kubectl's own).")
+@click.option("--kubectl-path", default="kubectl", envvar="KUBECTL", show_default=True,
+              help="The kubectl binary --kubectl runs.")
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+@pass_ctx
+def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
+            url: str | None, use_kubectl: bool, kubeconfig: str | None, kubectl_path: str,
+            fmt: str) -> None:
+    """Check the certificates installed on this host; exit 1 when a check FAILs."""
+    expected, store_error, now = None, None, utcnow()
+    if url:
+        try:
+            expected = doctor.expected_from_ca(doctor.fetch_json(f"{url.rstrip('/')}/v1/ca"), url)
+        except PkiError as e:
+            store_error = f"the service: {e.message}"
+    elif use_store:
+        try:
+            now = c.store.now()
+            expected = doctor.expected_from(c.store.versions())
+        except PkiError as e:
+            store_error = f"the store: {e.message}"
+    secrets, secrets_error = None, None
+    if use_kubectl:
+        try:
+            secrets = doctor.kube_system_ca_secrets(kubectl_path, kubeconfig)
+        except PkiError as e:
+            secrets_error = e.message
+    report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
+                        secrets=secrets, secrets_error=secrets_error,
+                        warn_within=timedelta(days=warn_within))
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        rows = [["STATUS", "CHECK", "PATH", "MESSAGE"],
+                *([ch.status, ch.check, ch.path, ch.message] for ch in report.checks)]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            click.echo("   ".join([*(x.ljust(w) for x, w in zip(r[:3], widths, strict=True)),
+                                   r[3]]).rstrip())
+        fixes = [ch for ch in report.checks if ch.status != "PASS" and ch.fix]
+        for ch in fixes:
+            click.echo(f"fix {ch.path} ({ch.check}): {ch.fix}")
+        s = report.to_dict()["summary"]
+        click.echo(f"{s['pass']} passed, {s['warn']} warnings, {s['fail']} failed")
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

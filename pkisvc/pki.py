@@ -301,3 +301,36 @@ def check_set(s: CertSet) -> None:
         _check_ca(c, "trust bundle")
     if fingerprint(s.ca) not in {fingerprint(c) for c in s.trust}:
         raise InvalidMaterial("trust bundle: does not hold the signing CA of ca.crt")
+
+
+# --- single certificates, as found on a host (doctor) ------------------------------------
+
+def check_ca(cert: x509.Certificate, name: str) -> None:
+    """Refuse cert as a trust anchor unless it has CA:TRUE and keyCertSign.
+
+    Raises: InvalidMaterial naming the file.
+    """
+    _check_ca(cert, name)
+
+
+def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
+    """Tell whether key is the private half of cert's public key."""
+    return _spki(key) == _spki(cert)
+
+
+def issuer_among(cert: x509.Certificate, cas: tuple[x509.Certificate, ...] | list[x509.Certificate]
+                 ) -> x509.Certificate | None:
+    """Return the CA in cas whose key signed cert, or None."""
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return ca
+    return None
+
+
+def has_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    """Tell whether cert's extended key usage allows usage."""
+    eku = _ext(cert, x509.ExtendedKeyUsage)
+    return isinstance(eku, x509.ExtendedKeyUsage) and usage in eku

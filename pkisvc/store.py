@@ -570,7 +570,10 @@ def parse_import(files: Mapping[str, bytes]) -> pki.CertSet:
     """Parse an imported set; ca.crt may be a bundle: its issuer of server.cert signs."""
     bundle = pki.load_certs(files["ca.crt"], "ca.crt")
     server = pki.load_cert(files["server.cert"], "server.cert")
-    signer = next((c for c in bundle if c.subject == server.issuer), bundle[0])
+    # CAs of one cluster share a name (old and new during a rotation): the signer is the one
+    # whose key signed server.cert; failing that, check_set names what is wrong.
+    signer = pki.issuer_among(server, bundle) or next(
+        (c for c in bundle if c.subject == server.issuer), bundle[0])
     ca_key = files.get("ca.key")
     return pki.CertSet(
         ca=signer,

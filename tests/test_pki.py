@@ -208,3 +208,26 @@ def test_garbage_certificates_are_refused_naming_the_file():
     with pytest.raises(InvalidMaterial, match="^server.cert: not a valid PEM"):
         pki.load_cert(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                       "server.cert")
+
+
+def test_every_go_table_mistake_is_refused_before_anything_is_written(tmp_path):
+    """FIELD-NOTES' Go table, fed through load + check_set as an import: nothing is written."""
+    from tests import badcerts
+    from tests.peers import make_store
+
+    store, _ = make_store(tmp_path, "ecdsa-p256")
+    files = badcerts.set_files(store)
+    table = badcerts.mistakes(files, tmp_path / "work")
+    assert {m.name for m in table} == {
+        "serving cert without SANs", "negative serial", "serving cert without serverAuth",
+        "client cert without clientAuth", "root without CA:TRUE", "root without keyCertSign"}
+    generations = sorted(p.name for p in (tmp_path / "data" / "generations").iterdir())
+    audit = store.audit(limit=1000)
+    store.import_files(files, actor="test")  # the unbroken set goes in: the mistake is all
+    for m in table:
+        with pytest.raises(InvalidMaterial, match=m.ours):
+            store.import_files(m.files, actor="test")
+    assert store.latest() == 2
+    assert sorted(p.name for p in (tmp_path / "data" / "generations").iterdir()) == [
+        *generations, "000002"]
+    assert len(store.audit(limit=1000)) == len(audit) + 1

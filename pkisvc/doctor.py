@@ -1,0 +1,467 @@
+"""Host-side checks: the seed's "Troubleshooting and debugging" section as a command.
+
+`run` reads the files the formula lays down (DESIGN §5) under a root directory and compares
+them with each other, with the clock it is given, and optionally with what the store says the
+host should hold.  It never prints key material: messages name files, fingerprints and dates.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pkisvc import pki
+from pkisvc.errors import InvalidMaterial, InvalidRequest
+from pkisvc.model import GenerationRecord
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+
+SRV = "/srv/kubernetes"
+CA = f"{SRV}/ca.crt"
+LOCAL_CA = "/usr/local/share/ca-certificates/kubernetes-ca.crt"
+SYMLINK = "/etc/ssl/certs/kubernetes.pem"
+BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+KUBELET_CA = "/var/lib/kubelet/ca.crt"
+LEAVES = {"server": (f"{SRV}/server.cert", f"{SRV}/server.key",
+                     ExtendedKeyUsageOID.SERVER_AUTH),
+          "kubecfg": (f"{SRV}/kubecfg.crt", f"{SRV}/kubecfg.key",
+                      ExtendedKeyUsageOID.CLIENT_AUTH)}
+ROLES = ("master", "node")
+
+APPLY = "salt-call state.apply kubernetes.cert.configured"
+REFRESH = f"salt-call saltutil.refresh_pillar && {APPLY}"
+UPDATE_CA = f"update-ca-certificates (or: {APPLY})"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: which check, on which host path, its status, what was seen, the fix."""
+
+    check: str
+    path: str
+    status: str
+    message: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"check": self.check, "path": self.path, "status": self.status,
+                "message": self.message, "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the store says a host should hold: its latest version, and every fingerprint it
+    ever recorded with the newest version that holds it."""
+
+    version: int
+    trust: tuple[str, ...]
+    items: Mapping[str, str]
+    known: Mapping[str, int] = field(default_factory=dict)
+    source: str = "the store"
+
+
+def expected_from(records: Iterable[GenerationRecord]) -> Expected | None:
+    """Build Expected from generation records (any order); None for an empty store."""
+    recs = sorted(records, key=lambda r: r.version, reverse=True)
+    if not recs:
+        return None
+    known: dict[str, int] = {}
+    for r in recs:
+        for fp in (*r.trust, *(i.fingerprint for i in r.items.values())):
+            known.setdefault(fp, r.version)
+    latest = recs[0]
+    return Expected(latest.version, tuple(latest.trust),
+                    {k: v.fingerprint for k, v in latest.items.items()}, known)
+
+
+def expected_from_ca(body: Mapping[str, Any], url: str) -> Expected:
+    """Build Expected from the service's `GET /v1/ca` answer: the trust bundle only.
+
+    Raises: InvalidMaterial when the answer is not a version and a bundle.
+    """
+    try:
+        version = int(body["version"])
+        trust = tuple(body.get("trust") or _fps(pki.load_certs(str(body["pem"]).encode(),
+                                                                f"{url}/v1/ca")))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidMaterial(f"{url}/v1/ca: not a pkisvc answer") from None
+    return Expected(version, trust, {}, source=f"the service at {url}")
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every check of one run, in a stable order."""
+
+    root: str
+    role: str
+    now: datetime
+    store_version: int | None
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {s.lower(): sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
+        return {"root": self.root, "role": self.role, "now": pki.rfc3339(self.now),
+                "store_version": self.store_version, "ok": self.ok, "summary": counts,
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+def _short(fp: str) -> str:
+    return fp[:16]
+
+
+def _fps(certs: Iterable[x509.Certificate]) -> list[str]:
+    return [pki.fingerprint(c) for c in certs]
+
+
+def _describe_fps(fps: Iterable[str]) -> str:
+    return ", ".join(_short(f) for f in fps) or "none"
+
+
+class _Host:
+    """Reads host paths under root; every failure becomes a Check, never an exception."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, host_path: str) -> Path:
+        return self.root / host_path.lstrip("/")
+
+    def read(self, host_path: str) -> tuple[bytes | None, str]:
+        try:
+            return self.path(host_path).read_bytes(), ""
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as e:
+            return None, f"cannot read: {e.strerror}"
+
+    def resolve_link(self, host_path: str) -> tuple[str | None, str]:
+        """Follow a symlink chain the way the host would, staying under root.
+
+        Returns (host path it ends at, "") or (None, why).
+        """
+        cur = host_path
+        for _ in range(40):
+            p = self.path(cur)
+            if not p.is_symlink():
+                return (cur, "") if p.exists() else (None, f"dangling: {cur} does not exist")
+            target = os.readlink(p)
+            cur = os.path.normpath(target if target.startswith("/")
+                                   else os.path.join(os.path.dirname(cur), target))
+        return None, "symlink loop"
+
+
+def _parse_certs(data: bytes, name: str) -> tuple[list[x509.Certificate], str]:
+    try:
+        return pki.load_certs(data, name), ""
+    except InvalidMaterial as e:
+        return [], e.message
+
+
+def _bundle_fps(data: bytes) -> set[str]:
+    """Fingerprints of every parseable certificate in a system bundle (odd ones skipped)."""
+    out = set()
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    for chunk in data.split(begin)[1:]:
+        body = chunk.split(end, 1)[0]
+        with warnings.catch_warnings():
+            # A system bundle may hold old roots with a non-positive serial: not ours to judge.
+            warnings.simplefilter("ignore")
+            try:
+                out.add(pki.fingerprint(x509.load_pem_x509_certificate(begin + body + end)))
+            except ValueError:
+                continue
+    return out
+
+
+def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
+        expected: Expected | None = None, store_error: str | None = None,
+        secrets: Mapping[str, bytes] | None = None, secrets_error: str | None = None,
+        warn_within: timedelta = timedelta(days=30)) -> Report:
+    """Check a host's installed certificates under root at time now.
+
+    expected: the store's view (see expected_from); store_error: why it could not be had.
+    secrets: the `ca.crt` of each kube-system secret that has one (name -> PEM), to compare
+    with the CA; secrets_error: why they could not be read.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    host = _Host(Path(root))
+    checks: list[Check] = []
+    add = checks.append
+
+    # 1. The primary CA copy is the reference every other copy is compared with.
+    trust: list[x509.Certificate] = []
+    data, why = host.read(CA)
+    if data is None:
+        add(Check("present", CA, FAIL, why, APPLY))
+    else:
+        trust, why = _parse_certs(data, CA)
+        for c in trust:
+            try:
+                pki.check_ca(c, CA)
+            except InvalidMaterial as e:
+                trust, why = [], e.message
+                break
+        if trust:
+            add(Check("ca", CA, PASS, f"{len(trust)} CA certificate(s): "
+                      f"{_describe_fps(_fps(trust))}"))
+        else:
+            add(Check("ca", CA, FAIL, why, APPLY))
+    ref = set(_fps(trust))
+
+    # 2. Copies of the CA that must be the same certificates.
+    for path, fix in ((KUBELET_CA, f"{APPLY}, then systemctl restart kubelet"),
+                      (LOCAL_CA, APPLY)):
+        data, why = host.read(path)
+        if data is None:
+            add(Check("same-ca", path, FAIL, why, fix))
+            continue
+        certs, why = _parse_certs(data, path)
+        if not certs:
+            add(Check("same-ca", path, FAIL, why, fix))
+        elif not ref:
+            add(Check("same-ca", path, WARN, f"holds {_describe_fps(_fps(certs))}; "
+                      f"nothing to compare with ({CA} unusable)", APPLY))
+        elif set(_fps(certs)) != ref:
+            add(Check("same-ca", path, FAIL, f"stale copy: holds {_describe_fps(_fps(certs))}"
+                      f", {CA} holds {_describe_fps(sorted(ref))}", fix))
+        else:
+            add(Check("same-ca", path, PASS, f"same CA as {CA}"))
+
+    # 3. The system trust store: the symlink and the bundle update-ca-certificates builds.
+    link = host.path(SYMLINK)
+    if not link.is_symlink() and not link.exists():
+        add(Check("symlink", SYMLINK, FAIL, "missing", UPDATE_CA))
+    else:
+        end, why = host.resolve_link(SYMLINK)
+        if end is None:
+            add(Check("symlink", SYMLINK, FAIL, why, UPDATE_CA))
+        else:
+            data, why = host.read(end)
+            certs, why = _parse_certs(data, end) if data is not None else ([], why)
+            if not certs:
+                add(Check("symlink", SYMLINK, FAIL, f"-> {end}: {why}", UPDATE_CA))
+            elif ref and set(_fps(certs)) != ref:
+                add(Check("symlink", SYMLINK, FAIL, f"-> {end} holds "
+                          f"{_describe_fps(_fps(certs))}, not the CA of {CA}", UPDATE_CA))
+            elif not link.is_symlink():
+                add(Check("symlink", SYMLINK, WARN, f"a regular file, not a symlink to "
+                          f"{LOCAL_CA}", UPDATE_CA))
+            else:
+                add(Check("symlink", SYMLINK, PASS, f"-> {end}"))
+    data, why = host.read(BUNDLE)
+    if data is None:
+        add(Check("bundle", BUNDLE, FAIL, why, UPDATE_CA))
+    elif not ref:
+        add(Check("bundle", BUNDLE, WARN, f"nothing to look for ({CA} unusable)", APPLY))
+    else:
+        missing = sorted(ref - _bundle_fps(data))
+        if missing:
+            add(Check("bundle", BUNDLE, FAIL, f"does not contain {_describe_fps(missing)}",
+                      UPDATE_CA))
+        else:
+            add(Check("bundle", BUNDLE, PASS, "contains the CA"))
+
+    # 4. Leaf pairs (masters hold them; nodes must not).
+    leaves: dict[str, x509.Certificate] = {}
+    for item, (cert_path, key_path, usage) in LEAVES.items():
+        if role == "node":
+            held = [p for p in (cert_path, key_path) if host.path(p).exists()]
+            if held:
+                add(Check("not-held", held[0], WARN,
+                          f"a node should not hold {', '.join(held)}", APPLY))
+            continue
+        cert = _check_leaf(host, add, cert_path, key_path, usage, trust)
+        if cert is not None:
+            leaves[item] = cert
+
+    # 5. Validity at `now`, CA first.
+    for path, cert in [*((CA, c) for c in trust),
+                       *((LEAVES[i][0], c) for i, c in leaves.items())]:
+        add(_expiry(path, cert, now, warn_within))
+
+    # 6. The store's latest version.
+    if expected is not None:
+        add(_version(expected, ref, {i: pki.fingerprint(c) for i, c in leaves.items()}, role))
+    elif store_error:
+        add(Check("version", SRV, WARN, f"not compared: {store_error}",
+                  "run with the service's settings (pkisvc --config FILE doctor) or --url"))
+
+    # 7. The CA copies in the cluster (the seed's "System Secrets Not Updating").
+    if secrets is not None:
+        checks.extend(_secrets(secrets, ref))
+    elif secrets_error:
+        add(Check("secret", "kube-system", WARN, f"not compared: {secrets_error}",
+                  "check kubectl's access (--kubeconfig)"))
+    return Report(str(root), role, now, expected.version if expected else None, tuple(checks))
+
+
+def _secrets(secrets: Mapping[str, bytes], ref: set[str]) -> list[Check]:
+    if not secrets:
+        return [Check("secret", "kube-system", PASS, "no secret holds a ca.crt")]
+    out = []
+    for name, pem in sorted(secrets.items()):
+        where = f"kube-system/secret/{name}"
+        certs, why = _parse_certs(pem, f"{where} ca.crt")
+        fix = (f"kubectl -n kube-system delete secret {name} (it is re-created with the new "
+               "CA), then delete the pods that mount it")
+        if not certs:
+            out.append(Check("secret", where, FAIL, why, fix))
+        elif not ref:
+            out.append(Check("secret", where, WARN, f"holds {_describe_fps(_fps(certs))}; "
+                             f"nothing to compare with ({CA} unusable)", APPLY))
+        elif set(_fps(certs)) != ref:
+            out.append(Check("secret", where, FAIL, f"stale ca.crt: holds "
+                             f"{_describe_fps(_fps(certs))}, {CA} holds "
+                             f"{_describe_fps(sorted(ref))}", fix))
+        else:
+            out.append(Check("secret", where, PASS, f"ca.crt is the CA of {CA}"))
+    return out
+
+
+def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_path: str,
+                usage: x509.ObjectIdentifier, trust: list[x509.Certificate]
+                ) -> x509.Certificate | None:
+    data, why = host.read(cert_path)
+    if data is None:
+        add(Check("present", cert_path, FAIL, why, APPLY))
+        return None
+    try:
+        cert = pki.load_cert(data, cert_path)
+    except InvalidMaterial as e:
+        add(Check("leaf", cert_path, FAIL, e.message, APPLY))
+        return None
+    label = "serverAuth" if usage == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth"
+    if trust and pki.issuer_among(cert, trust) is None:
+        add(Check("leaf", cert_path, FAIL, f"not issued by the CA in {CA} (issuer "
+                  f"{cert.issuer.rfc4514_string()})", REFRESH))
+    elif not pki.has_usage(cert, usage):
+        add(Check("leaf", cert_path, FAIL, f"extended key usage {label} missing", APPLY))
+    elif usage == ExtendedKeyUsageOID.SERVER_AUTH and not pki.sans_of(cert):
+        add(Check("leaf", cert_path, FAIL, "no subjectAltName (Go refuses CN-only serving "
+                  "certificates)", APPLY))
+    else:
+        add(Check("leaf", cert_path, PASS, f"{cert.subject.rfc4514_string()}, serial "
+                  f"{cert.serial_number:x}, fingerprint {_short(pki.fingerprint(cert))}"))
+    key_data, why = host.read(key_path)
+    if key_data is None:
+        add(Check("key", key_path, FAIL, why, APPLY))
+        return cert
+    try:
+        key = pki.load_key(key_data, key_path)
+    except InvalidMaterial as e:
+        add(Check("key", key_path, FAIL, e.message, APPLY))
+        return cert
+    if pki.key_matches(key, cert):
+        add(Check("key", key_path, PASS, f"matches {cert_path}"))
+    else:
+        add(Check("key", key_path, FAIL, f"does not match {cert_path}", APPLY))
+    mode = host.path(key_path).stat().st_mode & 0o777
+    if mode & 0o077:
+        add(Check("key-mode", key_path, FAIL, f"mode {mode:04o}: readable beyond its owner",
+                  f"chmod 0600 {key_path} (or: {APPLY})"))
+    else:
+        add(Check("key-mode", key_path, PASS, f"mode {mode:04o}"))
+    return cert
+
+
+def _expiry(path: str, cert: x509.Certificate, now: datetime, within: timedelta) -> Check:
+    not_after, not_before = cert.not_valid_after_utc, cert.not_valid_before_utc
+    is_ca = path == CA
+    fix = ("pkisvc rotate ca (staged: POST /v1/ca/rotate {\"mode\": \"staged\"}), then "
+           f"{REFRESH}") if is_ca else f"pkisvc rotate {_item_of(path)}, then {REFRESH}"
+    what = f"{_short(pki.fingerprint(cert))} " if is_ca else ""
+    if now >= not_after:
+        return Check("expiry", path, FAIL, f"{what}expired at {pki.rfc3339(not_after)}", fix)
+    if now < not_before:
+        return Check("expiry", path, FAIL, f"{what}not valid before "
+                     f"{pki.rfc3339(not_before)} (clock skew?)", "check the host's clock")
+    left = not_after - now
+    if left <= within:
+        return Check("expiry", path, WARN, f"{what}expires at {pki.rfc3339(not_after)} "
+                     f"({left.days} days left)", fix)
+    return Check("expiry", path, PASS, f"{what}valid until {pki.rfc3339(not_after)} "
+                 f"({left.days} days left)")
+
+
+def _item_of(path: str) -> str:
+    return next(i for i, (c, _, _) in LEAVES.items() if c == path)
+
+
+def _version(exp: Expected, ca: set[str], leaves: Mapping[str, str], role: str) -> Check:
+    want = {"ca.crt": set(exp.trust)}
+    have: dict[str, set[str]] = {"ca.crt": ca}
+    if role == "master" and exp.items:
+        for item, (cert_path, _, _) in LEAVES.items():
+            name = Path(cert_path).name
+            want[name] = {exp.items[item]}
+            have[name] = {leaves[item]} if item in leaves else set()
+    stale = [n for n in want if have[n] != want[n]]
+    src = exp.source
+    if not stale:
+        return Check("version", SRV, PASS, f"matches version {exp.version} ({src})")
+    seen = {exp.known[fp] for n in stale for fp in have[n] if fp in exp.known}
+    if seen:
+        return Check("version", SRV, FAIL, f"{', '.join(stale)} from version {max(seen)}; "
+                     f"latest is {exp.version} ({src})", REFRESH)
+    if not exp.known:  # only the current trust bundle is known (the service's /v1/ca)
+        return Check("version", SRV, FAIL, f"{', '.join(stale)} is not the trust bundle of "
+                     f"version {exp.version} ({src})", REFRESH)
+    return Check("version", SRV, FAIL, f"{', '.join(stale)} not from {src} (latest version "
+                 f"{exp.version})", REFRESH)
+
+
+def kube_system_ca_secrets(kubectl: str, kubeconfig: str | None) -> dict[str, bytes]:
+    """Return the ca.crt of every kube-system secret that has one (name -> PEM).
+
+    Raises: InvalidRequest with kubectl's first line of complaint.
+    """
+    argv = [kubectl, *(["--kubeconfig", kubeconfig] if kubeconfig else []),
+            "--request-timeout=10s", "get", "--raw", "/api/v1/namespaces/kube-system/secrets"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise InvalidRequest(f"{kubectl}: {e}") from None
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[0]
+        raise InvalidRequest(f"kubectl: {why}")
+    try:
+        items = json.loads(r.stdout)["items"]
+        return {i["metadata"]["name"]: base64.b64decode(i["data"]["ca.crt"])
+                for i in items if "ca.crt" in (i.get("data") or {})}
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidRequest("kubectl: not a SecretList") from None
+
+
+def fetch_json(url: str, timeout: float = 5) -> Any:
+    """GET url and parse its JSON body.
+
+    Raises: InvalidRequest with one line saying what went wrong.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise InvalidRequest(f"{url}: not an http(s) URL")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - scheme checked
+            return json.loads(r.read(1 << 20))
+    except urllib.error.HTTPError as e:
+        raise InvalidRequest(f"{url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise InvalidRequest(f"{url}: {getattr(e, 'reason', e)}") from None
+    except ValueError:
+        raise InvalidRequest(f"{url}: not JSON") from None
