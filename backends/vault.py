@@ -1,0 +1,524 @@
+"""The Vault / OpenBao backend: one KV v2 secret per cluster, one KV version per generation.
+
+    <mount>/data/<prefix>/<cluster>/material            KV version N = pkisvc version N
+    <mount>/data/<prefix>/<cluster>/audit/<day>/<key>   one secret per audit event
+    <mount>/data/<prefix>/<cluster>/tokens              the hashed API tokens, one list
+
+A generation is written as one KV version with `cas=<the version it builds on>`, so Vault
+itself refuses a stale writer and every replica stays gapless.  The version payload holds the
+whole generation: `{"pkisvc": 1, "record": {...}, "files": {name: base64}}` (per-version facts
+cannot live in `custom_metadata`, which is per secret).  Before the first write the secret's
+`max_versions` is set explicitly (KV v2 keeps 10 and purges older ones silently otherwise) and
+`cas_required` is switched on.
+
+Versions never change once written, so they are cached in memory; `latest()` always asks
+Vault.  Every hvac/requests failure becomes `NotFound`, `VersionConflict`,
+`BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from pkisvc.errors import (
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PkiError,
+    VersionConflict,
+)
+from pkisvc.model import (
+    AuditEvent,
+    GenerationRecord,
+    StoredGeneration,
+    TokenRecord,
+    valid_file_name,
+)
+from pkisvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FORMAT = 1
+RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
+CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
+UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
+
+
+class VaultBackend:
+    """Generations as versions of one KV v2 secret in Vault or OpenBao."""
+
+    name = "vault"
+
+    def __init__(self, addr: str, *, cluster: str, mount: str = "secret",
+                 prefix: str = "pkisvc", token: str | None = None,
+                 token_file: str | None = None, role_id: str | None = None,
+                 secret_id: str | None = None, ca_cert: str | None = None,
+                 timeout: float = 5.0, max_versions: int = 1000) -> None:
+        if bool(role_id) != bool(secret_id):
+            raise ConfigError("setting 'vault': vault.role_id and vault.secret_id go together")
+        if not (token or token_file or role_id):
+            raise ConfigError("setting 'vault': the vault backend needs vault.token, "
+                              "vault.token_file, or vault.role_id and vault.secret_id")
+        self.addr = addr.rstrip("/")
+        self.mount = mount
+        self.base = f"{prefix}/{cluster}"
+        self.timeout = timeout
+        self.max_versions = max_versions
+        self._material = f"{self.base}/material"
+        self._audit_dir = f"{self.base}/audit"
+        self._tokens_path = f"{self.base}/tokens"
+        self._auth = _Auth(token=token, token_file=token_file, role_id=role_id,
+                           secret_id=secret_id)
+        session = requests.Session()
+        session.trust_env = False  # only settings.py reads the environment (proxies, CA vars)
+        # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
+        self._client = hvac.Client(url=self.addr, token="", verify=ca_cert or True,
+                                   timeout=timeout, session=session)
+        self._kv = self._client.secrets.kv.v2
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
+        self._records: dict[int, GenerationRecord] = {}
+        self._events: dict[str, AuditEvent] = {}
+        self._metadata_checked = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VaultBackend:
+        v = settings.vault
+        return cls(v.addr, cluster=settings.cluster, mount=v.mount, prefix=v.prefix,
+                   token=v.token, token_file=v.token_file, role_id=v.role_id,
+                   secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
+                   max_versions=v.max_versions)
+
+    def __repr__(self) -> str:
+        return f"VaultBackend({self.addr!r}, {self.mount}/{self.base})"
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _data(self, path: str) -> str:
+        return f"{self.mount}/data/{path}"
+
+    def _meta(self, path: str) -> str:
+        return f"{self.mount}/metadata/{path}"
+
+    def _call(self, where: str, fn: Callable[[], T]) -> T:
+        """Run one hvac call as the current identity; translate whatever it raises.
+
+        `where` is the Vault path the call touches: it is what error messages name.
+        """
+        for attempt in (1, 2):
+            with self._lock:
+                self._login(force=attempt == 2)
+            try:
+                return fn()
+            except hvac.exceptions.Forbidden:
+                # A token that expired or was revoked looks like a policy refusal: when we can
+                # get a new token (AppRole, a token file an agent rewrites), try once more.
+                if attempt == 1 and self._auth.can_refresh:
+                    log.info("vault refused %s; authenticating again", where)
+                    continue
+                raise PermissionDenied(f"permission denied on {where}") from None
+            except (hvac.exceptions.VaultError, OSError, ValueError) as e:
+                raise self._translate(e, where) from None
+        raise AssertionError("unreachable")
+
+    def _translate(self, e: Exception, where: str) -> PkiError:
+        if isinstance(e, hvac.exceptions.InvalidPath):
+            return NotFound(f"nothing at {where}")
+        if isinstance(e, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
+            return PermissionDenied(f"permission denied on {where}")
+        if isinstance(e, hvac.exceptions.VaultError):
+            errors = e.errors if isinstance(e.errors, list) else [e.errors or ""]
+            reason = "; ".join(str(x) for x in errors if x)[:200] or type(e).__name__
+            if isinstance(e, hvac.exceptions.InvalidRequest) and "check-and-set" in reason:
+                return VersionConflict(f"{where}: {reason}")
+            return BackendUnavailable(f"vault at {self.addr}: {where}: {reason}")
+        if isinstance(e, requests.Timeout):
+            return BackendUnavailable(
+                f"vault at {self.addr}: no answer within {self.timeout:g}s ({where})")
+        if isinstance(e, requests.ConnectionError):
+            return BackendUnavailable(f"vault at {self.addr}: cannot connect ({where}): "
+                                      f"{_root_cause(e)}")
+        if isinstance(e, requests.RequestException):
+            return BackendUnavailable(f"vault at {self.addr}: {where}: {_root_cause(e)}")
+        if isinstance(e, OSError):
+            return BackendUnavailable(f"vault at {self.addr}: {where}: {e.strerror or e}")
+        return BackendUnavailable(f"vault at {self.addr}: {where}: unreadable answer")
+
+    def _login(self, *, force: bool) -> None:
+        """Make sure the client holds a live token (read, renewed, or freshly logged in)."""
+        try:
+            token = self._auth.token_for(self._client, force=force)
+        except hvac.exceptions.Forbidden:
+            raise PermissionDenied(f"permission denied on {self._auth.where}") from None
+        except hvac.exceptions.InvalidRequest:
+            # AppRole answers 400 to a wrong role_id or secret_id.
+            raise PermissionDenied(f"permission denied on {self._auth.where}: "
+                                   "login refused") from None
+        except (hvac.exceptions.VaultError, OSError, ValueError) as e:
+            raise self._translate(e, self._auth.where) from None
+        self._client.token = token
+
+    def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
+        resp: dict[str, Any] = self._call(self._data(path), lambda: self._kv.read_secret_version(
+            path, version=version, mount_point=self.mount, raise_on_deleted_version=True))
+        return resp
+
+    def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
+        resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
+            path, secret=dict(data), cas=cas, mount_point=self.mount))
+        return int(resp["data"]["version"])
+
+    def _list(self, path: str) -> list[str]:
+        try:
+            resp = self._call(self._meta(path), lambda: self._kv.list_secrets(
+                path, mount_point=self.mount))
+        except NotFound:
+            return []
+        return [str(k) for k in resp["data"]["keys"]]
+
+    def _metadata(self) -> dict[str, Any] | None:
+        try:
+            resp = self._call(self._meta(self._material), lambda: self._kv.read_secret_metadata(
+                self._material, mount_point=self.mount))
+        except NotFound:
+            return None
+        data: dict[str, Any] = resp["data"]
+        return data
+
+    def _ensure_metadata(self, *, first: bool) -> None:
+        """Set max_versions and cas_required on the material secret where they differ."""
+        if self._metadata_checked and not first:
+            return
+        meta = self._metadata()
+        if (meta is None or meta.get("max_versions") != self.max_versions
+                or not meta.get("cas_required")):
+            self._call(self._meta(self._material), lambda: self._kv.update_metadata(
+                self._material, max_versions=self.max_versions, cas_required=True,
+                mount_point=self.mount))
+            log.info("set max_versions=%d on %s", self.max_versions,
+                     self._meta(self._material))
+        self._metadata_checked = True
+
+    def _remember(self, gen: StoredGeneration) -> None:
+        with self._lock:
+            self._cache[gen.version] = gen
+            self._cache.move_to_end(gen.version)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            self._records[gen.version] = gen.record
+
+    def _cached(self, version: int) -> StoredGeneration | None:
+        with self._lock:
+            gen = self._cache.get(version)
+            if gen is not None:
+                self._cache.move_to_end(version)
+            return gen
+
+    def _decode(self, resp: Mapping[str, Any], version: int) -> StoredGeneration:
+        where = f"{self._data(self._material)} version {version}"
+        try:
+            payload = resp["data"]["data"]
+            if payload.get("pkisvc") != FORMAT:
+                raise ValueError("unknown payload format")
+            record = GenerationRecord.from_dict(payload["record"])
+            files = {str(n): base64.b64decode(b, validate=True)
+                     for n, b in payload["files"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+            raise BackendUnavailable(f"vault at {self.addr}: {where} is not a pkisvc "
+                                     "generation") from None
+        if record.version != version:
+            raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
+                                     f"{record.version}")
+        return StoredGeneration(record, files)
+
+    # --- generations -------------------------------------------------------------------
+
+    def latest(self) -> int | None:
+        # Reading the latest version costs what the metadata costs (which grows with the
+        # history), and a replica usually has the generation cached already.
+        try:
+            resp = self._read(self._material)
+        except NotFound:
+            meta = self._metadata()  # no secret yet, or its latest version was deleted
+            return (int(meta["current_version"]) or None) if meta else None
+        version = int(resp["data"]["metadata"]["version"])
+        if self._cached(version) is None:
+            self._remember(self._decode(resp, version))
+        return version
+
+    def read(self, version: int | None = None) -> StoredGeneration:
+        if version is None:
+            latest = self.latest()
+            if latest is None:
+                raise NotFound("the store is empty: run `pkisvc init`")
+            version = latest
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise NotFound(f"no version {version}")
+        gen = self._cached(version)
+        if gen is not None:
+            return gen
+        try:
+            resp = self._read(self._material, version)
+        except NotFound:
+            raise NotFound(f"no version {version}") from None
+        gen = self._decode(resp, version)
+        self._remember(gen)
+        return gen
+
+    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+        version = (expected or 0) + 1
+        if gen.record.version != version:
+            raise InvalidRequest(
+                f"generation says version {gen.record.version}, expected {version}")
+        for name in gen.files:
+            if not valid_file_name(name) or name == RESERVED:
+                raise InvalidRequest(f"not a storable file name: {name!r}")
+        payload = {
+            "pkisvc": FORMAT,
+            "record": gen.record.to_dict(),
+            "files": {n: base64.b64encode(b).decode("ascii") for n, b in gen.files.items()},
+        }
+        self._ensure_metadata(first=expected is None)
+        try:
+            written = self._write(self._material, payload, cas=expected or 0)
+        except VersionConflict:
+            raise VersionConflict(
+                f"{self._data(self._material)} moved past version {expected or 0}: "
+                "another writer was first") from None
+        if written != version:  # cas makes this impossible; never report a wrong number
+            raise BackendUnavailable(f"vault at {self.addr}: wrote KV version {written} for "
+                                     f"pkisvc version {version}")
+        self._remember(gen)
+        return version
+
+    def versions(self) -> list[GenerationRecord]:
+        meta = self._metadata()
+        if meta is None:
+            return []
+        live = sorted(int(v) for v, info in (meta.get("versions") or {}).items()
+                      if not info.get("destroyed") and not info.get("deletion_time"))
+        out = []
+        for v in live:
+            rec = self._records.get(v)
+            if rec is None:
+                try:
+                    rec = self.read(v).record
+                except NotFound:
+                    continue  # deleted between the metadata read and this one
+            out.append(rec)
+        return out
+
+    # --- audit -------------------------------------------------------------------------
+
+    def append_audit(self, event: AuditEvent) -> None:
+        when = _event_time(event)
+        day = when.strftime("%Y%m%d")
+        # Key order is time order: the event's second, then a nanosecond tie-breaker for
+        # events within one second, then randomness so two writers never collide.
+        for _ in range(3):
+            key = (f"{day}/{when.strftime('%H%M%S')}-{time.time_ns():020d}-"
+                   f"{secrets.token_hex(4)}")
+            try:
+                self._write(f"{self._audit_dir}/{key}", {"event": event.to_dict()}, cas=0)
+            except VersionConflict:
+                continue
+            self._events[key] = event
+            return
+        raise BackendUnavailable(f"vault at {self.addr}: cannot find a free audit key")
+
+    def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        floor = since.astimezone(UTC).strftime("%Y%m%d%H%M%S") if since else ""
+        out: list[AuditEvent] = []
+        days = sorted((d.rstrip("/") for d in self._list(self._audit_dir) if d.endswith("/")),
+                      reverse=True)
+        for day in days:
+            if len(out) >= limit or day < floor[:8]:
+                break
+            keys = sorted((k for k in self._list(f"{self._audit_dir}/{day}")
+                           if not k.endswith("/")), reverse=True)
+            for k in keys:
+                if len(out) >= limit or day + k[:6] < floor[:14]:
+                    return out
+                event = self._event(f"{day}/{k}")
+                if event is None or (since is not None and _event_time(event) < since):
+                    continue
+                out.append(event)
+        return out
+
+    def _event(self, key: str) -> AuditEvent | None:
+        cached = self._events.get(key)
+        if cached is not None:
+            return cached
+        try:
+            resp = self._read(f"{self._audit_dir}/{key}")
+            event = AuditEvent.from_dict(resp["data"]["data"]["event"])
+        except NotFound:
+            return None
+        except (KeyError, TypeError, ValueError):
+            log.warning("skipping unreadable audit event %s", key)
+            return None
+        self._events[key] = event
+        return event
+
+    # --- health ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self.latest()
+
+    # --- tokens ------------------------------------------------------------------------
+
+    def _load_tokens(self) -> tuple[int, list[TokenRecord]]:
+        try:
+            resp = self._read(self._tokens_path)
+        except NotFound:
+            return 0, []
+        try:
+            version = int(resp["data"]["metadata"]["version"])
+            tokens = [TokenRecord.from_dict(t) for t in resp["data"]["data"]["tokens"]]
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable(f"vault at {self.addr}: "
+                                     f"{self._data(self._tokens_path)} is unreadable") from None
+        return version, tokens
+
+    def _update_tokens(self, change: Callable[[list[TokenRecord]], list[TokenRecord]]) -> None:
+        for _ in range(UPDATE_ATTEMPTS):
+            version, tokens = self._load_tokens()
+            new = change(tokens)
+            try:
+                self._write(self._tokens_path, {"tokens": [t.to_dict() for t in new]},
+                            cas=version)
+            except VersionConflict:
+                continue  # another process changed the list: apply the change to theirs
+            return
+        raise VersionConflict(f"{self._data(self._tokens_path)}: too many concurrent writers")
+
+    def tokens(self) -> list[TokenRecord]:
+        return self._load_tokens()[1]
+
+    def put_token(self, token: TokenRecord) -> None:
+        def add(tokens: list[TokenRecord]) -> list[TokenRecord]:
+            if any(t.name == token.name for t in tokens):
+                raise Conflict(f"a token named {token.name!r} exists")
+            return [*tokens, token]
+        self._update_tokens(add)
+
+    def revoke_token(self, name: str) -> None:
+        def remove(tokens: list[TokenRecord]) -> list[TokenRecord]:
+            kept = [t for t in tokens if t.name != name]
+            if len(kept) == len(tokens):
+                raise NotFound(f"no token named {name!r}")
+            return kept
+        self._update_tokens(remove)
+
+
+class _Auth:
+    """Where the client's token comes from: a setting, a file, or an AppRole login."""
+
+    def __init__(self, *, token: str | None, token_file: str | None, role_id: str | None,
+                 secret_id: str | None) -> None:
+        # AppRole wins over a token file, which wins over a plain token (VAULT_TOKEN may
+        # linger in an operator's shell while the config names a better source).
+        self.kind = "approle" if role_id else "token_file" if token_file else "token"
+        self._token = token or ""
+        self._token_file = token_file
+        self._role_id = role_id
+        self._secret_id = secret_id
+        self._file_mtime: int | None = None
+        self._lease = 0.0  # seconds the current AppRole token was granted at login
+        self._expires: float | None = None  # monotonic time the current token expires
+        self._renewable = False
+        self.where = {"approle": "auth/approle/login", "token_file": token_file or "",
+                      "token": "auth/token"}[self.kind]
+
+    @property
+    def can_refresh(self) -> bool:
+        return self.kind != "token"
+
+    def token_for(self, client: Any, *, force: bool) -> str:
+        if self.kind == "token_file":
+            return self._from_file(force=force)
+        if self.kind == "approle":
+            return self._from_approle(client, force=force)
+        return self._token
+
+    def _from_file(self, *, force: bool) -> str:
+        assert self._token_file is not None
+        # An agent (vault agent, a sidecar) may rewrite the file: re-read it when it changed.
+        mtime = os.stat(self._token_file).st_mtime_ns
+        if force or mtime != self._file_mtime or not self._token:
+            with open(self._token_file) as fh:
+                self._token = fh.read().strip()
+            self._file_mtime = mtime
+        return self._token
+
+    def _from_approle(self, client: Any, *, force: bool) -> str:
+        now = time.monotonic()
+        if self._token and not force:
+            if self._expires is None:
+                return self._token
+            margin = self._lease / 3
+            if now < self._expires - margin:
+                return self._token
+            if self._renewable and now < self._expires:
+                try:
+                    resp = client.auth.token.renew_self()
+                except hvac.exceptions.VaultError:
+                    resp = None  # e.g. max TTL reached: log in again below
+                if resp is not None and resp["auth"]["lease_duration"] > margin:
+                    self._set_lease(resp["auth"], now)
+                    log.debug("renewed the vault token for %ss",
+                              resp["auth"]["lease_duration"])
+                    return self._token
+        resp = client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id,
+                                         use_token=False)
+        self._token = str(resp["auth"]["client_token"])
+        self._lease = float(resp["auth"]["lease_duration"])
+        self._set_lease(resp["auth"], now)
+        log.info("logged in to vault with AppRole (token valid %ss)", int(self._lease))
+        return self._token
+
+    def _set_lease(self, auth: Mapping[str, Any], now: float) -> None:
+        lease = float(auth.get("lease_duration") or 0)
+        self._expires = now + lease if lease > 0 else None
+        self._renewable = bool(auth.get("renewable"))
+
+
+def _event_time(event: AuditEvent) -> datetime:
+    try:
+        t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost reason of a requests error, without its URL-laden wrappers."""
+    seen = e
+    while True:
+        inner = seen.__cause__ or seen.__context__ or (seen.args[0] if seen.args else None)
+        if not isinstance(inner, BaseException) or inner is seen:
+            break
+        seen = inner
+    text = str(seen)
+    if "]" in text and "[Errno" in text:
+        text = text[text.index("[Errno"):]
+    return text.rstrip("')\"")[:200] or type(seen).__name__
