@@ -130,13 +130,25 @@ class VaultBackend:
             except hvac.exceptions.Forbidden:
                 # A token that expired or was revoked looks like a policy refusal: when we can
                 # get a new token (AppRole, a token file an agent rewrites), try once more.
-                if attempt == 1 and self._auth.can_refresh:
+                if attempt == 1 and self._token_is_stale():
                     log.info("vault refused %s; authenticating again", where)
                     continue
                 raise PermissionDenied(f"permission denied on {where}") from None
             except (hvac.exceptions.VaultError, OSError, ValueError) as e:
                 raise self._translate(e, where) from None
         raise AssertionError("unreachable")
+
+    def _token_is_stale(self) -> bool:
+        """Tell whether a refusal may be our token's fault, so a new token could help."""
+        if self._auth.kind == "token_file":
+            return True  # re-reading the file costs nothing
+        if self._auth.kind != "approle":
+            return False
+        try:  # a live token was refused by policy: logging in again would change nothing
+            self._client.auth.token.lookup_self()
+        except (hvac.exceptions.VaultError, OSError, ValueError):
+            return True
+        return False
 
     def _translate(self, e: Exception, where: str) -> PkiError:
         if isinstance(e, hvac.exceptions.InvalidPath):
@@ -448,10 +460,6 @@ class _Auth:
         self._renewable = False
         self.where = {"approle": "auth/approle/login", "token_file": token_file or "",
                       "token": "auth/token"}[self.kind]
-
-    @property
-    def can_refresh(self) -> bool:
-        return self.kind != "token"
 
     def token_for(self, client: Any, *, force: bool) -> str:
         if self.kind == "token_file":

@@ -334,5 +334,18 @@ def backup(c: Context, dest: str) -> None:
     click.echo(f"backup of {count} versions written to {out}")
 
 
+@main.command()
+@click.option("--to", "dest", required=True, type=click.Choice(["vault"]),
+              help="The backend to copy into (configured by the same settings' vault.*).")
+@pass_ctx
+def migrate(c: Context, dest: str) -> None:
+    """Copy the files store (every version, audit trail, tokens) into an empty backend."""
+    from pkisvc.migrate import migrate as copy_store
+
+    copied = copy_store(load_backend(c.settings, "files"), load_backend(c.settings, dest))
+    click.echo(f"migrated {copied.versions} versions, {copied.events} audit events and "
+               f"{copied.tokens} tokens to {dest}; set `backend: {dest}` to use it")
+
+
 if __name__ == "__main__":
     main()

@@ -62,11 +62,18 @@ class OpenBao:
         return {"backend": "vault", "cluster": f"c{uuid.uuid4().hex[:12]}",
                 "vault.addr": self.addr, "vault.token": self.token, **extra}
 
+    def _state(self) -> str:
+        # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'.
+        return Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
     def pause(self) -> None:
+        """SIGSTOP the server (connections still open, nothing answers); return once stopped."""
         self.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: self._state() == "T", timeout=10, what="bao to stop")
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: self._state() != "T", timeout=10, what="bao to continue")
 
     def stop(self) -> None:
         """Stop this server by its PID (never by name)."""
