@@ -58,6 +58,7 @@ T = TypeVar("T")
 FORMAT = 1
 RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
+EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
 
 
@@ -88,6 +89,7 @@ class VaultBackend:
                            secret_id=secret_id)
         session = requests.Session()
         session.trust_env = False  # only settings.py reads the environment (proxies, CA vars)
+        session.verify = ca_cert or True  # hvac prefers the session's verify over its own
         # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
         self._client = hvac.Client(url=self.addr, token="", verify=ca_cert or True,
                                    timeout=timeout, session=session)
@@ -95,7 +97,7 @@ class VaultBackend:
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
         self._records: dict[int, GenerationRecord] = {}
-        self._events: dict[str, AuditEvent] = {}
+        self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._metadata_checked = False
 
     @classmethod
@@ -351,7 +353,7 @@ class VaultBackend:
                 self._write(f"{self._audit_dir}/{key}", {"event": event.to_dict()}, cas=0)
             except VersionConflict:
                 continue
-            self._events[key] = event
+            self._remember_event(key, event)
             return
         raise BackendUnavailable(f"vault at {self.addr}: cannot find a free audit key")
 
@@ -388,8 +390,14 @@ class VaultBackend:
         except (KeyError, TypeError, ValueError):
             log.warning("skipping unreadable audit event %s", key)
             return None
-        self._events[key] = event
+        self._remember_event(key, event)
         return event
+
+    def _remember_event(self, key: str, event: AuditEvent) -> None:
+        with self._lock:
+            self._events[key] = event
+            while len(self._events) > EVENT_CACHE_SIZE:
+                self._events.popitem(last=False)
 
     # --- health ------------------------------------------------------------------------
 

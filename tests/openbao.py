@@ -25,42 +25,60 @@ def bao_binary() -> Path:
 
 
 class OpenBao:
-    """One `bao server -dev` process (in-memory storage, KV v2 at secret/)."""
+    """One `bao server -dev` process (in-memory storage, KV v2 at secret/), optionally TLS."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.addr = f"http://127.0.0.1:{self.port}"
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.token = ROOT_TOKEN
+        self.tls = tls
         workdir.mkdir(parents=True, exist_ok=True)
-        self.log = workdir / f"openbao-{self.port}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [str(bao_binary()), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
-                env={"HOME": str(workdir), "PATH": "/usr/bin:/bin"})
-        try:
-            wait_for(self._healthy, timeout=30, what=f"OpenBao on {self.addr}")
-        except BaseException:
-            self.stop()
-            raise
+        self.workdir = workdir
+        # The dev server also listens on port+1 (cluster address): if that one is taken,
+        # bao exits at once and we try another port.
+        for _ in range(5):
+            self.port = free_port()
+            scheme = "https" if tls else "http"
+            self.addr = f"{scheme}://127.0.0.1:{self.port}"
+            self.ca_cert: str | None = str(workdir / "vault-ca.pem") if tls else None
+            self.log = workdir / f"openbao-{self.port}.log"
+            args = [str(bao_binary()), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
+                    f"-dev-listen-address=127.0.0.1:{self.port}"]
+            if tls:
+                args += ["-dev-tls", f"-dev-tls-cert-dir={workdir}"]
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=workdir, env={"HOME": str(workdir), "PATH": "/usr/bin:/bin"})
+            try:
+                wait_for(self._up_or_gone, timeout=30, what=f"OpenBao on {self.addr}")
+            except BaseException:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                return
+        raise AssertionError(f"bao did not start: {self.log.read_text()[-2000:]}")
 
-    def _healthy(self) -> bool:
+    def _up_or_gone(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"bao exited {self.proc.returncode}: {self.log.read_text()}")
-        r = requests.get(f"{self.addr}/v1/sys/health", timeout=1)
+            return True  # exited: the caller tries another port
+        r = requests.get(f"{self.addr}/v1/sys/health", timeout=1, verify=self.verify)
         if r.status_code != 200:
             return False
         # The dev server mounts KV v2 at secret/ just after it reports healthy.
         return bool(self.client().sys.list_mounted_secrets_engines().get("secret/"))
 
+    @property
+    def verify(self) -> bool | str:
+        return self.ca_cert or True
+
     def client(self, token: str | None = None) -> Any:
-        return hvac.Client(url=self.addr, token=token or self.token, timeout=5)
+        return hvac.Client(url=self.addr, token=token or self.token, timeout=5,
+                           verify=self.verify)
 
     def settings_overrides(self, **extra: Any) -> dict[str, Any]:
         """Settings keys for a vault backend on its own, fresh cluster name."""
         return {"backend": "vault", "cluster": f"c{uuid.uuid4().hex[:12]}",
-                "vault.addr": self.addr, "vault.token": self.token, **extra}
+                "vault.addr": self.addr, "vault.token": self.token,
+                "vault.ca_cert": self.ca_cert, **extra}
 
     def _state(self) -> str:
         # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'.

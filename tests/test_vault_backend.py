@@ -7,6 +7,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from pkisvc.app import create_app
 from pkisvc.backends import load_backend
 from pkisvc.backends.files import FilesBackend
 from pkisvc.backends.vault import VaultBackend
@@ -101,7 +102,17 @@ def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp
         backend = VaultBackend(server.addr, cluster="outage", token=server.token, timeout=1)
         backend.write(fake_generation(1), expected=None)
         gen2 = next_generation(backend.read(1), 2)
+        client = create_app(make_settings(tmp_path / "data", backend="vault"),
+                            backend).test_client()
+        assert client.get("/v1/health").status_code == 200
         server.pause()  # SIGSTOP: connections are accepted, nothing answers
+        for url in ("/v1/health", "/v1/ca"):
+            t0 = time.monotonic()
+            r = client.get(url)
+            assert time.monotonic() - t0 < 1.9
+            assert r.status_code == 503
+            assert (r.get_json().get("error") or r.get_json()["backend"]) in (
+                "backend_unavailable", "down")
         for attempt in (backend.latest, lambda: backend.write(gen2, expected=1),
                         backend.ping):
             t0 = time.monotonic()
@@ -111,6 +122,7 @@ def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp
         assert backend.read(1).version == 1  # immutable versions are served from memory
         server.resume()
         # The same backend object serves again; the timed-out write landed whole or not at all.
+        assert client.get("/v1/health").status_code == 200
         assert backend.latest() in (1, 2)
         if backend.latest() == 2:
             assert dict(backend.read(2).files) == dict(gen2.files)
@@ -242,3 +254,16 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
     assert r.stderr.startswith("error: VaultBackend(") and "refusing to migrate" in r.stderr
     assert r.stderr.count("\n") == 1
     assert [v.version for v in vault.versions()] == [1, 2, 3, 4]
+
+
+def test_tls_openbao_needs_its_ca_cert(tmp_path):
+    server = OpenBao(tmp_path / "tls-openbao", tls=True)
+    try:
+        store, settings = vault_store(server, tmp_path)
+        store.init(actor="t")
+        assert store.read().version == 1
+        untrusting = VaultBackend(server.addr, cluster=settings.cluster, token=server.token)
+        with pytest.raises(BackendUnavailable, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+            untrusting.latest()
+    finally:
+        server.stop()
