@@ -187,7 +187,20 @@ class VaultBackend:
                                    "login refused") from None
         except (hvac.exceptions.VaultError, OSError, ValueError) as e:
             raise self._translate(e, self._auth.where) from None
+        except (KeyError, TypeError):
+            raise BackendUnavailable(f"vault at {self.addr}: {self._auth.where}: "
+                                     "unexpected answer") from None
         self._client.token = token
+
+    def _dig(self, resp: Any, where: str, *keys: str) -> Any:
+        """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
+        try:
+            for k in keys:
+                resp = resp[k]
+        except (KeyError, TypeError, IndexError):
+            raise BackendUnavailable(f"vault at {self.addr}: {where}: unexpected answer") \
+                from None
+        return resp
 
     def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
         resp: dict[str, Any] = self._call(self._data(path), lambda: self._kv.read_secret_version(
@@ -197,7 +210,7 @@ class VaultBackend:
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
         resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
             path, secret=dict(data), cas=cas, mount_point=self.mount))
-        return int(resp["data"]["version"])
+        return int(self._dig(resp, self._data(path), "data", "version"))
 
     def _list(self, path: str) -> list[str]:
         try:
@@ -205,7 +218,7 @@ class VaultBackend:
                 path, mount_point=self.mount))
         except NotFound:
             return []
-        return [str(k) for k in resp["data"]["keys"]]
+        return [str(k) for k in self._dig(resp, self._meta(path), "data", "keys")]
 
     def _metadata(self) -> dict[str, Any] | None:
         try:
@@ -213,7 +226,7 @@ class VaultBackend:
                 self._material, mount_point=self.mount))
         except NotFound:
             return None
-        data: dict[str, Any] = resp["data"]
+        data: dict[str, Any] = self._dig(resp, self._meta(self._material), "data")
         return data
 
     def _ensure_metadata(self, *, first: bool) -> None:
@@ -272,7 +285,7 @@ class VaultBackend:
         except NotFound:
             meta = self._metadata()  # no secret yet, or its latest version was deleted
             return (int(meta["current_version"]) or None) if meta else None
-        version = int(resp["data"]["metadata"]["version"])
+        version = int(self._dig(resp, self._data(self._material), "data", "metadata", "version"))
         if self._cached(version) is None:
             self._remember(self._decode(resp, version))
         return version

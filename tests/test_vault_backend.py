@@ -2,6 +2,8 @@
 import base64
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from pkisvc.cli import main
 from pkisvc.errors import BackendUnavailable, ConfigError, PermissionDenied, VersionConflict
 from pkisvc.model import StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
-from tests.conftest import make_settings, run_cli
+from tests.conftest import REPO, make_settings, run_cli
 from tests.openbao import OpenBao
 from tests.test_backend_contract import fake_generation
 from tests.test_store import assert_whole
@@ -267,3 +269,24 @@ def test_tls_openbao_needs_its_ca_cert(tmp_path):
             untrusting.latest()
     finally:
         server.stop()
+
+
+def test_two_processes_rotating_on_one_openbao_leave_no_gap(openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    extra = json.dumps(openbao.settings_overrides(cluster=settings.cluster))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.workers", f"proc{i}",
+                               str(tmp_path / "unused"), "15", extra], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    acked = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        acked += [int(x) for x in out.split()]
+    assert sorted(acked) == list(range(2, 32))
+    fresh = CertStore(load_backend(settings), settings)
+    assert [r.version for r in fresh.versions()] == list(range(31, 0, -1))
+    for r in fresh.versions():
+        assert r.parent == (r.version - 1 or None)
+        assert_whole(fresh, r.version)
+    assert len(fresh.audit(limit=1000)) == 31
