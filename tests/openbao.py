@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import hvac
+import hvac.exceptions
 import requests
 
 from tests.conftest import free_port, wait_for
@@ -103,3 +104,74 @@ class OpenBao:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
+
+
+class PersistentOpenBao(OpenBao):
+    """A non-dev `bao server` on raft storage: initialised once, restartable, unsealed by us."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.tls = False
+        self.ca_cert = None
+        self.port = free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        cluster = f"127.0.0.1:{free_port()}"
+        (workdir / "raft").mkdir(exist_ok=True)
+        self.config = workdir / "openbao.hcl"
+        self.config.write_text(f"""
+storage "raft" {{
+  path    = "{workdir / 'raft'}"
+  node_id = "pkisvc-test"
+  performance_multiplier = 1  # fast leader election: one node on loopback
+}}
+listener "tcp" {{
+  address         = "127.0.0.1:{self.port}"
+  cluster_address = "{cluster}"
+  tls_disable     = true
+}}
+api_addr     = "{self.addr}"
+cluster_addr = "http://{cluster}"
+""")
+        self.start()
+        init = hvac.Client(url=self.addr).sys.initialize(secret_shares=1, secret_threshold=1)
+        self.token, self._unseal_key = init["root_token"], init["keys"][0]
+        self._unseal()
+        self.client().sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+        wait_for(self._kv_ready, timeout=30, what="KV v2 at secret/")
+
+    def start(self) -> None:
+        """Start (or start again) on the same storage and port; unseal when initialised."""
+        self.log = self.workdir / "openbao.log"
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(bao_binary()), "server", f"-config={self.config}"], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
+                env={"HOME": str(self.workdir), "PATH": "/usr/bin:/bin"})
+        wait_for(self._answers, timeout=30, what=f"OpenBao on {self.addr}")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"bao exited {self.proc.returncode}: "
+                                 f"{self.log.read_text()[-2000:]}")
+        if getattr(self, "_unseal_key", None):
+            self._unseal()
+            wait_for(self._kv_ready, timeout=30, what="KV v2 at secret/")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            return True  # start() reports it with the log
+        # 501 = not initialised, 503 = sealed: either way the listener is up.
+        return requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code in (
+            200, 501, 503)
+
+    def _kv_ready(self) -> bool:
+        # A new KV v2 mount "upgrades" itself for a moment; a 404 means it is serving.
+        try:
+            self.client().secrets.kv.v2.read_secret_metadata("readiness-probe")
+        except hvac.exceptions.InvalidPath:
+            return True
+        return True
+
+    def _unseal(self) -> None:
+        hvac.Client(url=self.addr).sys.submit_unseal_key(self._unseal_key)
+        wait_for(lambda: requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code
+                 == 200, timeout=30, what="OpenBao to unseal")

@@ -18,7 +18,7 @@ from pkisvc.errors import BackendUnavailable, ConfigError, PermissionDenied, Ver
 from pkisvc.model import StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
 from tests.conftest import REPO, make_settings, run_cli
-from tests.openbao import OpenBao
+from tests.openbao import OpenBao, PersistentOpenBao
 from tests.test_backend_contract import fake_generation
 from tests.test_store import assert_whole
 
@@ -290,3 +290,28 @@ def test_two_processes_rotating_on_one_openbao_leave_no_gap(openbao, tmp_path):
         assert r.parent == (r.version - 1 or None)
         assert_whole(fresh, r.version)
     assert len(fresh.audit(limit=1000)) == 31
+
+
+def test_the_same_process_serves_again_when_a_persistent_openbao_comes_back(tmp_path):
+    server = PersistentOpenBao(tmp_path / "persistent-openbao")
+    try:
+        settings = make_settings(tmp_path / "data", backend="vault", cluster="restart",
+                                 **{"vault.addr": server.addr, "vault.token": server.token,
+                                    "vault.timeout": 2})
+        client = create_app(settings).test_client()  # initialises version 1
+        assert client.get("/v1/health").get_json()["version"] == 1
+        store = client.application.extensions["pkisvc"]
+        server.stop()
+        t0 = time.monotonic()
+        r = client.get("/v1/ca")
+        assert (r.status_code, r.get_json()["error"]) == (503, "backend_unavailable")
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(BackendUnavailable):
+            store.rotate_ca(actor="t")
+        server.start()  # same storage, same port, unsealed again
+        assert client.get("/v1/health").get_json() == {"status": "ok", "backend": "ok",
+                                                       "version": 1}
+        assert store.rotate_ca(actor="t").version == 2
+        assert_whole(store, 2)
+    finally:
+        server.stop()
