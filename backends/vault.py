@@ -464,71 +464,101 @@ class VaultBackend:
 
 
 class _Auth:
-    """Where the client's token comes from: a setting, a file, or an AppRole login."""
+    """Where the client's token comes from (a setting, a file, an AppRole login), kept alive.
+
+    Whatever its source, a token with a TTL is renewed once a third of it is left (when it is
+    renewable); an AppRole token that cannot be renewed any more (max TTL) is replaced by a new
+    login.  A static token's TTL is learnt once through lookup-self.
+    """
 
     def __init__(self, *, token: str | None, token_file: str | None, role_id: str | None,
                  secret_id: str | None) -> None:
         # AppRole wins over a token file, which wins over a plain token (VAULT_TOKEN may
         # linger in an operator's shell while the config names a better source).
         self.kind = "approle" if role_id else "token_file" if token_file else "token"
-        self._token = token or ""
+        self._static = token or ""
         self._token_file = token_file
         self._role_id = role_id
         self._secret_id = secret_id
         self._file_mtime: int | None = None
-        self._lease = 0.0  # seconds the current AppRole token was granted at login
-        self._expires: float | None = None  # monotonic time the current token expires
+        self._current = ""  # the token in use
+        self._lease = 0.0  # its TTL when we got it; 0 = it does not expire
+        self._expires: float | None = None  # monotonic time it expires
         self._renewable = False
         self.where = {"approle": "auth/approle/login", "token_file": token_file or "",
-                      "token": "auth/token"}[self.kind]
+                      "token": "auth/token/lookup-self"}[self.kind]
 
     def token_for(self, client: Any, *, force: bool) -> str:
-        if self.kind == "token_file":
-            return self._from_file(force=force)
+        now = time.monotonic()
         if self.kind == "approle":
-            return self._from_approle(client, force=force)
-        return self._token
+            expired = self._expires is not None and now >= self._expires
+            if force or not self._current or expired:
+                self._login(client, now)
+            elif self._due(now) and not self._renew(client, now):
+                self._login(client, now)
+            return self._current
+        token = self._from_file(force=force) if self.kind == "token_file" else self._static
+        if token != self._current:
+            client.token = token
+            self._inspect(client, now)
+            self._current = token
+        elif self._due(now):
+            self._renew(client, now)  # if it fails the token still works until it expires
+        return token
+
+    def _due(self, now: float) -> bool:
+        return (self._renewable and self._expires is not None
+                and now >= self._expires - self._lease / 3)
+
+    def _renew(self, client: Any, now: float) -> bool:
+        if self._expires is not None and now >= self._expires:
+            return False
+        try:
+            auth = client.auth.token.renew_self()["auth"]
+        except hvac.exceptions.VaultError:
+            self._renewable = False  # do not ask again on every call
+            return False
+        lease = float(auth.get("lease_duration") or 0)
+        if lease <= self._lease / 3:  # the max TTL is near: renewing buys nothing
+            self._renewable = False
+            return False
+        self._set(lease, bool(auth.get("renewable")), now)
+        log.debug("renewed the vault token for %ss", int(lease))
+        return True
+
+    def _inspect(self, client: Any, now: float) -> None:
+        try:
+            data = client.auth.token.lookup_self()["data"]
+        except hvac.exceptions.VaultError:
+            self._lease = 0.0  # lookup-self refused (no default policy): we cannot tell
+            self._set(0, False, now)
+            return
+        self._lease = float(data.get("ttl") or 0)
+        self._set(self._lease, bool(data.get("renewable")), now)
+
+    def _login(self, client: Any, now: float) -> None:
+        auth = client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id,
+                                         use_token=False)["auth"]
+        self._current = str(auth["client_token"])
+        client.token = self._current
+        self._lease = float(auth.get("lease_duration") or 0)
+        self._set(self._lease, bool(auth.get("renewable")), now)
+        log.info("logged in to vault with AppRole (token valid %ss)", int(self._lease))
+
+    def _set(self, lease: float, renewable: bool, now: float) -> None:
+        self._expires = now + lease if lease > 0 else None
+        self._renewable = renewable
 
     def _from_file(self, *, force: bool) -> str:
         assert self._token_file is not None
         # An agent (vault agent, a sidecar) may rewrite the file: re-read it when it changed.
         mtime = os.stat(self._token_file).st_mtime_ns
-        if force or mtime != self._file_mtime or not self._token:
+        if force or mtime != self._file_mtime or not self._current:
             with open(self._token_file) as fh:
-                self._token = fh.read().strip()
+                token = fh.read().strip()
             self._file_mtime = mtime
-        return self._token
-
-    def _from_approle(self, client: Any, *, force: bool) -> str:
-        now = time.monotonic()
-        if self._token and not force:
-            if self._expires is None:
-                return self._token
-            margin = self._lease / 3
-            if now < self._expires - margin:
-                return self._token
-            if self._renewable and now < self._expires:
-                try:
-                    resp = client.auth.token.renew_self()
-                except hvac.exceptions.VaultError:
-                    resp = None  # e.g. max TTL reached: log in again below
-                if resp is not None and resp["auth"]["lease_duration"] > margin:
-                    self._set_lease(resp["auth"], now)
-                    log.debug("renewed the vault token for %ss",
-                              resp["auth"]["lease_duration"])
-                    return self._token
-        resp = client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id,
-                                         use_token=False)
-        self._token = str(resp["auth"]["client_token"])
-        self._lease = float(resp["auth"]["lease_duration"])
-        self._set_lease(resp["auth"], now)
-        log.info("logged in to vault with AppRole (token valid %ss)", int(self._lease))
-        return self._token
-
-    def _set_lease(self, auth: Mapping[str, Any], now: float) -> None:
-        lease = float(auth.get("lease_duration") or 0)
-        self._expires = now + lease if lease > 0 else None
-        self._renewable = bool(auth.get("renewable"))
+            return token
+        return self._current
 
 
 def _event_time(event: AuditEvent) -> datetime:

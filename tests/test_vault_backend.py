@@ -166,7 +166,7 @@ def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_pat
     assert store.latest() == 1
 
 
-def test_approle_with_a_prefix_policy_logs_in_and_renews(openbao, tmp_path):
+def test_approle_and_short_lived_tokens_with_a_prefix_policy_are_renewed(openbao, tmp_path):
     root = openbao.client()
     if "approle/" not in root.sys.list_auth_methods()["data"]:
         root.sys.enable_auth_method("approle")
@@ -186,6 +186,10 @@ def test_approle_with_a_prefix_policy_logs_in_and_renews(openbao, tmp_path):
              for r in ("r1", "r2")]
     renewing, relogging = (VaultBackend(openbao.addr, cluster=cluster, role_id=role_id,
                                         secret_id=secret_id) for role_id, secret_id in creds)
+    # A plain token with a short TTL (as an agent or an operator hands out) is renewed too.
+    short = root.auth.token.create(policies=[f"pkisvc-{cluster}"], ttl="2s",
+                                   explicit_max_ttl="5m")["auth"]["client_token"]
+    static = VaultBackend(openbao.addr, cluster=cluster, token=short)
     s = CertStore(renewing, settings)
     s.init(actor="approle")
     s.rotate_leaf("server", actor="approle")
@@ -195,6 +199,7 @@ def test_approle_with_a_prefix_policy_logs_in_and_renews(openbao, tmp_path):
     while time.monotonic() < deadline:
         assert renewing.latest() == 2
         assert relogging.latest() == 2
+        assert static.latest() == 2
         time.sleep(0.2)  # pacing the calls, not waiting for anything
     assert [t.name for t in relogging.tokens()] == ["ops"]
     bad = VaultBackend(openbao.addr, cluster=cluster, role_id=creds[1][0],
