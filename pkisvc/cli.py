@@ -334,7 +334,7 @@ def backup(c: Context, dest: str) -> None:
     click.echo(f"backup of {count} versions written to {out}")
 
 
-@main.command()
+@main.command("migrate")
 @click.option("--to", "dest", required=True, type=click.Choice(["vault"]),
               help="The backend to copy into (configured by the same settings' vault.*).")
 @pass_ctx
