@@ -320,3 +320,32 @@ def test_the_same_process_serves_again_when_a_persistent_openbao_comes_back(tmp_
         assert_whole(store, 2)
     finally:
         server.stop()
+
+
+def test_an_operator_session_over_vault(openbao, tmp_path):
+    overrides = openbao.settings_overrides()
+    cfg = tmp_path / "pkisvc.yaml"
+    cfg.write_text(json.dumps({"backend": "vault", "cluster": overrides["cluster"],
+                               "key_type": "ecdsa-p256", "data_dir": str(tmp_path / "data"),
+                               "vault": {"addr": openbao.addr, "token": openbao.token}}))
+
+    def cli(*args, code=0):
+        r = CliRunner().invoke(main, ["--config", str(cfg), *args], catch_exceptions=False)
+        assert r.exit_code == code, r.output
+        return r.output
+
+    cli("init")
+    assert cli("init", code=1).startswith("error: ")
+    cli("rotate", "ca", "--reason", "yearly")
+    cli("rotate", "server", "--san", "k8s-master-9")
+    assert cli("rollback", "1").strip() == "version 4: rollback"
+    listed = json.loads(cli("versions", "-o", "json"))
+    assert [(v["version"], v["operation"]) for v in listed] == [
+        (4, "rollback"), (3, "rotate-server"), (2, "rotate-ca"), (1, "init")]
+    assert "k8s-master-9" in json.loads(cli("show", "server", "--version", "3",
+                                             "-o", "json"))["sans"]
+    assert [e["action"] for e in json.loads(cli("audit", "-o", "json"))] == [
+        "rollback", "rotate-server", "rotate-ca", "init"]
+    dest = tmp_path / "backup.tar.gz"
+    assert cli("backup", "--to", str(dest)).startswith("backup of 4 versions")
+    assert not (tmp_path / "data" / "generations").exists()  # nothing went to the files backend
