@@ -278,8 +278,9 @@ class VaultBackend:
     # --- generations -------------------------------------------------------------------
 
     def latest(self) -> int | None:
-        # Reading the latest version costs what the metadata costs (which grows with the
-        # history), and a replica usually has the generation cached already.
+        # One read of the latest data version: unlike the metadata (which lists every version)
+        # its size does not grow with the history, and it fills the cache when another
+        # replica wrote that version.
         try:
             resp = self._read(self._material)
         except NotFound:
