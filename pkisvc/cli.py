@@ -19,6 +19,7 @@ import yaml
 from pkisvc import __version__, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.errors import InvalidRequest, PkiError
+from pkisvc.migrate import migrate as copy_store
 from pkisvc.model import KEY_TYPES, TRUST_FILE
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, read_import_dir, read_import_pillar, utcnow
@@ -522,6 +523,17 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
         s = report.to_dict()["summary"]
         click.echo(f"{s['pass']} passed, {s['warn']} warnings, {s['fail']} failed")
     sys.exit(0 if report.ok else 1)
+
+
+@main.command("migrate")
+@click.option("--to", "dest", required=True, type=click.Choice(["vault"]),
+              help="The backend to copy into (configured by the same settings' vault.*).")
+@pass_ctx
+def migrate(c: Context, dest: str) -> None:
+    """Copy the files store (every version, audit trail, tokens) into an empty backend."""
+    copied = copy_store(load_backend(c.settings, "files"), load_backend(c.settings, dest))
+    click.echo(f"migrated {copied.versions} versions, {copied.events} audit events and "
+               f"{copied.tokens} tokens to {dest}; set `backend: {dest}` to use it")
 
 
 if __name__ == "__main__":

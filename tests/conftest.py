@@ -32,10 +32,12 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "data")
 
 
-@pytest.fixture(params=["files"])
+@pytest.fixture(params=["files", pytest.param("vault", marks=pytest.mark.vault)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "files":
         return FilesBackend(tmp_path / "data")
+    if request.param == "vault":
+        return vault_backend(request.getfixturevalue("openbao"))
     raise AssertionError(request.param)
 
 
@@ -113,3 +115,20 @@ def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKISVC_")}
     env.update(extra)
     return env
+
+# --- OpenBao (tests/openbao.py) -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One OpenBao dev server for the session; tests keep apart by cluster name."""
+    from tests.openbao import OpenBao
+    server = OpenBao(tmp_path_factory.mktemp("openbao"))
+    yield server
+    server.stop()
+
+
+def vault_backend(openbao: Any, **overrides: Any) -> Any:
+    """A VaultBackend on the shared server, under a cluster name no other test uses."""
+    from pkisvc.backends.vault import VaultBackend
+    s = Settings.load(env={}, overrides=openbao.settings_overrides(**overrides))
+    return VaultBackend.from_settings(s)

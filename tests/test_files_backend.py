@@ -15,6 +15,12 @@ from pkisvc.store import CertStore, parse_files
 from tests.conftest import REPO, make_settings, wait_for
 
 
+@pytest.fixture
+def backend(tmp_path):
+    """This module is about files on disk: its `store` runs over the files backend only."""
+    return FilesBackend(tmp_path / "data")
+
+
 def mode(p):
     return stat.S_IMODE(os.stat(p).st_mode)
 

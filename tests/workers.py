@@ -1,17 +1,20 @@
 """Child processes for the concurrency and crash tests: `python -m tests.workers ...`."""
 from __future__ import annotations
 
+import json
 import sys
 
-from pkisvc.backends.files import FilesBackend
+from pkisvc.backends import load_backend
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
 
 def main() -> None:
     cmd, data_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    settings = Settings.load(env={}, overrides={"data_dir": data_dir, "key_type": "ecdsa-p256"})
-    store = CertStore(FilesBackend(data_dir), settings)
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}  # e.g. a vault backend
+    settings = Settings.load(env={}, overrides={"data_dir": data_dir, "key_type": "ecdsa-p256",
+                                                **extra})
+    store = CertStore(load_backend(settings), settings)
     ops = [lambda: store.rotate_ca(actor=cmd),
            lambda: store.rotate_leaf("server", actor=cmd),
            lambda: store.rotate_leaf("kubecfg", actor=cmd)]

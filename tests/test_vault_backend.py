@@ -1,0 +1,351 @@
+"""The vault backend against a real OpenBao: KV history, replicas, outages, policies, AppRole."""
+import base64
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from pkisvc.app import create_app
+from pkisvc.backends import load_backend
+from pkisvc.backends.files import FilesBackend
+from pkisvc.backends.vault import VaultBackend
+from pkisvc.cli import main
+from pkisvc.errors import BackendUnavailable, ConfigError, PermissionDenied, VersionConflict
+from pkisvc.model import StoredGeneration, TokenRecord
+from pkisvc.store import CertStore
+from tests.conftest import REPO, make_settings, run_cli
+from tests.openbao import OpenBao, PersistentOpenBao
+from tests.test_backend_contract import fake_generation
+from tests.test_store import assert_whole
+
+pytestmark = pytest.mark.vault
+
+# What README.md tells operators to grant pkisvc: its own prefix, nothing else.
+PREFIX_POLICY = """
+path "secret/data/pkisvc/{cluster}/*" {{
+  capabilities = ["create", "read", "update"]
+}}
+path "secret/metadata/pkisvc/{cluster}/*" {{
+  capabilities = ["create", "read", "update", "list"]
+}}
+"""
+READ_ONLY_POLICY = """
+path "secret/data/pkisvc/{cluster}/*" {{
+  capabilities = ["read"]
+}}
+path "secret/metadata/pkisvc/{cluster}/*" {{
+  capabilities = ["read", "list"]
+}}
+"""
+
+
+def vault_store(openbao, tmp_path, **overrides):
+    settings = make_settings(tmp_path / "data", **openbao.settings_overrides(**overrides))
+    return CertStore(load_backend(settings), settings), settings
+
+
+def token_with(openbao, policy_text, cluster, name):
+    root = openbao.client()
+    root.sys.create_or_update_policy(name, policy_text.format(cluster=cluster))
+    return root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+
+
+def next_generation(gen, version):
+    """A copy of gen as the given version (a write the contract allows)."""
+    record = dataclasses.replace(gen.record, version=version, parent=version - 1)
+    return StoredGeneration(record, gen.files)
+
+
+def test_kv_version_n_is_pkisvc_version_n_byte_for_byte(openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    for i in range(24):
+        [store.rotate_ca, lambda **kw: store.rotate_leaf("server", **kw),
+         lambda **kw: store.rotate_leaf("kubecfg", **kw)][i % 3](actor="t")
+    path = f"pkisvc/{settings.cluster}/material"
+    kv = openbao.client().secrets.kv.v2
+    meta = kv.read_secret_metadata(path)["data"]
+    assert sorted(int(v) for v in meta["versions"]) == list(range(1, 26))
+    assert meta["current_version"] == 25
+    assert (meta["max_versions"], meta["cas_required"]) == (1000, True)
+    fresh = CertStore(load_backend(settings), settings)  # nothing cached
+    for n in range(1, 26):
+        raw = kv.read_secret_version(path, version=n, raise_on_deleted_version=True)
+        payload = raw["data"]["data"]
+        files = {k: base64.b64decode(v) for k, v in payload["files"].items()}
+        gen = fresh.read(n)
+        assert payload["record"]["version"] == n == gen.version
+        assert files == dict(gen.files)
+        assert payload["record"] == gen.record.to_dict()
+        assert_whole(fresh, n)
+
+
+def test_replicas_see_each_others_writes_and_conflict(openbao):
+    cluster = openbao.settings_overrides()["cluster"]
+    a, b = (VaultBackend(openbao.addr, cluster=cluster, token=openbao.token) for _ in "ab")
+    a.write(fake_generation(1), expected=None)
+    assert a.read(1).version == 1  # cached in a from now on
+    assert b.latest() == 1
+    b.write(fake_generation(2, "from b"), expected=1)
+    assert a.latest() == 2
+    assert a.read().record.reason == "from b"
+    with pytest.raises(VersionConflict):
+        a.write(fake_generation(2, "stale"), expected=1)
+    assert [r.version for r in a.versions()] == [1, 2]
+
+
+def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp_path):
+    server = OpenBao(tmp_path / "own-openbao")  # its own server: this test stops it
+    try:
+        backend = VaultBackend(server.addr, cluster="outage", token=server.token, timeout=1)
+        backend.write(fake_generation(1), expected=None)
+        gen2 = next_generation(backend.read(1), 2)
+        client = create_app(make_settings(tmp_path / "data", backend="vault"),
+                            backend).test_client()
+        assert client.get("/v1/health").status_code == 200
+        server.pause()  # SIGSTOP: connections are accepted, nothing answers
+        for url in ("/v1/health", "/v1/ca"):
+            t0 = time.monotonic()
+            r = client.get(url)
+            assert time.monotonic() - t0 < 1.9
+            assert r.status_code == 503
+            assert (r.get_json().get("error") or r.get_json()["backend"]) in (
+                "backend_unavailable", "down")
+        for attempt in (backend.latest, lambda: backend.write(gen2, expected=1),
+                        backend.ping):
+            t0 = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="no answer within 1s") as e:
+                attempt()
+            assert time.monotonic() - t0 < 1.9
+        assert backend.read(1).version == 1  # immutable versions are served from memory
+        server.resume()
+        # The same backend object serves again; the timed-out write landed whole or not at all.
+        assert client.get("/v1/health").status_code == 200
+        assert backend.latest() in (1, 2)
+        if backend.latest() == 2:
+            assert dict(backend.read(2).files) == dict(gen2.files)
+        server.stop()
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="cannot connect") as e:
+            backend.latest()
+        assert time.monotonic() - t0 < 1.0
+        assert "Traceback" not in str(e.value) and len(str(e.value)) < 300
+    finally:
+        server.stop()
+
+
+def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    cluster = settings.cluster
+    ro = token_with(openbao, READ_ONLY_POLICY, cluster, f"ro-{cluster}")
+    backend = VaultBackend(openbao.addr, cluster=cluster, token=ro)
+    assert backend.latest() == 1
+    assert [r.version for r in backend.versions()] == [1]
+    backend.ping()
+    with pytest.raises(PermissionDenied) as e:
+        backend.write(next_generation(backend.read(1), 2), expected=1)
+    assert str(e.value) == f"permission denied on secret/data/pkisvc/{cluster}/material"
+    with pytest.raises(PermissionDenied, match=f"on secret/data/pkisvc/{cluster}/tokens"):
+        backend.put_token(TokenRecord("x", "a" * 64, ("read",), "2026-11-29T12:00:00Z"))
+    # An operator sees one line, not a traceback, and never the token.
+    token_file = tmp_path / "ro.token"
+    token_file.write_text(ro + "\n")
+    cfg = tmp_path / "pkisvc.yaml"
+    cfg.write_text(json.dumps({"backend": "vault", "cluster": cluster, "key_type": "ecdsa-p256",
+                               "vault": {"addr": openbao.addr,
+                                         "token_file": str(token_file)}}))
+    r = run_cli("--config", str(cfg), "rotate", "ca")
+    assert r.returncode == 1
+    assert r.stderr == f"error: permission denied on secret/data/pkisvc/{cluster}/material\n"
+    assert ro not in r.stdout + r.stderr
+    assert store.latest() == 1
+
+
+def test_approle_and_short_lived_tokens_with_a_prefix_policy_are_renewed(openbao, tmp_path):
+    root = openbao.client()
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    _, settings = vault_store(openbao, tmp_path)
+    cluster = settings.cluster
+    root.sys.create_or_update_policy(f"pkisvc-{cluster}", PREFIX_POLICY.format(cluster=cluster))
+    approle = root.auth.approle
+    # A one-use secret_id: once its token expires the backend could not log in again, so
+    # working past the TTL proves the token was renewed.  The second role's max TTL ends its
+    # tokens early: that backend must log in again with its (reusable) secret_id.
+    approle.create_or_update_approle(f"r1-{cluster}", token_policies=[f"pkisvc-{cluster}"],
+                                     token_ttl="2s", token_max_ttl="5m", secret_id_num_uses=1)
+    approle.create_or_update_approle(f"r2-{cluster}", token_policies=[f"pkisvc-{cluster}"],
+                                     token_ttl="1s", token_max_ttl="2s")
+    creds = [(approle.read_role_id(f"{r}-{cluster}")["data"]["role_id"],
+              approle.generate_secret_id(f"{r}-{cluster}")["data"]["secret_id"])
+             for r in ("r1", "r2")]
+    renewing, relogging = (VaultBackend(openbao.addr, cluster=cluster, role_id=role_id,
+                                        secret_id=secret_id) for role_id, secret_id in creds)
+    # A plain token with a short TTL (as an agent or an operator hands out) is renewed too.
+    short = root.auth.token.create(policies=[f"pkisvc-{cluster}"], ttl="2s",
+                                   explicit_max_ttl="5m")["auth"]["client_token"]
+    static = VaultBackend(openbao.addr, cluster=cluster, token=short)
+    s = CertStore(renewing, settings)
+    s.init(actor="approle")
+    s.rotate_leaf("server", actor="approle")
+    renewing.put_token(TokenRecord("ops", "b" * 64, ("read",), "2026-11-29T12:00:00Z"))
+    assert [e.action for e in s.audit()] == ["rotate-server", "init"]
+    deadline = time.monotonic() + 5  # 2.5 TTLs of the renewing backend's token
+    while time.monotonic() < deadline:
+        assert renewing.latest() == 2
+        assert relogging.latest() == 2
+        assert static.latest() == 2
+        time.sleep(0.2)  # pacing the calls, not waiting for anything
+    assert [t.name for t in relogging.tokens()] == ["ops"]
+    bad = VaultBackend(openbao.addr, cluster=cluster, role_id=creds[1][0],
+                       secret_id="not-the-secret-id")
+    with pytest.raises(PermissionDenied, match="^permission denied on auth/approle/login") as e:
+        bad.latest()
+    assert creds[1][1] not in str(e.value) and "not-the-secret-id" not in str(e.value)
+
+
+def test_vault_backend_needs_credentials(tmp_path):
+    settings = make_settings(tmp_path / "data", backend="vault")
+    with pytest.raises(ConfigError, match="vault.token"):
+        load_backend(settings)
+    settings = make_settings(tmp_path / "data", backend="vault", **{"vault.role_id": "r"})
+    with pytest.raises(ConfigError, match="go together"):
+        load_backend(settings)
+
+
+def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run(
+        openbao, tmp_path):
+    data = tmp_path / "data"
+    overrides = openbao.settings_overrides(backend="files", data_dir=str(data),
+                                           key_type="ecdsa-p256")
+    cfg = tmp_path / "pkisvc.yaml"
+    cfg.write_text(json.dumps({
+        "backend": "files", "data_dir": str(data), "key_type": "ecdsa-p256",
+        "cluster": overrides["cluster"],
+        "vault": {"addr": openbao.addr, "token": openbao.token}}))
+
+    def cli(*args, env=None):
+        return CliRunner().invoke(main, ["--config", str(cfg), *args], env=env,
+                                  catch_exceptions=False)
+
+    r = cli("migrate", "--to", "vault")
+    assert (r.exit_code, r.output) == (1, f"error: FilesBackend({str(data)!r}) is empty: "
+                                          "nothing to migrate\n")
+    for args in (["init"], ["rotate", "ca"], ["rotate", "server"], ["rollback", "1"]):
+        assert cli(*args).exit_code == 0
+    files = FilesBackend(data)
+    files.put_token(TokenRecord("ops", "c" * 64, ("read", "admin"), "2026-11-29T12:00:00Z"))
+    r = cli("migrate", "--to", "vault")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("migrated 4 versions, 4 audit events and 1 tokens to vault")
+
+    vault = VaultBackend(openbao.addr, cluster=overrides["cluster"], token=openbao.token)
+    assert [r.to_dict() for r in vault.versions()] == [r.to_dict() for r in files.versions()]
+    for v in range(1, 5):
+        assert dict(vault.read(v).files) == dict(files.read(v).files)
+    assert vault.audit() == files.audit()
+    assert vault.tokens() == files.tokens()
+    kv_versions = openbao.client().secrets.kv.v2.read_secret_metadata(
+        f"pkisvc/{overrides['cluster']}/material")["data"]["versions"]
+    assert sorted(int(v) for v in kv_versions) == [1, 2, 3, 4]
+    listed = json.loads(cli("versions", "-o", "json", env={"PKISVC_BACKEND": "vault"}).output)
+    assert [v["version"] for v in listed] == [4, 3, 2, 1]
+
+    r = run_cli("--config", str(cfg), "migrate", "--to", "vault")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: VaultBackend(") and "refusing to migrate" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert [v.version for v in vault.versions()] == [1, 2, 3, 4]
+
+
+def test_tls_openbao_needs_its_ca_cert(tmp_path):
+    server = OpenBao(tmp_path / "tls-openbao", tls=True)
+    try:
+        store, settings = vault_store(server, tmp_path)
+        store.init(actor="t")
+        assert store.read().version == 1
+        untrusting = VaultBackend(server.addr, cluster=settings.cluster, token=server.token)
+        with pytest.raises(BackendUnavailable, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+            untrusting.latest()
+    finally:
+        server.stop()
+
+
+def test_two_processes_rotating_on_one_openbao_leave_no_gap(openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    extra = json.dumps(openbao.settings_overrides(cluster=settings.cluster))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.workers", f"proc{i}",
+                               str(tmp_path / "unused"), "15", extra], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    acked = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        acked += [int(x) for x in out.split()]
+    assert sorted(acked) == list(range(2, 32))
+    fresh = CertStore(load_backend(settings), settings)
+    assert [r.version for r in fresh.versions()] == list(range(31, 0, -1))
+    for r in fresh.versions():
+        assert r.parent == (r.version - 1 or None)
+        assert_whole(fresh, r.version)
+    assert len(fresh.audit(limit=1000)) == 31
+
+
+def test_the_same_process_serves_again_when_a_persistent_openbao_comes_back(tmp_path):
+    server = PersistentOpenBao(tmp_path / "persistent-openbao")
+    try:
+        settings = make_settings(tmp_path / "data", backend="vault", cluster="restart",
+                                 **{"vault.addr": server.addr, "vault.token": server.token,
+                                    "vault.timeout": 2})
+        client = create_app(settings).test_client()  # initialises version 1
+        assert client.get("/v1/health").get_json()["version"] == 1
+        store = client.application.extensions["pkisvc"]
+        server.stop()
+        t0 = time.monotonic()
+        r = client.get("/v1/ca")
+        assert (r.status_code, r.get_json()["error"]) == (503, "backend_unavailable")
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(BackendUnavailable):
+            store.rotate_ca(actor="t")
+        server.start()  # same storage, same port, unsealed again
+        assert client.get("/v1/health").get_json() == {"status": "ok", "backend": "ok",
+                                                       "version": 1}
+        assert store.rotate_ca(actor="t").version == 2
+        assert_whole(store, 2)
+    finally:
+        server.stop()
+
+
+def test_an_operator_session_over_vault(openbao, tmp_path):
+    overrides = openbao.settings_overrides()
+    cfg = tmp_path / "pkisvc.yaml"
+    cfg.write_text(json.dumps({"backend": "vault", "cluster": overrides["cluster"],
+                               "key_type": "ecdsa-p256", "data_dir": str(tmp_path / "data"),
+                               "vault": {"addr": openbao.addr, "token": openbao.token}}))
+
+    def cli(*args, code=0):
+        r = CliRunner().invoke(main, ["--config", str(cfg), *args], catch_exceptions=False)
+        assert r.exit_code == code, r.output
+        return r.output
+
+    cli("init")
+    assert cli("init", code=1).startswith("error: ")
+    cli("rotate", "ca", "--reason", "yearly")
+    cli("rotate", "server", "--san", "k8s-master-9")
+    assert cli("rollback", "1").strip() == "version 4: rollback"
+    listed = json.loads(cli("versions", "-o", "json"))
+    assert [(v["version"], v["operation"]) for v in listed] == [
+        (4, "rollback"), (3, "rotate-server"), (2, "rotate-ca"), (1, "init")]
+    assert "k8s-master-9" in json.loads(cli("show", "server", "--version", "3",
+                                             "-o", "json"))["sans"]
+    assert [e["action"] for e in json.loads(cli("audit", "-o", "json"))] == [
+        "rollback", "rotate-server", "rotate-ca", "init"]
+    dest = tmp_path / "backup.tar.gz"
+    assert cli("backup", "--to", str(dest)).startswith("backup of 4 versions")
+    assert not (tmp_path / "data" / "generations").exists()  # nothing went to the files backend
