@@ -45,15 +45,22 @@ def authenticate(store: CertStore, header: str | None) -> Principal:
     if not token or len(token) > 512:
         raise Unauthorized("unknown token")
     digest = hash_token(token).encode()
-    found: Principal | None = None
-    candidates = [(t.name, t.sha256, t.scopes) for t in store.settings.tokens]
-    candidates += [(t.name, t.sha256, t.scopes) for t in store.tokens()]
-    for name, sha, scopes in candidates:
-        # Compare against every hash, so timing tells nothing about which one matched.
-        if hmac.compare_digest(digest, sha.encode()) and found is None:
-            found = Principal(name, effective_scopes(scopes))
+    # Tokens from the settings first: they need no backend read (a Vault round trip).  Within
+    # each list every hash is compared, so timing tells nothing about which one matched.
+    found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.settings.tokens])
+    if found is None:
+        found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.tokens()])
     if found is None:
         raise Unauthorized("unknown token")
+    return found
+
+
+def _match(digest: bytes, candidates: list[tuple[str, str, tuple[str, ...]]]
+           ) -> Principal | None:
+    found: Principal | None = None
+    for name, sha, scopes in candidates:
+        if hmac.compare_digest(digest, sha.encode()) and found is None:
+            found = Principal(name, effective_scopes(scopes))
     return found
 
 
