@@ -29,7 +29,7 @@ system-deps:
 	bash .ci/system-deps.sh
 
 lint: deps
-	$(BIN)/ruff check pkisvc backends tests
+	$(BIN)/ruff check pkisvc backends ext_pillar tests
 	bash .ci/typecheck.sh
 
 test: deps system-deps lint
