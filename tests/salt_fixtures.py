@@ -240,7 +240,8 @@ class Daemon:
     def log_tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log.exists() else "(no log)"
 
-    def stop(self) -> None:
+    def processes(self) -> list[psutil.Process]:
+        """The daemon (its pidfile's PID, and the PID we started) and all its children."""
         pids: set[int] = set()
         if self.pidfile.exists() and self.pidfile.read_text().strip().isdigit():
             pids.add(int(self.pidfile.read_text()))
@@ -253,20 +254,28 @@ class Daemon:
                 procs += [p, *p.children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        return procs
+
+    def stop(self) -> None:
+        terminate(self.processes())
         if self.proc is not None:
             self.proc.wait(timeout=10)
+
+
+def terminate(procs: list[psutil.Process]) -> None:
+    """SIGTERM every process, wait for all of them at once, SIGKILL what is left."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 class Cluster:
@@ -308,8 +317,10 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        for d in reversed(self.daemons):
-            d.stop()
+        terminate([p for d in self.daemons for p in d.processes()])
+        for d in self.daemons:
+            if d.proc is not None:
+                d.proc.wait(timeout=10)
 
     def salt(self, target: str, *args: str, timeout: int = 60) -> dict[str, Any]:
         r = subprocess.run([str(BIN / "salt"), "-c", str(self.master_dir), "--out", "json",

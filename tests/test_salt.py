@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -226,8 +227,10 @@ def test_wheel_install_needs_only_the_ext_pillar_config(service: Service, tmp_pa
 # --- a master and two minions on loopback ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("cluster")
+def cluster():
+    # A short root: Salt's IPC sockets live under each root_dir, and a Unix socket path
+    # longer than 107 bytes (easy under pytest's tmp_path) silently breaks job returns.
+    base = Path(tempfile.mkdtemp(prefix="k8s-salt-", dir="/tmp"))
     service = Service(base / "svc").start()
     c = Cluster(base, service, {"k8s-master-1": {}, "k8s-node-1": {"k8s_role": "master"}})
     try:
@@ -235,6 +238,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     finally:
         c.stop()
         service.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_rotation_reaches_minions_through_pillar(cluster: Cluster):
