@@ -80,7 +80,8 @@ def ext_pillar(minion_id: str, pillar: Any, url: str | None = None,
             return {}
         if not url or not token_file:
             raise PillarError("options 'url' and 'token_file' are required")
-        cert = client(url, timeout, ca_cert).fetch(minion_id, role, read_token(token_file))
+        c = client(url, timeout, ca_cert)
+        cert = c.fetch(minion_id, role, c.token(token_file))
     except PillarError as e:
         log.error("pkisvc ext_pillar for %s: %s", minion_id, e)
         return {pillar_key: {"cert": {"error": str(e)}}}
@@ -154,6 +155,23 @@ class Client:
         self.lock = threading.Lock()
         self.idle: list[http.client.HTTPConnection] = []
         self.cache: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.tokens: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+    def token(self, path: str) -> str:
+        """The token in path, read again whenever the file changes (a stat per call)."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise PillarError(f"cannot read token_file {path}: {e.strerror}") from None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self.lock:
+            hit = self.tokens.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        token = read_token(path)
+        with self.lock:
+            self.tokens[path] = (key, token)
+        return token
 
     def fetch(self, minion_id: str, role: str, token: str) -> dict[str, Any]:
         """Return the role's current material (a fresh copy)."""
