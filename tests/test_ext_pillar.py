@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from pkisvc.ext_pillar import pkisvc as ext
 from tests.salt_fixtures import ROLES, Service
+
+HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "server.cert", "server.key"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,33 @@ def test_answers_are_cached_by_version_and_follow_a_rotation(service: Service):
     rotated = ext.ext_pillar("k8s-master-1", {}, **conf(service))["kubernetes"]["cert"]
     assert rotated["version"] == version
     assert rotated["fingerprints"]["server.cert"] != first["fingerprints"]["server.cert"]
+
+
+def test_eight_threads_across_a_rotation_never_see_a_half_set(service: Service):
+    """As a master with 8 worker threads: every answer is one whole, consistent version."""
+    start = service.fingerprints()["version"]
+
+    def ask(i: int) -> tuple[str, dict[str, Any]]:
+        minion = f"k8s-master-{i}" if i % 2 else f"k8s-node-{i}"
+        return minion, ext.ext_pillar(minion, {}, **conf(service))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(ask, i) for i in range(400)]
+        rotated = service.rotate_ca()
+        answers = [f.result() for f in futures]
+    seen = set()
+    for minion, out in answers:
+        cert = out["kubernetes"]["cert"]
+        assert "error" not in cert, cert
+        seen.add(cert["version"])
+        expected = HOST_FILES if minion.startswith("k8s-master") else ["ca.crt"]
+        assert sorted(cert["files"]) == expected
+        for name, fp in cert["fingerprints"].items():
+            pem = cert["files"][name].encode()
+            assert x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex() == fp
+    assert seen <= {start, rotated}
+    after = ext.ext_pillar("k8s-master-1", {}, **conf(service))["kubernetes"]["cert"]
+    assert after["version"] == rotated
 
 
 def test_a_refused_token_is_an_error_that_never_shows_the_token(service: Service,
