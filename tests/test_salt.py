@@ -105,6 +105,12 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     server = report["files"]["server.cert"]
     assert server["pkisvc_version"] == cert["version"]
     assert server["certificates"][0]["fingerprint"] == cert["fingerprints"]["server.cert"]
+    for name in ("ca.crt", "server.cert", "kubecfg.crt"):
+        installed = x509.load_pem_x509_certificate((root / "srv/kubernetes" / name).read_bytes())
+        (shown,) = report["files"][name]["certificates"]
+        assert shown["fingerprint"] == installed.fingerprint(hashes.SHA256()).hex()
+        assert shown["serial"] == format(installed.serial_number, "x")
+        assert shown["subject"] == installed.subject.rfc4514_string()
     assert {"subject", "issuer", "serial", "not_after"} <= set(server["certificates"][0])
 
     removed = local.apply("k8s-master-1", "kubernetes.cert.removed")

@@ -4,7 +4,8 @@
     pkisvc version it came from (when it equals pillar), and `matches_pillar`.  Files that are
     missing or changed by hand are listed first under `differs_from_pillar`.  Certificate PEM
     only with lookup `show_pem: True`; keys never (a key file is only compared with pillar).
-    Certificates are read with Salt's own x509 module, so no custom module needs syncing. #}
+    Certificates are read with Salt's own x509 module, so no custom module needs syncing.
+    Serials as pkisvc writes them: lowercase hex without colons or leading zeros. #}
 {%- from "kubernetes/cert/map.jinja" import cert with context %}
 {%- set material = salt['pillar.get']('kubernetes:cert', {}) %}
 {%- set pfiles = material.get('files') or {} %}
@@ -42,7 +43,7 @@
 {%-         do certs.append({
               'subject': info.subject_str,
               'issuer': info.issuer_str,
-              'serial': info.serial_number | replace(':', '') | lower,
+              'serial': (info.serial_number | replace(':', '') | lower).lstrip('0'),
               'fingerprint': info.fingerprints.sha256 | replace(':', '') | lower,
               'not_after': info.not_after | replace(' ', 'T') ~ 'Z'}) %}
 {%-       endfor %}
