@@ -80,6 +80,8 @@ def ext_pillar(minion_id: str, pillar: Any, url: str | None = None,
             return {}
         if not url or not token_file:
             raise PillarError("options 'url' and 'token_file' are required")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise PillarError("option 'timeout' must be a positive number of seconds")
         c = client(url, timeout, ca_cert)
         cert = c.fetch(minion_id, role, c.token(token_file))
     except PillarError as e:

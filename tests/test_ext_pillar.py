@@ -99,6 +99,8 @@ def test_a_refused_token_is_an_error_that_never_shows_the_token(service: Service
 def test_bad_options_are_errors_not_exceptions(service: Service):
     typo = ext.ext_pillar("k8s-master-1", {}, **conf(service), tiemout=3)
     assert "tiemout" in typo["kubernetes"]["cert"]["error"]
+    bad_timeout = ext.ext_pillar("k8s-master-1", {}, **conf(service, timeout="soon"))
+    assert "timeout" in bad_timeout["kubernetes"]["cert"]["error"]
     no_roles = ext.ext_pillar("k8s-master-1", {}, **conf(service, roles=None))
     assert "roles" in no_roles["kubernetes"]["cert"]["error"]
     other_key = ext.ext_pillar("k8s-node-1", {}, **conf(service, pillar_key="k8s",
