@@ -29,7 +29,7 @@ system-deps:
 	bash .ci/system-deps.sh
 
 lint: deps
-	$(BIN)/ruff check pkisvc backends tests bench
+	$(BIN)/ruff check pkisvc backends ext_pillar tests bench
 	bash .ci/typecheck.sh
 
 test: deps system-deps lint

@@ -5,8 +5,9 @@ setup(
     version="0.1.0",
     description="Versioned certificate management for Salt-managed Kubernetes clusters",
     python_requires=">=3.11",
-    packages=["pkisvc", "pkisvc.backends"],
-    package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends"},
+    packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar"],
+    package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends",
+                 "pkisvc.ext_pillar": "ext_pillar"},
     install_requires=[
         "cryptography>=42",
         "flask>=3.0",
@@ -28,5 +29,7 @@ setup(
         "console_scripts": ["pkisvc = pkisvc.cli:main"],
         # Third-party backends register here; the built-in ones are in pkisvc.backends.BUILTIN.
         "pkisvc.backends": [],
+        # Salt masters find the `pkisvc` ext_pillar here (DESIGN §5).
+        "salt.loader": ["pkisvc = pkisvc.ext_pillar:salt_loader"],
     },
 )

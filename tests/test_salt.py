@@ -1,0 +1,282 @@
+"""kubernetes.cert with real Salt 3008 and a real pkisvc under gunicorn (DESIGN §5, issue 5)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from tests.conftest import REPO
+from tests.salt_fixtures import (
+    SEED_PATHS,
+    Cluster,
+    Masterless,
+    Service,
+    by_id,
+    changed,
+    salt_env,
+    view_report,
+)
+
+HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "server.cert", "server.key"]
+CERT_STATES = {f"kubernetes-cert-file-{n}" for n in HOST_FILES} | {
+    "kubernetes-cert-ca-local", "kubernetes-cert-update-ca", "kubernetes-cert-kubelet-ca"}
+CA_STATES = {"kubernetes-cert-file-ca.crt", "kubernetes-cert-ca-local",
+             "kubernetes-cert-update-ca", "kubernetes-cert-kubelet-ca"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory):
+    s = Service(tmp_path_factory.mktemp("pkisvc")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def local(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Masterless:
+    return Masterless(tmp_path_factory.mktemp("masterless"), service)
+
+
+def fingerprint(pem: bytes) -> str:
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every link's target under root."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p)] = os.readlink(p)
+        elif p.is_file():
+            out[str(p)] = p.read_bytes()
+    return out
+
+
+# --- masterless ----------------------------------------------------------------------------
+
+def test_each_minion_receives_only_its_roles_files(local: Masterless, service: Service):
+    version = service.fingerprints()["version"]
+    master = local.pillar("k8s-master-1")
+    cert = master["kubernetes"]["cert"]
+    assert (cert["role"], cert["version"]) == ("master", version)
+    assert sorted(cert["files"]) == HOST_FILES
+    assert cert["files"]["server.key"].startswith("-----BEGIN ")
+    assert master["kubernetes"]["cluster_name"] == "test-cluster"  # merged with static pillar
+    node = local.pillar("k8s-node-1")["kubernetes"]["cert"]
+    assert (node["role"], sorted(node["files"])) == ("node", ["ca.crt"])
+    other = local.pillar("other-1")
+    assert "cert" not in other["kubernetes"] or set(other["kubernetes"]["cert"]) == {"lookup"}
+    assert other["unrelated"] == {"formula": "data"}
+
+
+def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Masterless):
+    root = local.root("k8s-master-1")
+    states = local.apply("k8s-master-1", "kubernetes.cert.configured")
+    assert all(s["result"] is True for s in states.values()), states
+    cert = local.pillar("k8s-master-1")["kubernetes"]["cert"]
+    for name, pem in cert["files"].items():
+        path = root / "srv/kubernetes" / name
+        assert path.read_text() == pem
+        assert stat.S_IMODE(path.stat().st_mode) == (0o600 if name.endswith(".key") else 0o644)
+    ca = cert["files"]["ca.crt"]
+    local_ca = root / "usr/local/share/ca-certificates/kubernetes-ca.crt"
+    assert local_ca.read_text() == ca
+    assert ca.strip() in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
+    link = root / "etc/ssl/certs/kubernetes.pem"
+    assert link.is_symlink() and link.resolve() == local_ca.resolve()
+    assert link.read_text() == ca
+    assert (root / "var/lib/kubelet/ca.crt").read_text() == ca
+
+    again = local.apply("k8s-master-1", "kubernetes.cert.configured")
+    assert all(s["result"] is True for s in again.values()), again
+    assert changed(again) == set()
+
+    report = view_report(local.apply("k8s-master-1", "kubernetes.cert.view"))
+    assert report["differs_from_pillar"] == []
+    assert report["pillar"] == {"version": cert["version"], "role": "master"}
+    server = report["files"]["server.cert"]
+    assert server["pkisvc_version"] == cert["version"]
+    assert server["certificates"][0]["fingerprint"] == cert["fingerprints"]["server.cert"]
+    for name in ("ca.crt", "server.cert", "kubecfg.crt"):
+        installed = x509.load_pem_x509_certificate((root / "srv/kubernetes" / name).read_bytes())
+        (shown,) = report["files"][name]["certificates"]
+        assert shown["fingerprint"] == installed.fingerprint(hashes.SHA256()).hex()
+        assert shown["serial"] == format(installed.serial_number, "x")
+        assert shown["subject"] == installed.subject.rfc4514_string()
+    assert {"subject", "issuer", "serial", "not_after"} <= set(server["certificates"][0])
+
+    removed = local.apply("k8s-master-1", "kubernetes.cert.removed")
+    assert all(s["result"] is True for s in removed.values()), removed
+    assert [p for p in SEED_PATHS if (root / p).exists()] == []
+    assert ca.strip() not in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
+
+
+def test_node_gets_only_the_ca_and_loses_master_files(local: Masterless):
+    root = local.root("k8s-node-1")
+    (root / "srv/kubernetes").mkdir(parents=True)
+    (root / "srv/kubernetes/server.key").write_text("left over from a master\n")
+    states = local.apply("k8s-node-1", "kubernetes.cert.configured")
+    assert all(s["result"] is True for s in states.values()), states
+    assert sorted(os.listdir(root / "srv/kubernetes")) == ["ca.crt"]
+    assert (root / "var/lib/kubelet/ca.crt").exists()
+
+
+def test_minion_without_role_fails_touching_nothing(local: Masterless):
+    root = local.root("other-1")
+    before = snapshot(root)
+    states = local.apply("other-1", "kubernetes.cert.configured")
+    (only,) = states.values()
+    assert only["result"] is False and "no certificate material" in only["comment"]
+    assert snapshot(root) == before
+
+
+def test_view_flags_hand_edits_and_never_shows_a_key(local: Masterless):
+    root = local.root("k8s-master-2")
+    local.apply("k8s-master-2", "kubernetes.cert.configured")
+    with open(root / "srv/kubernetes/server.key", "a") as f:
+        f.write("# edited by hand\n")
+    # Someone pasted a key into a certificate file: view must still print no key.
+    with open(root / "srv/kubernetes/kubecfg.crt", "a") as f:
+        f.write((root / "srv/kubernetes/kubecfg.key").read_text())
+    r = local.run("k8s-master-2", "state.apply", "kubernetes.cert.view",
+                  'pillar={"kubernetes": {"cert": {"lookup": {"show_pem": true}}}}')
+    assert "PRIVATE KEY" not in r.stdout + r.stderr
+    assert "BEGIN CERTIFICATE" in r.stdout  # show_pem prints certificates
+    report = view_report(by_id(json.loads(r.stdout)["local"]))
+    assert sorted(report["differs_from_pillar"]) == ["kubecfg.crt", "server.key"]
+    assert report["files"]["server.key"] == {
+        "path": str(root / "srv/kubernetes/server.key"), "installed": True,
+        "matches_pillar": False, "pkisvc_version": None, "kind": "private key"}
+    assert report["files"]["ca.crt"]["matches_pillar"] is True
+
+
+# --- the service is down -------------------------------------------------------------------
+
+def test_service_down_puts_an_error_in_pillar_and_configured_touches_nothing(
+        tmp_path: Path):
+    service = Service(tmp_path / "svc").start()
+    try:
+        local = Masterless(tmp_path / "salt", service)
+        root = local.root("k8s-master-1")
+        ok = local.apply("k8s-master-1", "kubernetes.cert.configured")
+        assert all(s["result"] is True for s in ok.values()), ok
+    finally:
+        service.stop()
+    before = snapshot(root)
+    pillar = local.pillar("k8s-master-1")
+    error = pillar["kubernetes"]["cert"]["error"]
+    assert "connection refused" in error and service.url in error
+    assert set(pillar["kubernetes"]["cert"]) == {"error", "lookup"}  # never a half set
+    assert pillar["kubernetes"]["cluster_name"] == "test-cluster"
+    assert pillar["unrelated"] == {"formula": "data"}
+    assert "_errors" not in pillar
+    states = local.apply("k8s-master-1", "kubernetes.cert.configured")
+    (only,) = states.values()
+    assert only["result"] is False and error in only["comment"]
+    assert snapshot(root) == before
+    log = (local.config_dir("k8s-master-1") / "root/var/log/salt/minion").read_text()
+    assert "pkisvc ext_pillar for k8s-master-1" in log
+    assert service.token_file.read_text().strip() not in log
+
+
+# --- how Salt finds the module -------------------------------------------------------------
+
+LOADED_FROM = """
+import inspect, sys, salt.config, salt.loader
+opts = salt.config.minion_config(sys.argv[1])
+print(inspect.getfile(salt.loader.pillars(opts, {})["pkisvc"].func))
+"""
+
+
+def loaded_from(local: Masterless, minion_id: str, env: dict[str, str]) -> Path:
+    conf = local.config_dir(minion_id) / "minion"
+    # Not from the checkout: `python -c` would put it first on sys.path.
+    r = subprocess.run([sys.executable, "-c", LOADED_FROM, str(conf)], capture_output=True,
+                       text=True, env=env, timeout=60, cwd=local.base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def test_module_loads_by_entry_point_and_by_module_dirs(service: Service, tmp_path: Path):
+    by_entry_point = Masterless(tmp_path / "ep", service)
+    assert loaded_from(by_entry_point, "k8s-node-1", salt_env()).resolve() == (
+        REPO / "ext_pillar/pkisvc.py").resolve()
+    mods = tmp_path / "extmods"
+    (mods / "pillar").mkdir(parents=True)
+    shutil.copy(REPO / "ext_pillar/pkisvc.py", mods / "pillar/pkisvc.py")
+    by_dirs = Masterless(tmp_path / "dirs", service, module_dirs=[str(mods)])
+    assert loaded_from(by_dirs, "k8s-node-1", salt_env()) == mods / "pillar/pkisvc.py"
+    assert list(by_dirs.pillar("k8s-node-1")["kubernetes"]["cert"]["files"]) == ["ca.crt"]
+
+
+def test_wheel_install_needs_only_the_ext_pillar_config(service: Service, tmp_path: Path):
+    """pip-install pkisvc into a fresh target: Salt finds the module through the wheel."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--disable-pip-version-check", "--target",
+                    str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+    env = {**salt_env(), "PYTHONPATH": str(target)}
+    local = Masterless(tmp_path / "salt", service, env=env)
+    assert loaded_from(local, "k8s-master-9", env) == target / "pkisvc/ext_pillar/pkisvc.py"
+    cert = local.pillar("k8s-master-9")["kubernetes"]["cert"]
+    assert sorted(cert["files"]) == HOST_FILES
+
+
+# --- a master and two minions on loopback ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short root: Salt's IPC sockets live under each root_dir, and a Unix socket path
+    # longer than 107 bytes (easy under pytest's tmp_path) silently breaks job returns.
+    base = Path(tempfile.mkdtemp(prefix="k8s-salt-", dir="/tmp"))
+    service = Service(base / "svc").start()
+    c = Cluster(base, service, {"k8s-master-1": {}, "k8s-node-1": {"k8s_role": "master"}})
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        service.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_rotation_reaches_minions_through_pillar(cluster: Cluster):
+    for minion in ("k8s-master-1", "k8s-node-1"):
+        first = cluster.apply(minion, "kubernetes.cert.configured")
+        assert all(s["result"] is True for s in first.values()), first
+    version = cluster.service.rotate_ca()
+    assert cluster.salt("*", "saltutil.refresh_pillar") == {
+        "k8s-master-1": True, "k8s-node-1": True}
+
+    states = cluster.apply("k8s-master-1", "kubernetes.cert.configured")
+    assert all(s["result"] is True for s in states.values()), states
+    assert changed(states) == CERT_STATES
+    certs = cluster.service.fingerprints()
+    assert certs["version"] == version
+    installed = cluster.hosts / "k8s-master-1/srv/kubernetes"
+    assert fingerprint((installed / "server.cert").read_bytes()) == (
+        certs["items"]["server"]["fingerprint"])
+    assert fingerprint((installed / "kubecfg.crt").read_bytes()) == (
+        certs["items"]["kubecfg"]["fingerprint"])
+    assert fingerprint((installed / "ca.crt").read_bytes()) == certs["items"]["ca"]["fingerprint"]
+
+    node = cluster.apply("k8s-node-1", "kubernetes.cert.configured")
+    assert all(s["result"] is True for s in node.values()), node
+    assert changed(node) == CA_STATES
+    assert os.listdir(cluster.hosts / "k8s-node-1/srv/kubernetes") == ["ca.crt"]
+    assert fingerprint((cluster.hosts / "k8s-node-1/var/lib/kubelet/ca.crt").read_bytes()) == (
+        certs["items"]["ca"]["fingerprint"])
+
+
+def test_a_node_claiming_the_master_grain_gets_only_the_ca(cluster: Cluster):
+    assert cluster.salt("k8s-node-1", "grains.get", "k8s_role") == {"k8s-node-1": "master"}
+    pillar = cluster.salt("k8s-node-1", "pillar.items", "unmask=True")["k8s-node-1"]
+    assert pillar["kubernetes"]["cert"]["role"] == "node"
+    assert list(pillar["kubernetes"]["cert"]["files"]) == ["ca.crt"]
