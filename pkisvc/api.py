@@ -237,13 +237,15 @@ def pillar(minion_id: str) -> Response:
         raise NotFound(f"no role {role[:64]!r}")
     gen = store().read()
     etag = f'"{gen.version}"'
-    if request.if_none_match.contains(str(gen.version)):
-        return Response(status=304, headers={"ETag": etag})
-    payload = bodies().pillar(gen.version, role)
+    unchanged = request.if_none_match.contains(str(gen.version))
+    # Audited either way: the minion holds this version (a 304 means from the master's cache).
     store().record_delivery(actor=g.actor, action="pillar", version=gen.version,
-                            items=tuple(names), minion=minion_id, role=role,
-                            remote_addr=request.remote_addr)
-    return Response(payload, mimetype="application/json", headers={"ETag": etag})
+                            items=() if unchanged else tuple(names), minion=minion_id,
+                            role=role, remote_addr=request.remote_addr)
+    if unchanged:
+        return Response(status=304, headers={"ETag": etag})
+    return Response(bodies().pillar(gen.version, role), mimetype="application/json",
+                    headers={"ETag": etag})
 
 
 @bp.get("/audit")

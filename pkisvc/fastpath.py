@@ -141,14 +141,17 @@ class FastReads:
             if version is None:
                 return None
             etag = f'"{version}"'
-            if environ.get("HTTP_IF_NONE_MATCH", "").strip() == etag:
-                return "304 NOT MODIFIED", b"", [("ETag", etag)]
-            body = self.bodies.pillar(version, role)
+            unchanged = environ.get("HTTP_IF_NONE_MATCH", "").strip() == etag
+            body = b"" if unchanged else self.bodies.pillar(version, role)
+            # Audited either way: the minion holds this version (from the master's cache
+            # when unchanged), which is what the operator pages show per minion.
             self.store.record_delivery(
                 actor=principal.name, action="pillar", version=version,
-                items=tuple(self.store.settings.roles[role]), minion=minion, role=role,
-                remote_addr=environ.get("REMOTE_ADDR"))
+                items=() if unchanged else tuple(self.store.settings.roles[role]),
+                minion=minion, role=role, remote_addr=environ.get("REMOTE_ADDR"))
         except PkiError:
             return None
+        if unchanged:
+            return "304 NOT MODIFIED", b"", [("ETag", etag)]
         return "200 OK", body, [("Content-Type", "application/json"),
                                 ("Content-Length", str(len(body))), ("ETag", etag)]
