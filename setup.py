@@ -6,6 +6,8 @@ setup(
     description="Versioned certificate management for Salt-managed Kubernetes clusters",
     python_requires=">=3.11",
     packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar"],
+    # The Salt runner is a plain module Salt's loader reads from a directory, not a package.
+    package_data={"pkisvc.ext_pillar": ["runners/*.py"]},
     package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends",
                  "pkisvc.ext_pillar": "ext_pillar"},
     install_requires=[

@@ -9,5 +9,7 @@ import os
 
 
 def salt_loader() -> dict[str, list[str]]:
-    """Tell Salt's loader where pkisvc's pillar module is (the `pillar` loader type)."""
-    return {"pillar": [os.path.dirname(os.path.abspath(__file__))]}
+    """Tell Salt's loader where pkisvc's modules are: the ext_pillar, and the runner
+    `pkisvc.rotate` that the kubernetes.cert.orch.rotate orchestration calls."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {"pillar": [here], "runners": [os.path.join(here, "runners")]}

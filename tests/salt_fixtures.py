@@ -281,8 +281,10 @@ def terminate(procs: list[psutil.Process]) -> None:
 class Cluster:
     """A salt-master and minions on 127.0.0.1 with their own ports and root_dirs."""
 
-    def __init__(self, base: Path, service: Service, minions: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, base: Path, service: Service, minions: dict[str, dict[str, Any]],
+                 file_roots: list[Path] | None = None) -> None:
         self.base, self.service = base, service
+        self.file_roots = [FORMULA, *(file_roots or [])]
         self.hosts = base / "hosts"
         self.publish_port, self.ret_port = free_port(), free_port()
         self.master_dir = base / "master"
@@ -295,7 +297,7 @@ class Cluster:
         (self.master_dir / "master").write_text(yaml.safe_dump({
             "root_dir": str(self.master_dir / "root"), "interface": "127.0.0.1",
             "publish_port": self.publish_port, "ret_port": self.ret_port,
-            "auto_accept": True, "file_roots": {"base": [str(FORMULA)]},
+            "auto_accept": True, "file_roots": {"base": [str(r) for r in self.file_roots]},
             "pillar_roots": {"base": [str(roots)]}, "ext_pillar": self.service.ext_pillar(),
             "worker_threads": 2, "log_level_logfile": "info",
         }))
@@ -334,3 +336,9 @@ class Cluster:
 
     def apply(self, minion_id: str, sls: str) -> dict[str, dict[str, Any]]:
         return by_id(self.salt(minion_id, "state.apply", sls)[minion_id])
+
+    def run(self, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        """`salt-run` on this master (e.g. state.orchestrate)."""
+        return subprocess.run([str(BIN / "salt-run"), "-c", str(self.master_dir), "--out",
+                               "json", *args], capture_output=True, text=True, env=salt_env(),
+                              timeout=timeout)

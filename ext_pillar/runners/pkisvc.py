@@ -1,0 +1,108 @@
+"""Salt runner: ask pkisvc for a CA rotation from the master (``salt-run pkisvc.rotate``).
+
+``kubernetes.cert.orch.rotate`` calls it; operators can too::
+
+    salt-run pkisvc.rotate mode=immediate reason='yearly'
+    salt-run pkisvc.rotate mode=staged          # phase 1: trust old + new
+    salt-run pkisvc.rotate step=continue        # phase 2: leaves from the new CA
+    salt-run pkisvc.rotate step=finish          # phase 3: trust only the new CA
+    salt-run pkisvc.status
+
+The service's URL (and ``ca_cert``) come from the master's ``pkisvc`` ext_pillar config unless
+given; the token must have the ``admin`` scope and is read from ``token_file`` (default:
+the master option ``pkisvc_admin_token_file``, else ``/etc/salt/pkisvc-admin.token``).  A
+refused or failed request raises, so the orchestration stops there.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import urllib.parse
+from typing import Any
+
+__virtualname__ = "pkisvc"
+DEFAULT_TOKEN_FILE = "/etc/salt/pkisvc-admin.token"  # noqa: S105 - a path, not a secret
+STEPS = ("continue", "finish", "abort")
+
+__opts__: dict[str, Any] = {}
+
+
+class RotationError(Exception):
+    """pkisvc refused or failed; the message is the service's own (never the token)."""
+
+
+def __virtual__() -> str:
+    return __virtualname__
+
+
+def rotate(mode: str = "immediate", step: str | None = None, reason: str = "",
+           url: str | None = None, token_file: str | None = None, ca_cert: str | None = None,
+           timeout: float = 120) -> dict[str, Any]:
+    """Start a rotation (mode immediate or staged) or take a staged one's next step."""
+    if step is not None:
+        if step not in STEPS:
+            raise RotationError(f"step must be one of {', '.join(STEPS)}")
+        path, body = f"/v1/ca/rotate/{step}", {"reason": reason}
+    elif mode in ("immediate", "staged"):
+        path, body = "/v1/ca/rotate", {"mode": mode, "reason": reason}
+    else:
+        raise RotationError("mode must be immediate or staged")
+    return _call("POST", path, body, url, token_file, ca_cert, timeout)
+
+
+def status(url: str | None = None, token_file: str | None = None, ca_cert: str | None = None,
+           timeout: float = 30) -> dict[str, Any]:
+    """The open staged rotation, if any (GET /v1/ca/rotation)."""
+    return _call("GET", "/v1/ca/rotation", None, url, token_file, ca_cert, timeout)
+
+
+def _pillar_conf() -> dict[str, Any]:
+    for entry in __opts__.get("ext_pillar") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("pkisvc"), dict):
+            return dict(entry["pkisvc"])
+    return {}
+
+
+def _call(method: str, path: str, body: Any, url: str | None, token_file: str | None,
+          ca_cert: str | None, timeout: float) -> dict[str, Any]:
+    conf = _pillar_conf()
+    url = url or conf.get("url")
+    if not url:
+        raise RotationError("no pkisvc url: pass url= or configure the pkisvc ext_pillar")
+    ca_cert = ca_cert or conf.get("ca_cert")
+    token_file = token_file or __opts__.get("pkisvc_admin_token_file") or DEFAULT_TOKEN_FILE
+    try:
+        with open(token_file) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise RotationError(f"cannot read the admin token file {token_file}: "
+                            f"{e.strerror}") from None
+    parts = urllib.parse.urlsplit(url)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        ctx = ssl.create_default_context(cafile=ca_cert)
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                           timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                          timeout=timeout)
+    try:
+        conn.request(method, parts.path.rstrip("/") + path,
+                     body=json.dumps(body) if body is not None else None,
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as e:
+        raise RotationError(f"pkisvc at {url}: {e}") from None
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise RotationError(f"pkisvc at {url}: HTTP {resp.status}, not JSON") from None
+    if resp.status >= 300:
+        raise RotationError(f"pkisvc {method} {path}: HTTP {resp.status} "
+                            f"{doc.get('error', '')}: {doc.get('message', '')}")
+    return dict(doc)

@@ -1,0 +1,109 @@
+{#- kubernetes.cert.orch.rotate — the seed's multi-master regeneration, run on the Salt master:
+
+      salt-run state.orchestrate kubernetes.cert.orch.rotate \
+        pillar='{"kubernetes": {"cert": {"orch": {"rotate": "staged"}}}}'
+
+    1. ask pkisvc for the rotation (`rotate`: none, immediate, staged, continue or finish);
+    2. master by master: refresh pillar, pre_states, kubernetes.cert.configured,
+       restart_states — a master that fails stops the run, the next masters stay untouched;
+    3. then all nodes the same way;
+    4. then post_commands on post_target (the first master by default).
+    A staged rotation does 1-3 for each of its three phases (trust both CAs, switch the leaves,
+    trust only the new CA), so no host ever holds material its peers reject.
+    Every target and command comes from pillar kubernetes:cert:orch (orch/defaults.yaml). -#}
+{%- import_yaml "kubernetes/cert/orch/defaults.yaml" as defaults %}
+{%- set orch = salt['slsutil.merge'](defaults.orch, salt['pillar.get']('kubernetes:cert:orch', {}),
+                                     strategy='recurse') %}
+
+{%- if orch.masters is string %}
+{%-   set masters = (salt['saltutil.runner']('manage.up', tgt=orch.masters) or []) | sort %}
+{%- else %}
+{%-   set masters = orch.masters | list %}
+{%- endif %}
+{%- if orch.nodes is string %}
+{%-   set nodes = (salt['saltutil.runner']('manage.up', tgt=orch.nodes) or []) | sort %}
+{%- else %}
+{%-   set nodes = orch.nodes | list %}
+{%- endif %}
+
+{%- set phases = {'none': [None], 'immediate': ['immediate'], 'staged': ['staged', 'continue', 'finish'],
+                  'continue': ['continue'], 'finish': ['finish']} %}
+{%- if orch.rotate not in phases %}
+kubernetes-cert-orch-bad-rotate:
+  test.fail_without_changes:
+    - name: "kubernetes:cert:orch:rotate must be one of {{ phases | list | join(', ') }}, not {{ orch.rotate }}"
+{%- else %}
+{%- set ns = namespace(prev=None) %}
+
+{%- for phase in phases[orch.rotate] %}
+{%- set p = loop.index %}
+
+{%- if phase %}
+kubernetes-cert-orch-{{ p }}-rotate:
+  salt.runner:
+    - name: pkisvc.rotate
+{%- if phase in ('immediate', 'staged') %}
+    - mode: {{ phase }}
+{%- else %}
+    - step: {{ phase }}
+{%- endif %}
+    - reason: {{ orch.reason | yaml_dquote }}
+{%- for key, value in orch.runner.items() %}
+    - {{ key }}: {{ value | json }}
+{%- endfor %}
+{%- if ns.prev %}
+    - require:
+      - {{ ns.prev }}
+{%- endif %}
+{%- set ns.prev = "salt: kubernetes-cert-orch-" ~ p ~ "-rotate" %}
+{%- endif %}
+
+{#- Masters one at a time, then all nodes together: the seed's order. #}
+{%- set groups = [] %}
+{%- for m in masters %}{% do groups.append(('master-' ~ m, [m])) %}{% endfor %}
+{%- if nodes %}{% do groups.append(('nodes', nodes)) %}{% endif %}
+{%- for name, targets in groups %}
+{%- set id = 'kubernetes-cert-orch-' ~ p ~ '-' ~ name %}
+
+{{ id }}-refresh:
+  salt.function:
+    - name: saltutil.refresh_pillar
+    - tgt: {{ targets | json }}
+    - tgt_type: list
+    - kwarg:
+        wait: true
+{%- if ns.prev %}
+    - require:
+      - {{ ns.prev }}
+{%- endif %}
+
+{{ id }}-configured:
+  salt.state:
+    - tgt: {{ targets | json }}
+    - tgt_type: list
+    - sls: {{ (orch.pre_states + ['kubernetes.cert.configured'] + orch.restart_states) | json }}
+    - failhard: true
+    - require:
+      - salt: {{ id }}-refresh
+{%- set ns.prev = "salt: " ~ id ~ "-configured" %}
+{%- endfor %}
+{%- endfor %}
+
+{%- set post_target = orch.post_target or (masters | first) %}
+{%- for command in orch.post_commands if post_target %}
+
+kubernetes-cert-orch-post-{{ loop.index }}:
+  salt.function:
+    - name: cmd.run
+    - tgt: {{ post_target | json }}
+    - arg:
+      - {{ command | json }}
+    - kwarg:
+        python_shell: true
+{%- if ns.prev %}
+    - require:
+      - {{ ns.prev }}
+{%- endif %}
+{%- set ns.prev = "salt: kubernetes-cert-orch-post-" ~ loop.index %}
+{%- endfor %}
+{%- endif %}

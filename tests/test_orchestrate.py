@@ -1,0 +1,122 @@
+"""kubernetes.cert.orch.rotate on a salt-master with three minions (two masters, one node):
+the seed's order, one master at a time, a failing master stops the run, and a staged
+rotation rolls out after each of its phases."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.salt_fixtures import Cluster, Service
+
+MINIONS = ("k8s-master-1", "k8s-master-2", "k8s-node-1")
+
+
+@pytest.fixture(scope="module")
+def world():
+    # Short root: Salt's IPC socket paths must stay under 108 bytes.
+    base = Path(tempfile.mkdtemp(prefix="k8s-orch-", dir="/tmp"))
+    log = base / "rollout.log"
+    log.touch()
+    marker = base / "fail"
+    states = base / "states" / "k8stest"
+    states.mkdir(parents=True)
+    # The restart state the orchestration applies after kubernetes.cert.configured: it logs
+    # which minion restarted and the ca.crt it found installed (so the order is visible).
+    (states / "restart.sls").write_text(
+        "{%- set prefix = salt['pillar.get']('kubernetes:cert:lookup:prefix', '') %}\n"
+        "k8stest-restart:\n"
+        "  cmd.run:\n"
+        f"    - name: test ! -e {marker}-{{{{ grains.id }}}} && echo \"{{{{ grains.id }}}} "
+        f"restart $(sha256sum < {{{{ prefix }}}}/srv/kubernetes/ca.crt | cut -c1-16)\" "
+        f">> {log}\n")
+    service = Service(base / "svc").start()
+    cluster = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
+    try:
+        yield cluster.start(), log, marker
+    finally:
+        cluster.stop()
+        service.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def orchestrate(cluster: Cluster, log: Path, **orch: Any) -> tuple[bool, list[str]]:
+    """Run the orchestration; return whether it succeeded and the log lines it added."""
+    before = len(log.read_text().splitlines())
+    conf = {"masters": "k8s-master*", "nodes": "k8s-node*", "restart_states": ["k8stest.restart"],
+            "post_commands": [f"echo post kube-system secrets >> {log}",
+                              f"echo post canal pods >> {log}"],
+            "runner": {"token_file": str(cluster.service.data / "admin.token")}, **orch}
+    r = cluster.run("state.orchestrate", "kubernetes.cert.orch.rotate",
+                    "pillar=" + json.dumps({"kubernetes": {"cert": {"orch": conf}}}))
+    ok = r.returncode == 0
+    if not ok:
+        assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    return ok, log.read_text().splitlines()[before:]
+
+
+def trust_hash(cluster: Cluster) -> str:
+    pem = requests.get(f"{cluster.service.url}/v1/ca", timeout=10).json()["pem"].encode()
+    return hashlib.sha256(pem).hexdigest()[:16]
+
+
+def rollout(trust: str) -> list[str]:
+    return [f"{m} restart {trust}" for m in MINIONS]
+
+
+def operations(cluster: Cluster) -> list[str]:
+    r = requests.get(f"{cluster.service.url}/v1/versions", headers=cluster.service.admin(),
+                     timeout=10)
+    return [v["operation"] for v in r.json()["versions"]]
+
+
+def test_immediate_rotation_in_the_seeds_order(world):
+    cluster, log, _ = world
+    ok, lines = orchestrate(cluster, log, rotate="immediate", reason="yearly")
+    assert ok, lines
+    assert operations(cluster)[0] == "rotate-ca"
+    assert lines == [*rollout(trust_hash(cluster)), "post kube-system secrets",
+                     "post canal pods"]
+
+
+def test_staged_rotation_rolls_out_after_each_phase(world):
+    cluster, log, _ = world
+    before = trust_hash(cluster)
+    ok, lines = orchestrate(cluster, log, rotate="staged", post_commands=[])
+    assert ok, lines
+    assert operations(cluster)[:3] == ["ca-stage-finish", "ca-stage-switch", "ca-stage-trust"]
+    both, new_only = lines[0].split()[-1], lines[-1].split()[-1]
+    assert len({before, both, new_only}) == 3  # old -> old+new (phases 1, 2) -> new
+    assert lines == rollout(both) + rollout(both) + rollout(new_only)
+    assert new_only == trust_hash(cluster)
+
+
+def test_a_failing_master_stops_the_run(world):
+    cluster, log, marker = world
+    second = cluster.hosts / "k8s-master-2" / "srv/kubernetes/ca.crt"
+    untouched = second.read_bytes()
+    Path(f"{marker}-k8s-master-1").touch()
+    try:
+        ok, lines = orchestrate(cluster, log, rotate="immediate")
+    finally:
+        Path(f"{marker}-k8s-master-1").unlink()
+    assert not ok
+    assert lines == []  # master 1 failed its restart: nothing after it ran
+    assert second.read_bytes() == untouched  # master 2 still holds the previous version
+    # The rotation itself happened; running again (rotate: none) finishes the rollout.
+    ok, lines = orchestrate(cluster, log, rotate="none", post_commands=[])
+    assert ok and lines == rollout(trust_hash(cluster))
+
+
+def test_a_bad_rotate_value_fails_before_anything(world):
+    cluster, log, _ = world
+    versions = len(operations(cluster))
+    ok, lines = orchestrate(cluster, log, rotate="sideways")
+    assert not ok and lines == []
+    assert len(operations(cluster)) == versions
