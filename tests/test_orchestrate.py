@@ -66,8 +66,8 @@ def trust_hash(cluster: Cluster) -> str:
     return hashlib.sha256(pem).hexdigest()[:16]
 
 
-def rollout(trust: str) -> list[str]:
-    return [f"{m} restart {trust}" for m in MINIONS]
+def rollout(trust: str, minions: tuple[str, ...] = MINIONS) -> list[str]:
+    return [f"{m} restart {trust}" for m in minions]
 
 
 def operations(cluster: Cluster) -> list[str]:
@@ -93,7 +93,9 @@ def test_staged_rotation_rolls_out_after_each_phase(world):
     assert operations(cluster)[:3] == ["ca-stage-finish", "ca-stage-switch", "ca-stage-trust"]
     both, new_only = lines[0].split()[-1], lines[-1].split()[-1]
     assert len({before, both, new_only}) == 3  # old -> old+new (phases 1, 2) -> new
-    assert lines == rollout(both) + rollout(both) + rollout(new_only)
+    # Phase 2 re-issues the leaves: the node holds only ca.crt, unchanged, so it is not
+    # restarted then.
+    assert lines == rollout(both) + rollout(both, MINIONS[:2]) + rollout(new_only)
     assert new_only == trust_hash(cluster)
 
 
@@ -109,9 +111,19 @@ def test_a_failing_master_stops_the_run(world):
     assert not ok
     assert lines == []  # master 1 failed its restart: nothing after it ran
     assert second.read_bytes() == untouched  # master 2 still holds the previous version
-    # The rotation itself happened; running again (rotate: none) finishes the rollout.
-    ok, lines = orchestrate(cluster, log, rotate="none", post_commands=[])
+    # The rotation itself happened; running again (rotate: none) finishes the rollout, with
+    # restarts forced, since master 1's files are already in place.
+    ok, lines = orchestrate(cluster, log, rotate="none", restart="always", post_commands=[])
     assert ok and lines == rollout(trust_hash(cluster))
+
+
+def test_nothing_changed_nothing_restarted(world):
+    """What an hourly schedule (rotate: renew) does when nothing is due: no restart anywhere."""
+    cluster, log, _ = world
+    versions = len(operations(cluster))
+    ok, lines = orchestrate(cluster, log, rotate="renew", post_commands=[])
+    assert ok and lines == []
+    assert len(operations(cluster)) == versions
 
 
 def test_a_bad_rotate_value_fails_before_anything(world):

@@ -6,6 +6,7 @@
     salt-run pkisvc.rotate mode=staged          # phase 1: trust old + new
     salt-run pkisvc.rotate step=continue        # phase 2: leaves from the new CA
     salt-run pkisvc.rotate step=finish          # phase 3: trust only the new CA
+    salt-run pkisvc.renew                       # leaves inside renew_before, if any
     salt-run pkisvc.status
 
 The service's URL (and ``ca_cert``) come from the master's ``pkisvc`` ext_pillar config unless
@@ -49,6 +50,13 @@ def rotate(mode: str = "immediate", step: str | None = None, reason: str = "",
     else:
         raise RotationError("mode must be immediate or staged")
     return _call("POST", path, body, url, token_file, ca_cert, timeout)
+
+
+def renew(dry_run: bool = False, url: str | None = None, token_file: str | None = None,
+          ca_cert: str | None = None, timeout: float = 120) -> dict[str, Any]:
+    """Renew the leaves inside renew_before (POST /v1/renew); nothing when nothing is due."""
+    return _call("POST", "/v1/renew", {"dry_run": bool(dry_run)}, url, token_file, ca_cert,
+                 timeout)
 
 
 def status(url: str | None = None, token_file: str | None = None, ca_cert: str | None = None,

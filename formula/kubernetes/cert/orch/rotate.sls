@@ -3,9 +3,12 @@
       salt-run state.orchestrate kubernetes.cert.orch.rotate \
         pillar='{"kubernetes": {"cert": {"orch": {"rotate": "staged"}}}}'
 
-    1. ask pkisvc for the rotation (`rotate`: none, immediate, staged, continue or finish);
-    2. master by master: refresh pillar, pre_states, kubernetes.cert.configured,
-       restart_states — a master that fails stops the run, the next masters stay untouched;
+    1. ask pkisvc for the rotation (`rotate`: none, immediate, staged, continue, finish, or
+       renew — the leaves inside renew_before, nothing when nothing is due);
+    2. master by master: refresh pillar, pre_states, kubernetes.cert.configured, then
+       restart_states where configured changed something (`restart: always` to force them,
+       e.g. after a failed run) — a master that fails stops the run, the next masters stay
+       untouched;
     3. then all nodes the same way;
     4. then post_commands on post_target (the first master by default).
     A staged rotation does 1-3 for each of its three phases (trust both CAs, switch the leaves,
@@ -27,7 +30,7 @@
 {%- endif %}
 
 {%- set phases = {'none': [None], 'immediate': ['immediate'], 'staged': ['staged', 'continue', 'finish'],
-                  'continue': ['continue'], 'finish': ['finish']} %}
+                  'continue': ['continue'], 'finish': ['finish'], 'renew': ['renew']} %}
 {%- if orch.rotate not in phases %}
 kubernetes-cert-orch-bad-rotate:
   test.fail_without_changes:
@@ -41,6 +44,9 @@ kubernetes-cert-orch-bad-rotate:
 {%- if phase %}
 kubernetes-cert-orch-{{ p }}-rotate:
   salt.runner:
+{%- if phase == 'renew' %}
+    - name: pkisvc.renew
+{%- else %}
     - name: pkisvc.rotate
 {%- if phase in ('immediate', 'staged') %}
     - mode: {{ phase }}
@@ -48,6 +54,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - step: {{ phase }}
 {%- endif %}
     - reason: {{ orch.reason | yaml_dquote }}
+{%- endif %}
 {%- for key, value in orch.runner.items() %}
     - {{ key }}: {{ value | json }}
 {%- endfor %}
@@ -81,11 +88,27 @@ kubernetes-cert-orch-{{ p }}-rotate:
   salt.state:
     - tgt: {{ targets | json }}
     - tgt_type: list
-    - sls: {{ (orch.pre_states + ['kubernetes.cert.configured'] + orch.restart_states) | json }}
+    - sls: {{ (orch.pre_states + ['kubernetes.cert.configured']) | json }}
     - failhard: true
     - require:
       - salt: {{ id }}-refresh
 {%- set ns.prev = "salt: " ~ id ~ "-configured" %}
+{%- if orch.restart_states %}
+
+{{ id }}-restart:
+  salt.state:
+    - tgt: {{ targets | json }}
+    - tgt_type: list
+    - sls: {{ orch.restart_states | json }}
+    - failhard: true
+    - require:
+      - salt: {{ id }}-configured
+{%- if orch.restart != 'always' %}
+    - onchanges:
+      - salt: {{ id }}-configured
+{%- endif %}
+{%- set ns.prev = "salt: " ~ id ~ "-restart" %}
+{%- endif %}
 {%- endfor %}
 {%- endfor %}
 
