@@ -133,3 +133,14 @@ def test_alert_rules_pass_promtool():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 6 rules found" in r.stdout
+
+
+def test_the_salt_schedule_example_runs_the_renewing_orchestration():
+    doc = yaml.safe_load((REPO / "docs" / "salt" / "pkisvc-renew.conf").read_text())
+    job = doc["schedule"]["pkisvc-renew"]
+    assert job["function"] == "state.orchestrate"
+    sls = job["args"][0]
+    assert (REPO / "formula" / (sls.replace(".", "/") + ".sls")).is_file()
+    assert job["kwargs"]["pillar"]["kubernetes"]["cert"]["orch"]["rotate"] == "renew"
+    defaults = yaml.safe_load((REPO / "formula/kubernetes/cert/orch/defaults.yaml").read_text())
+    assert set(job["kwargs"]["pillar"]["kubernetes"]["cert"]["orch"]) <= set(defaults["orch"])
