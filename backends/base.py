@@ -10,7 +10,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from pkisvc.model import AuditEvent, GenerationRecord, StoredGeneration, TokenRecord
+from pkisvc.errors import InvalidRequest
+from pkisvc.model import (
+    AuditEvent,
+    GenerationRecord,
+    StoredGeneration,
+    TokenRecord,
+    valid_file_name,
+)
 
 
 @runtime_checkable
@@ -80,3 +87,18 @@ class Backend(Protocol):
 
         Raises: NotFound; BackendUnavailable.
         """
+
+
+def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) -> int:
+    """The version a write of gen on top of `expected` makes, after the checks every backend
+    owes its callers: the record says that version, and every file name is plain.
+
+    Raises: InvalidRequest.
+    """
+    version = (expected or 0) + 1
+    if gen.record.version != version:
+        raise InvalidRequest(f"generation says version {gen.record.version}, expected {version}")
+    for name in gen.files:
+        if not valid_file_name(name) or name == reserved:
+            raise InvalidRequest(f"not a storable file name: {name!r}")
+    return version

@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound, VersionConflict
+from pkisvc.backends.base import checked_version
+from pkisvc.errors import BackendUnavailable, Conflict, NotFound, VersionConflict
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
@@ -193,13 +194,7 @@ class FilesBackend:
         return gen
 
     def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
-        version = (expected or 0) + 1
-        if gen.record.version != version:
-            raise InvalidRequest(
-                f"generation says version {gen.record.version}, expected {version}")
-        for name in gen.files:
-            if not valid_file_name(name) or name == RECORD:
-                raise InvalidRequest(f"not a storable file name: {name!r}")
+        version = checked_version(gen, expected, RECORD)
         with self._io(f"write version {version}"), self._locked():
             current = self._read_current()
             if current != expected:

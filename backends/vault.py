@@ -33,6 +33,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from pkisvc.backends.base import checked_version
 from pkisvc.errors import (
     BackendUnavailable,
     ConfigError,
@@ -48,7 +49,6 @@ from pkisvc.model import (
     GenerationRecord,
     StoredGeneration,
     TokenRecord,
-    valid_file_name,
 )
 from pkisvc.settings import Settings
 
@@ -311,13 +311,7 @@ class VaultBackend:
         return gen
 
     def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
-        version = (expected or 0) + 1
-        if gen.record.version != version:
-            raise InvalidRequest(
-                f"generation says version {gen.record.version}, expected {version}")
-        for name in gen.files:
-            if not valid_file_name(name) or name == RESERVED:
-                raise InvalidRequest(f"not a storable file name: {name!r}")
+        version = checked_version(gen, expected, RESERVED)
         payload = {
             "pkisvc": FORMAT,
             "record": gen.record.to_dict(),
