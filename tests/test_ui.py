@@ -259,3 +259,19 @@ def test_audit_page_filters_by_kind_and_minion(app, tokens):
     assert "k8s-node-2" in page and "<td>k8s-node-1</td>" not in page
     page = client.get("/ui/audit?kind=rotate-server", headers=h).text
     assert re.findall(r'data-action="([^"]+)"', page) == ["rotate-server"]
+
+
+def test_the_wheel_ships_every_template():
+    import ast
+    import fnmatch
+    from pathlib import Path
+
+    from tests.conftest import REPO
+    call = next(n for n in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords
+                                         if k.arg == "package_data"))
+    templates = Path(REPO / "pkisvc" / "templates")
+    for f in templates.iterdir():
+        name = f"templates/{f.name}"
+        assert any(fnmatch.fnmatch(name, p) for p in package_data["pkisvc"]), name
