@@ -275,3 +275,43 @@ def test_the_wheel_ships_every_template():
     for f in templates.iterdir():
         name = f"templates/{f.name}"
         assert any(fnmatch.fnmatch(name, p) for p in package_data["pkisvc"]), name
+
+
+def test_backend_down_is_a_503_page_and_keeps_the_login(tmp_path):
+    import hashlib
+    import shutil
+    token = "static-reader"
+    settings = make_settings(tmp_path / "data", tokens=[
+        {"name": "oncall", "sha256": hashlib.sha256(token.encode()).hexdigest(),
+         "scopes": ["read", "audit"]}])
+    client = create_app(settings).test_client()
+    log_in(client, token)
+    moved = tmp_path / "moved"
+    shutil.move(settings.data_dir, moved)
+    settings.data_dir.write_text("the disk went away")
+    for path in ("/ui/", "/ui/minions"):
+        r = client.get(path)
+        assert r.status_code == 503 and r.mimetype == "text/html"
+        assert "Backend unavailable" in r.text and "Traceback" not in r.text
+        assert "Content-Security-Policy" in r.headers
+        assert not any(c.startswith("pkisvc_ui=") for c in set_cookies(r))
+    settings.data_dir.unlink()
+    shutil.move(moved, settings.data_dir)
+    assert client.get("/ui/").status_code == 200  # the same login, once it is back
+
+
+def test_minions_over_each_backend(backend, settings, tmp_path):
+    """The table comes from the store's audit trail, whichever backend keeps it."""
+    app = create_app(settings, backend=backend)
+    store = app.extensions["pkisvc"]
+    token = store.create_token("t-ops", ["admin", "secrets"], actor="test")
+    client = app.test_client()
+    h = bearer(token)
+    client.get("/v1/pillar/k8s-node-1?role=node", headers=h)
+    client.get("/v1/pillar/k8s-node-2?role=node", headers=h)
+    client.post("/v1/certs/server/rotate", headers=h)
+    client.get("/v1/pillar/k8s-node-2?role=node", headers=h)
+    page = client.get("/ui/minions", headers=h).text
+    assert re.search(r'data-minion="k8s-node-1" class="behind"', page)
+    assert re.search(r'data-minion="k8s-node-2" >', page)
+    assert "<strong>1</strong> behind" in page
