@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import Any, Callable, Iterable, Mapping, TypeVar, cast
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
@@ -26,7 +26,15 @@ from werkzeug.exceptions import HTTPException
 
 from pkisvc.auth import Principal, authenticate
 from pkisvc.errors import PkiError, Unauthorized
-from pkisvc.model import CERT_FILES, ITEMS, OPERATIONS, AuditEvent, GenerationRecord, ItemRecord
+from pkisvc.model import (
+    CERT_FILES,
+    ITEMS,
+    KEY_FILES,
+    OPERATIONS,
+    AuditEvent,
+    GenerationRecord,
+    ItemRecord,
+)
 from pkisvc.store import CertStore
 
 log = logging.getLogger(__name__)
@@ -186,17 +194,41 @@ class Minion:
     version: int
     time: str
     behind: int  # versions behind the current one (0 = current)
+    changed: bool  # the files it holds differ from what its pillar holds now
 
 
-def minion_table(events: Iterable[AuditEvent], current: int) -> list[Minion]:
-    """Each minion's newest pillar delivery in events (newest first); behind ones first."""
+_FILE_ITEM = {**{f: i for i, f in CERT_FILES.items()}, **{f: i for i, f in KEY_FILES.items()}}
+
+
+def _held(record: GenerationRecord | None, files: Iterable[str]) -> tuple[Any, ...] | None:
+    """What a set of host files is, in fingerprints: the bundle for ca.crt, the leaf for the rest.
+
+    A key changes exactly when its certificate does, so the certificate stands for both.
+    """
+    if record is None:
+        return None
+    return tuple(record.trust if f == "ca.crt" else record.items[_FILE_ITEM[f]].fingerprint
+                 if f in _FILE_ITEM else f for f in sorted(files))
+
+
+def minion_table(events: Iterable[AuditEvent], current: GenerationRecord,
+                 records: Mapping[int, GenerationRecord]) -> list[Minion]:
+    """Each minion's newest pillar delivery in events (newest first); stale ones first.
+
+    records maps versions to their records: a minion behind the current version whose files
+    (the delivery's `items`) are the same now is behind but not `changed`.
+    """
     seen: dict[str, Minion] = {}
     for e in events:
         if e.action != "pillar" or not e.minion or e.version is None or e.minion in seen:
             continue
-        seen[e.minion] = Minion(e.minion, e.role, e.version, e.time,
-                                max(0, current - e.version))
-    return sorted(seen.values(), key=lambda m: (m.behind == 0, m.minion))
+        behind = max(0, current.version - e.version)
+        changed = False
+        if behind:
+            then = _held(records.get(e.version), e.items)
+            changed = then is None or then != _held(current, e.items)
+        seen[e.minion] = Minion(e.minion, e.role, e.version, e.time, behind, changed)
+    return sorted(seen.values(), key=lambda m: (not m.changed, m.behind == 0, m.minion))
 
 
 def _page_number() -> int:
@@ -258,14 +290,16 @@ def history() -> Response:
 @bp.get("/minions")
 @page("read", "audit")
 def minions() -> Response:
-    current = store().latest() or 0
     events = store().audit(limit=AUDIT_WINDOW)
-    table = minion_table(events, current)
+    current = store().read().record
+    records = {r.version: r for r in store().versions()}
+    table = minion_table(events, current, records)
     only_behind = request.args.get("behind") == "1"
     shown = [m for m in table if m.behind] if only_behind else table
     number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
-    return _render("minions.html", title="Minions", current=current, total=len(table),
-                   behind=sum(1 for m in table if m.behind), only_behind=only_behind,
+    return _render("minions.html", title="Minions", current=current.version, total=len(table),
+                   behind=sum(1 for m in table if m.behind),
+                   changed=sum(1 for m in table if m.changed), only_behind=only_behind,
                    rows=shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE],
                    page=number, pages=_pages(len(shown), MINIONS_PAGE),
                    window=AUDIT_WINDOW, truncated=len(events) >= AUDIT_WINDOW,

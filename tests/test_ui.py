@@ -208,16 +208,39 @@ def test_expiry_bar_colours():
     assert lifetimes(rec, end - timedelta(days=400))[0].fraction == 1.0
 
 
+def _record(version, ca="c", server="s", kubecfg="k", trust=("c",)):
+    from pkisvc.model import GenerationRecord, ItemRecord
+
+    def item(fp):
+        return ItemRecord(fp, "01", "CN=x", "CN=x", (), "2026-01-01T00:00:00Z",
+                          "2027-01-01T00:00:00Z")
+    return GenerationRecord(version, version - 1 or None, "2026-01-01T00:00:00Z", "a", "init",
+                            "", "ecdsa-p256", {"ca": item(ca), "server": item(server),
+                                               "kubecfg": item(kubecfg)}, trust)
+
+
 def test_minion_table_flags_minions_behind_the_current_version():
-    def ev(minion, version, t, action="pillar"):
+    node, master = ("ca.crt",), ("ca.crt", "server.cert", "server.key")
+
+    def ev(minion, version, t, items=node, action="pillar"):
         return AuditEvent(time=t, actor="salt", action=action, version=version,
-                          minion=minion, role="node")
+                          minion=minion, role="node", items=items)
+    # v2 re-issued the server pair only; v3 rotated the CA.
+    records = {1: _record(1), 2: _record(2, server="s2"),
+               3: _record(3, ca="c3", server="s3", kubecfg="k3", trust=("c3",))}
     newest_first = [ev("a", 3, "t4"), ev(None, 3, "t3", action="rotate-ca"),
                     ev("b", 2, "t2"), ev("a", 2, "t1"), ev("c", 1, "t0")]
-    table = minion_table(newest_first, current=3)
-    assert [(m.minion, m.version, m.behind) for m in table] == [
-        ("b", 2, 1), ("c", 1, 2), ("a", 3, 0)]
+    table = minion_table(newest_first, records[3], records)
+    assert [(m.minion, m.version, m.behind, m.changed) for m in table] == [
+        ("b", 2, 1, True), ("c", 1, 2, True), ("a", 3, 0, False)]
     assert table[2].time == "t4"
+    # Against version 2, a node that fetched version 1 holds the same ca.crt; a master not.
+    table = minion_table([ev("n", 1, "t1"), ev("m", 1, "t0", items=master)],
+                         records[2], records)
+    assert [(m.minion, m.behind, m.changed) for m in table] == [("m", 1, True),
+                                                                ("n", 1, False)]
+    # A version the table has no record of counts as changed.
+    assert minion_table([ev("x", 7, "t")], _record(9), records)[0].changed
 
 
 def test_minions_page_after_a_rotation(app, store, tokens):
@@ -228,7 +251,7 @@ def test_minions_page_after_a_rotation(app, store, tokens):
     client.post("/v1/ca/rotate", headers=h)
     client.get("/v1/pillar/k8s-node-1?role=node", headers=h)
     page = client.get("/ui/minions", headers=h).text
-    assert re.search(r'data-minion="k8s-master-1" class="behind"', page)
+    assert re.search(r'data-minion="k8s-master-1" class="behind changed"', page)
     assert re.search(r'data-minion="k8s-node-1" >', page)
     only = client.get("/ui/minions?behind=1", headers=h).text
     assert "k8s-master-1" in only and "k8s-node-1" not in only
@@ -312,6 +335,7 @@ def test_minions_over_each_backend(backend, settings, tmp_path):
     client.post("/v1/certs/server/rotate", headers=h)
     client.get("/v1/pillar/k8s-node-2?role=node", headers=h)
     page = client.get("/ui/minions", headers=h).text
-    assert re.search(r'data-minion="k8s-node-1" class="behind"', page)
+    # A node holds only ca.crt, which a server rotation leaves alone: behind, same files.
+    assert re.search(r'data-minion="k8s-node-1" class="behind">.*?same files', page, re.S)
     assert re.search(r'data-minion="k8s-node-2" >', page)
-    assert "<strong>1</strong> behind" in page
+    assert "<strong>1</strong> behind" in page and "<strong>0</strong> of them" in page

@@ -160,6 +160,7 @@ def test_an_operator_sees_versions_expiry_and_minions_behind(service, browser, t
     assert v.minion_rows() == {"k8s-master-1": True, "k8s-node-1": True, "k8s-node-2": True}
     assert "3 behind" in v.text("#summary")
     assert v.text("#minions tr[data-minion=k8s-node-1] .badge") == "behind by 1"
+    assert "files changed" in v.text("#minions tr[data-minion=k8s-node-1]")  # a new CA
     v.shot("minions-behind")
 
     # One minion refreshes its pillar: its flag goes away, the others stay.
