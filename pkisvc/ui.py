@@ -252,9 +252,8 @@ def _render(template: str, status: int = 200, **context: Any) -> Response:
 @bp.get("/")
 @page("read")
 def overview() -> Response:
-    gen = store().read()
-    rec = gen.record
     rotation = store().rotation()
+    rec = store().read(rotation["version"]).record  # the version the rotation state is of
     trust = []
     for fp in rec.trust:
         detail = rec.items["ca"] if fp == rec.items["ca"].fingerprint else _ca_record(fp)
