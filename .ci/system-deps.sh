@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the tests judge certificates with: etcd (server + etcdctl) and a kubectl.
+# Debian packages the tests judge certificates with: etcd (server + etcdctl) and a kubectl;
+# Chromium and its driver for the operator pages' browser tests.
 set -euo pipefail
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -8,6 +9,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks our alert rules
 command -v wrk >/dev/null 2>&1 || need+=(wrk)                # make bench drives load with it
 command -v curl >/dev/null 2>&1 || need+=(curl)  # carries refused client pairs to etcd
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the operator pages' browser tests
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)  # selenium drives it
 [ -x /usr/sbin/update-ca-certificates ] || need+=(ca-certificates)  # doctor's host trees
 # A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
 # Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).  Never both:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flask import Flask, Response, current_app, g, request
 
-from pkisvc import api, auth, errors, metrics
+from pkisvc import api, auth, errors, metrics, ui
 from pkisvc.backends import Backend, load_backend
 from pkisvc.errors import Conflict
 from pkisvc.fastpath import Bodies, FastReads
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.extensions["pkisvc"] = store
     app.extensions["pkisvc.bodies"] = bodies = Bodies(store)
     app.register_blueprint(api.bp)
+    app.register_blueprint(ui.bp)
     app.add_url_rule("/metrics", "metrics", metrics_view)
     app.before_request(_start_timer)
     app.after_request(_count)

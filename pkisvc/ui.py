@@ -1,0 +1,414 @@
+"""Operator pages under /ui: overview, history, minions, audit (read-only, server-rendered).
+
+Access is the API's: a bearer token with `read` (the minions and audit pages also need
+`audit`).  A browser hands the token over once through the login form, which keeps it in an
+HttpOnly, SameSite=Strict cookie limited to /ui; every request checks it again, so a revoked
+token stops working at once.  Pages carry no script, and their only style is one inline
+sheet allowed by its hash in the Content-Security-Policy.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar, cast
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
+from markupsafe import Markup
+from werkzeug.exceptions import HTTPException
+
+from pkisvc.auth import Principal, authenticate
+from pkisvc.errors import PkiError, Unauthorized
+from pkisvc.model import (
+    CERT_FILES,
+    ITEMS,
+    KEY_FILES,
+    OPERATIONS,
+    AuditEvent,
+    GenerationRecord,
+    ItemRecord,
+)
+from pkisvc.store import CertStore
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ui", __name__, url_prefix="/ui")
+
+SESSION_COOKIE = "pkisvc_ui"
+CSRF_COOKIE = "pkisvc_ui_csrf"
+HISTORY_PAGE = 25
+MINIONS_PAGE = 200
+AUDIT_PAGE = 100
+# The minions and audit pages look at this many of the newest audit events, no more, so they
+# stay cheap however long the trail grows (docs/decisions.md).
+AUDIT_WINDOW = 20_000
+WARN_DAYS, CRITICAL_DAYS = 30, 7
+DELIVERY_ACTIONS = ("pillar", "key", "kubeconfig")
+TOKEN_ACTIONS = ("token-create", "token-revoke")
+
+_CSS = (Path(__file__).parent / "templates" / "ui.css").read_text()
+_STYLE = Markup(_CSS)  # noqa: S704 -- our own sheet, shipped in the package, not user input
+_CSS_HASH = base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()
+CSP = ("default-src 'none'; "
+       f"style-src 'sha256-{_CSS_HASH}'; "
+       "img-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store() -> CertStore:
+    s: CertStore = current_app.extensions["pkisvc"]
+    return s
+
+
+# --- access ----------------------------------------------------------------------------------
+
+class _LoginNeeded(Exception):
+    """No credentials, or a cookie whose token no longer works: send the browser to log in."""
+
+    def __init__(self, *, expired: bool = False) -> None:
+        super().__init__("log in")
+        self.expired = expired
+
+
+class _NotAllowed(Exception):
+    """A token that works but lacks a scope (403)."""
+
+
+def _principal() -> Principal:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return authenticate(store(), header)  # Unauthorized -> 401 page (a script asked)
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        raise _LoginNeeded()
+    try:
+        return authenticate(store(), f"Bearer {token}")
+    except Unauthorized:
+        raise _LoginNeeded(expired=True) from None
+
+
+def page(*scopes: str) -> Callable[[F], F]:
+    """Let the page render only for a token holding every one of scopes; sets g.principal."""
+    def wrap(view: F) -> F:
+        @functools.wraps(view)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            principal = _principal()
+            missing = [s for s in scopes if s not in principal.scopes]
+            if missing:
+                raise _NotAllowed(f"token {principal.name!r} lacks the "
+                                  f"{' and '.join(repr(m) for m in missing)} scope")
+            g.principal = principal
+            g.actor = principal.name
+            return view(*args, **kwargs)
+        return cast(F, inner)
+    return wrap
+
+
+def _safe_next(target: str | None) -> str:
+    """Return target if it is one of our own pages, else the overview (no open redirect)."""
+    if target and target.startswith("/ui/") and "//" not in target and "\\" not in target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
+    return url_for("ui.overview")
+
+
+def _csrf_ok() -> bool:
+    """Tell whether a form POST is our own: same origin, and the double-submitted value."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != request.host_url.rstrip("/"):
+        return False
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return False
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    field = request.form.get("csrf", "")
+    return bool(cookie) and hmac.compare_digest(cookie.encode(), field.encode())
+
+
+def _cookie_args() -> dict[str, Any]:
+    return {"httponly": True, "samesite": "Strict", "secure": request.is_secure, "path": "/ui"}
+
+
+# --- what the pages show (pure functions of records and events) ------------------------------
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """One certificate's remaining lifetime against its whole validity."""
+
+    item: str
+    file: str
+    record: ItemRecord
+    days_left: float
+    days_total: float
+
+    @property
+    def fraction(self) -> float:
+        if self.days_total <= 0:
+            return 0.0
+        return min(1.0, max(0.0, self.days_left / self.days_total))
+
+    @property
+    def state(self) -> str:
+        if self.days_left < CRITICAL_DAYS:
+            return "critical"
+        return "warn" if self.days_left < WARN_DAYS else "ok"
+
+    @property
+    def words(self) -> str:
+        if self.days_left < 0:
+            return f"expired {int(-self.days_left)} days ago"
+        if self.days_left < 2:
+            return f"{self.days_left * 24:.0f} hours left"
+        return f"{int(self.days_left)} of {round(self.days_total)} days left"
+
+
+def lifetimes(record: GenerationRecord, now: datetime) -> list[Lifetime]:
+    """Each certificate of a generation with what is left of it at now."""
+    out = []
+    for item in ITEMS:
+        rec = record.items[item]
+        start, end = _time(rec.not_before), _time(rec.not_after)
+        out.append(Lifetime(item, CERT_FILES[item], rec, (end - now).total_seconds() / 86400,
+                            (end - start).total_seconds() / 86400))
+    return out
+
+
+@dataclass(frozen=True)
+class Minion:
+    """What a minion last received through the pillar."""
+
+    minion: str
+    role: str | None
+    version: int
+    time: str
+    behind: int  # versions behind the current one (0 = current)
+    changed: bool  # the files it holds differ from what its pillar holds now
+
+
+_FILE_ITEM = {**{f: i for i, f in CERT_FILES.items()}, **{f: i for i, f in KEY_FILES.items()}}
+
+
+def _held(record: GenerationRecord | None, files: Iterable[str]) -> tuple[Any, ...] | None:
+    """What a set of host files is, in fingerprints: the bundle for ca.crt, the leaf for the rest.
+
+    A key changes exactly when its certificate does, so the certificate stands for both.
+    """
+    if record is None:
+        return None
+    return tuple(record.trust if f == "ca.crt" else record.items[_FILE_ITEM[f]].fingerprint
+                 if f in _FILE_ITEM else f for f in sorted(files))
+
+
+def minion_table(events: Iterable[AuditEvent], current: GenerationRecord,
+                 records: Mapping[int, GenerationRecord]) -> list[Minion]:
+    """Each minion's newest pillar delivery in events (newest first); stale ones first.
+
+    records maps versions to their records: a minion behind the current version whose files
+    (the delivery's `items`) are the same now is behind but not `changed`.
+    """
+    seen: dict[str, Minion] = {}
+    for e in events:
+        if e.action != "pillar" or not e.minion or e.version is None or e.minion in seen:
+            continue
+        behind = max(0, current.version - e.version)
+        changed = False
+        if behind:
+            then = _held(records.get(e.version), e.items)
+            changed = then is None or then != _held(current, e.items)
+        seen[e.minion] = Minion(e.minion, e.role, e.version, e.time, behind, changed)
+    return sorted(seen.values(), key=lambda m: (not m.changed, m.behind == 0, m.minion))
+
+
+def _page_number() -> int:
+    text = request.args.get("page", "1")
+    return int(text) if text.isdigit() and 0 < int(text) < 10**6 else 1
+
+
+def _pages(total: int, size: int) -> int:
+    return max(1, -(-total // size))
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+def _render(template: str, status: int = 200, **context: Any) -> Response:
+    context.setdefault("principal", g.get("principal"))
+    context.setdefault("csrf", request.cookies.get(CSRF_COOKIE, ""))
+    html = render_template(template, css=_STYLE, **context)
+    return Response(html, status=status, mimetype="text/html")
+
+
+@bp.get("/")
+@page("read")
+def overview() -> Response:
+    rotation = store().rotation()
+    rec = store().read(rotation["version"]).record  # the version the rotation state is of
+    trust = []
+    for fp in rec.trust:
+        detail = rec.items["ca"] if fp == rec.items["ca"].fingerprint else _ca_record(fp)
+        label = "signing CA" if fp == rec.items["ca"].fingerprint else ""
+        if rotation["open"]:
+            label = ("new CA" if fp == rotation["new_ca"] else
+                     "old CA" if fp == rotation["old_ca"] else label)
+            if fp == rec.items["ca"].fingerprint:
+                label += " (signing)"
+        trust.append({"fingerprint": fp, "record": detail, "label": label})
+    return _render("overview.html", title="Overview", gen=rec,
+                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation)
+
+
+def _ca_record(fingerprint: str) -> ItemRecord | None:
+    """The record of a trusted CA that is not this generation's signer (staged rotations)."""
+    for rec in store().versions():
+        if rec.items["ca"].fingerprint == fingerprint:
+            return rec.items["ca"]
+    return None
+
+
+@bp.get("/history")
+@page("read")
+def history() -> Response:
+    records = store().versions()
+    number = min(_page_number(), _pages(len(records), HISTORY_PAGE))
+    rows = records[(number - 1) * HISTORY_PAGE: number * HISTORY_PAGE]
+    return _render("history.html", title="History", rows=rows, page=number,
+                   pages=_pages(len(records), HISTORY_PAGE), total=len(records))
+
+
+@bp.get("/minions")
+@page("read", "audit")
+def minions() -> Response:
+    events = store().audit(limit=AUDIT_WINDOW)
+    current = store().read().record
+    records = {r.version: r for r in store().versions()}
+    table = minion_table(events, current, records)
+    only_behind = request.args.get("behind") == "1"
+    shown = [m for m in table if m.behind] if only_behind else table
+    number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
+    return _render("minions.html", title="Minions", current=current.version, total=len(table),
+                   behind=sum(1 for m in table if m.behind),
+                   changed=sum(1 for m in table if m.changed), only_behind=only_behind,
+                   rows=shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE],
+                   page=number, pages=_pages(len(shown), MINIONS_PAGE),
+                   window=AUDIT_WINDOW, truncated=len(events) >= AUDIT_WINDOW,
+                   oldest=events[-1].time if events else None)
+
+
+@bp.get("/audit")
+@page("read", "audit")
+def audit() -> Response:
+    kind = request.args.get("kind", "")
+    minion = request.args.get("minion", "").strip()[:253]
+    events = store().audit(limit=AUDIT_WINDOW)
+    matching = [e for e in events if (not kind or e.action == kind)
+                and (not minion or (e.minion is not None and minion in e.minion))]
+    number = min(_page_number(), _pages(len(matching), AUDIT_PAGE))
+    kinds = sorted({*OPERATIONS, *DELIVERY_ACTIONS, *TOKEN_ACTIONS, *(e.action for e in events)})
+    return _render("audit.html", title="Audit", kind=kind, minion=minion, kinds=kinds,
+                   rows=matching[(number - 1) * AUDIT_PAGE: number * AUDIT_PAGE],
+                   total=len(matching), page=number, pages=_pages(len(matching), AUDIT_PAGE),
+                   truncated=len(events) >= AUDIT_WINDOW, window=AUDIT_WINDOW)
+
+
+# --- login -----------------------------------------------------------------------------------
+
+def _login_form(error: str = "", status: int = 200) -> Response:
+    csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
+    resp = _render("login.html", status, title="Log in", principal=None, csrf=csrf, error=error,
+                   next=_safe_next(request.values.get("next")))
+    resp.set_cookie(CSRF_COOKIE, csrf, **_cookie_args())
+    return resp
+
+
+@bp.get("/login")
+def login_form() -> Response:
+    # A fixed message, never text from the query: nothing a link can make the page say.
+    expired = request.args.get("expired") == "1"
+    return _login_form("your token is no longer valid; log in again" if expired else "")
+
+
+@bp.post("/login")
+def login() -> Response:
+    if not _csrf_ok():
+        return _login_form("the form was stale or came from another site; try again", 403)
+    token = request.form.get("token", "").strip()
+    try:
+        principal = authenticate(store(), f"Bearer {token}")
+    except Unauthorized:
+        log.info("operator pages: a login with an unknown token from %s", request.remote_addr)
+        return _login_form("unknown token", 401)
+    if "read" not in principal.scopes:
+        return _login_form(f"token {principal.name!r} lacks the 'read' scope", 403)
+    resp = redirect(_safe_next(request.form.get("next")), code=303)
+    resp.set_cookie(SESSION_COOKIE, token, **_cookie_args())
+    return cast(Response, resp)
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    if not _csrf_ok():
+        return _login_form("the form was stale or came from another site; try again", 403)
+    resp = redirect(url_for("ui.login_form"), code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
+                       secure=request.is_secure)
+    return cast(Response, resp)
+
+
+# --- errors and headers ----------------------------------------------------------------------
+
+@bp.errorhandler(_LoginNeeded)
+def _to_login(e: _LoginNeeded) -> Response:
+    target = _safe_next(request.full_path.rstrip("?"))
+    url = (url_for("ui.login_form", next=target, expired="1") if e.expired
+           else url_for("ui.login_form", next=target))
+    resp = redirect(url, code=302)
+    if e.expired:
+        resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
+                           secure=request.is_secure)
+    return cast(Response, resp)
+
+
+@bp.errorhandler(_NotAllowed)
+def _forbidden(e: _NotAllowed) -> Response:
+    return _render("error.html", 403, title="Not allowed", message=str(e))
+
+
+@bp.errorhandler(PkiError)
+def _pki_error(e: PkiError) -> Response:
+    return _render("error.html", e.status, title=e.code.replace("_", " ").capitalize(),
+                   message=e.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(e: HTTPException) -> Response:
+    return _render("error.html", e.code or 500, title=e.name, message=e.description or "")
+
+
+@bp.errorhandler(Exception)
+def _unexpected(e: Exception) -> Response:
+    log.exception("operator pages: unexpected error")  # the traceback goes to the log only
+    return _render("error.html", 500, title="Internal error",
+                   message="internal error; see the service log")
+
+
+@bp.after_request
+def _headers(resp: Response) -> Response:
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["X-Frame-Options"] = "DENY"
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on our own
+    # form posts, and the login form checks Origin.
+    resp.headers["Referrer-Policy"] = "same-origin"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
