@@ -25,6 +25,7 @@ from pkisvc import pki
 from pkisvc.backends.base import Backend
 from pkisvc.errors import (
     AlreadyInitialised,
+    BackendUnavailable,
     ConfigError,
     Conflict,
     InvalidMaterial,
@@ -50,6 +51,7 @@ from pkisvc.settings import Settings, parse_san
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
+AUDIT_PATIENCE = 15.0  # seconds a written change keeps trying to append its audit event
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 IMPORT_FILES = ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
 
@@ -469,11 +471,33 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
-            self.backend.append_audit(AuditEvent(
+            self._audit_change(AuditEvent(
                 time=gen.record.created_at, actor=actor, action=operation, version=version,
                 items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
+
+    def _audit_change(self, event: AuditEvent) -> None:
+        """Append a written change's audit event, riding out a short outage.
+
+        The generation exists already: giving up at once would leave a change nobody audited
+        and answer 503 for a change that happened (a leader election takes a few seconds).
+        """
+        deadline = time.monotonic() + AUDIT_PATIENCE
+        delay = 0.05
+        while True:
+            try:
+                self.backend.append_audit(event)
+                return
+            except BackendUnavailable as e:
+                if time.monotonic() + delay > deadline:
+                    log.error("version %s was written but its audit event was not: %s",
+                              event.version, e.message)
+                    raise
+                log.warning("audit event of version %s: %s; trying again", event.version,
+                            e.message)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _generation(self, draft: Draft, version: int, parent: int | None, operation: str,
                     actor: str, reason: str) -> StoredGeneration:

@@ -10,6 +10,7 @@ import yaml
 from pkisvc import pki
 from pkisvc.errors import (
     AlreadyInitialised,
+    BackendUnavailable,
     Conflict,
     InvalidMaterial,
     InvalidRequest,
@@ -262,3 +263,31 @@ def test_trust_bundle_is_what_hosts_get_as_ca_crt(store):
     files = store.host_files(gen, ["ca.crt", "server.key"])
     assert files["ca.crt"] == gen.files[TRUST_FILE]
     assert files["server.key"] == gen.files["server.key"]
+
+
+class _AuditOutage:
+    """A backend whose audit appends fail a few times (a Vault leader election) then work."""
+
+    def __init__(self, backend, failures):
+        self._backend, self.failures = backend, failures
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def append_audit(self, event):
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("vault at http://127.0.0.1:1: local node not active")
+        self._backend.append_audit(event)
+
+
+def test_a_written_change_is_audited_through_a_short_outage(tmp_path):
+    from pkisvc.backends.files import FilesBackend
+    backend = _AuditOutage(FilesBackend(tmp_path / "data"), failures=0)
+    s = CertStore(backend, make_settings(tmp_path / "data"))
+    s.init(actor="test")
+    backend.failures = 3
+    record = s.rotate_leaf("server", actor="test", reason="during an election")
+    assert record.version == 2  # acknowledged: the change happened and is audited
+    events = [e for e in s.audit() if e.version == 2]
+    assert [(e.action, e.reason) for e in events] == [("rotate-server", "during an election")]
