@@ -437,6 +437,28 @@ class CertStore:
         return self._commit("import", actor, reason, build, allow_empty=True,
                             remote_addr=remote_addr)
 
+    def issue_serving_cert(self, hosts: tuple[str, ...], *, actor: str, days: int = 90
+                           ) -> tuple[bytes, bytes, bytes]:
+        """Issue pkisvc's own HTTPS certificate for hosts from the current CA (audited).
+
+        Returns (certificate PEM, key PEM, the trust bundle clients verify it with).
+        Raises: Conflict when the current generation holds no CA key.
+        """
+        if not hosts:
+            raise InvalidRequest("a serving certificate needs at least one host name or IP")
+        gen = self.read()
+        cur = parse_files(gen.files)
+        if cur.ca_key is None:
+            raise Conflict(f"version {gen.version} holds no CA key: rotate the CA first")
+        key = pki.generate_key(pki.key_type_of(cur.ca_key))
+        cert = pki.issue(pki.Profile("server", "pkisvc", days, sans=hosts), cur.ca, cur.ca_key,
+                         key, now=self.now())
+        self.backend.append_audit(AuditEvent(
+            time=pki.rfc3339(self.now()), actor=actor, action="self-tls", version=gen.version,
+            items=("ca",), reason=f"pkisvc serving certificate {pki.fingerprint(cert)} for "
+            + ", ".join(hosts)))
+        return pki.cert_pem(cert), pki.key_pem(key), gen.files[TRUST_FILE]
+
     def record_delivery(self, *, actor: str, action: str, version: int,
                         items: tuple[str, ...], minion: str | None = None,
                         role: str | None = None, remote_addr: str | None = None) -> None:
