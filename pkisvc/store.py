@@ -507,8 +507,14 @@ class CertStore:
         """
         deadline = time.monotonic() + AUDIT_PATIENCE
         delay = 0.05
+        retry = False
         while True:
             try:
+                # A failed append may have landed (the answer was lost): never write it twice.
+                if retry and event in self.backend.audit(since=_parse_time(event.time),
+                                                         limit=10_000):
+                    return
+                retry = True
                 self.backend.append_audit(event)
                 return
             except BackendUnavailable as e:

@@ -268,13 +268,17 @@ def test_trust_bundle_is_what_hosts_get_as_ca_crt(store):
 class _AuditOutage:
     """A backend whose audit appends fail a few times (a Vault leader election) then work."""
 
-    def __init__(self, backend, failures):
-        self._backend, self.failures = backend, failures
+    def __init__(self, backend, failures, lost_answers=0):
+        self._backend, self.failures, self.lost_answers = backend, failures, lost_answers
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
     def append_audit(self, event):
+        if self.lost_answers:  # written, but the answer never came back
+            self.lost_answers -= 1
+            self._backend.append_audit(event)
+            raise BackendUnavailable("vault at http://127.0.0.1:1: connection reset")
         if self.failures:
             self.failures -= 1
             raise BackendUnavailable("vault at http://127.0.0.1:1: local node not active")
@@ -291,3 +295,13 @@ def test_a_written_change_is_audited_through_a_short_outage(tmp_path):
     assert record.version == 2  # acknowledged: the change happened and is audited
     events = [e for e in s.audit() if e.version == 2]
     assert [(e.action, e.reason) for e in events] == [("rotate-server", "during an election")]
+
+
+def test_an_audit_event_whose_answer_was_lost_is_not_written_twice(tmp_path):
+    from pkisvc.backends.files import FilesBackend
+    backend = _AuditOutage(FilesBackend(tmp_path / "data"), failures=0)
+    s = CertStore(backend, make_settings(tmp_path / "data"))
+    s.init(actor="test")
+    backend.lost_answers, backend.failures = 1, 1
+    assert s.rotate_leaf("kubecfg", actor="test").version == 2
+    assert [e.action for e in s.audit() if e.version == 2] == ["rotate-kubecfg"]
