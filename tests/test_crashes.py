@@ -1,4 +1,5 @@
 """Crashes: SIGKILL gunicorn (master and workers) and a CLI writer mid-storm (issue 9, item 2)."""
+import contextlib
 import os
 import random
 import signal
@@ -72,6 +73,8 @@ def test_sigkill_mid_storm_never_loses_or_tears_a_generation(tmp_path):
             for w in workers:
                 os.kill(w, signal.SIGKILL)
             os.kill(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # workers respawned meanwhile
+                os.killpg(p.pid, signal.SIGKILL)
         else:
             os.killpg(p.pid, signal.SIGKILL)
         os.kill(cli.pid, signal.SIGKILL)
