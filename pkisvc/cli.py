@@ -176,6 +176,7 @@ def self_signed_tls(store: CertStore, settings: Settings) -> tuple[Path, Path]:
     for name, data in (("tls.key", key), ("tls.crt", cert), ("ca.crt", trust)):
         tmp = out / f".{name}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover of an earlier start may have another mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, out / name)
