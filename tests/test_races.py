@@ -8,8 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pkisvc.backends.files import FilesBackend
-from pkisvc.backends.vault import VaultBackend
 from tests.conftest import clean_env, run_cli, stop
 from tests.storm import (
     CHANGES,
@@ -60,22 +58,9 @@ def run_cli_storm(data, extra_env, ledger, rng, outputs):
                 ledger.statuses[409] += 1
 
 
-@pytest.fixture(params=["files", pytest.param("vault", marks=pytest.mark.vault)])
-def store_env(request, tmp_path):
-    """(environment for the service and CLI, a backend to check afterwards)."""
-    if request.param == "files":
-        return {}, lambda: FilesBackend(tmp_path / "data")
-    openbao = request.getfixturevalue("openbao")
-    over = openbao.settings_overrides()
-    env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": over["cluster"],
-           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": openbao.token}
-    return env, lambda: VaultBackend(openbao.addr, cluster=over["cluster"],
-                                     token=openbao.token)
-
-
 @pytest.mark.slow
-def test_api_and_cli_at_once_leave_a_gapless_audited_history(tmp_path, store_env):
-    extra_env, make_backend = store_env
+def test_api_and_cli_at_once_leave_a_gapless_audited_history(tmp_path, service_store):
+    extra_env, _, make_backend = service_store
     data = tmp_path / "data"
     p, url = serve(data, 4, **extra_env)
     started = time.monotonic()
