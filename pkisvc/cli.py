@@ -139,6 +139,8 @@ def serve(c: Context, bind: str | None, workers: int | None, self_tls: bool) -> 
     if workers:
         env["PKISVC_WORKERS"] = str(workers)
     settings = Settings.load(env.get("PKISVC_CONFIG"), env=env)  # fail here, in one line
+    if self_tls and settings.tls.cert:
+        raise click.UsageError("--self-tls and the tls.cert/tls.key settings exclude each other")
     if settings.auto_init:
         from pkisvc.app import bootstrap
 
@@ -147,9 +149,6 @@ def serve(c: Context, bind: str | None, workers: int | None, self_tls: bool) -> 
         if token_file.exists():
             click.echo(f"admin token: {token_file}", err=True)
     if self_tls:
-        if settings.tls.cert:
-            raise click.UsageError("--self-tls and the tls.cert/tls.key settings exclude "
-                                   "each other")
         cert, key = self_signed_tls(CertStore(load_backend(settings), settings), settings)
         env["PKISVC_TLS__CERT"], env["PKISVC_TLS__KEY"] = str(cert), str(key)
         click.echo(f"serving HTTPS with {cert} (trust {cert.parent / 'ca.crt'})", err=True)
