@@ -276,6 +276,12 @@ disable_mlock = true
             proc.send_signal(sig)
             proc.wait(timeout=30)
 
+    def restart_node(self, i: int) -> None:
+        """Start a stopped node again on its raft data and unseal it; return once it serves."""
+        self._start(i)
+        self._unseal(i)
+        wait_for(lambda: self._health(i) == 200, timeout=90, what=f"node {i} to rejoin")
+
     def stop(self) -> None:
         for i, proc in enumerate(self.procs):
             if proc is not None and proc.poll() is None:

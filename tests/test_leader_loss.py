@@ -80,6 +80,11 @@ def test_rotations_survive_the_loss_of_the_raft_leader(raft, tmp_path):
     events = change_events(backend)
     assert {v: events[v] for v in ledger.acked if events[v] != 1} == {}
     assert max(events.values()) == 1
+    # The old leader comes back as a follower, catches up, and serves the same history.
+    raft.restart_node(leader)
+    rejoined = VaultBackend(raft.addrs[leader], cluster="leader-loss", token=raft.token)
+    wait_for(lambda: rejoined.latest() == len(records), 60, "the old leader to catch up")
+    assert [r.version for r in rejoined.versions()] == [r.version for r in records]
     unacked = len(records) - 1 - len(ledger.acked)
     print(f"\nleader loss: {len(answers)} rotations ({acked_before} acked before the kill), "
           f"statuses {dict(statuses)}, 503 window {window:.1f}s, {len(records)} versions, "
