@@ -13,9 +13,16 @@ from hypothesis import strategies as st
 
 from pkisvc import pki
 from pkisvc.app import create_app
+from pkisvc.backends.files import FilesBackend
 from pkisvc.errors import ConfigError, PkiError
 from pkisvc.settings import _SCHEMA, Settings
-from pkisvc.store import IMPORT_FILES, CertStore, read_import_dir, read_import_pillar
+from pkisvc.store import (
+    IMPORT_FILES,
+    CertStore,
+    parse_files,
+    read_import_dir,
+    read_import_pillar,
+)
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -80,8 +87,8 @@ def material(tmp_path_factory):
     """A valid set of import files, and a second one from another CA."""
     sets = []
     for n in ("a", "b"):
-        s = CertStore(__import__("pkisvc.backends.files", fromlist=["x"]).FilesBackend(
-            tmp_path_factory.mktemp(n)), make_settings(tmp_path_factory.mktemp(n)))
+        root = tmp_path_factory.mktemp(n)
+        s = CertStore(FilesBackend(root), make_settings(root))
         s.init(actor="test")
         gen = s.read()
         sets.append({n: gen.files["trust.crt" if n == "ca.crt" else n] for n in IMPORT_FILES})
@@ -125,8 +132,7 @@ def unchanged(store):
 @given(data=st.data())
 def test_hostile_pem_directories_are_refused_without_a_write(material, tmp_path_factory, data):
     root = tmp_path_factory.mktemp("st")
-    store = CertStore(__import__("pkisvc.backends.files", fromlist=["x"]).FilesBackend(
-        root / "data"), make_settings(root / "data"))
+    store = CertStore(FilesBackend(root / "data"), make_settings(root / "data"))
     store.init(actor="test")
     files = mutated(material[0], material[1], data)
     src = root / "import"
@@ -138,7 +144,7 @@ def test_hostile_pem_directories_are_refused_without_a_write(material, tmp_path_
     if record is None:
         assert unchanged(store) == before
     else:  # whatever was accepted is a whole set
-        pki.check_set(__import__("pkisvc.store", fromlist=["x"]).parse_files(
+        pki.check_set(parse_files(
             store.read().files))
 
 
@@ -152,8 +158,7 @@ pillar_keys = st.sampled_from([*IMPORT_FILES, *(n.replace(".", "_") for n in IMP
 def test_hostile_pasted_pillars_are_refused_without_a_write(material, tmp_path_factory, data,
                                                             key, shape):
     root = tmp_path_factory.mktemp("pp")
-    store = CertStore(__import__("pkisvc.backends.files", fromlist=["x"]).FilesBackend(
-        root / "data"), make_settings(root / "data"))
+    store = CertStore(FilesBackend(root / "data"), make_settings(root / "data"))
     store.init(actor="test")
     path = root / "pillar.sls"
     if shape == "text":

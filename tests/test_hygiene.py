@@ -13,7 +13,16 @@ import pytest
 import requests
 
 from pkisvc.store import CertStore, hash_token
-from tests.conftest import REPO, clean_env, free_port, run_cli, stop, vault_backend, wait_for
+from tests.conftest import (
+    REPO,
+    clean_env,
+    free_port,
+    make_settings,
+    run_cli,
+    stop,
+    vault_backend,
+    wait_for,
+)
 from tests.storm import assert_no_secrets
 
 pytestmark = pytest.mark.slow
@@ -114,8 +123,7 @@ def test_no_key_or_token_in_logs_audit_errors_metrics_node_pillar_or_listings(tm
 @pytest.mark.vault
 def test_vault_keeps_only_token_hashes(openbao):
     backend = vault_backend(openbao)
-    settings = __import__("tests.conftest", fromlist=["x"]).make_settings(
-        openbao.workdir / "unused")
+    settings = make_settings(openbao.workdir / "unused")
     store = CertStore(backend, settings)
     store.init(actor="test")
     token = store.create_token("salt-master", ["secrets"], actor="test")
