@@ -191,28 +191,32 @@ class RaftCluster:
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         for i in range(size):
             self._configure(i)
-        self._start(0)
-        init = hvac.Client(url=self.addrs[0]).sys.initialize(secret_shares=1,
-                                                             secret_threshold=1)
-        self.token, self._unseal_key = init["root_token"], init["keys"][0]
-        self._unseal(0)
-        wait_for(lambda: self._health(0, standbyok=False) == 200, timeout=60,
-                 what="node 0 to lead")
-        # Autopilot makes a joined node a voter once it has been healthy this long (10s).
-        wait_for(lambda: hvac.Client(url=self.addrs[0], token=self.token).adapter.post(
-            "/v1/sys/storage/raft/autopilot/configuration",
-            json={"server_stabilization_time": "1s"}) or True, timeout=60,
-            what="autopilot settings")
-        for i in range(1, size):
-            self._start(i)
-            hvac.Client(url=self.addrs[i]).sys.join_raft_cluster(leader_api_addr=self.addrs[0])
-            self._unseal(i)
-        for i in range(1, size):
-            # A standby answers 429 on sys/health (standbyok makes it 200).
-            wait_for(lambda i=i: self._health(i) == 200, timeout=90, what=f"node {i} to join")
-        hvac.Client(url=self.addrs[0], token=self.token).sys.enable_secrets_engine(
-            "kv", path="secret", options={"version": "2"})
-        wait_for(lambda: len(self.voters()) == size, timeout=60, what="three raft voters")
+        try:
+            self._start(0)
+            init = hvac.Client(url=self.addrs[0]).sys.initialize(secret_shares=1,
+                                                                 secret_threshold=1)
+            self.token, self._unseal_key = init["root_token"], init["keys"][0]
+            self._unseal(0)
+            wait_for(lambda: self._health(0, standbyok=False) == 200, timeout=60,
+                     what="node 0 to lead")
+            # Autopilot makes a joined node a voter once it has been healthy this long (10s).
+            wait_for(lambda: hvac.Client(url=self.addrs[0], token=self.token).adapter.post(
+                "/v1/sys/storage/raft/autopilot/configuration",
+                json={"server_stabilization_time": "1s"}) or True, timeout=60,
+                what="autopilot settings")
+            for i in range(1, size):
+                self._start(i)
+                hvac.Client(url=self.addrs[i]).sys.join_raft_cluster(leader_api_addr=self.addrs[0])
+                self._unseal(i)
+            for i in range(1, size):
+                # A standby answers 429 on sys/health (standbyok makes it 200).
+                wait_for(lambda i=i: self._health(i) == 200, timeout=90, what=f"node {i} to join")
+            hvac.Client(url=self.addrs[0], token=self.token).sys.enable_secrets_engine(
+                "kv", path="secret", options={"version": "2"})
+            wait_for(lambda: len(self.voters()) == size, timeout=60, what="three raft voters")
+        except BaseException:
+            self.stop()  # nodes started so far, by PID
+            raise
 
     def _configure(self, i: int) -> None:
         node = self.workdir / f"node{i}"
