@@ -216,3 +216,41 @@ def test_hostile_request_bodies_get_4xx_and_write_nothing(client, path, body, ct
         assert set(r.get_json()) == {"error", "message"}
     elif r.status_code == 201:
         assert store.latest() == before[0] + 1
+
+
+segments = st.sampled_from(["certs", "server", "kubecfg", "ca", "key", "pillar", "versions",
+                            "audit", "ca.pem", "rotation", "..", "%2e%2e", "%00", "1", "0",
+                            "-1", "k8s-node-1", "ü", "a" * 300, ""]) | st.text(max_size=8)
+queries = st.lists(st.tuples(st.sampled_from(["role", "version", "since", "limit", "x"])
+                             | st.text(max_size=5),
+                             st.sampled_from(["master", "node", "1", "0", "99999999999",
+                                              "2020-01-01T00:00:00Z", "", "-1"])
+                             | st.text(max_size=10)), max_size=3)
+
+
+@FUZZ
+@given(parts=st.lists(segments, min_size=1, max_size=4), query=queries,
+       auth=st.sampled_from(["good", "none", "bad", "junk"]),
+       etag=st.sampled_from([None, '"1"', '"2"', "*", "garbage"]))
+def test_hostile_reads_get_no_5xx_and_no_key_to_the_wrong_reader(client, parts, query, auth,
+                                                                  etag):
+    app, token = client
+    store = app.extensions["pkisvc"]
+    before = unchanged(store)
+    headers = {"Authorization": {"good": f"Bearer {token}", "bad": "Bearer pks_nope",
+                                 "junk": "Basic \x00\xff"}.get(auth, "")}
+    if etag:
+        headers["If-None-Match"] = etag
+    r = app.test_client().get("/v1/" + "/".join(parts), query_string=query, headers=headers)
+    text = r.get_data(as_text=True)
+    assert r.status_code < 500, text
+    assert "Traceback" not in text and token not in text
+    if auth != "good":
+        assert "PRIVATE KEY" not in text
+    if r.status_code >= 400:
+        assert set(r.get_json()) == {"error", "message"}
+    # Only key material leaving the service is audited: a pillar answer or a key.
+    deliveries = 1 if r.status_code == 200 and (parts[0] == "pillar" or (
+        parts[0] == "certs" and parts[-1] == "key")) else 0
+    assert unchanged(store)[0] == before[0]  # a read never makes a version
+    assert unchanged(store)[1] - before[1] <= deliveries
