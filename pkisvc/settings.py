@@ -376,18 +376,18 @@ def _read_file(path: Path) -> dict[str, Any]:
             for sub, v in value.items():
                 dotted = f"{key}.{sub}"
                 if dotted not in _SCHEMA:
-                    raise ConfigError(f"unknown setting '{_shown(dotted)}' in {path}")
+                    raise ConfigError(f"unknown setting '{one_line(dotted)}' in {path}")
                 flat[dotted] = v
         elif key in _SCHEMA:
             flat[key] = value
         else:
-            raise ConfigError(f"unknown setting '{_shown(key)}' in {path}")
+            raise ConfigError(f"unknown setting '{one_line(key)}' in {path}")
     return flat
 
 
-def _shown(key: str) -> str:
-    """A key from a file as an error may name it: one line, control characters escaped."""
-    return key if key.isprintable() else repr(key)[1:-1]
+def one_line(text: str) -> str:
+    """A name read from a file as an error may show it: one line, control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:

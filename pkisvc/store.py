@@ -46,7 +46,7 @@ from pkisvc.model import (
     StoredGeneration,
     TokenRecord,
 )
-from pkisvc.settings import Settings, parse_san
+from pkisvc.settings import Settings, one_line, parse_san
 
 log = logging.getLogger(__name__)
 
@@ -671,9 +671,10 @@ def read_import_pillar(path: str | Path, key: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name, value in node.items():
         fname = aliases.get(str(name), str(name))
+        where = one_line(f"{key}:{name}")
         if fname not in IMPORT_FILES:
-            raise InvalidMaterial(f"{key}:{name}: not one of {', '.join(IMPORT_FILES)}")
+            raise InvalidMaterial(f"{where}: not one of {', '.join(IMPORT_FILES)}")
         if not isinstance(value, str):
-            raise InvalidMaterial(f"{key}:{name}: not a PEM text")
+            raise InvalidMaterial(f"{where}: not a PEM text")
         out[fname] = value.encode()
     return out

@@ -305,3 +305,12 @@ def test_an_audit_event_whose_answer_was_lost_is_not_written_twice(tmp_path):
     backend.lost_answers, backend.failures = 1, 1
     assert s.rotate_leaf("kubecfg", actor="test").version == 2
     assert [e.action for e in s.audit() if e.version == 2] == ["rotate-kubecfg"]
+
+
+def test_a_pasted_pillar_key_with_a_newline_is_named_in_one_line(tmp_path):
+    path = tmp_path / "pillar.sls"
+    path.write_text(yaml.safe_dump({"kubernetes": {"cert": {"evil\nname": "x"}}}))
+    with pytest.raises(InvalidMaterial) as e:
+        read_import_pillar(path, "kubernetes:cert")
+    assert e.value.message.startswith("kubernetes:cert:evil\\nname: not one of")
+    assert "\n" not in e.value.message
