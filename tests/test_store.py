@@ -314,3 +314,25 @@ def test_a_pasted_pillar_key_with_a_newline_is_named_in_one_line(tmp_path):
         read_import_pillar(path, "kubernetes:cert")
     assert e.value.message.startswith("kubernetes:cert:evil\\nname: not one of")
     assert "\n" not in e.value.message
+
+
+def test_import_refuses_a_ca_whose_issuer_cannot_be_parsed(store, tmp_path):
+    """Found by hypothesis: the CA's issuer name is broken but its key still signs the leaves;
+    cryptography parses names lazily, so this escaped as a bare ValueError (a traceback)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    store.init(actor="test")
+    gen = store.read()
+    files = {n: gen.files["trust.crt" if n == "ca.crt" else n]
+             for n in ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt",
+                       "kubecfg.key")}
+    ca = x509.load_pem_x509_certificate(files["ca.crt"])
+    der = bytearray(ca.public_bytes(Encoding.DER))
+    at = der.find(ca.issuer.public_bytes())
+    der[at + 13] = 0xFF  # a byte of the CN's UTF8String: no longer UTF-8
+    files["ca.crt"] = pki.cert_pem(x509.load_der_x509_certificate(bytes(der)))
+    before = store.latest(), len(store.audit(limit=10**6))
+    with pytest.raises(InvalidMaterial, match=r"^ca\.crt: not a valid PEM certificate$"):
+        store.import_files(files, actor="test")
+    assert (store.latest(), len(store.audit(limit=10**6))) == before
