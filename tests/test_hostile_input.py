@@ -221,7 +221,7 @@ def test_hostile_request_bodies_get_4xx_and_write_nothing(client, path, body, ct
 segments = st.sampled_from(["certs", "server", "kubecfg", "ca", "key", "pillar", "versions",
                             "audit", "ca.pem", "rotation", "..", "%2e%2e", "%00", "1", "0",
                             "-1", "k8s-node-1", "ü", "a" * 300, ""]) | st.text(
-    st.characters(exclude_characters="?#"), max_size=8)  # those two end a path
+    st.characters(codec="utf-8", exclude_characters="?#"), max_size=8)  # "?#" end a path
 queries = st.lists(st.tuples(st.sampled_from(["role", "version", "since", "limit", "x"])
                              | st.text(max_size=5),
                              st.sampled_from(["master", "node", "1", "0", "99999999999",
