@@ -11,6 +11,10 @@ cannot live in `custom_metadata`, which is per secret).  Before the first write 
 `max_versions` is set explicitly (KV v2 keeps 10 and purges older ones silently otherwise) and
 `cas_required` is switched on.
 
+`vault.addr` may name several nodes of one cluster, comma-separated: a call that cannot
+connect to one (refused, connect timeout, sealed) moves to the next and stays there.  Nothing
+is retried where the request may have reached a node, so a write is never made twice.
+
 Versions never change once written, so they are cached in memory; `latest()` always asks
 Vault.  Every hvac/requests failure becomes `NotFound`, `VersionConflict`,
 `BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
@@ -32,6 +36,7 @@ from typing import Any, TypeVar
 import hvac
 import hvac.exceptions
 import requests
+import urllib3.exceptions
 
 from pkisvc.backends.base import checked_version
 from pkisvc.errors import (
@@ -77,7 +82,10 @@ class VaultBackend:
         if not (token or token_file or role_id):
             raise ConfigError("setting 'vault': the vault backend needs vault.token, "
                               "vault.token_file, or vault.role_id and vault.secret_id")
-        self.addr = addr.rstrip("/")
+        self.addrs = tuple(a.strip().rstrip("/") for a in addr.split(",") if a.strip())
+        if not self.addrs:
+            raise ConfigError("setting 'vault.addr': no address")
+        self.addr = self.addrs[0]  # the node in use; error messages name it
         self.mount = mount
         self.base = f"{prefix}/{cluster}"
         self.timeout = timeout
@@ -120,10 +128,30 @@ class VaultBackend:
         return f"{self.mount}/metadata/{path}"
 
     def _call(self, where: str, fn: Callable[[], T]) -> T:
-        """Run one hvac call as the current identity; translate whatever it raises.
+        """Run one hvac call on a reachable node; translate whatever it raises.
 
         `where` is the Vault path the call touches: it is what error messages name.
         """
+        for attempt in range(len(self.addrs)):
+            failed = self.addr
+            try:
+                return self._call_once(where, fn)
+            except _Unreached:
+                if attempt == len(self.addrs) - 1:
+                    raise
+                self._fail_over(failed)
+        raise AssertionError("unreachable")
+
+    def _fail_over(self, failed: str) -> None:
+        """Move to the node after `failed` (unless another thread moved already)."""
+        with self._lock:
+            if self.addr == failed:
+                self.addr = self.addrs[(self.addrs.index(failed) + 1) % len(self.addrs)]
+                self._client.url = self.addr
+                log.warning("vault at %s cannot be reached; using %s", failed, self.addr)
+
+    def _call_once(self, where: str, fn: Callable[[], T]) -> T:
+        """Run one hvac call as the current identity; translate whatever it raises."""
         for attempt in (1, 2):
             with self._lock:
                 self._login(force=attempt == 2)
@@ -153,6 +181,11 @@ class VaultBackend:
         return False
 
     def _translate(self, e: Exception, where: str) -> PkiError:
+        if _never_reached(e):
+            return _Unreached(f"vault at {self.addr}: cannot connect ({where}): "
+                              f"{_root_cause(e)}")
+        if isinstance(e, hvac.exceptions.VaultDown):  # sealed: it served nothing
+            return _Unreached(f"vault at {self.addr}: {where}: sealed")
         if isinstance(e, hvac.exceptions.InvalidPath):
             return NotFound(f"nothing at {where}")
         if isinstance(e, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
@@ -554,6 +587,26 @@ class _Auth:
             self._file_mtime = mtime
             return token
         return self._current
+
+
+class _Unreached(BackendUnavailable):
+    """The node did not serve the request (not connected, or sealed): another node may."""
+
+
+def _never_reached(e: BaseException) -> bool:
+    """Tell whether a requests error happened before the request could reach the server."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        # NewConnectionError (refused, no route, DNS) is a ConnectTimeoutError in urllib3 2.
+        if isinstance(x, urllib3.exceptions.ConnectTimeoutError):
+            return True
+        todo += [n for n in (x.__cause__, x.__context__, getattr(x, "reason", None), *x.args)
+                 if isinstance(n, BaseException)]
+    return False
 
 
 def _event_time(event: AuditEvent) -> datetime:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -124,8 +125,11 @@ def done(record: Any) -> None:
 @main.command()
 @click.option("--bind", help="HOST:PORT (default: the `bind` setting).")
 @click.option("--workers", type=click.IntRange(1, 64), help="gunicorn workers.")
+@click.option("--self-tls", is_flag=True,
+              help="Serve HTTPS with a certificate for the bind address issued from the "
+                   "store's CA into <data_dir>/tls/ (clients trust <data_dir>/tls/ca.crt).")
 @pass_ctx
-def serve(c: Context, bind: str | None, workers: int | None) -> None:
+def serve(c: Context, bind: str | None, workers: int | None, self_tls: bool) -> None:
     """Run the HTTP service under gunicorn."""
     env = dict(os.environ)
     if c.config:
@@ -135,6 +139,8 @@ def serve(c: Context, bind: str | None, workers: int | None) -> None:
     if workers:
         env["PKISVC_WORKERS"] = str(workers)
     settings = Settings.load(env.get("PKISVC_CONFIG"), env=env)  # fail here, in one line
+    if self_tls and settings.tls.cert:
+        raise click.UsageError("--self-tls and the tls.cert/tls.key settings exclude each other")
     if settings.auto_init:
         from pkisvc.app import bootstrap
 
@@ -142,10 +148,38 @@ def serve(c: Context, bind: str | None, workers: int | None) -> None:
         token_file = settings.data_dir / "admin.token"
         if token_file.exists():
             click.echo(f"admin token: {token_file}", err=True)
+    if self_tls:
+        cert, key = self_signed_tls(CertStore(load_backend(settings), settings), settings)
+        env["PKISVC_TLS__CERT"], env["PKISVC_TLS__KEY"] = str(cert), str(key)
+        click.echo(f"serving HTTPS with {cert} (trust {cert.parent / 'ca.crt'})", err=True)
     click.echo(f"pkisvc serving on {settings.bind} ({settings.backend} backend)", err=True)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:pkisvc.gunicorn_conf",
             "pkisvc.app:create_app()"]
     os.execve(sys.executable, argv, env)  # noqa: S606 - become gunicorn, same PID
+
+
+def serving_hosts(bind: str) -> tuple[str, ...]:
+    """The names a client may use for the bind address (a wildcard: this host's names)."""
+    host = bind.rsplit(":", 1)[0].strip("[]")
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming what the operator bound
+        return ("127.0.0.1", "::1", "localhost", socket.gethostname())
+    return (host,)
+
+
+def self_signed_tls(store: CertStore, settings: Settings) -> tuple[Path, Path]:
+    """Write <data_dir>/tls/{tls.crt,tls.key,ca.crt} (0600) for `serve --self-tls`."""
+    cert, key, trust = store.issue_serving_cert(serving_hosts(settings.bind), actor=actor())
+    out = settings.data_dir / "tls"
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    for name, data in (("tls.key", key), ("tls.crt", cert), ("ca.crt", trust)):
+        tmp = out / f".{name}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover of an earlier start may have another mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out / name)
+    return out / "tls.crt", out / "tls.key"
 
 
 @main.command()

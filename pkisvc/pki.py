@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -159,8 +159,15 @@ def load_certs(data: bytes, name: str) -> list[x509.Certificate]:
         warnings.simplefilter("ignore")
         try:
             certs = x509.load_pem_x509_certificates(data)
+            # cryptography parses names, validity and extensions lazily: a broken field would
+            # otherwise raise ValueError later, wherever it is first read (a record, a log).
+            for c in certs:
+                c.subject, c.issuer, c.not_valid_before_utc, c.not_valid_after_utc  # noqa: B018
+                c.extensions  # noqa: B018
+                c.public_key()
             serials = [c.serial_number for c in certs]
-        except ValueError:
+        except (ValueError, TypeError, x509.DuplicateExtension,
+                x509.UnsupportedGeneralNameType, UnsupportedAlgorithm):
             raise InvalidMaterial(f"{name}: not a valid PEM certificate") from None
     for serial in serials:
         if serial <= 0:

@@ -376,13 +376,18 @@ def _read_file(path: Path) -> dict[str, Any]:
             for sub, v in value.items():
                 dotted = f"{key}.{sub}"
                 if dotted not in _SCHEMA:
-                    raise ConfigError(f"unknown setting '{dotted}' in {path}")
+                    raise ConfigError(f"unknown setting '{one_line(dotted)}' in {path}")
                 flat[dotted] = v
         elif key in _SCHEMA:
             flat[key] = value
         else:
-            raise ConfigError(f"unknown setting '{key}' in {path}")
+            raise ConfigError(f"unknown setting '{one_line(key)}' in {path}")
     return flat
+
+
+def one_line(text: str) -> str:
+    """A name read from a file as an error may show it: one line, control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pkisvc import pki
 from pkisvc.backends.base import Backend
 from pkisvc.errors import (
     AlreadyInitialised,
+    BackendUnavailable,
     ConfigError,
     Conflict,
     InvalidMaterial,
@@ -45,11 +46,12 @@ from pkisvc.model import (
     StoredGeneration,
     TokenRecord,
 )
-from pkisvc.settings import Settings, parse_san
+from pkisvc.settings import Settings, one_line, parse_san
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
+AUDIT_PATIENCE = 15.0  # seconds a written change keeps trying to append its audit event
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 IMPORT_FILES = ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
 
@@ -435,6 +437,28 @@ class CertStore:
         return self._commit("import", actor, reason, build, allow_empty=True,
                             remote_addr=remote_addr)
 
+    def issue_serving_cert(self, hosts: tuple[str, ...], *, actor: str, days: int = 90
+                           ) -> tuple[bytes, bytes, bytes]:
+        """Issue pkisvc's own HTTPS certificate for hosts from the current CA (audited).
+
+        Returns (certificate PEM, key PEM, the trust bundle clients verify it with).
+        Raises: Conflict when the current generation holds no CA key.
+        """
+        if not hosts:
+            raise InvalidRequest("a serving certificate needs at least one host name or IP")
+        gen = self.read()
+        cur = parse_files(gen.files)
+        if cur.ca_key is None:
+            raise Conflict(f"version {gen.version} holds no CA key: rotate the CA first")
+        key = pki.generate_key(pki.key_type_of(cur.ca_key))
+        cert = pki.issue(pki.Profile("server", "pkisvc", days, sans=hosts), cur.ca, cur.ca_key,
+                         key, now=self.now())
+        self.backend.append_audit(AuditEvent(
+            time=pki.rfc3339(self.now()), actor=actor, action="self-tls", version=gen.version,
+            items=("ca",), reason=f"pkisvc serving certificate {pki.fingerprint(cert)} for "
+            + ", ".join(hosts)))
+        return pki.cert_pem(cert), pki.key_pem(key), gen.files[TRUST_FILE]
+
     def record_delivery(self, *, actor: str, action: str, version: int,
                         items: tuple[str, ...], minion: str | None = None,
                         role: str | None = None, remote_addr: str | None = None) -> None:
@@ -469,11 +493,39 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
-            self.backend.append_audit(AuditEvent(
+            self._audit_change(AuditEvent(
                 time=gen.record.created_at, actor=actor, action=operation, version=version,
                 items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
+
+    def _audit_change(self, event: AuditEvent) -> None:
+        """Append a written change's audit event, riding out a short outage.
+
+        The generation exists already: giving up at once would leave a change nobody audited
+        and answer 503 for a change that happened (a leader election takes a few seconds).
+        """
+        deadline = time.monotonic() + AUDIT_PATIENCE
+        delay = 0.05
+        retry = False
+        while True:
+            try:
+                # A failed append may have landed (the answer was lost): never write it twice.
+                if retry and event in self.backend.audit(since=_parse_time(event.time),
+                                                         limit=10_000):
+                    return
+                retry = True
+                self.backend.append_audit(event)
+                return
+            except BackendUnavailable as e:
+                if time.monotonic() + delay > deadline:
+                    log.error("version %s was written but its audit event was not: %s",
+                              event.version, e.message)
+                    raise
+                log.warning("audit event of version %s: %s; trying again", event.version,
+                            e.message)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _generation(self, draft: Draft, version: int, parent: int | None, operation: str,
                     actor: str, reason: str) -> StoredGeneration:
@@ -619,9 +671,10 @@ def read_import_pillar(path: str | Path, key: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name, value in node.items():
         fname = aliases.get(str(name), str(name))
+        where = one_line(f"{key}:{name}")
         if fname not in IMPORT_FILES:
-            raise InvalidMaterial(f"{key}:{name}: not one of {', '.join(IMPORT_FILES)}")
+            raise InvalidMaterial(f"{where}: not one of {', '.join(IMPORT_FILES)}")
         if not isinstance(value, str):
-            raise InvalidMaterial(f"{key}:{name}: not a PEM text")
+            raise InvalidMaterial(f"{where}: not a PEM text")
         out[fname] = value.encode()
     return out

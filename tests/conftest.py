@@ -132,3 +132,18 @@ def vault_backend(openbao: Any, **overrides: Any) -> Any:
     from pkisvc.backends.vault import VaultBackend
     s = Settings.load(env={}, overrides=openbao.settings_overrides(**overrides))
     return VaultBackend.from_settings(s)
+
+
+@pytest.fixture(params=["files", pytest.param("vault", marks=pytest.mark.vault)])
+def service_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """(environment for `pkisvc serve` and the CLI, settings overrides for a store process,
+    a factory of a backend to check afterwards) over files or the shared OpenBao."""
+    if request.param == "files":
+        return {}, {}, lambda: FilesBackend(tmp_path / "data")
+    from pkisvc.backends.vault import VaultBackend
+    openbao = request.getfixturevalue("openbao")
+    over = openbao.settings_overrides()
+    env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": over["cluster"],
+           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": openbao.token}
+    return env, over, lambda: VaultBackend(openbao.addr, cluster=over["cluster"],
+                                           token=openbao.token)

@@ -175,3 +175,122 @@ cluster_addr = "http://{cluster}"
         hvac.Client(url=self.addr).sys.submit_unseal_key(self._unseal_key)
         wait_for(lambda: requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code
                  == 200, timeout=30, what="OpenBao to unseal")
+
+
+class RaftCluster:
+    """Three `bao server` nodes on integrated Raft storage, on loopback, each stopped by PID.
+
+    Node 0 is initialised and unsealed; nodes 1 and 2 join it (`operator raft join`) and are
+    given the unseal key.  Every node answers the API (a standby forwards to the leader).
+    """
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.workdir = workdir
+        self.ports = [free_port() for _ in range(size)]
+        self.addrs = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        for i in range(size):
+            self._configure(i)
+        try:
+            self._start(0)
+            init = hvac.Client(url=self.addrs[0]).sys.initialize(secret_shares=1,
+                                                                 secret_threshold=1)
+            self.token, self._unseal_key = init["root_token"], init["keys"][0]
+            self._unseal(0)
+            wait_for(lambda: self._health(0, standbyok=False) == 200, timeout=60,
+                     what="node 0 to lead")
+            # Autopilot makes a joined node a voter once it has been healthy this long (10s).
+            wait_for(lambda: hvac.Client(url=self.addrs[0], token=self.token).adapter.post(
+                "/v1/sys/storage/raft/autopilot/configuration",
+                json={"server_stabilization_time": "1s"}) or True, timeout=60,
+                what="autopilot settings")
+            for i in range(1, size):
+                self._start(i)
+                hvac.Client(url=self.addrs[i]).sys.join_raft_cluster(leader_api_addr=self.addrs[0])
+                self._unseal(i)
+            for i in range(1, size):
+                # A standby answers 429 on sys/health (standbyok makes it 200).
+                wait_for(lambda i=i: self._health(i) == 200, timeout=90, what=f"node {i} to join")
+            hvac.Client(url=self.addrs[0], token=self.token).sys.enable_secrets_engine(
+                "kv", path="secret", options={"version": "2"})
+            wait_for(lambda: len(self.voters()) == size, timeout=60, what="three raft voters")
+        except BaseException:
+            self.stop()  # nodes started so far, by PID
+            raise
+
+    def _configure(self, i: int) -> None:
+        node = self.workdir / f"node{i}"
+        (node / "raft").mkdir(parents=True, exist_ok=True)
+        cluster = free_port()
+        (node / "openbao.hcl").write_text(f"""
+storage "raft" {{
+  path    = "{node / 'raft'}"
+  node_id = "node{i}"
+  performance_multiplier = 1  # loopback: elect a new leader within a second or two
+}}
+listener "tcp" {{
+  address         = "127.0.0.1:{self.ports[i]}"
+  cluster_address = "127.0.0.1:{cluster}"
+  tls_disable     = true
+}}
+api_addr      = "{self.addrs[i]}"
+cluster_addr  = "http://127.0.0.1:{cluster}"
+disable_mlock = true
+""")
+
+    def _start(self, i: int) -> None:
+        node = self.workdir / f"node{i}"
+        with open(node / "openbao.log", "ab") as out:
+            self.procs[i] = subprocess.Popen(
+                [str(bao_binary()), "server", f"-config={node / 'openbao.hcl'}"], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=node,
+                env={"HOME": str(node), "PATH": "/usr/bin:/bin"})
+        wait_for(lambda: self._health(i) in (200, 429, 472, 473, 501, 503), timeout=60,
+                 what=f"node {i} to listen")
+
+    def _health(self, i: int, *, standbyok: bool = True) -> int:
+        proc = self.procs[i]
+        if proc is None or proc.poll() is not None:
+            raise AssertionError(f"node {i} is not running")
+        query = "?standbyok=true" if standbyok else ""
+        return requests.get(f"{self.addrs[i]}/v1/sys/health{query}", timeout=2).status_code
+
+    def _unseal(self, i: int) -> None:
+        wait_for(lambda: not hvac.Client(url=self.addrs[i]).sys.submit_unseal_key(
+            self._unseal_key)["sealed"], timeout=60, what=f"node {i} to unseal")
+
+    def voters(self) -> list[str]:
+        cfg = self.client().sys.read_raft_config()["data"]["config"]["servers"]
+        return [s["node_id"] for s in cfg if s.get("voter")]
+
+    def client(self) -> Any:
+        live = [a for a, p in zip(self.addrs, self.procs, strict=True)
+                if p is not None and p.poll() is None]
+        return hvac.Client(url=live[0], token=self.token, timeout=5)
+
+    def leader(self) -> int:
+        """Index of the active node."""
+        addr = self.client().sys.read_leader_status()["leader_address"].rstrip("/")
+        return self.addrs.index(addr)
+
+    def stop_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Stop one node by its PID."""
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def restart_node(self, i: int) -> None:
+        """Start a stopped node again on its raft data and unseal it; return once it serves."""
+        self._start(i)
+        self._unseal(i)
+        wait_for(lambda: self._health(i) == 200, timeout=90, what=f"node {i} to rejoin")
+
+    def stop(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.stop_node(i)

@@ -177,3 +177,22 @@ def test_no_private_key_without_asking(cfg):
     for args in (["versions"], ["show", "server"], ["show", "kubecfg", "--pem"], ["audit"],
                  ["check-expiration"]):
         assert "PRIVATE KEY" not in cli(cfg, *args).output
+
+
+def test_self_tls_refuses_an_empty_store_and_configured_tls(tmp_path):
+    empty = {"PKISVC_DATA_DIR": str(tmp_path / "empty"), "PKISVC_AUTO_INIT": "false"}
+    r = run_cli("serve", "--self-tls", env=empty)
+    assert r.returncode == 1 and re.fullmatch(r"error: [^\n]*run `pkisvc init`\n", r.stderr)
+    both = {"PKISVC_DATA_DIR": str(tmp_path / "d"), "PKISVC_TLS__CERT": "/x.crt",
+            "PKISVC_TLS__KEY": "/x.key", "PKISVC_KEY_TYPE": "ecdsa-p256"}
+    r = run_cli("serve", "--self-tls", env=both)
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
+def test_serving_hosts_name_what_was_bound():
+    from pkisvc.cli import serving_hosts
+    assert serving_hosts("127.0.0.1:8800") == ("127.0.0.1",)
+    assert serving_hosts("[::1]:8800") == ("::1",)
+    assert serving_hosts("pkisvc.example.org:443") == ("pkisvc.example.org",)
+    assert serving_hosts("0.0.0.0:8800")[:3] == ("127.0.0.1", "::1", "localhost")

@@ -1,7 +1,11 @@
 """The service as users run it: gunicorn with several workers, the README walkthrough, TLS."""
+import http.client
+import os
 import re
+import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -10,8 +14,8 @@ import requests
 
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
-from pkisvc.store import parse_files
-from tests.conftest import REPO, clean_env, free_port, start, stop
+from pkisvc.store import CertStore, parse_files
+from tests.conftest import REPO, clean_env, free_port, make_settings, start, stop, wait_for
 
 
 @pytest.fixture
@@ -127,3 +131,104 @@ def test_tls(tmp_path):
             requests.get(f"https://127.0.0.1:{port}/v1/ca", timeout=5)
     finally:
         stop(p)
+
+
+def _server_side_owner(server_port, client_port, workers):
+    """The worker PID holding the server end of the connection from client_port."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)) == (
+                    server_port, client_port):
+                inode = f[9]
+    for w in workers:
+        for fd in os.listdir(f"/proc/{w}/fd"):
+            try:
+                if os.readlink(f"/proc/{w}/fd/{fd}") == f"socket:[{inode}]":
+                    return w
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def test_a_revoked_token_is_refused_at_once_by_each_of_four_workers(tmp_path):
+    """Warm keep-alive connections pinned to every one of 4 workers, then a revocation."""
+    port = free_port()
+    data = tmp_path / "data"
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "4"], clean_env(PKISVC_DATA_DIR=str(data),
+                                            PKISVC_KEY_TYPE="ecdsa-p256"), port)
+    try:
+        settings = make_settings(data)
+        store = CertStore(FilesBackend(data), settings)
+        token = store.create_token("grafana", ["read"], actor="test")
+        h = {"Authorization": f"Bearer {token}"}
+        workers = wait_for(lambda: (lambda w: w if len(w) == 4 else None)(
+            [int(w) for w in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]),
+            60, "four workers")
+
+        def pin_one():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/v1/versions", headers=h)
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+            return c, _server_side_owner(port, c.sock.getsockname()[1], workers)
+
+        # Every worker must have booted (it accepts only then) before connections are pinned:
+        # gthread drops a connection idle for 2 s, so the pinning itself must be quick.
+        booted = set()
+        deadline = time.monotonic() + 90
+        while booted != set(workers):
+            assert time.monotonic() < deadline, booted
+            c, owner = pin_one()
+            booted.add(owner)
+            c.close()
+        conns, owners = [], {}
+        while set(owners.values()) != set(workers):  # new connections until each worker has one
+            assert len(conns) < 400, owners
+            c, owner = pin_one()
+            conns.append(c)
+            owners[c] = owner
+        store.revoke_token("grafana", actor="test")
+        refused_by = set()
+        for c in conns:  # the same warm connections, the same workers: refused everywhere
+            try:
+                for path in ("/v1/versions", "/v1/certs/server"):  # Flask and the fast path
+                    c.request("GET", path, headers=h)
+                    r = c.getresponse()
+                    assert r.status == 401, (path, r.read())
+                    r.read()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                continue  # idle past gunicorn's keep-alive on a very busy machine
+            assert _server_side_owner(port, c.sock.getsockname()[1], workers) == owners[c]
+            refused_by.add(owners[c])
+        assert refused_by == set(workers)
+    finally:
+        stop(p)
+
+
+def test_self_tls_serves_https_with_a_certificate_from_the_store(tmp_path):
+    port = free_port()
+    data = tmp_path / "data"
+    env = clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256")
+    ca_file = data / "tls" / "ca.crt"
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "2", "--self-tls"], env, port, scheme="https", verify=str(ca_file))
+    try:
+        r = requests.get(f"https://127.0.0.1:{port}/v1/ca", verify=str(ca_file), timeout=5)
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://127.0.0.1:{port}/v1/ca", timeout=5)
+    finally:
+        stop(p)
+    assert stat.S_IMODE((data / "tls").stat().st_mode) == 0o700
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        assert stat.S_IMODE((data / "tls" / name).stat().st_mode) == 0o600
+    backend = FilesBackend(data)
+    cert = pki.load_cert((data / "tls" / "tls.crt").read_bytes(), "tls.crt")
+    ca = pki.load_cert(backend.read().files["ca.crt"], "ca.crt")
+    assert cert.issuer == ca.subject and pki.issuer_among(cert, [ca]) is ca
+    assert [e.action for e in backend.audit() if e.action == "self-tls"] == ["self-tls"]
+    assert ca_file.read_bytes() == backend.read().files["trust.crt"]

@@ -100,3 +100,15 @@ def test_unknown_environment_variable_is_warned_about_once(caplog):
 def test_durations():
     s = Settings.load(env={"PKISVC_RENEW_BEFORE": "12h", "PKISVC_CA_WARN_BEFORE": "90"})
     assert (s.renew_before, s.ca_warn_before) == (12 * 3600, 90)
+
+
+def test_an_unknown_key_with_a_newline_fails_in_one_line(tmp_path):
+    cfg = tmp_path / "pkisvc.yaml"
+    cfg.write_text('"evil\\nkey": 1\nserver:\n  "x\\ry": 2\n')
+    with pytest.raises(ConfigError) as e:
+        Settings.load(cfg, env={})
+    assert e.value.message == f"unknown setting 'evil\\nkey' in {cfg}"
+    cfg.write_text('server:\n  "x\\ry": 2\n')
+    with pytest.raises(ConfigError, match=r"'server\.x\\ry'") as e:
+        Settings.load(cfg, env={})
+    assert "\r" not in e.value.message

@@ -10,6 +10,7 @@ import yaml
 from pkisvc import pki
 from pkisvc.errors import (
     AlreadyInitialised,
+    BackendUnavailable,
     Conflict,
     InvalidMaterial,
     InvalidRequest,
@@ -262,3 +263,76 @@ def test_trust_bundle_is_what_hosts_get_as_ca_crt(store):
     files = store.host_files(gen, ["ca.crt", "server.key"])
     assert files["ca.crt"] == gen.files[TRUST_FILE]
     assert files["server.key"] == gen.files["server.key"]
+
+
+class _AuditOutage:
+    """A backend whose audit appends fail a few times (a Vault leader election) then work."""
+
+    def __init__(self, backend, failures, lost_answers=0):
+        self._backend, self.failures, self.lost_answers = backend, failures, lost_answers
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def append_audit(self, event):
+        if self.lost_answers:  # written, but the answer never came back
+            self.lost_answers -= 1
+            self._backend.append_audit(event)
+            raise BackendUnavailable("vault at http://127.0.0.1:1: connection reset")
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("vault at http://127.0.0.1:1: local node not active")
+        self._backend.append_audit(event)
+
+
+def test_a_written_change_is_audited_through_a_short_outage(tmp_path):
+    from pkisvc.backends.files import FilesBackend
+    backend = _AuditOutage(FilesBackend(tmp_path / "data"), failures=0)
+    s = CertStore(backend, make_settings(tmp_path / "data"))
+    s.init(actor="test")
+    backend.failures = 3
+    record = s.rotate_leaf("server", actor="test", reason="during an election")
+    assert record.version == 2  # acknowledged: the change happened and is audited
+    events = [e for e in s.audit() if e.version == 2]
+    assert [(e.action, e.reason) for e in events] == [("rotate-server", "during an election")]
+
+
+def test_an_audit_event_whose_answer_was_lost_is_not_written_twice(tmp_path):
+    from pkisvc.backends.files import FilesBackend
+    backend = _AuditOutage(FilesBackend(tmp_path / "data"), failures=0)
+    s = CertStore(backend, make_settings(tmp_path / "data"))
+    s.init(actor="test")
+    backend.lost_answers, backend.failures = 1, 1
+    assert s.rotate_leaf("kubecfg", actor="test").version == 2
+    assert [e.action for e in s.audit() if e.version == 2] == ["rotate-kubecfg"]
+
+
+def test_a_pasted_pillar_key_with_a_newline_is_named_in_one_line(tmp_path):
+    path = tmp_path / "pillar.sls"
+    path.write_text(yaml.safe_dump({"kubernetes": {"cert": {"evil\nname": "x"}}}))
+    with pytest.raises(InvalidMaterial) as e:
+        read_import_pillar(path, "kubernetes:cert")
+    assert e.value.message.startswith("kubernetes:cert:evil\\nname: not one of")
+    assert "\n" not in e.value.message
+
+
+def test_import_refuses_a_ca_whose_issuer_cannot_be_parsed(store, tmp_path):
+    """Found by hypothesis: the CA's issuer name is broken but its key still signs the leaves;
+    cryptography parses names lazily, so this escaped as a bare ValueError (a traceback)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    store.init(actor="test")
+    gen = store.read()
+    files = {n: gen.files["trust.crt" if n == "ca.crt" else n]
+             for n in ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt",
+                       "kubecfg.key")}
+    ca = x509.load_pem_x509_certificate(files["ca.crt"])
+    der = bytearray(ca.public_bytes(Encoding.DER))
+    at = der.find(ca.issuer.public_bytes())
+    der[at + 13] = 0xFF  # a byte of the CN's UTF8String: no longer UTF-8
+    files["ca.crt"] = pki.cert_pem(x509.load_der_x509_certificate(bytes(der)))
+    before = store.latest(), len(store.audit(limit=10**6))
+    with pytest.raises(InvalidMaterial, match=r"^ca\.crt: not a valid PEM certificate$"):
+        store.import_files(files, actor="test")
+    assert (store.latest(), len(store.audit(limit=10**6))) == before
