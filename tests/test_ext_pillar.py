@@ -152,3 +152,30 @@ def test_a_broken_proxy_in_front_of_pkisvc_is_an_error(tmp_path: Path, status: i
         server.server_close()
     assert list(out["kubernetes"]["cert"]) == ["error"]
     assert words in out["kubernetes"]["cert"]["error"]
+
+
+def test_https_service_is_verified_with_ca_cert(tmp_path):
+    """The ext_pillar against `pkisvc serve --self-tls`: trusted through ca_cert, refused
+    (as a pillar error, never an exception) without it."""
+    import sys
+
+    from tests.conftest import clean_env, free_port, start, stop
+    port = free_port()
+    data = tmp_path / "data"
+    ca_file = data / "tls" / "ca.crt"
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", "1", "--self-tls"],
+              clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256"), port,
+              scheme="https", verify=str(ca_file))
+    try:
+        opts = {"url": f"https://127.0.0.1:{port}", "token_file": str(data / "admin.token"),
+                "roles": ROLES}
+        good = ext.ext_pillar("k8s-master-1", {}, ca_cert=str(ca_file), **opts)
+        assert set(good["kubernetes"]["cert"]["files"]) == {
+            "ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key"}
+        bad = ext.ext_pillar("k8s-master-2", {}, **opts)  # the system trust store only
+        assert set(bad["kubernetes"]["cert"]) == {"error"}
+        assert "certificate" in bad["kubernetes"]["cert"]["error"].lower()
+        assert "PRIVATE KEY" not in bad["kubernetes"]["cert"]["error"]
+    finally:
+        stop(p)
