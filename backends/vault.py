@@ -12,8 +12,9 @@ cannot live in `custom_metadata`, which is per secret).  Before the first write 
 `cas_required` is switched on.
 
 Versions never change once written, so they are cached in memory; `latest()` always asks
-Vault.  Every hvac/requests failure becomes `NotFound`, `VersionConflict`,
-`BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
+Vault, through the `subkeys` endpoint (the version number without the payload).  Every
+hvac/requests failure becomes `NotFound`, `VersionConflict`, `BackendUnavailable` or
+`PermissionDenied` here; messages name paths, never tokens or payloads.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class VaultBackend:
         self._records: dict[int, GenerationRecord] = {}
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._metadata_checked = False
+        self._subkeys_path = f"{mount}/subkeys/{self._material}"
+        self._subkeys = True  # until a policy refuses it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -278,18 +281,47 @@ class VaultBackend:
     # --- generations -------------------------------------------------------------------
 
     def latest(self) -> int | None:
+        # Asked on every hot read, never cached (another replica may have written since).
+        # KV v2's subkeys endpoint gives the latest version's number without its payload
+        # (the whole generation, base64): the answer is a few hundred bytes whatever the
+        # history, and the generation itself is read once per version into the cache.
+        # A policy without `read` on <mount>/subkeys/ falls back to reading the data.
+        if self._subkeys:
+            try:
+                return self._latest_by_subkeys()
+            except PermissionDenied:
+                version = self._latest_by_data()  # raises too when the token is the problem
+                log.info("no read permission on %s; reading the latest data version instead "
+                         "(grant it to make each check cheaper)", self._subkeys_path)
+                self._subkeys = False
+                return version
+        return self._latest_by_data()
+
+    def _latest_by_subkeys(self) -> int | None:
+        where = self._subkeys_path
+        try:
+            resp = self._call(where, lambda: self._client.adapter.get(
+                f"/v1/{where}", params={"depth": 1}))
+        except NotFound:
+            return self._latest_from_metadata()
+        return int(self._dig(resp, where, "data", "metadata", "version"))
+
+    def _latest_by_data(self) -> int | None:
         # One read of the latest data version: unlike the metadata (which lists every version)
         # its size does not grow with the history, and it fills the cache when another
         # replica wrote that version.
         try:
             resp = self._read(self._material)
         except NotFound:
-            meta = self._metadata()  # no secret yet, or its latest version was deleted
-            return (int(meta["current_version"]) or None) if meta else None
+            return self._latest_from_metadata()
         version = int(self._dig(resp, self._data(self._material), "data", "metadata", "version"))
         if self._cached(version) is None:
             self._remember(self._decode(resp, version))
         return version
+
+    def _latest_from_metadata(self) -> int | None:
+        meta = self._metadata()  # no secret yet, or its latest version was deleted
+        return (int(meta["current_version"]) or None) if meta else None
 
     def read(self, version: int | None = None) -> StoredGeneration:
         if version is None:
