@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
+import json
 import logging
 import os
 import secrets
+import ssl
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -32,6 +36,7 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
+import hvac.utils
 import requests
 
 from pkisvc.errors import (
@@ -102,6 +107,8 @@ class VaultBackend:
         self._metadata_checked = False
         self._subkeys_path = f"{mount}/subkeys/{self._material}"
         self._subkeys = True  # until a policy refuses it
+        self._ca_cert = ca_cert
+        self._local = threading.local()  # each thread's kept-alive connection for _get
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -194,6 +201,60 @@ class VaultBackend:
             raise BackendUnavailable(f"vault at {self.addr}: {self._auth.where}: "
                                      "unexpected answer") from None
         self._client.token = token
+
+    def _get(self, url: str) -> dict[str, Any]:
+        """GET url on this thread's kept-alive connection: the check made on every hot read.
+
+        requests (under hvac) costs about as much per call as OpenBao's whole answer, so the
+        one call of the hot path skips it.  Failures are raised as hvac and requests raise
+        them, so `_call` treats them like any other call's.
+        """
+        for attempt in (1, 2):
+            held = getattr(self._local, "conn", None)
+            # A connection is never used by another process (a fork) or thread.
+            conn = held[1] if held is not None and held[0] == os.getpid() else None
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect()
+                self._local.conn = (os.getpid(), conn)
+            try:
+                conn.request("GET", url, headers={"X-Vault-Token": self._client.token})
+                resp = conn.getresponse()
+                body = resp.read()
+            except TimeoutError as e:
+                conn.close()
+                self._local.conn = None
+                raise requests.Timeout(str(e)) from e
+            except (http.client.HTTPException, OSError) as e:
+                conn.close()
+                self._local.conn = None
+                if reused and attempt == 1:
+                    continue  # OpenBao closed a connection that sat idle
+                raise requests.ConnectionError(str(e)) from e
+            if resp.will_close:
+                conn.close()
+                self._local.conn = None
+            try:
+                doc = json.loads(body) if body else {}
+            except ValueError:
+                doc = {}
+            if resp.status >= 400:
+                errors = doc.get("errors") if isinstance(doc, dict) else None
+                hvac.utils.raise_for_error("get", url, resp.status, errors=errors,
+                                           text=body.decode(errors="replace"))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            return doc
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> http.client.HTTPConnection:
+        parts = urllib.parse.urlsplit(self.addr)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self._ca_cert)
+            return http.client.HTTPSConnection(parts.hostname or "", parts.port,
+                                               timeout=self.timeout, context=context)
+        return http.client.HTTPConnection(parts.hostname or "", parts.port,
+                                          timeout=self.timeout)
 
     def _dig(self, resp: Any, where: str, *keys: str) -> Any:
         """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
@@ -300,8 +361,7 @@ class VaultBackend:
     def _latest_by_subkeys(self) -> int | None:
         where = self._subkeys_path
         try:
-            resp = self._call(where, lambda: self._client.adapter.get(
-                f"/v1/{where}", params={"depth": 1}))
+            resp = self._call(where, lambda: self._get(f"/v1/{where}?depth=1"))
         except NotFound:
             return self._latest_from_metadata()
         return int(self._dig(resp, where, "data", "metadata", "version"))
