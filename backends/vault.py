@@ -203,11 +203,12 @@ class VaultBackend:
         self._client.token = token
 
     def _get(self, url: str) -> dict[str, Any]:
-        """GET url on this thread's kept-alive connection: the check made on every hot read.
+        """GET url on this thread's kept-alive connection (every read; writes go through hvac).
 
-        requests (under hvac) costs about as much per call as OpenBao's whole answer, so the
-        one call of the hot path skips it.  Failures are raised as hvac and requests raise
-        them, so `_call` treats them like any other call's.
+        requests (under hvac) costs about as much per call as OpenBao's whole answer, and the
+        hot reads make one or two reads each (the version check; the tokens list for a token
+        kept in the backend).  Failures are raised as hvac and requests raise them, so
+        `_call` treats them like any other call's.
         """
         for attempt in (1, 2):
             held = getattr(self._local, "conn", None)
@@ -267,9 +268,12 @@ class VaultBackend:
         return resp
 
     def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
-        resp: dict[str, Any] = self._call(self._data(path), lambda: self._kv.read_secret_version(
-            path, version=version, mount_point=self.mount, raise_on_deleted_version=True))
-        return resp
+        # What hvac's read_secret_version(raise_on_deleted_version=True) does, on _get's
+        # connection: a deleted or destroyed version is a 404 too (InvalidPath).
+        url = f"/v1/{self.mount}/data/{urllib.parse.quote(path)}"
+        if version is not None:
+            url += f"?version={int(version)}"
+        return self._call(self._data(path), lambda: self._get(url))
 
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
         resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
@@ -361,7 +365,8 @@ class VaultBackend:
     def _latest_by_subkeys(self) -> int | None:
         where = self._subkeys_path
         try:
-            resp = self._call(where, lambda: self._get(f"/v1/{where}?depth=1"))
+            resp = self._call(where, lambda: self._get(
+                f"/v1/{urllib.parse.quote(where)}?depth=1"))
         except NotFound:
             return self._latest_from_metadata()
         return int(self._dig(resp, where, "data", "metadata", "version"))
