@@ -16,13 +16,15 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
     """[measurement, pkisvc, peer, ratio, target] for every figure with a peer."""
     out: list[list[str]] = []
     read = doc.get("read", {})
-    for side, label, target in (("pkisvc_files", "files", "read_files"),
-                                ("pkisvc_vault", "vault", "read_vault")):
+    for side, label, target in (("pkisvc_files", "files backend", "read_files"),
+                                ("pkisvc_vault", "vault backend", "read_vault"),
+                                ("pkisvc_vault_kept_token", "vault backend, token kept in "
+                                 "Vault", "read_vault")):
         if side not in read:
             continue
         for c in ("c1", "c8"):
             ours, peer = read[side][c], read["openbao_kv"][c]
-            out.append([f"read GET /v1/certs/server ({label} backend, {c[1:]} conn) req/s",
+            out.append([f"read GET /v1/certs/server ({label}, {c[1:]} conn) req/s",
                         f"{ours['rps']:.0f} (p99 {ours['p99_ms']:.2f} ms)",
                         f"{peer['rps']:.0f} (p99 {peer['p99_ms']:.2f} ms) OpenBao KV v2",
                         f"{read['ratios'][f'{side}_{c}']:.3f}",

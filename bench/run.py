@@ -99,12 +99,14 @@ def settings_token(name: str, *scopes: str) -> tuple[str, str]:
     return token, json.dumps(spec)
 
 
-def start_vault_pkisvc(root: Path, files: Pkisvc, bao: OpenBao) -> tuple[Pkisvc, str]:
+def start_vault_pkisvc(root: Path, files: Pkisvc, bao: OpenBao) -> tuple[Pkisvc, str, str]:
     """pkisvc on the vault backend (the same OpenBao), holding the files store's material.
 
-    `pkisvc migrate --to vault` copies every version, so both pkisvc sides serve the same
-    bytes as the OpenBao side.  Its read token is a settings token (no backend read).
+    `pkisvc migrate --to vault` copies every version and token, so both pkisvc sides serve
+    the same bytes as the OpenBao side.  Returns the service, a read token from its settings
+    (no backend read) and one kept in the backend (a read of the tokens list per request).
     """
+    kept = files.token("bench-read-kept", "read")  # migrated with the store
     token, spec = settings_token("bench-read", "read")
     vault_env = {"PKISVC_VAULT__ADDR": bao.addr, "PKISVC_VAULT__TOKEN": bao.token,
                  "PKISVC_VAULT__MOUNT": "secret"}
@@ -112,7 +114,7 @@ def start_vault_pkisvc(root: Path, files: Pkisvc, bao: OpenBao) -> tuple[Pkisvc,
                    capture_output=True, env={**files.env(), **vault_env})
     svc = Pkisvc(root / "vault", {**files.env_extra, **vault_env, "PKISVC_BACKEND": "vault",
                                   "PKISVC_TOKENS": spec}).start()
-    return svc, token
+    return svc, token, kept
 
 
 def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, tuple[Pkisvc, str]]
@@ -279,9 +281,10 @@ def main() -> None:
     files = Pkisvc(root / "files", {"PKISVC_KEY_TYPE": "rsa-2048"}).start()
     vault: Pkisvc | None = None
     try:
-        vault, vault_token = start_vault_pkisvc(root, files, bao)
+        vault, vault_token, kept_token = start_vault_pkisvc(root, files, bao)
         print("read ...", flush=True)
-        doc["read"] = bench_read(files, bao, {"pkisvc_vault": (vault, vault_token)})
+        doc["read"] = bench_read(files, bao, {"pkisvc_vault": (vault, vault_token),
+                                              "pkisvc_vault_kept_token": (vault, kept_token)})
         print("pillar ...", flush=True)
         token_file = root / "salt-master.token"
         token_file.write_text(files.token("salt-master", "secrets"))
@@ -291,7 +294,8 @@ def main() -> None:
         served = {"pkisvc_files": doc["read"]["requests"]["pkisvc_files"]
                   + doc["pillar"]["module"]["minion_ids"] * RUNS
                   + RUNS * sum(int(n) for n in doc["pillar"]["burst"] if n.isdigit()),
-                  "pkisvc_vault": doc["read"]["requests"]["pkisvc_vault"]}
+                  "pkisvc_vault": doc["read"]["requests"]["pkisvc_vault"]
+                  + doc["read"]["requests"]["pkisvc_vault_kept_token"]}
         doc["memory"] = memory({"pkisvc_files": (files, doc["read"]["token"]),
                                 "pkisvc_vault": (vault, vault_token)}, served)
         print("rotate ...", flush=True)
