@@ -162,7 +162,7 @@ def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, tuple[Pkisvc, str]]
 
 def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for kt, mount, n in (("ecdsa-p256", "pki-ec", 40), ("rsa-2048", "pki-rsa", 6)):
+    for kt, mount, n in (("ecdsa-p256", "pki-ec", 40), ("rsa-2048", "pki-rsa", 10)):
         svc = Pkisvc(root / f"rotate-{kt}", {"PKISVC_KEY_TYPE": kt,
                                              "PKISVC_SERVER__SANS": '["k8s-master-1"]'}).start()
         try:
@@ -221,7 +221,7 @@ def raw_set(key_type: str) -> None:
 
 def bench_ca_rotation(root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for kt, n in (("rsa-2048", 5), ("ecdsa-p256", 40)):
+    for kt, n in (("rsa-2048", 8), ("ecdsa-p256", 40)):
         svc = Pkisvc(root / f"ca-{kt}", {"PKISVC_KEY_TYPE": kt}).start()
         try:
             client = Client(svc.url, {"Authorization": f"Bearer {svc.token('b', 'admin')}"})
