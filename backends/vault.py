@@ -235,6 +235,10 @@ class VaultBackend:
             if resp.will_close:
                 conn.close()
                 self._local.conn = None
+            if 300 <= resp.status < 400:
+                # A standby that redirects to the active node: let requests follow it.
+                redirected: dict[str, Any] = self._client.adapter.get(url)
+                return redirected
             try:
                 doc = json.loads(body) if body else {}
             except ValueError:

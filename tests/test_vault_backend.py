@@ -4,7 +4,10 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -127,6 +130,34 @@ path "secret/subkeys/pkisvc/{cluster}/*" {{
     openbao.client().secrets.kv.v2.delete_latest_version_of_secret(
         f"pkisvc/{cluster}/material", mount_point="secret")
     assert writer.latest() == old_policy.latest() == 2
+
+
+def test_a_standby_that_redirects_to_the_active_node_is_followed(openbao):
+    active = openbao.addr
+
+    class Standby(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", active + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        cluster = openbao.settings_overrides()["cluster"]
+        VaultBackend(active, cluster=cluster, token=openbao.token).write(
+            fake_generation(1, "via the active node"), expected=None)
+        standby = VaultBackend(f"http://127.0.0.1:{server.server_port}", cluster=cluster,
+                               token=openbao.token)
+        assert standby.latest() == 1
+        assert standby.read(1).record.reason == "via the active node"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp_path):
