@@ -153,6 +153,8 @@ def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, tuple[Pkisvc, str]]
         result.setdefault("ratios", {})
         for name, rs in ratios.items():
             result["ratios"][f"{name}_c{conns}"] = round(median(rs), 3)
+            result.setdefault("ratios_per_run", {})[f"{name}_c{conns}"] = [
+                round(r, 3) for r in rs]
     result["body_bytes"] = len(json.dumps(body))
     result["token"] = token  # for the memory top-up; dropped before results are written
     return result
@@ -181,6 +183,8 @@ def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
             result[kt] = {"pkisvc_ms": median(ours), "openbao_pki_issue_ms": median(theirs),
                           "ratio": round(median([a / b for a, b in zip(ours, theirs,
                                                                        strict=True)]), 3),
+                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, theirs,
+                                                                             strict=True)],
                           "per_run": n}
         finally:
             svc.stop()
@@ -232,7 +236,10 @@ def bench_ca_rotation(root: Path) -> dict[str, Any]:
                 raw.append(median(timed(lambda k=kt: raw_set(k), n)))
             result[kt] = {"pkisvc_ms": median(ours), "raw_crypto_ms": median(raw),
                           "ratio": round(median([a / b for a, b in zip(ours, raw, strict=True)]),
-                                         3), "per_run": n}
+                                         3),
+                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, raw,
+                                                                             strict=True)],
+                          "per_run": n}
         finally:
             svc.stop()
     return result
