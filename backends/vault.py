@@ -16,18 +16,23 @@ connect to one (refused, connect timeout, sealed) moves to the next and stays th
 is retried where the request may have reached a node, so a write is never made twice.
 
 Versions never change once written, so they are cached in memory; `latest()` always asks
-Vault.  Every hvac/requests failure becomes `NotFound`, `VersionConflict`,
-`BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
+Vault, through the `subkeys` endpoint (the version number without the payload).  Every
+hvac/requests failure becomes `NotFound`, `VersionConflict`, `BackendUnavailable` or
+`PermissionDenied` here; messages name paths, never tokens or payloads.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
+import json
 import logging
 import os
 import secrets
+import ssl
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -35,6 +40,7 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
+import hvac.utils
 import requests
 import urllib3.exceptions
 
@@ -107,6 +113,10 @@ class VaultBackend:
         self._records: dict[int, GenerationRecord] = {}
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._metadata_checked = False
+        self._subkeys_path = f"{mount}/subkeys/{self._material}"
+        self._subkeys = True  # until a policy refuses it
+        self._ca_cert = ca_cert
+        self._local = threading.local()  # each thread's kept-alive connection for _get
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -225,6 +235,74 @@ class VaultBackend:
                                      "unexpected answer") from None
         self._client.token = token
 
+    def _get(self, url: str) -> dict[str, Any]:
+        """GET url on this thread's kept-alive connection (every read; writes go through hvac).
+
+        requests (under hvac) costs about as much per call as OpenBao's whole answer, and the
+        hot reads make one or two reads each (the version check; the tokens list for a token
+        kept in the backend).  Failures are raised as hvac and requests raise them, so
+        `_call` treats them like any other call's.
+        """
+        for attempt in (1, 2):
+            held = getattr(self._local, "conn", None)
+            # A connection is never used by another process (a fork) or thread, nor after a
+            # fail-over to another node.
+            key = (os.getpid(), self.addr)
+            conn = held[1] if held is not None and held[0] == key else None
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect()
+                try:
+                    conn.connect()
+                except OSError as e:
+                    conn.close()
+                    # Nothing was sent: as urllib3 says it, so `_call` may fail over.
+                    raise requests.ConnectionError(urllib3.exceptions.ConnectTimeoutError(
+                        None, f"{self.addr}: {e.strerror or e}")) from e
+                self._local.conn = (key, conn)
+            try:
+                conn.request("GET", url, headers={"X-Vault-Token": self._client.token})
+                resp = conn.getresponse()
+                body = resp.read()
+            except TimeoutError as e:
+                conn.close()
+                self._local.conn = None
+                raise requests.Timeout(str(e)) from e
+            except (http.client.HTTPException, OSError) as e:
+                conn.close()
+                self._local.conn = None
+                if reused and attempt == 1:
+                    continue  # OpenBao closed a connection that sat idle
+                raise requests.ConnectionError(str(e)) from e
+            if resp.will_close:
+                conn.close()
+                self._local.conn = None
+            if 300 <= resp.status < 400:
+                # A standby that redirects to the active node: let requests follow it.
+                redirected: dict[str, Any] = self._client.adapter.get(url)
+                return redirected
+            try:
+                doc = json.loads(body) if body else {}
+            except ValueError:
+                doc = {}
+            if resp.status >= 400:
+                errors = doc.get("errors") if isinstance(doc, dict) else None
+                hvac.utils.raise_for_error("get", url, resp.status, errors=errors,
+                                           text=body.decode(errors="replace"))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            return doc
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> http.client.HTTPConnection:
+        parts = urllib.parse.urlsplit(self.addr)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self._ca_cert)
+            return http.client.HTTPSConnection(parts.hostname or "", parts.port,
+                                               timeout=self.timeout, context=context)
+        return http.client.HTTPConnection(parts.hostname or "", parts.port,
+                                          timeout=self.timeout)
+
     def _dig(self, resp: Any, where: str, *keys: str) -> Any:
         """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
         try:
@@ -236,9 +314,12 @@ class VaultBackend:
         return resp
 
     def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
-        resp: dict[str, Any] = self._call(self._data(path), lambda: self._kv.read_secret_version(
-            path, version=version, mount_point=self.mount, raise_on_deleted_version=True))
-        return resp
+        # What hvac's read_secret_version(raise_on_deleted_version=True) does, on _get's
+        # connection: a deleted or destroyed version is a 404 too (InvalidPath).
+        url = f"/v1/{self.mount}/data/{urllib.parse.quote(path)}"
+        if version is not None:
+            url += f"?version={int(version)}"
+        return self._call(self._data(path), lambda: self._get(url))
 
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
         resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
@@ -311,18 +392,47 @@ class VaultBackend:
     # --- generations -------------------------------------------------------------------
 
     def latest(self) -> int | None:
+        # Asked on every hot read, never cached (another replica may have written since).
+        # KV v2's subkeys endpoint gives the latest version's number without its payload
+        # (the whole generation, base64): the answer is a few hundred bytes whatever the
+        # history, and the generation itself is read once per version into the cache.
+        # A policy without `read` on <mount>/subkeys/ falls back to reading the data.
+        if self._subkeys:
+            try:
+                return self._latest_by_subkeys()
+            except PermissionDenied:
+                version = self._latest_by_data()  # raises too when the token is the problem
+                log.info("no read permission on %s; reading the latest data version instead "
+                         "(grant it to make each check cheaper)", self._subkeys_path)
+                self._subkeys = False
+                return version
+        return self._latest_by_data()
+
+    def _latest_by_subkeys(self) -> int | None:
+        where = self._subkeys_path
+        try:
+            resp = self._call(where, lambda: self._get(
+                f"/v1/{urllib.parse.quote(where)}?depth=1"))
+        except NotFound:
+            return self._latest_from_metadata()
+        return int(self._dig(resp, where, "data", "metadata", "version"))
+
+    def _latest_by_data(self) -> int | None:
         # One read of the latest data version: unlike the metadata (which lists every version)
         # its size does not grow with the history, and it fills the cache when another
         # replica wrote that version.
         try:
             resp = self._read(self._material)
         except NotFound:
-            meta = self._metadata()  # no secret yet, or its latest version was deleted
-            return (int(meta["current_version"]) or None) if meta else None
+            return self._latest_from_metadata()
         version = int(self._dig(resp, self._data(self._material), "data", "metadata", "version"))
         if self._cached(version) is None:
             self._remember(self._decode(resp, version))
         return version
+
+    def _latest_from_metadata(self) -> int | None:
+        meta = self._metadata()  # no secret yet, or its latest version was deleted
+        return (int(meta["current_version"]) or None) if meta else None
 
     def read(self, version: int | None = None) -> StoredGeneration:
         if version is None:

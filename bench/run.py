@@ -6,11 +6,14 @@ bench/results/latest.json (every figure, the machine, the versions), latest.md a
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
 import platform
 import re
+import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import REPO, OpenBao, Pkisvc, cleanup, http, workdir
+import pillar
+from servers import BIN, REPO, OpenBao, Pkisvc, cleanup, workdir
+from servers import http as call
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "3"))
@@ -48,8 +53,10 @@ def wrk(url: str, header: str, conns: int, seconds: int = WRK_SECONDS) -> dict[s
         assert m, out
         return float(m.group(1)) * _UNITS[m.group(2)]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
-            "non_2xx": int(bad.group(1)) if bad else 0}
+            "non_2xx": int(bad.group(1)) if bad else 0,
+            "requests": int(total.group(1)) if total else 0}
 
 
 def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -72,6 +79,11 @@ class Client:
     def __init__(self, base: str, headers: dict[str, str]) -> None:
         host, port = base.removeprefix("http://").split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.conn.connect()
+        # http.client sends the headers and the body in two writes: without TCP_NODELAY the
+        # body waits for the headers' ACK (Nagle), the same added delay on both sides.
+        assert self.conn.sock is not None
+        self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.headers = {"Content-Type": "application/json", **headers}
 
     def post(self, path: str, body: Any = None, expect: int = 200) -> Any:
@@ -85,33 +97,66 @@ class Client:
 
 # --- 1. read ---------------------------------------------------------------------------
 
-def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, Pkisvc]) -> dict[str, Any]:
+def settings_token(name: str, *scopes: str) -> tuple[str, str]:
+    """A token for pkisvc's `tokens` setting: (the token, the setting's JSON)."""
+    token = secrets.token_urlsafe(32)
+    spec = [{"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest(),
+             "scopes": list(scopes)}]
+    return token, json.dumps(spec)
+
+
+def start_vault_pkisvc(root: Path, files: Pkisvc, bao: OpenBao) -> tuple[Pkisvc, str, str]:
+    """pkisvc on the vault backend (the same OpenBao), holding the files store's material.
+
+    `pkisvc migrate --to vault` copies every version and token, so both pkisvc sides serve
+    the same bytes as the OpenBao side.  Returns the service, a read token from its settings
+    (no backend read) and one kept in the backend (a read of the tokens list per request).
+    """
+    kept = files.token("bench-read-kept", "read")  # migrated with the store
+    token, spec = settings_token("bench-read", "read")
+    vault_env = {"PKISVC_VAULT__ADDR": bao.addr, "PKISVC_VAULT__TOKEN": bao.token,
+                 "PKISVC_VAULT__MOUNT": "secret"}
+    subprocess.run([str(BIN / "pkisvc"), "migrate", "--to", "vault"], check=True,
+                   capture_output=True, env={**files.env(), **vault_env})
+    svc = Pkisvc(root / "vault", {**files.env_extra, **vault_env, "PKISVC_BACKEND": "vault",
+                                  "PKISVC_TOKENS": spec}).start()
+    return svc, token, kept
+
+
+def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, tuple[Pkisvc, str]]
+               ) -> dict[str, Any]:
     token = files.token("bench-read", "read")
-    status, body = http("GET", f"{files.url}/v1/certs/server",
+    status, body = call("GET", f"{files.url}/v1/certs/server",
                         headers={"Authorization": f"Bearer {token}"})
     assert status == 200, body
     bao.call("POST", "secret/data/bench/server", {"data": body})  # the same material
     sides = {"pkisvc_files": (f"{files.url}/v1/certs/server", f"Authorization: Bearer {token}"),
              "openbao_kv": (f"{bao.addr}/v1/secret/data/bench/server",
                             f"X-Vault-Token: {bao.token}")}
-    for name, svc in extra.items():
-        t = svc.token("bench-read", "read")
+    for name, (svc, t) in extra.items():
+        status, theirs = call("GET", f"{svc.url}/v1/certs/server",
+                              headers={"Authorization": f"Bearer {t}"})
+        assert status == 200 and theirs == body, (status, theirs)
         sides[name] = (f"{svc.url}/v1/certs/server", f"Authorization: Bearer {t}")
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"requests": {k: 0 for k in sides}}
     for conns in (1, 8):
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+        ratios: dict[str, list[float]] = {k: [] for k in sides if k != "openbao_kv"}
         for _ in range(RUNS):
             for name, (url, header) in sides.items():  # interleaved: same minutes, same noise
                 runs[name].append(wrk(url, header, conns))
+                result["requests"][name] += int(runs[name][-1]["requests"])
+            for name in ratios:  # each ratio from one run: pkisvc and OpenBao side by side
+                ratios[name].append(runs[name][-1]["rps"] / runs["openbao_kv"][-1]["rps"])
         for name in sides:
             result.setdefault(name, {})[f"c{conns}"] = summarise(runs[name])
         result.setdefault("ratios", {})
-        for name in sides:
-            if name != "openbao_kv":
-                result["ratios"][f"{name}_c{conns}"] = round(
-                    result[name][f"c{conns}"]["rps"] / result["openbao_kv"][f"c{conns}"]["rps"],
-                    3)
+        for name, rs in ratios.items():
+            result["ratios"][f"{name}_c{conns}"] = round(median(rs), 3)
+            result.setdefault("ratios_per_run", {})[f"{name}_c{conns}"] = [
+                round(r, 3) for r in rs]
     result["body_bytes"] = len(json.dumps(body))
+    result["token"] = token  # for the memory top-up; dropped before results are written
     return result
 
 
@@ -119,7 +164,7 @@ def bench_read(files: Pkisvc, bao: OpenBao, extra: dict[str, Pkisvc]) -> dict[st
 
 def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for kt, mount, n in (("ecdsa-p256", "pki-ec", 40), ("rsa-2048", "pki-rsa", 6)):
+    for kt, mount, n in (("ecdsa-p256", "pki-ec", 40), ("rsa-2048", "pki-rsa", 10)):
         svc = Pkisvc(root / f"rotate-{kt}", {"PKISVC_KEY_TYPE": kt,
                                              "PKISVC_SERVER__SANS": '["k8s-master-1"]'}).start()
         try:
@@ -136,7 +181,11 @@ def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
                 theirs.append(median(timed(lambda p=peer, m=mount, b=issue: p.post(
                     f"/v1/{m}/issue/leaf", b), n)))
             result[kt] = {"pkisvc_ms": median(ours), "openbao_pki_issue_ms": median(theirs),
-                          "ratio": round(median(ours) / median(theirs), 3), "per_run": n}
+                          "ratio": round(median([a / b for a, b in zip(ours, theirs,
+                                                                       strict=True)]), 3),
+                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, theirs,
+                                                                             strict=True)],
+                          "per_run": n}
         finally:
             svc.stop()
     return result
@@ -176,7 +225,7 @@ def raw_set(key_type: str) -> None:
 
 def bench_ca_rotation(root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for kt, n in (("rsa-2048", 5), ("ecdsa-p256", 40)):
+    for kt, n in (("rsa-2048", 8), ("ecdsa-p256", 40)):
         svc = Pkisvc(root / f"ca-{kt}", {"PKISVC_KEY_TYPE": kt}).start()
         try:
             client = Client(svc.url, {"Authorization": f"Bearer {svc.token('b', 'admin')}"})
@@ -186,7 +235,11 @@ def bench_ca_rotation(root: Path) -> dict[str, Any]:
                                          n)))
                 raw.append(median(timed(lambda k=kt: raw_set(k), n)))
             result[kt] = {"pkisvc_ms": median(ours), "raw_crypto_ms": median(raw),
-                          "ratio": round(median(ours) / median(raw), 3), "per_run": n}
+                          "ratio": round(median([a / b for a, b in zip(ours, raw, strict=True)]),
+                                         3),
+                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, raw,
+                                                                             strict=True)],
+                          "per_run": n}
         finally:
             svc.stop()
     return result
@@ -207,40 +260,79 @@ def machine() -> dict[str, Any]:
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "kernel": platform.release(), "pkisvc": __version__,
             "cryptography": version("cryptography"), "flask": version("flask"),
-            "gunicorn": version("gunicorn"),
+            "gunicorn": version("gunicorn"), "salt": version("salt"), "hvac": version("hvac"),
             "wrk": (wrk_v.stdout + wrk_v.stderr).split("\n")[0].strip()}
+
+
+MEMORY_AFTER = 10_000  # requests
+
+
+def memory(services: dict[str, tuple[Pkisvc, str]], served: dict[str, int]) -> dict[str, Any]:
+    """RSS of every gunicorn worker of each service, after at least MEMORY_AFTER requests."""
+    out: dict[str, Any] = {}
+    for name, (svc, token) in services.items():
+        while served[name] < MEMORY_AFTER:  # top up a service the benchmarks asked less
+            served[name] += int(wrk(f"{svc.url}/v1/certs/server",
+                                    f"Authorization: Bearer {token}", 8)["requests"])
+        rss = [round(x, 1) for x in svc.worker_rss_mb()]
+        out[name] = {"requests_served": served[name], "worker_rss_mb": rss}
+    out["max_worker_rss_mb"] = max(x for v in out.values() for x in v["worker_rss_mb"])
+    out["min_requests_served"] = min(v["requests_served"] for v in out.values()
+                                     if isinstance(v, dict))
+    return out
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
     root = workdir()
     started = time.monotonic()
     doc: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                           "runs": RUNS, "wrk_seconds": WRK_SECONDS, "machine": machine()}
+                           "runs": RUNS, "wrk_seconds": WRK_SECONDS, "machine": machine(),
+                           "load_average_before": load_average()}
     bao = OpenBao(root / "openbao").start()
     doc["machine"]["openbao"] = bao.version()
     files = Pkisvc(root / "files", {"PKISVC_KEY_TYPE": "rsa-2048"}).start()
+    vault: Pkisvc | None = None
     try:
+        vault, vault_token, kept_token = start_vault_pkisvc(root, files, bao)
         print("read ...", flush=True)
-        doc["read"] = bench_read(files, bao, {})
-        doc["memory"] = {"requests_served": None, "worker_rss_mb": files.worker_rss_mb()}
-        doc["memory"]["max_worker_rss_mb"] = round(max(doc["memory"]["worker_rss_mb"]), 1)
-        doc["memory"]["requests_served"] = int(sum(
-            r["rps"] * WRK_SECONDS * RUNS for side in ("pkisvc_files",)
-            for r in doc["read"][side].values()))
+        doc["read"] = bench_read(files, bao, {"pkisvc_vault": (vault, vault_token),
+                                              "pkisvc_vault_kept_token": (vault, kept_token)})
+        print("pillar ...", flush=True)
+        token_file = root / "salt-master.token"
+        token_file.write_text(files.token("salt-master", "secrets"))
+        doc["pillar"] = {"module": pillar.bench_module(files, token_file, RUNS)}
+        doc["pillar"]["compile"] = pillar.bench_compile(root, files, token_file, RUNS)
+        doc["pillar"]["burst"] = pillar.bench_burst(files, token_file, RUNS)
+        served = {"pkisvc_files": doc["read"]["requests"]["pkisvc_files"]
+                  + doc["pillar"]["module"]["minion_ids"] * RUNS
+                  + RUNS * sum(int(n) for n in doc["pillar"]["burst"] if n.isdigit()),
+                  "pkisvc_vault": doc["read"]["requests"]["pkisvc_vault"]
+                  + doc["read"]["requests"]["pkisvc_vault_kept_token"]}
+        doc["memory"] = memory({"pkisvc_files": (files, doc["read"]["token"]),
+                                "pkisvc_vault": (vault, vault_token)}, served)
         print("rotate ...", flush=True)
         doc["rotate"] = bench_rotate(root, bao)
         print("CA rotation ...", flush=True)
         doc["ca_rotation"] = bench_ca_rotation(root)
     finally:
+        if vault is not None:
+            vault.stop()
         files.stop()
         bao.stop()
         cleanup(root)
+    doc["read"].pop("token", None)
+    doc["load_average_after"] = load_average()
     doc["seconds"] = round(time.monotonic() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from report import write_markdown, write_png
+    from report import update_readme, write_markdown, write_png
     write_markdown(doc, RESULTS / "latest.md")
     write_png(doc, RESULTS / "latest.png")
+    update_readme(doc, REPO / "README.md")
     print((RESULTS / "latest.md").read_text())
 
 

@@ -58,7 +58,8 @@ def query_int(name: str, lo: int, hi: int) -> int | None:
     text = request.args.get(name)
     if text is None:
         return None
-    if not text.isdigit() or not lo <= int(text) <= hi:
+    # isdigit() alone accepts digits int() refuses (superscripts such as '¹').
+    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
         raise InvalidRequest(f"query parameter {name!r} must be an integer {lo}..{hi}")
     return int(text)
 

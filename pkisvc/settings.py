@@ -254,7 +254,7 @@ def _domain(key: str, v: Any) -> str:
 def _bind(key: str, v: Any) -> str:
     s = _str(key, v)
     host, sep, port = s.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise _fail(key, f"{s!r} is not HOST:PORT")
     return s
 

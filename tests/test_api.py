@@ -150,6 +150,7 @@ BAD = [
     ("GET", "/v1/certs/server?version=abc", None, 400),
     ("GET", "/v1/certs/server?version=999", None, 404),
     ("GET", "/v1/certs/server?version=0", None, 400),
+    ("GET", "/v1/certs/kubecfg/key?version=%C2%B9", None, 400),  # "¹": isdigit(), not int()
     ("GET", "/v1/versions/999", None, 404),
     ("GET", "/v1/versions/..", None, 404),
     ("GET", "/v1/pillar/k8s-master-1", None, 400),

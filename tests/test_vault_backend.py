@@ -4,7 +4,10 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -31,6 +34,9 @@ path "secret/data/pkisvc/{cluster}/*" {{
 }}
 path "secret/metadata/pkisvc/{cluster}/*" {{
   capabilities = ["create", "read", "update", "list"]
+}}
+path "secret/subkeys/pkisvc/{cluster}/*" {{
+  capabilities = ["read"]
 }}
 """
 READ_ONLY_POLICY = """
@@ -96,6 +102,62 @@ def test_replicas_see_each_others_writes_and_conflict(openbao):
     with pytest.raises(VersionConflict):
         a.write(fake_generation(2, "stale"), expected=1)
     assert [r.version for r in a.versions()] == [1, 2]
+
+
+def test_latest_asks_for_the_version_number_only_and_falls_back_without_subkeys(openbao):
+    cluster = openbao.settings_overrides()["cluster"]
+    writer = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    writer.write(fake_generation(1), expected=None)
+    # A token that may read the version number but not the material: latest() still answers,
+    # so it never moves the generation itself.
+    numbers_only = token_with(openbao, """
+path "secret/subkeys/pkisvc/{cluster}/*" {{
+  capabilities = ["read"]
+}}
+""", cluster, f"subkeys-{cluster}")
+    counter = VaultBackend(openbao.addr, cluster=cluster, token=numbers_only)
+    assert counter.latest() == 1
+    with pytest.raises(PermissionDenied):
+        counter.read()
+    # A policy written before pkisvc used subkeys: the same answers, through the data.
+    old_policy = VaultBackend(openbao.addr, cluster=cluster, token=token_with(
+        openbao, READ_ONLY_POLICY, cluster, f"ro-{cluster}"))
+    assert old_policy.latest() == 1
+    writer.write(fake_generation(2, "second"), expected=1)
+    assert counter.latest() == old_policy.latest() == 2  # no version is cached for later
+    assert old_policy.read().record.reason == "second"
+    # The latest version deleted by hand: both fall back to the metadata's current_version.
+    openbao.client().secrets.kv.v2.delete_latest_version_of_secret(
+        f"pkisvc/{cluster}/material", mount_point="secret")
+    assert writer.latest() == old_policy.latest() == 2
+
+
+def test_a_standby_that_redirects_to_the_active_node_is_followed(openbao):
+    active = openbao.addr
+
+    class Standby(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", active + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        cluster = openbao.settings_overrides()["cluster"]
+        VaultBackend(active, cluster=cluster, token=openbao.token).write(
+            fake_generation(1, "via the active node"), expected=None)
+        standby = VaultBackend(f"http://127.0.0.1:{server.server_port}", cluster=cluster,
+                               token=openbao.token)
+        assert standby.latest() == 1
+        assert standby.read(1).record.reason == "via the active node"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp_path):
