@@ -248,26 +248,24 @@ class CertStore:
             if base.record.rotation:
                 raise Conflict("a staged CA rotation is open: finish it (its second phase "
                                "re-issues both leaves) instead of renewing")
-            cur = parse_files(base.files)
-            if cur.ca_key is None:
-                raise Conflict(f"version {base.version} holds no CA key: rotate the CA")
+            cur, ca_key = signer(base)
             due_now = {d["item"] for d in self.due(base.version)["due"]}
             if not due_now:  # a concurrent writer renewed them meanwhile
                 raise _NothingDue
             for item in due_now - set(keys):
-                keys[item] = pki.generate_key(pki.key_type_of(cur.ca_key))
+                keys[item] = pki.generate_key(pki.key_type_of(ca_key))
             now = self.now()
             server, server_key, kubecfg, kubecfg_key = (cur.server, cur.server_key,
                                                         cur.kubecfg, cur.kubecfg_key)
             if "server" in due_now:
                 server_key = keys["server"]
-                server = pki.issue(self._server_profile(), cur.ca, cur.ca_key, server_key,
+                server = pki.issue(self._server_profile(), cur.ca, ca_key, server_key,
                                    now=now)
             if "kubecfg" in due_now:
                 kubecfg_key = keys["kubecfg"]
-                kubecfg = pki.issue(self._client_profile(), cur.ca, cur.ca_key, kubecfg_key,
+                kubecfg = pki.issue(self._client_profile(), cur.ca, ca_key, kubecfg_key,
                                     now=now)
-            return Draft(pki.CertSet(cur.ca, cur.ca_key, server, server_key, kubecfg,
+            return Draft(pki.CertSet(cur.ca, ca_key, server, server_key, kubecfg,
                                      kubecfg_key, cur.trust), _extra_files(base))
         items = tuple(d["item"] for d in report["due"])
         reason = "due: " + ", ".join(f"{d['item']} expires {d['not_after']}"
@@ -300,14 +298,11 @@ class CertStore:
         def build(base: StoredGeneration | None) -> Draft:
             assert base is not None
             self._refuse_during_staged_rotation(base)
-            cur = parse_files(base.files)
-            if cur.ca_key is None:
-                raise Conflict(f"version {base.version} holds no CA key: use an immediate "
-                               "rotation (rotate ca) to replace the imported CA")
+            cur, ca_key = signer(base)
             s = self.settings
             next_ca = pki.make_ca(pki.Profile("ca", s.ca.common_name, s.ca.days), next_key,
                                   now=self.now())
-            certs = pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key, cur.kubecfg,
+            certs = pki.CertSet(cur.ca, ca_key, cur.server, cur.server_key, cur.kubecfg,
                                 cur.kubecfg_key, (*cur.trust, next_ca))
             extra = {NEXT_CA_CERT: pki.cert_pem(next_ca), NEXT_CA_KEY: pki.key_pem(next_key)}
             state = {"phase": 1, "old_ca": pki.fingerprint(cur.ca),
@@ -386,21 +381,18 @@ class CertStore:
         def build(base: StoredGeneration | None) -> Draft:
             assert base is not None
             self._refuse_during_staged_rotation(base)
-            cur = parse_files(base.files)
-            if cur.ca_key is None:
-                raise Conflict(f"version {base.version} holds no CA key (it was imported "
-                               "without ca.key): rotate the CA before re-issuing leaves")
+            cur, ca_key = signer(base)
             if not new_key:  # the key is made once; a retry only signs again
-                new_key.append(pki.generate_key(key_type or pki.key_type_of(cur.ca_key)))
+                new_key.append(pki.generate_key(key_type or pki.key_type_of(ca_key)))
             now = self.now()
             if item == "server":
-                cert = pki.issue(self._server_profile(extra), cur.ca, cur.ca_key, new_key[0],
+                cert = pki.issue(self._server_profile(extra), cur.ca, ca_key, new_key[0],
                                  now=now)
-                certs = pki.CertSet(cur.ca, cur.ca_key, cert, new_key[0], cur.kubecfg,
+                certs = pki.CertSet(cur.ca, ca_key, cert, new_key[0], cur.kubecfg,
                                     cur.kubecfg_key, cur.trust)
             else:
-                cert = pki.issue(self._client_profile(), cur.ca, cur.ca_key, new_key[0], now=now)
-                certs = pki.CertSet(cur.ca, cur.ca_key, cur.server, cur.server_key, cert,
+                cert = pki.issue(self._client_profile(), cur.ca, ca_key, new_key[0], now=now)
+                certs = pki.CertSet(cur.ca, ca_key, cur.server, cur.server_key, cert,
                                     new_key[0], cur.trust)
             return Draft(certs, _extra_files(base), rotation=base.record.rotation)
         return self._commit(f"rotate-{item}", actor, reason, build, items=(item,),
@@ -447,11 +439,9 @@ class CertStore:
         if not hosts:
             raise InvalidRequest("a serving certificate needs at least one host name or IP")
         gen = self.read()
-        cur = parse_files(gen.files)
-        if cur.ca_key is None:
-            raise Conflict(f"version {gen.version} holds no CA key: rotate the CA first")
-        key = pki.generate_key(pki.key_type_of(cur.ca_key))
-        cert = pki.issue(pki.Profile("server", "pkisvc", days, sans=hosts), cur.ca, cur.ca_key,
+        cur, ca_key = signer(gen)
+        key = pki.generate_key(pki.key_type_of(ca_key))
+        cert = pki.issue(pki.Profile("server", "pkisvc", days, sans=hosts), cur.ca, ca_key,
                          key, now=self.now())
         self.backend.append_audit(AuditEvent(
             time=pki.rfc3339(self.now()), actor=actor, action="self-tls", version=gen.version,
@@ -589,6 +579,18 @@ class _NothingDue(Exception):
 
 def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def signer(gen: StoredGeneration) -> tuple[pki.CertSet, pki.PrivateKey]:
+    """A generation's set and its CA key, for anything that signs with it.
+
+    Raises: Conflict when the generation was imported without ca.key.
+    """
+    certs = parse_files(gen.files)
+    if certs.ca_key is None:
+        raise Conflict(f"version {gen.version} holds no CA key (it was imported without "
+                       "ca.key): rotate the CA (immediately) before pkisvc can sign with it")
+    return certs, certs.ca_key
 
 
 def parse_san_or_fail(value: Any) -> str:
