@@ -63,6 +63,14 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: median([r[k] for r in runs]) for k in runs[0]}
 
 
+def paired(ours: list[float], peer: list[float], peer_key: str, n: int) -> dict[str, Any]:
+    """Medians of both sides, and the median of the per-run ratios (same minutes, same load)."""
+    ratios = [a / b for a, b in zip(ours, peer, strict=True)]
+    return {"pkisvc_ms": median(ours), peer_key: median(peer),
+            "ratio": round(median(ratios), 3), "ratios_per_run": [round(r, 3) for r in ratios],
+            "per_run": n}
+
+
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
     """Latency in ms of n sequential calls."""
     out = []
@@ -180,12 +188,7 @@ def bench_rotate(root: Path, bao: OpenBao) -> dict[str, Any]:
                     "/v1/certs/server/rotate", expect=201), n)))
                 theirs.append(median(timed(lambda p=peer, m=mount, b=issue: p.post(
                     f"/v1/{m}/issue/leaf", b), n)))
-            result[kt] = {"pkisvc_ms": median(ours), "openbao_pki_issue_ms": median(theirs),
-                          "ratio": round(median([a / b for a, b in zip(ours, theirs,
-                                                                       strict=True)]), 3),
-                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, theirs,
-                                                                             strict=True)],
-                          "per_run": n}
+            result[kt] = paired(ours, theirs, "openbao_pki_issue_ms", n)
         finally:
             svc.stop()
     return result
@@ -234,12 +237,7 @@ def bench_ca_rotation(root: Path) -> dict[str, Any]:
                 ours.append(median(timed(lambda c=client: c.post("/v1/ca/rotate", expect=201),
                                          n)))
                 raw.append(median(timed(lambda k=kt: raw_set(k), n)))
-            result[kt] = {"pkisvc_ms": median(ours), "raw_crypto_ms": median(raw),
-                          "ratio": round(median([a / b for a, b in zip(ours, raw, strict=True)]),
-                                         3),
-                          "ratios_per_run": [round(a / b, 3) for a, b in zip(ours, raw,
-                                                                             strict=True)],
-                          "per_run": n}
+            result[kt] = paired(ours, raw, "raw_crypto_ms", n)
         finally:
             svc.stop()
     return result

@@ -100,6 +100,15 @@ def start(cmd, env, port, *, scheme="http", verify=True):
     return p
 
 
+def serve(data: Path, workers: int = 2, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`pkisvc serve` on a free loopback port over data (EC keys); return (process, url)."""
+    port = free_port()
+    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", str(workers)],
+              clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256", **env), port)
+    return p, f"http://127.0.0.1:{port}"
+
+
 def stop(p):
     """Stop the server by its PID (its own process group), and wait for it."""
     if p.poll() is None:

@@ -15,18 +15,24 @@ import requests
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
 from pkisvc.store import CertStore, parse_files
-from tests.conftest import REPO, clean_env, free_port, make_settings, start, stop, wait_for
+from tests.conftest import (
+    REPO,
+    clean_env,
+    free_port,
+    make_settings,
+    serve,
+    start,
+    stop,
+    wait_for,
+)
 
 
 @pytest.fixture
 def service(tmp_path):
     """`pkisvc serve` with 2 workers on a free port; yields (base url, data dir)."""
-    port = free_port()
     data = tmp_path / "pkisvc-data"
-    env = clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256")
-    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
-               "--workers", "2"], env, port)
-    yield f"http://127.0.0.1:{port}", data
+    p, url = serve(data)
+    yield url, data
     stop(p)
 
 

@@ -7,12 +7,11 @@ land in the test's temporary directory (printed at the end).
 import os
 import shutil
 import signal
-import sys
 
 import pytest
 import requests
 
-from tests.conftest import clean_env, free_port, start, stop
+from tests.conftest import serve, stop
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -34,12 +33,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def service(tmp_path):
     """`pkisvc serve` on a free loopback port; yields (base url, admin token)."""
-    port = free_port()
     data = tmp_path / "pkisvc-data"
-    env = clean_env(PKISVC_DATA_DIR=str(data), PKISVC_KEY_TYPE="ecdsa-p256")
-    p = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind", f"127.0.0.1:{port}",
-               "--workers", "1"], env, port)
-    yield f"http://127.0.0.1:{port}", (data / "admin.token").read_text().strip()
+    p, url = serve(data, workers=1)
+    yield url, (data / "admin.token").read_text().strip()
     stop(p)
 
 
