@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from flask import Blueprint, Response, current_app, g, request
 
+from pkisvc import answers
+from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.fastpath import MINION_ID, Bodies
-from pkisvc.model import ITEMS, KEY_TYPES, TRUST_FILE
+from pkisvc.model import KEY_TYPES, TRUST_FILE
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -55,19 +56,7 @@ def body(**fields: type | tuple[type, ...]) -> dict[str, Any]:
 
 
 def query_int(name: str, lo: int, hi: int) -> int | None:
-    text = request.args.get(name)
-    if text is None:
-        return None
-    # isdigit() alone accepts digits int() refuses (superscripts such as '¹').
-    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
-        raise InvalidRequest(f"query parameter {name!r} must be an integer {lo}..{hi}")
-    return int(text)
-
-
-def item_name(item: str) -> str:
-    if item not in ITEMS:
-        raise NotFound(f"no item {item[:64]!r} (items: {', '.join(ITEMS)})")
-    return item
+    return answers.query_int(request.args, name, lo, hi)
 
 
 def key_type(data: dict[str, Any]) -> str | None:
@@ -193,12 +182,8 @@ def certs() -> dict[str, Any]:
 
 
 @bp.get("/certs/<item>")
-@requires("read")
 def cert(item: str) -> Response:
-    version = query_int("version", 1, 10**9) or store().latest()
-    if version is None:
-        raise NotFound("the store is empty: run `pkisvc init`")
-    return Response(bodies().cert(version, item_name(item)), mimetype="application/json")
+    return hot_read(answers.cert, item)
 
 
 @bp.get("/certs/<item>/key")
@@ -226,27 +211,24 @@ def version(version: int) -> dict[str, Any]:
 
 
 @bp.get("/pillar/<minion_id>")
-@requires("secrets")
 def pillar(minion_id: str) -> Response:
-    if not MINION_ID.match(minion_id):
-        raise InvalidRequest("not a minion id")
-    role = request.args.get("role")
-    if not role:
-        raise InvalidRequest("query parameter 'role' is required")
-    names = store().settings.roles.get(role)
-    if names is None:
-        raise NotFound(f"no role {role[:64]!r}")
-    gen = store().read()
-    etag = f'"{gen.version}"'
-    unchanged = request.if_none_match.contains(str(gen.version))
-    # Audited either way: the minion holds this version (a 304 means from the master's cache).
-    store().record_delivery(actor=g.actor, action="pillar", version=gen.version,
-                            items=() if unchanged else tuple(names), minion=minion_id,
-                            role=role, remote_addr=request.remote_addr)
-    if unchanged:
-        return Response(status=304, headers={"ETag": etag})
-    return Response(bodies().pillar(gen.version, role), mimetype="application/json",
-                    headers={"ETag": etag})
+    return hot_read(answers.pillar, minion_id)
+
+
+def hot_read(read: Callable[[CertStore, Bodies, Ask, str], Answer], arg: str) -> Response:
+    """Answer a hot read (`pkisvc.answers`); the token check is part of the answer.
+
+    When the fast path already met an error on this request, raise it again rather than ask
+    the backend a second time.
+    """
+    learned = request.environ.pop(answers.LEARNED, None)
+    if isinstance(learned, Exception):
+        raise learned
+    answer = read(store(), bodies(), Ask(
+        authorization=request.headers.get("Authorization"), args=request.args,
+        if_none_match=request.headers.get("If-None-Match"), remote_addr=request.remote_addr),
+        arg)
+    return Response(answer.body, status=answer.status, headers=list(answer.headers))
 
 
 @bp.get("/audit")

@@ -9,9 +9,10 @@ from pathlib import Path
 from flask import Flask, Response, current_app, g, request
 
 from pkisvc import api, auth, errors, metrics, ui
+from pkisvc.answers import Bodies
 from pkisvc.backends import Backend, load_backend
 from pkisvc.errors import Conflict
-from pkisvc.fastpath import Bodies, FastReads
+from pkisvc.fastpath import FastReads
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 

@@ -77,8 +77,17 @@ def requires(scope: str) -> Callable[[F], F]:
 
 def check(scope: str) -> Principal:
     store: CertStore = current_app.extensions["pkisvc"]
-    principal = authenticate(store, request.headers.get("Authorization"))
+    principal = allowed(store, request.headers.get("Authorization"), scope)
+    g.actor = principal.name
+    return principal
+
+
+def allowed(store: CertStore, header: str | None, scope: str) -> Principal:
+    """Return who holds the bearer token in header, if the token has scope.
+
+    Raises: Unauthorized (as `authenticate`), Forbidden (the token lacks scope).
+    """
+    principal = authenticate(store, header)
     if scope not in principal.scopes:
         raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope")
-    g.actor = principal.name
     return principal

@@ -1,80 +1,29 @@
 """The hot reads, answered without Flask.
 
 `GET /v1/certs/<item>` and `GET /v1/pillar/<minion>?role=<role>` are what clients and the Salt
-master ask for all day.  Once a generation is known their answers never change, so their
-bodies are made once per version (`Bodies`), and `FastReads` — a WSGI layer in front of
-Flask — answers the ordinary case with a token check, one look at the latest version and the
-cached bytes.  Anything else (another path, a query it does not expect, a bad or missing
-token, an error) goes to the Flask app, which gives the same answers the slow way.
+master ask for all day.  `FastReads` — a WSGI layer in front of Flask — recognises their
+ordinary shape and calls the same answer as the Flask views (`pkisvc.answers`), whose bodies
+are made once per version.  Anything else (another path, a query it does not expect) goes to
+Flask untouched.  When the answer is a refusal or a failure, the fast path hands the exception
+to Flask once, in the environ (`answers.LEARNED`): the view raises it again, without a second
+token check or backend read, and Flask's error handlers make the JSON.
 """
 from __future__ import annotations
 
-import json
 import re
-import threading
 import time
+from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
-from pkisvc import auth, metrics
-from pkisvc.errors import PkiError
-from pkisvc.model import CERT_FILES, ITEMS
+from pkisvc import answers, metrics
+from pkisvc.answers import Answer, Ask, Bodies
+from pkisvc.model import ITEMS, MINION_ID
 from pkisvc.store import CertStore
 
-MINION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}$")
-_ROLE = re.compile(r"^role=([A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")
+_ROLE = re.compile(r"role=([A-Za-z0-9][A-Za-z0-9_.-]{0,62})")
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-class Bodies:
-    """JSON bodies of the hot reads, made once per version."""
-
-    def __init__(self, store: CertStore) -> None:
-        self.store = store
-        self._version = 0
-        self._cache: dict[tuple[str, str], bytes] = {}
-        self._lock = threading.Lock()
-
-    def _get(self, version: int, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
-        if version == self._version:
-            hit = self._cache.get(key)
-            if hit is not None:
-                return hit
-        body = make()
-        with self._lock:
-            if version > self._version:  # a newer version: older answers are not asked often
-                self._version, self._cache = version, {}
-            if version == self._version:
-                self._cache[key] = body
-        return body
-
-    def cert(self, version: int, item: str) -> bytes:
-        """`/v1/certs/<item>` for version."""
-        def make() -> bytes:
-            v, rec, pem = self.store.item(item, version)
-            return json.dumps({"item": item, "version": v, "pem": pem.decode(),
-                               **rec.to_dict()}).encode()
-        return self._get(version, ("cert", item), make)
-
-    def pillar(self, version: int, role: str) -> bytes:
-        """`/v1/pillar/<minion>?role=<role>` for version (the role must exist)."""
-        names = self.store.settings.roles[role]
-
-        def make() -> bytes:
-            gen = self.store.read(version)
-            files = self.store.host_files(gen, names)
-            by_file = {CERT_FILES[i]: gen.record.items[i].fingerprint
-                       for i in ("server", "kubecfg")}
-            by_file["ca.crt"] = gen.record.items["ca"].fingerprint
-            return json.dumps({
-                "version": version, "role": role,
-                "files": {n: b.decode() for n, b in files.items()},
-                "fingerprints": {n: by_file[n] for n in names if n in by_file},
-                "trust": list(gen.record.trust)}).encode()
-        return self._get(version, ("pillar", role), make)
-
-
-Answer = tuple[str, bytes, list[tuple[str, str]]]
 CERTS, PILLAR = "/v1/certs/<item>", "/v1/pillar/<minion_id>"  # the Flask rules they stand for
+_STATUS = {s: f"{s} {HTTPStatus(s).phrase.upper()}" for s in (200, 304)}  # as Werkzeug says it
 
 
 class FastReads:
@@ -85,73 +34,49 @@ class FastReads:
         self.store = store
         self.bodies = bodies
         # Bound once: looking a labelled child up costs as much as the rest of a request.
-        self._count = {(e, s): metrics.REQUESTS.labels("GET", e, s)
-                       for e in (CERTS, PILLAR) for s in ("200", "304")}
+        self._count = {(e, s): metrics.REQUESTS.labels("GET", e, str(s))
+                       for e in (CERTS, PILLAR) for s in _STATUS}
         self._time = {e: metrics.LATENCY.labels(e) for e in (CERTS, PILLAR)}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
         started = time.perf_counter()
-        answer: Answer | None = None
-        if environ.get("REQUEST_METHOD") == "GET":
-            path: str = environ.get("PATH_INFO", "")
-            query: str = environ.get("QUERY_STRING", "")
-            if path.startswith("/v1/certs/") and not query and path[10:] in ITEMS:
-                endpoint = CERTS
-                answer = self._cert(environ, path[10:])
-            elif path.startswith("/v1/pillar/"):
-                m = _ROLE.match(query)
-                if m and MINION_ID.match(path[11:]):
-                    endpoint = PILLAR
-                    answer = self._pillar(environ, path[11:], m.group(1))
-        if answer is None:
+        route = self._route(environ)
+        if route is None:
             return self.app(environ, start_response)
-        status, body, headers = answer
-        start_response(status, headers)
-        self._count[endpoint, status[:3]].inc()
+        endpoint, read = route
+        try:
+            answer = read()
+        except Exception as e:  # refused or failed: Flask answers it, from what we learned
+            environ[answers.LEARNED] = e
+            return self.app(environ, start_response)
+        headers = list(answer.headers)
+        if answer.status != 304:  # a 304 has no body, nor its length (as Werkzeug sends it)
+            headers.append(("Content-Length", str(len(answer.body))))
+        start_response(_STATUS[answer.status], headers)
+        self._count[endpoint, answer.status].inc()
         self._time[endpoint].observe(time.perf_counter() - started)
-        return [body]
+        return [answer.body]
 
-    def _principal(self, environ: dict[str, Any], scope: str) -> auth.Principal | None:
-        try:
-            principal = auth.authenticate(self.store, environ.get("HTTP_AUTHORIZATION"))
-        except PkiError:
+    def _route(self, environ: dict[str, Any]) -> tuple[str, Callable[[], Answer]] | None:
+        """Return (Flask rule, the answer to call) for a hot read in its ordinary shape."""
+        if environ.get("REQUEST_METHOD") != "GET":
             return None
-        return principal if scope in principal.scopes else None
+        path: str = environ.get("PATH_INFO", "")
+        query: str = environ.get("QUERY_STRING", "")
+        if path.startswith("/v1/certs/") and not query and path[10:] in ITEMS:
+            item = path[10:]
+            return CERTS, lambda: answers.cert(self.store, self.bodies, _ask(environ, {}), item)
+        if path.startswith("/v1/pillar/"):
+            m = _ROLE.fullmatch(query)
+            minion = path[11:]
+            if m and MINION_ID.fullmatch(minion):
+                ask = _ask(environ, {"role": m.group(1)})
+                return PILLAR, lambda: answers.pillar(self.store, self.bodies, ask, minion)
+        return None
 
-    def _cert(self, environ: dict[str, Any], item: str) -> Answer | None:
-        if self._principal(environ, "read") is None:
-            return None
-        try:
-            version = self.store.latest()
-            body = self.bodies.cert(version, item) if version is not None else None
-        except PkiError:
-            return None
-        if body is None:
-            return None
-        return "200 OK", body, [("Content-Type", "application/json"),
-                                ("Content-Length", str(len(body)))]
 
-    def _pillar(self, environ: dict[str, Any], minion: str, role: str) -> Answer | None:
-        principal = self._principal(environ, "secrets")
-        if principal is None or role not in self.store.settings.roles:
-            return None
-        try:
-            version = self.store.latest()
-            if version is None:
-                return None
-            etag = f'"{version}"'
-            unchanged = environ.get("HTTP_IF_NONE_MATCH", "").strip() == etag
-            body = b"" if unchanged else self.bodies.pillar(version, role)
-            # Audited either way: the minion holds this version (from the master's cache
-            # when unchanged), which is what the operator pages show per minion.
-            self.store.record_delivery(
-                actor=principal.name, action="pillar", version=version,
-                items=() if unchanged else tuple(self.store.settings.roles[role]),
-                minion=minion, role=role, remote_addr=environ.get("REMOTE_ADDR"))
-        except PkiError:
-            return None
-        if unchanged:
-            return "304 NOT MODIFIED", b"", [("ETag", etag)]
-        return "200 OK", body, [("Content-Type", "application/json"),
-                                ("Content-Length", str(len(body))), ("ETag", etag)]
+def _ask(environ: dict[str, Any], args: dict[str, str]) -> Ask:
+    return Ask(authorization=environ.get("HTTP_AUTHORIZATION"), args=args,
+               if_none_match=environ.get("HTTP_IF_NONE_MATCH"),
+               remote_addr=environ.get("REMOTE_ADDR"))

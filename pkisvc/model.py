@@ -22,6 +22,10 @@ OPERATIONS = (
 )
 SCOPES = ("read", "secrets", "audit", "admin")
 
+# A Salt minion id as the pillar endpoint accepts it; matched with fullmatch (a `$` would let a
+# trailing newline through).
+MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
+
 # Names a backend may store: plain file names, nothing path-like.
 _FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

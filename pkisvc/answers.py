@@ -1,0 +1,176 @@
+"""One answer for each hot read: `GET /v1/certs/<item>` and `GET /v1/pillar/<minion>`.
+
+`cert` and `pillar` decide the status, the ETag, the body and the delivery record; the WSGI
+fast path (`pkisvc.fastpath`) and the Flask views (`pkisvc.api`) both call them, so the two
+cannot disagree.  Refusals and failures are raised (`PkiError` or anything else) and become
+JSON in one place, Flask's error handlers: the fast path hands what it met to Flask in the
+WSGI environ (`LEARNED`), and the view raises it again instead of asking the backend twice.
+
+The bodies are made once per version (`Bodies`): that is what makes these reads fast.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from pkisvc import auth
+from pkisvc.errors import InvalidRequest, NotFound
+from pkisvc.model import CERT_FILES, ITEMS, MINION_ID
+from pkisvc.store import CertStore
+
+# WSGI environ key: the exception the fast path met on a hot read, for the Flask view to raise.
+# Clients cannot set it (their headers arrive as HTTP_* keys).
+LEARNED = "pkisvc.hot_read.error"
+JSON = ("Content-Type", "application/json")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a hot read was asked with, taken from a Flask request or a WSGI environ."""
+
+    authorization: str | None = None
+    args: Mapping[str, str] = field(default_factory=dict)
+    if_none_match: str | None = None
+    remote_addr: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+class Bodies:
+    """JSON bodies of the hot reads, made once per version."""
+
+    def __init__(self, store: CertStore) -> None:
+        self.store = store
+        self._version = 0
+        self._cache: dict[tuple[str, str], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, version: int, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
+        if version == self._version:
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+        body = make()
+        with self._lock:
+            if version > self._version:  # a newer version: older answers are not asked often
+                self._version, self._cache = version, {}
+            if version == self._version:
+                self._cache[key] = body
+        return body
+
+    def cert(self, version: int, item: str) -> bytes:
+        """`/v1/certs/<item>` for version."""
+        def make() -> bytes:
+            v, rec, pem = self.store.item(item, version)
+            return json.dumps({"item": item, "version": v, "pem": pem.decode(),
+                               **rec.to_dict()}).encode()
+        return self._get(version, ("cert", item), make)
+
+    def pillar(self, version: int, role: str) -> bytes:
+        """`/v1/pillar/<minion>?role=<role>` for version (the role must exist)."""
+        names = self.store.settings.roles[role]
+
+        def make() -> bytes:
+            gen = self.store.read(version)
+            files = self.store.host_files(gen, names)
+            by_file = {CERT_FILES[i]: gen.record.items[i].fingerprint
+                       for i in ("server", "kubecfg")}
+            by_file["ca.crt"] = gen.record.items["ca"].fingerprint
+            return json.dumps({
+                "version": version, "role": role,
+                "files": {n: b.decode() for n, b in files.items()},
+                "fingerprints": {n: by_file[n] for n in names if n in by_file},
+                "trust": list(gen.record.trust)}).encode()
+        return self._get(version, ("pillar", role), make)
+
+
+# --- the two answers ------------------------------------------------------------------------
+
+def cert(store: CertStore, bodies: Bodies, ask: Ask, item: str) -> Answer:
+    """`GET /v1/certs/<item>[?version=N]`: the item's record and certificate (scope `read`)."""
+    auth.allowed(store, ask.authorization, "read")
+    version = query_int(ask.args, "version", 1, 10**9) or _latest(store)
+    return Answer(200, bodies.cert(version, item_name(item)), (JSON,))
+
+
+def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
+    """`GET /v1/pillar/<minion>?role=<role>`: the role's host files (scope `secrets`).
+
+    ETag is the version; a matching `If-None-Match` is a 304.  Audited either way, after the
+    body is made: the minion holds this version (a 304 means from the master's cache).
+    """
+    principal = auth.allowed(store, ask.authorization, "secrets")
+    if not MINION_ID.fullmatch(minion):
+        raise InvalidRequest("not a minion id")
+    role = ask.args.get("role")
+    if not role:
+        raise InvalidRequest("query parameter 'role' is required")
+    names = store.settings.roles.get(role)
+    if names is None:
+        raise NotFound(f"no role {role[:64]!r}")
+    version = _latest(store)
+    etag = f'"{version}"'
+    unchanged = none_match(ask.if_none_match, str(version))
+    body = b"" if unchanged else bodies.pillar(version, role)
+    store.record_delivery(actor=principal.name, action="pillar", version=version,
+                          items=() if unchanged else tuple(names), minion=minion, role=role,
+                          remote_addr=ask.remote_addr)
+    if unchanged:
+        return Answer(304, b"", (("ETag", etag),))
+    return Answer(200, body, (JSON, ("ETag", etag)))
+
+
+# --- parts -----------------------------------------------------------------------------------
+
+def _latest(store: CertStore) -> int:
+    version = store.latest()
+    if version is None:
+        raise NotFound("the store is empty: run `pkisvc init`")
+    return version
+
+
+def item_name(item: str) -> str:
+    if item not in ITEMS:
+        raise NotFound(f"no item {item[:64]!r} (items: {', '.join(ITEMS)})")
+    return item
+
+
+def query_int(args: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    text = args.get(name)
+    if text is None:
+        return None
+    # isdigit() alone accepts digits int() refuses (superscripts such as '¹').
+    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
+        raise InvalidRequest(f"query parameter {name!r} must be an integer {lo}..{hi}")
+    return int(text)
+
+
+# One member of an If-None-Match list: a quoted entity tag, weak or not, or a bare token (`*`,
+# or a tag a lenient client forgot to quote).
+_TAG = re.compile(r'(?:W/|w/)?"([^"]*)"|([^\s,]+)')
+
+
+def none_match(header: str | None, opaque: str) -> bool:
+    """Tell whether `If-None-Match: header` matches the current ETag `"<opaque>"`.
+
+    RFC 9110 §13.1.2: `*` matches any current representation; otherwise any member of the
+    comma-separated list matches by weak comparison (`W/"7"` matches `"7"`).
+    """
+    if not header:
+        return False
+    for m in _TAG.finditer(header):
+        quoted, bare = m.groups()
+        if bare is not None:
+            if bare == "*" or bare.removeprefix("W/").removeprefix("w/") == opaque:
+                return True
+        elif quoted == opaque:
+            return True
+    return False
