@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Versioned certificate management for Salt-managed Kubernetes clusters",
     python_requires=">=3.11",
-    packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar"],
+    packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar", "pkisvc.testing"],
     package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends",
                  "pkisvc.ext_pillar": "ext_pillar"},
     package_data={

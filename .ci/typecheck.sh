@@ -9,6 +9,7 @@ rm -rf "$tree"
 mkdir -p "$tree/pkisvc"
 for f in pkisvc/*.py; do ln -s "../../$f" "$tree/pkisvc/"; done
 ln -s ../../backends "$tree/pkisvc/backends"
+ln -s ../../pkisvc/testing "$tree/pkisvc/testing"
 ln -s ../../ext_pillar "$tree/pkisvc/ext_pillar"
 cd "$tree"
 exec ../.venv/bin/mypy --config-file ../setup.cfg pkisvc

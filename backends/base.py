@@ -2,7 +2,7 @@
 
 A backend keeps bytes and records; it knows nothing of certificates.  Every method turns its
 own failures into pkisvc errors at its border: `NotFound`, `VersionConflict`,
-`BackendUnavailable` — nothing foreign escapes.  `tests/test_backend_contract.py` is the
+`BackendUnavailable` — nothing foreign escapes.  `pkisvc.testing.BackendContract` is the
 suite a backend must pass.
 """
 from __future__ import annotations

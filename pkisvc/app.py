@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, g, request
 from pkisvc import api, auth, errors, metrics, ui
 from pkisvc.answers import Bodies
 from pkisvc.backends import Backend, load_backend
-from pkisvc.errors import Conflict
+from pkisvc.errors import Conflict, PayloadTooLarge
 from pkisvc.fastpath import FastReads
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.register_blueprint(ui.bp)
     app.add_url_rule("/metrics", "metrics", metrics_view)
     app.before_request(_start_timer)
+    app.before_request(_limit_chunked_body)
     app.after_request(_count)
     errors.register(app)
     app.wsgi_app = FastReads(app.wsgi_app, store, bodies)  # type: ignore[method-assign]
@@ -79,6 +80,14 @@ def metrics_view() -> Response:
 
 def _start_timer() -> None:
     g.started = time.perf_counter()
+
+
+def _limit_chunked_body() -> None:
+    # Werkzeug refuses a Content-Length over the limit, but cuts a chunked body at it silently
+    # (the views would see a truncated body).  The read is cached for the views and forms.
+    if request.content_length is None and request.method not in ("GET", "HEAD", "OPTIONS"):
+        if len(request.get_data(cache=True)) >= MAX_BODY:
+            raise PayloadTooLarge(MAX_BODY)
 
 
 def _count(response: Response) -> Response:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import getpass
-import io
 import json
 import logging
 import os
 import socket
 import sys
-import tarfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +17,10 @@ import yaml
 
 from pkisvc import __version__, doctor, kubeconfig
 from pkisvc.backends import load_backend
-from pkisvc.errors import InvalidRequest, PkiError
+from pkisvc.backup import write as write_backup
+from pkisvc.errors import PkiError
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import KEY_TYPES, TRUST_FILE
+from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, read_import_dir, read_import_pillar, utcnow
 
@@ -266,7 +265,7 @@ def rotate_kubecfg(c: Context, reason: str) -> None:
 
 
 @main.command()
-@click.argument("item", type=click.Choice(["ca", "server", "kubecfg", "trust"]))
+@click.argument("item", type=click.Choice([*ITEMS, "trust"]))
 @click.option("--version", "version", type=click.IntRange(min=1), help="Default: the latest.")
 @click.option("--pem", is_flag=True, help="Print the PEM (alone, in table format).")
 @OUTPUT
@@ -372,8 +371,7 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
 def export_pillar(c: Context, key: str, version: int | None) -> None:
     """Print a legacy static pillar (the pasted way), private keys included, no CA key."""
     gen = c.store.read(version)
-    node: Any = {k: v.decode() for k, v in c.store.host_files(
-        gen, ["ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key"]).items()}
+    node: Any = {k: v.decode() for k, v in c.store.host_files(gen, HOST_FILES).items()}
     for part in reversed(key.split(":")):
         node = {part: node}
     click.echo(yaml.safe_dump(node, sort_keys=False, default_style=None), nl=False)
@@ -385,34 +383,8 @@ def export_pillar(c: Context, key: str, version: int | None) -> None:
 @pass_ctx
 def backup(c: Context, dest: str) -> None:
     """Write every generation (CA keys included), the audit trail and tokens to a tarball."""
-    store = c.store
-    out = Path(dest)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    count = 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w:gz") as tar:
-            def add(name: str, data: bytes) -> None:
-                info = tarfile.TarInfo(name)
-                info.size, info.mode = len(data), 0o600
-                tar.addfile(info, io.BytesIO(data))
-            for rec in reversed(store.versions()):
-                gen = store.read(rec.version)
-                base = f"pkisvc-backup/generations/{rec.version:06d}"
-                add(f"{base}/record.json", json.dumps(rec.to_dict(), indent=1).encode())
-                for name, data in sorted(gen.files.items()):
-                    add(f"{base}/{name}", data)
-                count += 1
-            events = store.audit(limit=10**9)
-            add("pkisvc-backup/audit.jsonl", "".join(
-                json.dumps(e.to_dict()) + "\n" for e in reversed(events)).encode())
-            add("pkisvc-backup/tokens.json", json.dumps(
-                [t.to_dict() for t in store.tokens()], indent=1).encode())
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InvalidRequest(f"{dest}: {e.strerror}") from None
-    click.echo(f"backup of {count} versions written to {out}")
+    count = write_backup(c.store, Path(dest))
+    click.echo(f"backup of {count} versions written to {Path(dest)}")
 
 
 @main.command()
@@ -445,7 +417,7 @@ def token() -> None:
 @token.command("create")
 @click.argument("name")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              type=click.Choice(["read", "secrets", "audit", "admin"]),
+              type=click.Choice(SCOPES),
               help="Repeat for several; admin implies read and audit, not secrets.")
 @pass_ctx
 def token_create(c: Context, name: str, scopes: tuple[str, ...]) -> None:

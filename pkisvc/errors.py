@@ -64,6 +64,9 @@ class AlreadyInitialised(Conflict):
 class PayloadTooLarge(PkiError):
     status, code = 413, "payload_too_large"
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes", limit=limit)
+
 
 class BackendUnavailable(PkiError):
     status, code = 503, "backend_unavailable"
@@ -77,11 +80,15 @@ class PermissionDenied(BackendUnavailable):
 
 def register(app: Flask) -> None:
     """Answer every error, ours or Werkzeug's, as `{"error", "message"}` JSON."""
-    from werkzeug.exceptions import HTTPException
+    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
     @app.errorhandler(PkiError)
     def _pki(e: PkiError) -> tuple[dict[str, Any], int]:
         return e.to_json(), e.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(e: RequestEntityTooLarge) -> tuple[dict[str, Any], int]:
+        return _pki(PayloadTooLarge(app.config["MAX_CONTENT_LENGTH"]))
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException) -> tuple[dict[str, Any], int]:

@@ -21,6 +21,33 @@ from pkisvc.store import CertStore
 REPO = Path(__file__).resolve().parent.parent
 
 
+# pytest-timeout counts fixture setup in the test that first asks for a fixture, so whichever
+# test first needs a shared peer (OpenBao, a Salt master and minions, etcd, a served pkisvc)
+# pays for starting it.  Every test that uses a session- or module-scoped fixture, or OpenBao
+# (the `vault` mark: `backend` asks for it at run time), gets this much on top of the limit.
+PEER_START_ALLOWANCE = 180
+
+
+def peer_start_allowance(item: pytest.Item) -> int:
+    """Return the seconds item may spend starting shared peers, on top of the limit."""
+    if item.get_closest_marker("vault"):
+        return PEER_START_ALLOWANCE
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    wide = any(d[-1].scope in ("session", "package", "module")
+               and d[-1].func.__module__.startswith("tests.") for d in defs.values() if d)
+    return PEER_START_ALLOWANCE if wide else 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    option = config.getoption("timeout", None)
+    limit = float(config.getini("timeout") if option is None else option or 0)
+    for item in items:
+        extra = peer_start_allowance(item)
+        if limit and extra and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(limit + extra))
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings isolated from the environment; EC keys unless a test asks otherwise."""
     values = {"data_dir": str(data_dir), "key_type": "ecdsa-p256", **overrides}

@@ -1,119 +1,102 @@
-"""The contract every backend passes: one suite, fed a backend by the `backend` fixture."""
-from datetime import UTC, datetime, timedelta
+"""The contract every backend passes (`pkisvc.testing`), run for both built-in backends, and
+run from the installed package the way a third-party backend runs it."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
+from pkisvc.backends.files import FilesBackend
 from pkisvc.errors import BackendUnavailable, Conflict, NotFound, PkiError, VersionConflict
-from pkisvc.model import AuditEvent, GenerationRecord, ItemRecord, StoredGeneration, TokenRecord
+from pkisvc.testing import BackendContract
+from tests.conftest import clean_env, vault_backend
 
 
-def fake_generation(version: int, note: str = "") -> StoredGeneration:
-    item = ItemRecord(fingerprint=f"{version:064x}", serial="1", subject="CN=x", issuer="CN=x",
-                      sans=(), not_before="2026-01-01T00:00:00Z",
-                      not_after="2027-01-01T00:00:00Z")
-    record = GenerationRecord(
-        version=version, parent=version - 1 or None, created_at="2026-11-29T12:00:00Z",
-        actor="test", operation="rotate-ca", reason=note, key_type="ecdsa-p256",
-        items={"ca": item, "server": item, "kubecfg": item}, trust=(item.fingerprint,))
-    files = {"ca.crt": f"cert {version} {note}".encode(), "ca.key": b"\x00key" * version,
-             "server.cert": b"s", "trust.crt": b"t"}
-    return StoredGeneration(record, files)
+class TestFilesBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> FilesBackend:
+        return FilesBackend(tmp_path / "data")
 
 
-def test_empty_store(backend):
-    assert backend.latest() is None
-    assert backend.versions() == []
-    with pytest.raises(NotFound):
-        backend.read()
-    with pytest.raises(NotFound):
-        backend.read(1)
-
-
-def test_write_then_read_byte_for_byte(backend):
-    gen = fake_generation(1)
-    assert backend.write(gen, expected=None) == 1
-    assert backend.latest() == 1
-    for got in (backend.read(), backend.read(1)):
-        assert dict(got.files) == dict(gen.files)
-        assert got.record.to_dict() == gen.record.to_dict()
-
-
-def test_stale_writer_conflicts(backend):
-    backend.write(fake_generation(1), expected=None)
-    with pytest.raises(VersionConflict):
-        backend.write(fake_generation(1, "second init"), expected=None)
-    backend.write(fake_generation(2), expected=1)
-    with pytest.raises(VersionConflict):
-        backend.write(fake_generation(2, "stale"), expected=1)
-    assert backend.latest() == 2
-    assert backend.read(2).record.reason == ""
-
-
-def test_history_survives_more_than_ten_versions(backend):
-    for v in range(1, 26):
-        backend.write(fake_generation(v, f"n{v}"), expected=v - 1 or None)
-    assert [r.version for r in backend.versions()] == list(range(1, 26))
-    for v in range(1, 26):
-        assert dict(backend.read(v).files) == dict(fake_generation(v, f"n{v}").files)
-
-
-@pytest.mark.parametrize("version", [0, -1, 99])
-def test_unknown_version_is_not_found(backend, version):
-    backend.write(fake_generation(1), expected=None)
-    with pytest.raises(NotFound):
-        backend.read(version)
-
-
-def test_version_must_follow_expected(backend):
-    with pytest.raises(PkiError):
-        backend.write(fake_generation(3), expected=None)
-    assert backend.latest() is None
-
-
-@pytest.mark.parametrize("name", ["../escape", "a/b", "nul\x00", "..", "record.json"])
-def test_path_like_file_names_are_refused(backend, name):
-    gen = fake_generation(1)
-    bad = StoredGeneration(gen.record, {**gen.files, name: b"x"})
-    with pytest.raises(PkiError):
-        backend.write(bad, expected=None)
-    assert backend.latest() is None
-
-
-def test_audit_newest_first_with_since_and_limit(backend):
-    base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-    for i in range(5):
-        t = (base + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        backend.append_audit(AuditEvent(time=t, actor="a", action="rotate-ca", version=i + 1))
-    assert [e.version for e in backend.audit()] == [5, 4, 3, 2, 1]
-    assert [e.version for e in backend.audit(limit=2)] == [5, 4]
-    assert [e.version for e in backend.audit(since=base + timedelta(minutes=3))] == [5, 4]
-
-
-def test_audit_keeps_every_field(backend):
-    e = AuditEvent(time="2026-11-29T12:00:00Z", actor="salt-master", action="pillar",
-                   version=3, items=("ca", "server"), remote_addr="127.0.0.1",
-                   minion="k8s-master-1", role="master")
-    backend.append_audit(e)
-    assert backend.audit() == [e]
-
-
-def test_tokens(backend):
-    t = TokenRecord("ops", "a" * 64, ("read", "admin"), "2026-11-29T12:00:00Z")
-    backend.put_token(t)
-    assert backend.tokens() == [t]
-    with pytest.raises(Conflict):
-        backend.put_token(t)
-    backend.revoke_token("ops")
-    assert backend.tokens() == []
-    with pytest.raises(NotFound):
-        backend.revoke_token("ops")
-
-
-def test_ping(backend):
-    backend.ping()
+@pytest.mark.vault
+class TestVaultBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, openbao):
+        return vault_backend(openbao)
 
 
 def test_errors_are_pkisvc_errors():
     # Every error a backend may raise is one of ours (callers catch nothing foreign).
     for cls in (NotFound, VersionConflict, BackendUnavailable, Conflict):
         assert issubclass(cls, PkiError)
+
+
+THIRD_PARTY = {
+    # A backend package outside pkisvc, registered through the entry-point group.
+    "thirdparty/__init__.py": """
+        from pkisvc.backends.files import FilesBackend
+
+        class ThirdPartyBackend(FilesBackend):
+            name = "thirdparty"
+
+        class ForgetfulBackend(FilesBackend):
+            # Writes on top of whatever is there: a lost update the contract must catch.
+            name = "forgetful"
+
+            def write(self, gen, *, expected):
+                return super().write(gen, expected=self.latest())
+    """,
+    "thirdparty-1.0.dist-info/METADATA": """
+        Metadata-Version: 2.1
+        Name: thirdparty
+        Version: 1.0
+    """,
+    "thirdparty-1.0.dist-info/entry_points.txt": """
+        [pkisvc.backends]
+        thirdparty = thirdparty:ThirdPartyBackend
+        forgetful = thirdparty:ForgetfulBackend
+    """,
+    # Its test module: the README's example.
+    "tests/test_contract.py": """
+        import pytest
+        from pkisvc.backends import backend_class
+        from pkisvc.testing import BackendContract
+
+        class TestThirdPartyBackend(BackendContract):
+            @pytest.fixture
+            def backend(self, tmp_path):
+                return backend_class("thirdparty")(tmp_path)
+
+        class TestForgetfulBackend(BackendContract):
+            @pytest.fixture
+            def backend(self, tmp_path):
+                return backend_class("forgetful")(tmp_path)
+    """,
+}
+
+
+def test_a_third_party_backend_runs_the_suite_from_the_installed_package(tmp_path):
+    for name, text in THIRD_PARTY.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(text).lstrip())
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), "tests/test_contract.py"],
+        cwd=tmp_path, env=clean_env(PYTHONPATH=str(tmp_path)), capture_output=True,
+        text=True, timeout=300)
+    out = r.stdout + r.stderr
+    outcome: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        state, _, test = line.partition(" tests/test_contract.py::")
+        if state in ("PASSED", "FAILED", "ERROR"):
+            outcome.setdefault(f"{test.split('::')[0]} {state}", []).append(test)
+    # Every contract test ran (parametrized ones several times) and the good backend passed.
+    ran = len(outcome.get("TestThirdPartyBackend PASSED", []))
+    assert ran >= 15, out
+    assert "TestThirdPartyBackend FAILED" not in outcome and not any("ERROR" in k for k in outcome)
+    # The forgetful one fails exactly the test that checks for lost updates.
+    assert [t.split(" ")[0] for t in outcome["TestForgetfulBackend FAILED"]] == [
+        "TestForgetfulBackend::test_stale_writer_conflicts"], out
+    assert len(outcome["TestForgetfulBackend PASSED"]) == ran - 1
+    assert r.returncode == 1

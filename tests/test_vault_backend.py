@@ -20,9 +20,9 @@ from pkisvc.cli import main
 from pkisvc.errors import BackendUnavailable, ConfigError, PermissionDenied, VersionConflict
 from pkisvc.model import StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
+from pkisvc.testing import fake_generation
 from tests.conftest import REPO, make_settings, run_cli
 from tests.openbao import OpenBao, PersistentOpenBao
-from tests.test_backend_contract import fake_generation
 from tests.test_store import assert_whole
 
 pytestmark = pytest.mark.vault

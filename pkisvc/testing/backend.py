@@ -1,0 +1,123 @@
+"""The contract every backend passes, as abstract tests a backend only feeds a fixture to."""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pkisvc.backends.base import Backend
+from pkisvc.errors import Conflict, NotFound, PkiError, VersionConflict
+from pkisvc.model import AuditEvent, GenerationRecord, ItemRecord, StoredGeneration, TokenRecord
+
+
+def fake_generation(version: int, note: str = "") -> StoredGeneration:
+    """Return a generation of placeholder bytes: backends store bytes, not certificates."""
+    item = ItemRecord(fingerprint=f"{version:064x}", serial="1", subject="CN=x", issuer="CN=x",
+                      sans=(), not_before="2026-01-01T00:00:00Z",
+                      not_after="2027-01-01T00:00:00Z")
+    record = GenerationRecord(
+        version=version, parent=version - 1 or None, created_at="2026-11-29T12:00:00Z",
+        actor="test", operation="rotate-ca", reason=note, key_type="ecdsa-p256",
+        items={"ca": item, "server": item, "kubecfg": item}, trust=(item.fingerprint,))
+    files = {"ca.crt": f"cert {version} {note}".encode(), "ca.key": b"\x00key" * version,
+             "server.cert": b"s", "trust.crt": b"t"}
+    return StoredGeneration(record, files)
+
+
+class BackendContract:
+    """What pkisvc relies on from a backend (`pkisvc.backends.base.Backend`).
+
+    Subclass it as `Test<Name>Backend` and override the `backend` fixture so that it returns a
+    fresh, empty backend for every test.
+    """
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        """Return a fresh, empty backend: override this in the subclass."""
+        pytest.fail(f"{type(self).__name__} must override the `backend` fixture")
+
+    def test_is_a_backend(self, backend: Backend) -> None:
+        assert isinstance(backend, Backend)
+        assert isinstance(backend.name, str) and backend.name
+
+    def test_empty_store(self, backend: Backend) -> None:
+        assert backend.latest() is None
+        assert backend.versions() == []
+        with pytest.raises(NotFound):
+            backend.read()
+        with pytest.raises(NotFound):
+            backend.read(1)
+
+    def test_write_then_read_byte_for_byte(self, backend: Backend) -> None:
+        gen = fake_generation(1)
+        assert backend.write(gen, expected=None) == 1
+        assert backend.latest() == 1
+        for got in (backend.read(), backend.read(1)):
+            assert dict(got.files) == dict(gen.files)
+            assert got.record.to_dict() == gen.record.to_dict()
+
+    def test_stale_writer_conflicts(self, backend: Backend) -> None:
+        backend.write(fake_generation(1), expected=None)
+        with pytest.raises(VersionConflict):
+            backend.write(fake_generation(1, "second init"), expected=None)
+        backend.write(fake_generation(2), expected=1)
+        with pytest.raises(VersionConflict):
+            backend.write(fake_generation(2, "stale"), expected=1)
+        assert backend.latest() == 2
+        assert backend.read(2).record.reason == ""
+
+    def test_history_survives_more_than_ten_versions(self, backend: Backend) -> None:
+        for v in range(1, 26):
+            backend.write(fake_generation(v, f"n{v}"), expected=v - 1 or None)
+        assert [r.version for r in backend.versions()] == list(range(1, 26))
+        for v in range(1, 26):
+            assert dict(backend.read(v).files) == dict(fake_generation(v, f"n{v}").files)
+
+    @pytest.mark.parametrize("version", [0, -1, 99])
+    def test_unknown_version_is_not_found(self, backend: Backend, version: int) -> None:
+        backend.write(fake_generation(1), expected=None)
+        with pytest.raises(NotFound):
+            backend.read(version)
+
+    def test_version_must_follow_expected(self, backend: Backend) -> None:
+        with pytest.raises(PkiError):
+            backend.write(fake_generation(3), expected=None)
+        assert backend.latest() is None
+
+    @pytest.mark.parametrize("name", ["../escape", "a/b", "nul\x00", "..", "record.json"])
+    def test_path_like_file_names_are_refused(self, backend: Backend, name: str) -> None:
+        gen = fake_generation(1)
+        bad = StoredGeneration(gen.record, {**gen.files, name: b"x"})
+        with pytest.raises(PkiError):
+            backend.write(bad, expected=None)
+        assert backend.latest() is None
+
+    def test_audit_newest_first_with_since_and_limit(self, backend: Backend) -> None:
+        base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+        for i in range(5):
+            t = (base + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            backend.append_audit(AuditEvent(time=t, actor="a", action="rotate-ca", version=i + 1))
+        assert [e.version for e in backend.audit()] == [5, 4, 3, 2, 1]
+        assert [e.version for e in backend.audit(limit=2)] == [5, 4]
+        assert [e.version for e in backend.audit(since=base + timedelta(minutes=3))] == [5, 4]
+
+    def test_audit_keeps_every_field(self, backend: Backend) -> None:
+        e = AuditEvent(time="2026-11-29T12:00:00Z", actor="salt-master", action="pillar",
+                       version=3, items=("ca", "server"), remote_addr="127.0.0.1",
+                       minion="k8s-master-1", role="master")
+        backend.append_audit(e)
+        assert backend.audit() == [e]
+
+    def test_tokens(self, backend: Backend) -> None:
+        t = TokenRecord("ops", "a" * 64, ("read", "admin"), "2026-11-29T12:00:00Z")
+        backend.put_token(t)
+        assert backend.tokens() == [t]
+        with pytest.raises(Conflict):
+            backend.put_token(t)
+        backend.revoke_token("ops")
+        assert backend.tokens() == []
+        with pytest.raises(NotFound):
+            backend.revoke_token("ops")
+
+    def test_ping(self, backend: Backend) -> None:
+        backend.ping()
