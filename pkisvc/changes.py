@@ -124,7 +124,8 @@ def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
     fields: dict[str, Any] = {}
     for item in ITEMS:
         fields[item] = pki.load_cert(files[CERT_FILES[item]], CERT_FILES[item])
-        key = files.get(KEY_FILES[item])  # only ca.key may be missing (an import without it)
+        # Only ca.key may be missing (a set imported without it).
+        key = files.get(KEY_FILES[item]) if item == "ca" else files[KEY_FILES[item]]
         fields[_key_field(item)] = (pki.load_key(key, KEY_FILES[item], trusted=True)
                                     if key is not None else None)
     return pki.CertSet(**fields, trust=tuple(pki.load_certs(files[TRUST_FILE], "trust bundle")))
@@ -170,13 +171,6 @@ def generation(draft: Draft, *, version: int, parent: int | None, created_at: da
     return StoredGeneration(record, files_of(draft))
 
 
-def with_leaf(certs: pki.CertSet, item: str, cert: x509.Certificate,
-              key: pki.PrivateKey) -> pki.CertSet:
-    """certs with leaf `item` replaced by cert and key."""
-    fields: dict[str, Any] = {item: cert, _key_field(item): key}
-    return replace(certs, **fields)
-
-
 def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
     """The CA that signs for a generation, and its key.
 
@@ -197,28 +191,23 @@ def _with_key_pairs(draft: Draft, base: Base | None, profiles: Profiles, keys: K
     return replace(draft, key_pairs=pairs)
 
 
-def _issue_leaves(certs: pki.CertSet, items: tuple[str, ...] | set[str], profiles: Profiles,
-                  keys: Keys, ca: x509.Certificate, ca_key: pki.PrivateKey,
-                  now: datetime) -> pki.CertSet:
-    """certs with each leaf in items re-issued by ca on this change's key for it."""
+def _leaves(items: tuple[str, ...] | set[str], profiles: Profiles, keys: Keys,
+            ca: x509.Certificate, ca_key: pki.PrivateKey, now: datetime) -> dict[str, Any]:
+    """The CertSet fields of each leaf in items, issued by ca on this change's key for it."""
+    fields: dict[str, Any] = {}
     for item in LEAVES:
         if item in items:
             key = keys.get(item, pki.key_type_of(ca_key))
-            cert = pki.issue(profiles.leaves[item], ca, ca_key, key, now=now)
-            certs = with_leaf(certs, item, cert, key)
-    return certs
+            fields[item] = pki.issue(profiles.leaves[item], ca, ca_key, key, now=now)
+            fields[_key_field(item)] = key
+    return fields
 
 
 def _fresh_certs(profiles: Profiles, keys: Keys, now: datetime) -> pki.CertSet:
     ca_key = keys.get("ca", profiles.key_type)
     ca = pki.make_ca(profiles.ca, ca_key, now=now)
-    # The leaves' keys follow the requested type, or else the settings' (as the CA's does).
-    fresh: dict[str, Any] = {"ca": ca, "ca_key": ca_key, "trust": (ca,)}
-    for item in LEAVES:
-        key = keys.get(item, profiles.key_type)
-        fresh[item] = pki.issue(profiles.leaves[item], ca, ca_key, key, now=now)
-        fresh[_key_field(item)] = key
-    return pki.CertSet(**fresh)
+    return pki.CertSet(ca=ca, ca_key=ca_key, trust=(ca,),
+                       **_leaves(LEAVES, profiles, keys, ca, ca_key, now))
 
 
 def refuse_during_staged_rotation(base: Base | None) -> None:
@@ -303,8 +292,8 @@ def rotate_leaf(base: Base | None, profiles: Profiles, keys: Keys, now: datetime
     base = _need(base)
     refuse_during_staged_rotation(base)
     ca, ca_key = signer(base)
-    return replace(base.draft, source_version=None, certs=_issue_leaves(
-        base.draft.certs, (item,), profiles, keys, ca, ca_key, now))
+    return replace(base.draft, source_version=None, certs=replace(
+        base.draft.certs, **_leaves((item,), profiles, keys, ca, ca_key, now)))
 
 
 def renew(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
@@ -321,8 +310,8 @@ def renew(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
     due_now = {d["item"] for d in due(base.record, now, renew_before)}
     if not due_now:
         raise NothingDue
-    return replace(base.draft, source_version=None, rotation=None, certs=_issue_leaves(
-        base.draft.certs, due_now, profiles, keys, ca, ca_key, now))
+    return replace(base.draft, source_version=None, rotation=None, certs=replace(
+        base.draft.certs, **_leaves(due_now, profiles, keys, ca, ca_key, now)))
 
 
 def start_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
@@ -349,8 +338,8 @@ def continue_rotation(base: Base | None, profiles: Profiles, keys: Keys,
     files = base.draft.extra_files
     next_ca = pki.load_cert(files[NEXT_CA_CERT], NEXT_CA_CERT)
     next_key = pki.load_key(files[NEXT_CA_KEY], NEXT_CA_KEY)
-    certs = replace(base.draft.certs, ca=next_ca, ca_key=next_key)
-    certs = _issue_leaves(certs, LEAVES, profiles, keys, next_ca, next_key, now)
+    certs = replace(base.draft.certs, ca=next_ca, ca_key=next_key,
+                    **_leaves(LEAVES, profiles, keys, next_ca, next_key, now))
     return replace(base.draft, source_version=None, certs=certs, rotation={**state, "phase": 2},
                    extra_files=_without_next_ca(files))
 

@@ -163,10 +163,7 @@ class CertStore:
 
     def init(self, *, actor: str, reason: str = "", key_type: str | None = None,
              remote_addr: str | None = None) -> GenerationRecord:
-        """Make the first generation: a new CA and both leaves.
-
-        Raises: AlreadyInitialised when the store holds a generation.
-        """
+        """Make the first generation (AlreadyInitialised when the store holds one)."""
         return self._commit("init", changes.init, actor, reason, key_type=key_type,
                             expect_empty=True, remote_addr=remote_addr)
 
@@ -198,10 +195,7 @@ class CertStore:
 
     def renew(self, *, actor: str, dry_run: bool = False,
               remote_addr: str | None = None) -> tuple[dict[str, Any], GenerationRecord | None]:
-        """Re-issue every leaf inside `renew_before` in one generation; nothing due, nothing done.
-
-        Returns (what was due, the new record or None).
-        """
+        """Re-issue the leaves inside `renew_before`; return (what was due, the record or None)."""
         changes.check_renewal_settings(self.settings)
         report = self.due()
         if dry_run or not report["due"]:
@@ -252,10 +246,7 @@ class CertStore:
 
     def import_files(self, files: Mapping[str, bytes], *, actor: str, reason: str = "",
                      remote_addr: str | None = None) -> GenerationRecord:
-        """Store an existing set (the seed's file names) as a new generation.
-
-        Raises: InvalidMaterial naming the file at fault.
-        """
+        """Store an existing set (the seed's file names) as a new generation."""
         plan = functools.partial(changes.import_set, certs=check_import(files))
         return self._commit("import", plan, actor, reason, allow_empty=True,
                             remote_addr=remote_addr)
@@ -291,36 +282,37 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
-            self._audit_change(AuditEvent(
+            _append_once(self.backend, AuditEvent(
                 time=gen.record.created_at, actor=actor, action=operation, version=version,
                 items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
 
-    def _audit_change(self, event: AuditEvent) -> None:
-        """Append a written change's audit event, riding out a short outage.
 
-        The generation exists already: giving up at once would leave a change nobody audited
-        and answer 503 for a change that happened (a leader election takes a few seconds).
-        """
-        deadline = time.monotonic() + AUDIT_PATIENCE
-        delay = 0.05
-        retry = False
-        while True:
-            try:
-                # A failed append may have landed (the answer was lost): never write it twice.
-                if retry and event in self.backend.audit(since=changes.parse_time(event.time),
-                                                         limit=10_000):
-                    return
-                retry = True
-                self.backend.append_audit(event)
+def _append_once(backend: Backend, event: AuditEvent) -> None:
+    """Append a written change's audit event, riding out a short outage.
+
+    The generation exists already: giving up at once would leave a change nobody audited
+    and answer 503 for a change that happened (a leader election takes a few seconds).
+    """
+    deadline = time.monotonic() + AUDIT_PATIENCE
+    delay = 0.05
+    retry = False
+    while True:
+        try:
+            # A failed append may have landed (the answer was lost): never write it twice.
+            if retry and event in backend.audit(since=changes.parse_time(event.time),
+                                                limit=10_000):
                 return
-            except BackendUnavailable as e:
-                if time.monotonic() + delay > deadline:
-                    log.error("version %s was written but its audit event was not: %s",
-                              event.version, e.message)
-                    raise
-                log.warning("audit event of version %s: %s; trying again", event.version,
-                            e.message)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            retry = True
+            backend.append_audit(event)
+            return
+        except BackendUnavailable as e:
+            if time.monotonic() + delay > deadline:
+                log.error("version %s was written but its audit event was not: %s",
+                          event.version, e.message)
+                raise
+            log.warning("audit event of version %s: %s; trying again", event.version,
+                        e.message)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
