@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -153,7 +152,7 @@ def test_a_set_imported_without_ca_key_cannot_sign(profiles, first):
                              (changes.renew, {"renew_before": 10**9}),
                              (changes.start_rotation, {})):
         with pytest.raises(Conflict, match="holds no CA key"):
-            plan(planner, keyless, profiles, **options)  # type: ignore[arg-type]
+            plan(planner, keyless, profiles, **options)
     assert plan(changes.rotate_ca, keyless, profiles).certs.ca_key is not None
 
 
@@ -267,7 +266,7 @@ def rotate_fake(base: Base | None, profiles: Profiles, keys: Keys, now: datetime
     return dataclasses.replace(base.draft, key_pairs=pairs, source_version=None)
 
 
-def test_a_key_only_item_is_made_once_and_kept_by_every_other_change(profiles):
+def test_a_key_only_item_is_made_once_and_kept_by_every_other_change(profiles, tmp_path):
     fake = dataclasses.replace(profiles, key_pairs=("fake",))
     gens = [settle(plan(changes.init, None, fake), None, key_pairs=("fake",))]
 
@@ -305,7 +304,7 @@ def test_a_key_only_item_is_made_once_and_kept_by_every_other_change(profiles):
     last = gens[-1].record
     assert [r["certificate"] for r in changes.expiration(last, LATER)] == [
         "server", "kubecfg", "ca"]
-    report = changes.renewal_report(last, LATER, make_settings(Path("/nonexistent")))
+    report = changes.renewal_report(last, LATER, make_settings(tmp_path))
     assert {d["item"] for d in report["due"]} == {"server", "kubecfg"}
 
 
