@@ -11,6 +11,7 @@ is carried over, so an item added to the layout (model.KEY_PAIRS) needs no plann
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Callable, Mapping
@@ -94,14 +95,25 @@ class Draft:
 
 @dataclass(frozen=True)
 class Base:
-    """A stored generation, parsed: its record and its content as a draft to build on."""
+    """A stored generation: its record, and its content as a draft to build on (parsed when
+    first asked for: a new CA never reads the old material)."""
 
     record: GenerationRecord
-    draft: Draft
+    files: Mapping[str, bytes]
+    key_pairs: tuple[str, ...] = KEY_PAIRS
 
     @property
     def version(self) -> int:
         return self.record.version
+
+    @functools.cached_property
+    def draft(self) -> Draft:
+        files = self.files
+        pairs = {n: pki.load_key(files[f"{n}.key"], f"{n}.key", trusted=True)
+                 for n in self.key_pairs if f"{n}.key" in files}
+        standard = _standard_files(self.key_pairs)
+        extra = {n: b for n, b in files.items() if n not in standard}
+        return Draft(parse_files(files), pairs, extra, rotation=self.record.rotation)
 
 
 # A planner, its options bound (functools.partial): (base, profiles, keys, now) -> draft.
@@ -132,13 +144,8 @@ def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
 
 
 def parse(gen: StoredGeneration, key_pairs: tuple[str, ...] = KEY_PAIRS) -> Base:
-    """Parse a stored generation into the base a change builds on."""
-    pairs = {n: pki.load_key(gen.files[f"{n}.key"], f"{n}.key", trusted=True)
-             for n in key_pairs if f"{n}.key" in gen.files}
-    standard = _standard_files(key_pairs)
-    extra = {n: b for n, b in gen.files.items() if n not in standard}
-    return Base(gen.record, Draft(parse_files(gen.files), pairs, extra,
-                                  rotation=gen.record.rotation))
+    """The base a change builds on: a stored generation, its files parsed when needed."""
+    return Base(gen.record, gen.files, key_pairs)
 
 
 def files_of(draft: Draft) -> dict[str, bytes]:
@@ -185,7 +192,7 @@ def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
 
 def _with_key_pairs(draft: Draft, base: Base | None, profiles: Profiles, keys: Keys) -> Draft:
     """draft holding the base's key-only items, and new keys for any the base lacks."""
-    kept = dict(base.draft.key_pairs) if base is not None else {}
+    kept = dict(base.draft.key_pairs) if base is not None and profiles.key_pairs else {}
     pairs = {n: kept[n] if n in kept else keys.get(n, profiles.key_type)
              for n in profiles.key_pairs}
     return replace(draft, key_pairs=pairs)
