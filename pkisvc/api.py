@@ -113,7 +113,7 @@ def rotate_ca() -> tuple[dict[str, Any], int]:
     mode = data.get("mode", "immediate")
     if mode not in ("immediate", "staged"):
         raise InvalidRequest("mode must be 'immediate' or 'staged'")
-    change = store().stage_trust if mode == "staged" else store().rotate_ca
+    change = store().start_rotation if mode == "staged" else store().rotate_ca
     return created(change(actor=g.actor, reason=data.get("reason", ""), key_type=key_type(data),
                           remote_addr=request.remote_addr))
 
@@ -121,8 +121,8 @@ def rotate_ca() -> tuple[dict[str, Any], int]:
 @bp.post("/ca/rotate/<step>")
 @requires("admin")
 def rotation_step(step: str) -> tuple[dict[str, Any], int]:
-    steps = {"continue": store().stage_switch, "finish": store().stage_finish,
-             "abort": store().stage_abort}
+    steps = {"continue": store().continue_rotation, "finish": store().finish_rotation,
+             "abort": store().abort_rotation}
     if step not in steps:
         raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
     data = body(reason=str)

@@ -14,7 +14,8 @@ from typing import Any, Callable, TypeVar, cast
 from flask import current_app, g, request
 
 from pkisvc.errors import Forbidden, Unauthorized
-from pkisvc.store import CertStore, hash_token
+from pkisvc.store import CertStore
+from pkisvc.tokens import hash_token
 
 F = TypeVar("F", bound=Callable[..., Any])
 IMPLIES = {"admin": {"admin", "read", "audit"}, "read": {"read"}, "secrets": {"secrets"},

@@ -19,10 +19,11 @@ from pkisvc import __version__, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
+from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
 from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
 from pkisvc.settings import Settings
-from pkisvc.store import CertStore, read_import_dir, read_import_pillar, utcnow
+from pkisvc.store import CertStore, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def rotate() -> None:
 @pass_ctx
 def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New CA and new leaves, in one generation (or --staged, in three)."""
-    change = c.store.stage_trust if staged else c.store.rotate_ca
+    change = c.store.start_rotation if staged else c.store.rotate_ca
     done(change(actor=actor(), reason=reason, key_type=key_type))
 
 
@@ -227,7 +228,7 @@ def rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.stage_switch(actor=actor(), reason=reason))
+    done(c.store.continue_rotation(actor=actor(), reason=reason))
 
 
 @rotation.command("finish")
@@ -235,7 +236,7 @@ def rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_finish(c: Context, reason: str) -> None:
     """Phase 3: trust only the new CA."""
-    done(c.store.stage_finish(actor=actor(), reason=reason))
+    done(c.store.finish_rotation(actor=actor(), reason=reason))
 
 
 @rotation.command("abort")
@@ -243,7 +244,7 @@ def rotation_finish(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_abort(c: Context, reason: str) -> None:
     """Drop the new CA (phase 1 only; later, use rollback)."""
-    done(c.store.stage_abort(actor=actor(), reason=reason))
+    done(c.store.abort_rotation(actor=actor(), reason=reason))
 
 
 @rotate.command("server")

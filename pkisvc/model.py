@@ -12,6 +12,9 @@ LEAVES = ("server", "kubecfg")
 CERT_FILES = {"ca": "ca.crt", "server": "server.cert", "kubecfg": "kubecfg.crt"}
 KEY_FILES = {"ca": "ca.key", "server": "server.key", "kubecfg": "kubecfg.key"}
 TRUST_FILE = "trust.crt"  # the bundle hosts install as ca.crt
+# Key-only items (a key pair, no certificate), kept as `<name>.key` and `<name>.pub`.  None yet
+# (the service-account key comes next); certificate changes carry them over unchanged.
+KEY_PAIRS: tuple[str, ...] = ()
 HOST_FILES = ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
 DEFAULT_ROLES = {"master": HOST_FILES, "node": ("ca.crt",)}
 

@@ -150,6 +150,12 @@ def key_pem(key: PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def public_key_pem(key: PrivateKey) -> bytes:
+    """The public half of key (SubjectPublicKeyInfo PEM)."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def load_certs(data: bytes, name: str) -> list[x509.Certificate]:
     """Parse every PEM certificate in data; name is the file named in errors."""
     if b"-----BEGIN CERTIFICATE-----" not in data:

@@ -17,8 +17,8 @@ from typing import Any
 import requests
 
 from pkisvc import pki
+from pkisvc.changes import parse_files
 from pkisvc.model import OPERATIONS
-from pkisvc.store import parse_files
 from tests.conftest import clean_env, free_port, start
 
 KEY_MARKERS = ("PRIVATE KEY",)

@@ -10,8 +10,9 @@ import pytest
 
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
+from pkisvc.changes import parse_files
 from pkisvc.errors import BackendUnavailable
-from pkisvc.store import CertStore, parse_files
+from pkisvc.store import CertStore
 from tests.conftest import REPO, make_settings, wait_for
 
 

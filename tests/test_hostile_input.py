@@ -14,15 +14,11 @@ from hypothesis import strategies as st
 from pkisvc import pki
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
+from pkisvc.changes import parse_files
 from pkisvc.errors import ConfigError, PkiError
+from pkisvc.imports import IMPORT_FILES, read_import_dir, read_import_pillar
 from pkisvc.settings import _SCHEMA, Settings
-from pkisvc.store import (
-    IMPORT_FILES,
-    CertStore,
-    parse_files,
-    read_import_dir,
-    read_import_pillar,
-)
+from pkisvc.store import CertStore
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

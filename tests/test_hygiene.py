@@ -12,7 +12,8 @@ import sys
 import pytest
 import requests
 
-from pkisvc.store import CertStore, hash_token
+from pkisvc.store import CertStore
+from pkisvc.tokens import hash_token
 from tests.conftest import (
     REPO,
     clean_env,

@@ -108,7 +108,7 @@ def test_renewal_timestamp_metric(tmp_path):
 def test_alert_rules_name_only_metrics_pkisvc_exports(tmp_path):
     settings = make_settings(tmp_path / "data")
     app = create_app(settings)
-    app.extensions["pkisvc"].stage_trust(actor="t")  # so the rotation phase is exported too
+    app.extensions["pkisvc"].start_rotation(actor="t")  # so the rotation phase is exported too
     text = app.test_client().get("/metrics").get_data(as_text=True)
     exported = {f.name for f in text_string_to_metric_families(text)}
     exported |= {s.name for f in text_string_to_metric_families(text) for s in f.samples}

@@ -14,7 +14,8 @@ import requests
 
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
-from pkisvc.store import CertStore, parse_files
+from pkisvc.changes import parse_files
+from pkisvc.store import CertStore
 from tests.conftest import (
     REPO,
     clean_env,

@@ -31,11 +31,11 @@ def talks(e: Etcd, host: Path, value: str) -> None:
 def test_every_phase_talks_to_its_neighbours_and_an_immediate_rotation_does_not(tmp_path):
     store, _ = make_store(tmp_path / "store", "ecdsa-p256")
     hosts = {1: write_host_files(store, tmp_path / "v1")}
-    store.stage_trust(actor="test")
+    store.start_rotation(actor="test")
     hosts[2] = write_host_files(store, tmp_path / "v2")
-    store.stage_switch(actor="test")
+    store.continue_rotation(actor="test")
     hosts[3] = write_host_files(store, tmp_path / "v3")
-    store.stage_finish(actor="test")
+    store.finish_rotation(actor="test")
     hosts[4] = write_host_files(store, tmp_path / "v4")
     assert [r.operation for r in store.versions()][:3] == [
         "ca-stage-finish", "ca-stage-switch", "ca-stage-trust"]

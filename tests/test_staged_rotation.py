@@ -9,9 +9,10 @@ from cryptography.exceptions import InvalidSignature
 
 from pkisvc import pki
 from pkisvc.app import create_app
+from pkisvc.changes import parse_files
 from pkisvc.cli import main
 from pkisvc.errors import Conflict
-from pkisvc.store import parse_files, read_import_dir
+from pkisvc.imports import read_import_dir
 from tests.conftest import make_settings
 
 
@@ -29,7 +30,7 @@ def trusted(cert: x509.Certificate, trust: tuple[x509.Certificate, ...]) -> bool
 def test_phases_keep_every_pair_of_neighbours_talking(store):
     store.init(actor="t")
     phases = [parse_files(store.read().files)]
-    ops = [store.stage_trust, store.stage_switch, store.stage_finish]
+    ops = [store.start_rotation, store.continue_rotation, store.finish_rotation]
     names = ["ca-stage-trust", "ca-stage-switch", "ca-stage-finish"]
     for op, name in zip(ops, names, strict=True):
         rec = op(actor="t")
@@ -57,9 +58,9 @@ def test_phases_keep_every_pair_of_neighbours_talking(store):
 
 def test_versions_show_every_phase(store):
     store.init(actor="t")
-    store.stage_trust(actor="t")
-    store.stage_switch(actor="t")
-    store.stage_finish(actor="t")
+    store.start_rotation(actor="t")
+    store.continue_rotation(actor="t")
+    store.finish_rotation(actor="t")
     assert [r.operation for r in store.versions()] == [
         "ca-stage-finish", "ca-stage-switch", "ca-stage-trust", "init"]
     assert [bool(r.rotation) for r in store.versions()] == [False, True, True, False]
@@ -68,17 +69,17 @@ def test_versions_show_every_phase(store):
 def test_phase_rules(store, tmp_path):
     store.init(actor="t")
     with pytest.raises(Conflict, match="no staged rotation"):
-        store.stage_switch(actor="t")
-    store.stage_trust(actor="t")
+        store.continue_rotation(actor="t")
+    store.start_rotation(actor="t")
     for change in (lambda: store.rotate_ca(actor="t"),
                    lambda: store.rotate_leaf("server", actor="t"),
-                   lambda: store.stage_trust(actor="t"),
-                   lambda: store.stage_finish(actor="t")):
+                   lambda: store.start_rotation(actor="t"),
+                   lambda: store.finish_rotation(actor="t")):
         with pytest.raises(Conflict):
             change()
-    store.stage_switch(actor="t")
+    store.continue_rotation(actor="t")
     with pytest.raises(Conflict, match="roll back"):
-        store.stage_abort(actor="t")
+        store.abort_rotation(actor="t")
     with pytest.raises(Conflict):
         store.rotate_leaf("kubecfg", actor="t")
     assert store.latest() == 3
@@ -87,8 +88,8 @@ def test_phase_rules(store, tmp_path):
 def test_abort_in_phase_one_restores_the_old_trust(store):
     store.init(actor="t")
     before = store.read(1)
-    store.stage_trust(actor="t")
-    rec = store.stage_abort(actor="t", reason="changed my mind")
+    store.start_rotation(actor="t")
+    rec = store.abort_rotation(actor="t", reason="changed my mind")
     after = store.read()
     assert rec.operation == "ca-stage-abort" and rec.rotation is None
     assert after.files["trust.crt"] == before.files["trust.crt"]
@@ -98,12 +99,12 @@ def test_abort_in_phase_one_restores_the_old_trust(store):
 
 def test_rollback_is_always_allowed_and_brings_its_rotation_state(store):
     store.init(actor="t")
-    store.stage_trust(actor="t")
-    store.stage_switch(actor="t")
+    store.start_rotation(actor="t")
+    store.continue_rotation(actor="t")
     rec = store.rollback(2, actor="t", reason="phase 2 broke kubelets")
     assert rec.rotation["phase"] == 1 and store.rotation()["next"] == "continue"
     assert "next-ca.key" in store.read().files
-    store.stage_switch(actor="t")  # ... and the rotation goes on from there
+    store.continue_rotation(actor="t")  # ... and the rotation goes on from there
     store.rollback(1, actor="t")
     assert store.rotation()["open"] is False
 
@@ -158,4 +159,4 @@ def test_imported_set_without_ca_key_cannot_stage(store, tmp_path):
     (d / "ca.key").unlink()
     store.import_files(read_import_dir(d), actor="t")
     with pytest.raises(Conflict, match="immediate"):
-        store.stage_trust(actor="t")
+        store.start_rotation(actor="t")

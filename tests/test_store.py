@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pkisvc import pki
+from pkisvc.changes import parse_files
 from pkisvc.errors import (
     AlreadyInitialised,
     BackendUnavailable,
@@ -16,8 +17,9 @@ from pkisvc.errors import (
     InvalidRequest,
     NotFound,
 )
+from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.model import TRUST_FILE
-from pkisvc.store import CertStore, parse_files, read_import_dir, read_import_pillar
+from pkisvc.store import CertStore
 from tests.conftest import REPO, make_settings, openssl
 
 

@@ -10,8 +10,8 @@ import requests
 
 from pkisvc import pki
 from pkisvc.backends.vault import VaultBackend
+from pkisvc.changes import parse_files
 from pkisvc.settings import Settings
-from pkisvc.store import parse_files
 from tests.conftest import clean_env, free_port, start, stop
 
 pytestmark = pytest.mark.vault

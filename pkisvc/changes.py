@@ -1,0 +1,454 @@
+"""Pure planners: what each change makes of the generation it builds on.
+
+A planner is a function of the base generation (parsed, or None for an empty store), the
+profiles, the keys made for this change and `now`, and returns the Draft of the next
+generation.  No backend and no clock here: the store reads the latest generation, calls the
+planner, checks and writes its draft, and on a conflict calls it again on the new latest with
+the same Keys, so a retry signs again but never makes a key twice.
+
+A draft is built from its base by name (`dataclasses.replace`): what a planner does not name
+is carried over, so an item added to the layout (model.KEY_PAIRS) needs no planner edited.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+from cryptography import x509
+
+from pkisvc import pki
+from pkisvc.errors import ConfigError, Conflict, InvalidRequest, NotFound
+from pkisvc.model import (
+    CERT_FILES,
+    ITEMS,
+    KEY_FILES,
+    KEY_PAIRS,
+    LEAVES,
+    TRUST_FILE,
+    GenerationRecord,
+    StoredGeneration,
+)
+from pkisvc.settings import Settings, parse_san
+
+NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
+NEXT_CA_FILES = (NEXT_CA_CERT, NEXT_CA_KEY)
+REPORT_ORDER = ("server", "kubecfg", "ca")  # `check-expiration` rows: leaves first
+
+
+class NothingDue(Exception):
+    """Raised by the renewal planner when nothing is due (any more)."""
+
+
+class Keys:
+    """The keys made for one change: each made the first time it is asked for, then reused.
+
+    key_type is what the request asked for (None: each caller's default).  Tests pass `made`
+    to plan with known keys.
+    """
+
+    def __init__(self, key_type: str | None = None,
+                 made: Mapping[str, pki.PrivateKey] | None = None) -> None:
+        self.key_type = key_type
+        self.made: dict[str, pki.PrivateKey] = dict(made or {})
+
+    def get(self, name: str, default_type: str) -> pki.PrivateKey:
+        """The key `name` of this change, of the requested type or else default_type."""
+        if name not in self.made:
+            self.made[name] = pki.generate_key(self.key_type or default_type)
+        return self.made[name]
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """What the settings say each item is: certificate profiles, key type, key-only items."""
+
+    ca: pki.Profile
+    leaves: Mapping[str, pki.Profile]
+    key_type: str
+    key_pairs: tuple[str, ...] = KEY_PAIRS
+
+    @classmethod
+    def from_settings(cls, s: Settings, server_sans: tuple[str, ...] | None = None
+                      ) -> Profiles:
+        """Profiles of settings s; server_sans replaces the configured extra SANs."""
+        extra = s.server.sans if server_sans is None else server_sans
+        server = pki.Profile("server", s.server.common_name, s.server.days,
+                             sans=pki.server_sans(extra, str(s.service_cidr), s.cluster_domain))
+        client = pki.Profile("client", s.kubecfg.common_name, s.kubecfg.days,
+                             organization=s.kubecfg.organization)
+        return cls(pki.Profile("ca", s.ca.common_name, s.ca.days),
+                   {"server": server, "kubecfg": client}, s.key_type)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a change wants the next generation to hold."""
+
+    certs: pki.CertSet
+    key_pairs: Mapping[str, pki.PrivateKey] = field(default_factory=dict)
+    extra_files: Mapping[str, bytes] = field(default_factory=dict)
+    source_version: int | None = None
+    rotation: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Base:
+    """A stored generation: its record, and its content as a draft to build on (parsed when
+    first asked for: a new CA never reads the old material)."""
+
+    record: GenerationRecord
+    files: Mapping[str, bytes]
+    key_pairs: tuple[str, ...] = KEY_PAIRS
+
+    @property
+    def version(self) -> int:
+        return self.record.version
+
+    @functools.cached_property
+    def draft(self) -> Draft:
+        files = self.files
+        pairs = {n: pki.load_key(files[f"{n}.key"], f"{n}.key", trusted=True)
+                 for n in self.key_pairs if f"{n}.key" in files}
+        standard = _standard_files(self.key_pairs)
+        extra = {n: b for n, b in files.items() if n not in standard}
+        return Draft(parse_files(files), pairs, extra, rotation=self.record.rotation)
+
+
+# A planner, its options bound (functools.partial): (base, profiles, keys, now) -> draft.
+Planner = Callable[[Base | None, Profiles, Keys, datetime], Draft]
+
+
+# --- the layout: files <-> sets ---------------------------------------------------------
+
+def _key_field(item: str) -> str:
+    return f"{item}_key"  # pki.CertSet names each item's key `<item>_key`
+
+
+def _standard_files(key_pairs: tuple[str, ...]) -> set[str]:
+    return {*CERT_FILES.values(), *KEY_FILES.values(), TRUST_FILE,
+            *(f"{n}.{ext}" for n in key_pairs for ext in ("key", "pub"))}
+
+
+def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
+    """Parse a stored generation's certificate set (written, and checked, by pkisvc)."""
+    fields: dict[str, Any] = {}
+    for item in ITEMS:
+        fields[item] = pki.load_cert(files[CERT_FILES[item]], CERT_FILES[item])
+        # Only ca.key may be missing (a set imported without it).
+        key = files.get(KEY_FILES[item]) if item == "ca" else files[KEY_FILES[item]]
+        fields[_key_field(item)] = (pki.load_key(key, KEY_FILES[item], trusted=True)
+                                    if key is not None else None)
+    return pki.CertSet(**fields, trust=tuple(pki.load_certs(files[TRUST_FILE], "trust bundle")))
+
+
+def parse(gen: StoredGeneration, key_pairs: tuple[str, ...] = KEY_PAIRS) -> Base:
+    """The base a change builds on: a stored generation, its files parsed when needed."""
+    return Base(gen.record, gen.files, key_pairs)
+
+
+def files_of(draft: Draft) -> dict[str, bytes]:
+    """The files a draft is stored as (the seed's names; ca.key only when there is one)."""
+    c = draft.certs
+    files: dict[str, bytes] = {}
+    for item in ITEMS:
+        files[CERT_FILES[item]] = pki.cert_pem(getattr(c, item))
+        if item in LEAVES:
+            files[KEY_FILES[item]] = pki.key_pem(getattr(c, _key_field(item)))
+    files[TRUST_FILE] = pki.bundle_pem(c.trust)
+    for name, key in draft.key_pairs.items():
+        files[f"{name}.key"], files[f"{name}.pub"] = pki.key_pem(key), pki.public_key_pem(key)
+    files.update(draft.extra_files)
+    if c.ca_key is not None:
+        files[KEY_FILES["ca"]] = pki.key_pem(c.ca_key)
+    return files
+
+
+def generation(draft: Draft, *, version: int, parent: int | None, created_at: datetime,
+               actor: str, operation: str, reason: str) -> StoredGeneration:
+    """The stored generation of a draft: its files and its record (certificates only)."""
+    c = draft.certs
+    record = GenerationRecord(
+        version=version, parent=parent, created_at=pki.rfc3339(created_at), actor=actor,
+        operation=operation, reason=reason, key_type=pki.key_type_of(c.server_key),
+        items={item: pki.describe(getattr(c, item)) for item in ITEMS},
+        trust=tuple(pki.fingerprint(t) for t in c.trust),
+        source_version=draft.source_version, rotation=draft.rotation)
+    return StoredGeneration(record, files_of(draft))
+
+
+def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
+    """The CA that signs for a generation, and its key.
+
+    Raises: Conflict when the generation was imported without ca.key.
+    """
+    certs = base.draft.certs
+    if certs.ca_key is None:
+        raise Conflict(f"version {base.version} holds no CA key (it was imported without "
+                       "ca.key): rotate the CA (immediately) before pkisvc can sign with it")
+    return certs.ca, certs.ca_key
+
+
+def _with_key_pairs(draft: Draft, base: Base | None, profiles: Profiles, keys: Keys) -> Draft:
+    """draft holding the base's key-only items, and new keys for any the base lacks."""
+    kept = dict(base.draft.key_pairs) if base is not None and profiles.key_pairs else {}
+    pairs = {n: kept[n] if n in kept else keys.get(n, profiles.key_type)
+             for n in profiles.key_pairs}
+    return replace(draft, key_pairs=pairs)
+
+
+def _leaves(items: tuple[str, ...] | set[str], profiles: Profiles, keys: Keys,
+            ca: x509.Certificate, ca_key: pki.PrivateKey, now: datetime) -> dict[str, Any]:
+    """The CertSet fields of each leaf in items, issued by ca on this change's key for it."""
+    fields: dict[str, Any] = {}
+    for item in LEAVES:
+        if item in items:
+            key = keys.get(item, pki.key_type_of(ca_key))
+            fields[item] = pki.issue(profiles.leaves[item], ca, ca_key, key, now=now)
+            fields[_key_field(item)] = key
+    return fields
+
+
+def _fresh_certs(profiles: Profiles, keys: Keys, now: datetime) -> pki.CertSet:
+    ca_key = keys.get("ca", profiles.key_type)
+    ca = pki.make_ca(profiles.ca, ca_key, now=now)
+    return pki.CertSet(ca=ca, ca_key=ca_key, trust=(ca,),
+                       **_leaves(LEAVES, profiles, keys, ca, ca_key, now))
+
+
+def refuse_during_staged_rotation(base: Base | None) -> None:
+    """Raises: Conflict when a staged CA rotation is open."""
+    if base is not None and base.record.rotation:
+        phase = base.record.rotation.get("phase")
+        raise Conflict(f"a staged CA rotation is open (phase {phase}): continue, finish "
+                       "or abort it first")
+
+
+def _expect_phase(base: Base, phase: int, step: str) -> dict[str, Any]:
+    state = dict(base.record.rotation or {})
+    if state.get("phase") != phase:
+        now = f"phase {state['phase']}" if state else "no staged rotation is open"
+        hint = {"abort": " (after phase 1, roll back to the version before it instead)"}
+        raise Conflict(f"cannot {step}: {now}{hint.get(step, '') if state else ''}")
+    return state
+
+
+def _need(base: Base | None) -> Base:
+    if base is None:  # the store refuses an empty store before planning (NotFound)
+        raise Conflict("no generation to change")
+    return base
+
+
+# --- requests, checked before any planning ------------------------------------------------
+
+def leaf_request(item: str, sans: list[str] | None) -> tuple[str, ...] | None:
+    """Check a leaf rotation's item and SANs; return the SANs parsed (None: the settings').
+
+    Raises: InvalidRequest or NotFound naming what is wrong.
+    """
+    if item == "ca":
+        raise InvalidRequest("the CA is rotated with `rotate ca` (POST /v1/ca/rotate)")
+    if item not in LEAVES:
+        raise NotFound(f"no item {item!r} (leaves: {', '.join(LEAVES)})")
+    if sans is not None and item != "server":
+        raise InvalidRequest("only the server certificate has SANs")
+    try:
+        return tuple(parse_san("sans", s) for s in sans) if sans is not None else None
+    except ConfigError as e:
+        raise InvalidRequest(e.message) from None
+
+
+def check_renewal_settings(s: Settings) -> None:
+    """Raises: ConfigError when a leaf would be due again as soon as it is renewed."""
+    for item, days in (("server", s.server.days), ("kubecfg", s.kubecfg.days)):
+        if days * 86400 <= s.renew_before:
+            raise ConfigError(f"setting '{item}.days' ({days}d) must be longer than "
+                              f"'renew_before' ({s.renew_before // 86400}d), or every run "
+                              "would renew again")
+
+
+def serving_cert(base: Base, hosts: tuple[str, ...], days: int, now: datetime
+                 ) -> tuple[x509.Certificate, pki.PrivateKey]:
+    """pkisvc's own HTTPS certificate for hosts, from the base's CA, on a new key.
+
+    Raises: Conflict when the base holds no CA key.
+    """
+    ca, ca_key = signer(base)
+    key = pki.generate_key(pki.key_type_of(ca_key))
+    return pki.issue(pki.Profile("server", "pkisvc", days, sans=hosts), ca, ca_key, key,
+                     now=now), key
+
+
+# --- planners ---------------------------------------------------------------------------
+
+def init(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """The first generation: a new CA, both leaves, every key-only item."""
+    return _with_key_pairs(Draft(_fresh_certs(profiles, keys, now)), None, profiles, keys)
+
+
+def rotate_ca(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """A new CA and both leaves in one generation; key-only items are kept."""
+    refuse_during_staged_rotation(base)
+    return _with_key_pairs(Draft(_fresh_certs(profiles, keys, now)), base, profiles, keys)
+
+
+def rotate_leaf(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
+                item: str) -> Draft:
+    """Re-issue one leaf from the current CA on a new key; everything else is kept."""
+    base = _need(base)
+    refuse_during_staged_rotation(base)
+    ca, ca_key = signer(base)
+    return replace(base.draft, source_version=None, certs=replace(
+        base.draft.certs, **_leaves((item,), profiles, keys, ca, ca_key, now)))
+
+
+def renew(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
+          renew_before: int) -> Draft:
+    """Re-issue every leaf inside renew_before.
+
+    Raises: NothingDue when none is (a concurrent writer renewed them meanwhile).
+    """
+    base = _need(base)
+    if base.record.rotation:
+        raise Conflict("a staged CA rotation is open: finish it (its second phase "
+                       "re-issues both leaves) instead of renewing")
+    ca, ca_key = signer(base)
+    due_now = {d["item"] for d in due(base.record, now, renew_before)}
+    if not due_now:
+        raise NothingDue
+    return replace(base.draft, source_version=None, rotation=None, certs=replace(
+        base.draft.certs, **_leaves(due_now, profiles, keys, ca, ca_key, now)))
+
+
+def start_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """Phase 1: make the next CA and trust it beside the current one; leaves unchanged."""
+    base = _need(base)
+    refuse_during_staged_rotation(base)
+    ca, _ = signer(base)
+    next_key = keys.get("next-ca", profiles.key_type)
+    next_ca = pki.make_ca(profiles.ca, next_key, now=now)
+    cur = base.draft.certs
+    state = {"phase": 1, "old_ca": pki.fingerprint(ca), "new_ca": pki.fingerprint(next_ca),
+             "started": base.version + 1}
+    return replace(base.draft, source_version=None, rotation=state,
+                   certs=replace(cur, trust=(*cur.trust, next_ca)),
+                   extra_files={**base.draft.extra_files, NEXT_CA_CERT: pki.cert_pem(next_ca),
+                                NEXT_CA_KEY: pki.key_pem(next_key)})
+
+
+def continue_rotation(base: Base | None, profiles: Profiles, keys: Keys,
+                      now: datetime) -> Draft:
+    """Phase 2: re-issue both leaves from the next CA, which signs from now on."""
+    base = _need(base)
+    state = _expect_phase(base, 1, "continue")
+    files = base.draft.extra_files
+    next_ca = pki.load_cert(files[NEXT_CA_CERT], NEXT_CA_CERT)
+    next_key = pki.load_key(files[NEXT_CA_KEY], NEXT_CA_KEY)
+    certs = replace(base.draft.certs, ca=next_ca, ca_key=next_key,
+                    **_leaves(LEAVES, profiles, keys, next_ca, next_key, now))
+    return replace(base.draft, source_version=None, certs=certs, rotation={**state, "phase": 2},
+                   extra_files=_without_next_ca(files))
+
+
+def finish_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """Phase 3: trust only the new CA; the staged rotation is over."""
+    return _close_rotation(_need(base), 2, "finish")
+
+
+def abort_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """Drop the next CA (phase 1 only: later, roll back instead)."""
+    return _close_rotation(_need(base), 1, "abort")
+
+
+def _close_rotation(base: Base, phase: int, step: str) -> Draft:
+    """End a staged rotation: trust only the signing CA, drop the next CA's files."""
+    _expect_phase(base, phase, step)
+    cur = base.draft.certs
+    return replace(base.draft, source_version=None, rotation=None,
+                   certs=replace(cur, trust=(cur.ca,)),
+                   extra_files=_without_next_ca(base.draft.extra_files))
+
+
+def _without_next_ca(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {n: b for n, b in files.items() if n not in NEXT_CA_FILES}
+
+
+def rollback(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
+             old: Base) -> Draft:
+    """A copy of an old generation (with its rotation state) as the next one."""
+    return replace(old.draft, source_version=old.version)
+
+
+def import_set(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
+               certs: pki.CertSet) -> Draft:
+    """An imported set as the next generation; key-only items are kept (or made)."""
+    refuse_during_staged_rotation(base)
+    return _with_key_pairs(Draft(certs), base, profiles, keys)
+
+
+# Each staged phase by its API/CLI word: the operation name stored in records (stored data:
+# never renamed), its planner, and the items its audit event names.
+STAGED_STEPS: dict[str, tuple[str, Planner, tuple[str, ...]]] = {
+    "start": ("ca-stage-trust", start_rotation, ("ca",)),
+    "continue": ("ca-stage-switch", continue_rotation, ITEMS),
+    "finish": ("ca-stage-finish", finish_rotation, ("ca",)),
+    "abort": ("ca-stage-abort", abort_rotation, ("ca",)),
+}
+
+
+# --- reports (records and now in, rows out) ------------------------------------------------
+
+def parse_time(text: str) -> datetime:
+    """Parse a record's RFC 3339 time."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _left(not_after: str, now: datetime) -> int:
+    return int((parse_time(not_after) - now).total_seconds())
+
+
+def expiration(gen: GenerationRecord, now: datetime) -> list[dict[str, Any]]:
+    """Rows for `check-expiration`: each certificate, its expiry and what is left."""
+    return [{"certificate": item, "file": CERT_FILES[item], "expires": rec.not_after,
+             "residual_seconds": _left(rec.not_after, now),
+             "certificate_authority": "" if item == "ca" else "ca", "version": gen.version}
+            for item in REPORT_ORDER for rec in (gen.items[item],)]
+
+
+def due(gen: GenerationRecord, now: datetime, renew_before: int) -> list[dict[str, Any]]:
+    """The leaves renewal re-issues now: those inside renew_before."""
+    rows: list[dict[str, Any]] = [{"item": item, "not_after": gen.items[item].not_after,
+             "residual_seconds": _left(gen.items[item].not_after, now)} for item in LEAVES]
+    return [r for r in rows if r["residual_seconds"] < renew_before]
+
+
+def ca_warning(gen: GenerationRecord, now: datetime, ca_warn_before: int) -> str | None:
+    """Why the CA needs a staged rotation soon, or None."""
+    not_after = gen.items["ca"].not_after
+    left = _left(not_after, now)
+    if left >= ca_warn_before:
+        return None
+    return (f"the CA expires {not_after} ({max(left, 0) // 86400} days left): run a staged CA "
+            "rotation (pkisvc rotate ca --staged); renew never rotates the CA")
+
+
+def renewal_report(gen: GenerationRecord, now: datetime, s: Settings) -> dict[str, Any]:
+    """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
+    return {"version": gen.version, "due": due(gen, now, s.renew_before),
+            "ca_warning": ca_warning(gen, now, s.ca_warn_before)}
+
+
+def renewal_reason(report: Mapping[str, Any]) -> str:
+    """The audit reason of a renewal: what was due."""
+    return "due: " + ", ".join(f"{d['item']} expires {d['not_after']}" for d in report["due"])
+
+
+def rotation_state(gen: GenerationRecord) -> dict[str, Any]:
+    """The open staged rotation, if any: phase, CAs, and the step that comes next."""
+    state = dict(gen.rotation or {})
+    phase = state.get("phase")
+    return {"open": bool(state), "phase": phase, "version": gen.version,
+            "old_ca": state.get("old_ca"), "new_ca": state.get("new_ca"),
+            "next": {1: "continue", 2: "finish"}.get(phase) if phase else None,
+            "abortable": phase == 1}
