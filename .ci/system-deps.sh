@@ -19,6 +19,10 @@ command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)  # selenium d
 # `kubectl create --raw` and skip the one Go>=1.23 fact (negative serials); set KUBECTL=PATH
 # to judge with another build.
 command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+# The service-account tokens' judge: a small Go program on go-jose (the API server's JOSE
+# library), built offline at test time in GOPATH mode.
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+[ -d /usr/share/gocode/src/gopkg.in/square/go-jose.v2 ] || need+=(golang-gopkg-square-go-jose.v2-dev)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "system-deps: missing ${need[*]} and not root; tests that need them will fail" >&2

@@ -136,6 +136,40 @@ def rotation() -> dict[str, Any]:
     return store().rotation()
 
 
+# The service-account key's rotation ([M]): its own phases, independent of the CA's.
+
+@bp.post("/sa/rotate")
+@requires("admin")
+def rotate_sa() -> tuple[dict[str, Any], int]:
+    data = body(reason=str, mode=str, key_type=str)
+    mode = data.get("mode", "staged")
+    if mode not in ("immediate", "staged"):
+        raise InvalidRequest("mode must be 'staged' or 'immediate' (every token signed by the "
+                             "old key stops verifying)")
+    return created(store().sa_step("start" if mode == "staged" else "immediate", actor=g.actor,
+                                   reason=data.get("reason", ""), key_type=key_type(data),
+                                   remote_addr=request.remote_addr))
+
+
+@bp.post("/sa/rotate/<step>")
+@requires("admin")
+def sa_rotation_step(step: str) -> tuple[dict[str, Any], int]:
+    if step not in ("continue", "finish", "abort"):
+        raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
+    data = body(reason=str, force=bool)
+    if data.get("force") and step != "finish":
+        raise InvalidRequest("only finish takes 'force'")
+    return created(store().sa_step(step, actor=g.actor, reason=data.get("reason", ""),
+                                   force=bool(data.get("force")),
+                                   remote_addr=request.remote_addr))
+
+
+@bp.get("/sa/rotation")
+@requires("read")
+def sa_rotation() -> dict[str, Any]:
+    return store().sa_rotation()
+
+
 @bp.post("/certs/<item>/rotate")
 @requires("admin")
 def rotate_leaf(item: str) -> tuple[dict[str, Any], int]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from cryptography import x509
 
 from pkisvc import pki
-from pkisvc.errors import ConfigError, Conflict, InvalidRequest, NotFound
+from pkisvc.errors import ConfigError, Conflict, InvalidMaterial, InvalidRequest, NotFound
 from pkisvc.model import (
     CERT_FILES,
     ITEMS,
@@ -35,6 +35,12 @@ from pkisvc.settings import Settings, parse_san
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 NEXT_CA_FILES = (NEXT_CA_CERT, NEXT_CA_KEY)
 REPORT_ORDER = ("server", "kubecfg", "ca")  # `check-expiration` rows: leaves first
+SA = "sa"  # the service-account key pair ([M]): sa.key signs, sa.pub is what verifies
+
+
+def next_key_file(name: str) -> str:
+    """Where phase 1 of a key pair's staged rotation keeps the key that signs next."""
+    return f"next-{name}.key"
 
 
 class NothingDue(Exception):
@@ -91,6 +97,12 @@ class Draft:
     extra_files: Mapping[str, bytes] = field(default_factory=dict)
     source_version: int | None = None
     rotation: Mapping[str, Any] | None = None
+    # Key pairs' verification bundles (`<name>.pub`) where they hold more than the signing
+    # key's public key, the keys a staged key rotation publishes before they sign, and those
+    # rotations' states.  Certificate changes and rollbacks carry all three unchanged.
+    published: Mapping[str, tuple[pki.PublicKey, ...]] = field(default_factory=dict)
+    next_keys: Mapping[str, pki.PrivateKey] = field(default_factory=dict)
+    key_rotations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,9 +123,16 @@ class Base:
         files = self.files
         pairs = {n: pki.load_key(files[f"{n}.key"], f"{n}.key", trusted=True)
                  for n in self.key_pairs if f"{n}.key" in files}
+        published = {n: tuple(pki.load_public_keys(files[f"{n}.pub"], f"{n}.pub"))
+                     for n in pairs if f"{n}.pub" in files}
+        next_keys = {n: pki.load_key(files[next_key_file(n)], next_key_file(n), trusted=True)
+                     for n in pairs if next_key_file(n) in files}
+        rotations = self.record.extra.get("key_rotations") or {}
         standard = _standard_files(self.key_pairs)
         extra = {n: b for n, b in files.items() if n not in standard}
-        return Draft(parse_files(files), pairs, extra, rotation=self.record.rotation)
+        return Draft(parse_files(files), pairs, extra, rotation=self.record.rotation,
+                     published=published, next_keys=next_keys,
+                     key_rotations={n: dict(v) for n, v in rotations.items() if n in pairs})
 
 
 # A planner, its options bound (functools.partial): (base, profiles, keys, now) -> draft.
@@ -128,7 +147,8 @@ def _key_field(item: str) -> str:
 
 def _standard_files(key_pairs: tuple[str, ...]) -> set[str]:
     return {*CERT_FILES.values(), *KEY_FILES.values(), TRUST_FILE,
-            *(f"{n}.{ext}" for n in key_pairs for ext in ("key", "pub"))}
+            *(f"{n}.{ext}" for n in key_pairs for ext in ("key", "pub")),
+            *(next_key_file(n) for n in key_pairs)}
 
 
 def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
@@ -158,7 +178,10 @@ def files_of(draft: Draft) -> dict[str, bytes]:
             files[KEY_FILES[item]] = pki.key_pem(getattr(c, _key_field(item)))
     files[TRUST_FILE] = pki.bundle_pem(c.trust)
     for name, key in draft.key_pairs.items():
-        files[f"{name}.key"], files[f"{name}.pub"] = pki.key_pem(key), pki.public_key_pem(key)
+        files[f"{name}.key"] = pki.key_pem(key)
+        files[f"{name}.pub"] = b"".join(pki.public_pem(k) for k in published(draft, name))
+        if name in draft.next_keys:
+            files[next_key_file(name)] = pki.key_pem(draft.next_keys[name])
     files.update(draft.extra_files)
     if c.ca_key is not None:
         files[KEY_FILES["ca"]] = pki.key_pem(c.ca_key)
@@ -167,15 +190,46 @@ def files_of(draft: Draft) -> dict[str, bytes]:
 
 def generation(draft: Draft, *, version: int, parent: int | None, created_at: datetime,
                actor: str, operation: str, reason: str) -> StoredGeneration:
-    """The stored generation of a draft: its files and its record (certificates only)."""
+    """The stored generation of a draft: its files and its record (certificates, and the
+    key pairs by their public keys' fingerprints)."""
     c = draft.certs
+    extra: dict[str, Any] = {}
+    if draft.key_pairs:
+        extra["key_pairs"] = {n: key_pair_record(draft, n) for n in draft.key_pairs}
+    if draft.key_rotations:
+        extra["key_rotations"] = {n: dict(v) for n, v in draft.key_rotations.items()}
     record = GenerationRecord(
         version=version, parent=parent, created_at=pki.rfc3339(created_at), actor=actor,
         operation=operation, reason=reason, key_type=pki.key_type_of(c.server_key),
         items={item: pki.describe(getattr(c, item)) for item in ITEMS},
         trust=tuple(pki.fingerprint(t) for t in c.trust),
-        source_version=draft.source_version, rotation=draft.rotation)
+        source_version=draft.source_version, rotation=draft.rotation, extra=extra)
     return StoredGeneration(record, files_of(draft))
+
+
+def published(draft: Draft, name: str) -> tuple[pki.PublicKey, ...]:
+    """The public keys `<name>.pub` holds: the bundle, or else the signing key's alone."""
+    return draft.published.get(name) or (draft.key_pairs[name].public_key(),)
+
+
+def key_pair_record(draft: Draft, name: str) -> dict[str, Any]:
+    """What a generation records of a key pair: fingerprints only, never the key."""
+    key = draft.key_pairs[name]
+    rec: dict[str, Any] = {"fingerprint": pki.key_fingerprint(key),
+                           "key_type": pki.key_type_of(key),
+                           "published": [pki.key_fingerprint(k) for k in published(draft, name)]}
+    if name in draft.next_keys:
+        rec["next"] = pki.key_fingerprint(draft.next_keys[name])
+    return rec
+
+
+def check_key_pairs(draft: Draft) -> None:
+    """Raises: InvalidMaterial when a key pair's bundle lacks its signing (or next) key."""
+    for name, key in draft.key_pairs.items():
+        bundle = {pki.key_fingerprint(k) for k in published(draft, name)}
+        for what, k in (("signing key", key), ("next key", draft.next_keys.get(name))):
+            if k is not None and pki.key_fingerprint(k) not in bundle:
+                raise InvalidMaterial(f"{name}.pub does not hold the {what} of {name}.key")
 
 
 def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
@@ -191,11 +245,21 @@ def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
 
 
 def _with_key_pairs(draft: Draft, base: Base | None, profiles: Profiles, keys: Keys) -> Draft:
-    """draft holding the base's key-only items, and new keys for any the base lacks."""
-    kept = dict(base.draft.key_pairs) if base is not None and profiles.key_pairs else {}
-    pairs = {n: kept[n] if n in kept else keys.get(n, profiles.key_type)
+    """draft holding the base's key-only items (with their bundles and open rotations), and
+    new keys for any the base lacks."""
+    kept = _keeping_key_pairs(draft, base)
+    pairs = {n: kept.key_pairs[n] if n in kept.key_pairs else keys.get(n, profiles.key_type)
              for n in profiles.key_pairs}
-    return replace(draft, key_pairs=pairs)
+    return replace(kept, key_pairs={**kept.key_pairs, **pairs})
+
+
+def _keeping_key_pairs(draft: Draft, base: Base | None) -> Draft:
+    """draft with the key pairs of base exactly as they are (none when base has none)."""
+    if base is None or not base.key_pairs:
+        return replace(draft, key_pairs={}, published={}, next_keys={}, key_rotations={})
+    d = base.draft
+    return replace(draft, key_pairs=dict(d.key_pairs), published=dict(d.published),
+                   next_keys=dict(d.next_keys), key_rotations=dict(d.key_rotations))
 
 
 def _leaves(items: tuple[str, ...] | set[str], profiles: Profiles, keys: Keys,
@@ -288,9 +352,9 @@ def init(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Dr
 
 
 def rotate_ca(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
-    """A new CA and both leaves in one generation; key-only items are kept."""
+    """A new CA and both leaves in one generation; key-only items are kept as they are."""
     refuse_during_staged_rotation(base)
-    return _with_key_pairs(Draft(_fresh_certs(profiles, keys, now)), base, profiles, keys)
+    return _keeping_key_pairs(Draft(_fresh_certs(profiles, keys, now)), base)
 
 
 def rotate_leaf(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
@@ -376,15 +440,169 @@ def _without_next_ca(files: Mapping[str, bytes]) -> dict[str, bytes]:
 
 def rollback(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
              old: Base) -> Draft:
-    """A copy of an old generation (with its rotation state) as the next one."""
-    return replace(old.draft, source_version=old.version)
+    """A copy of an old generation's certificates (with the CA rotation state) as the next
+    one.  Key pairs stay as they are now: an old service-account signer would break every
+    token signed since (the key pair has its own way back: abort)."""
+    return _keeping_key_pairs(replace(old.draft, source_version=old.version), base)
 
 
 def import_set(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
-               certs: pki.CertSet) -> Draft:
-    """An imported set as the next generation; key-only items are kept (or made)."""
+               certs: pki.CertSet, sa: SAMaterial | None = None) -> Draft:
+    """An imported set as the next generation; key-only items are kept (or made).
+
+    sa: the service-account key and bundle the cluster already uses (adoption); it replaces
+    the stored one and closes any open service-account rotation.
+    """
     refuse_during_staged_rotation(base)
-    return _with_key_pairs(Draft(certs), base, profiles, keys)
+    draft = _with_key_pairs(Draft(certs), base, profiles, keys)
+    if sa is None:
+        return draft
+    key, bundle = sa
+    return replace(draft, key_pairs={**draft.key_pairs, SA: key},
+                   published={**draft.published, SA: bundle or (key.public_key(),)},
+                   next_keys=_without(draft.next_keys, SA),
+                   key_rotations=_without(draft.key_rotations, SA))
+
+
+# --- the service-account key pair ([M]) ------------------------------------------------------
+# The same shape as the staged CA rotation, and independent of it: phase 1 publishes the next
+# key beside the current one (sa.pub), phase 2 makes it the signer (sa.key), phase 3 drops
+# every other public key once `sa.overlap` has passed since phase 2.  Certificates are never
+# touched, and no certificate change touches these.
+
+SAMaterial = tuple[pki.PrivateKey, tuple[pki.PublicKey, ...]]
+
+
+def _without(m: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k != name}
+
+
+def _sa_key(base: Base) -> pki.PrivateKey:
+    key = base.draft.key_pairs.get(SA)
+    if key is None:
+        raise Conflict(f"version {base.version} holds no service-account key: make one with "
+                       "`pkisvc rotate sa` (immediate: nothing verifies with sa.pub yet) or "
+                       "adopt the cluster's own (`pkisvc import --sa-from-server-key`)")
+    return key
+
+
+def _expect_sa_phase(base: Base, phase: int | None, step: str) -> dict[str, Any]:
+    state = dict(base.draft.key_rotations.get(SA) or {})
+    if state.get("phase") != phase:
+        now = (f"service-account rotation phase {state['phase']}" if state
+               else "no service-account rotation is open")
+        hint = (" (after phase 1 the old key is no longer the signer: finish instead)"
+                if step == "abort" and state else "")
+        raise Conflict(f"cannot {step} the service-account rotation: {now}{hint}")
+    return state
+
+
+def rotate_sa(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
+    """Immediate: a new service-account key that alone signs and verifies (every token
+    signed before stops verifying); closes an open service-account rotation."""
+    base = _need(base)
+    key = keys.get("next-sa", profiles.key_type)
+    d = base.draft
+    return replace(d, source_version=None, key_pairs={**d.key_pairs, SA: key},
+                   published={**d.published, SA: (key.public_key(),)},
+                   next_keys=_without(d.next_keys, SA),
+                   key_rotations=_without(d.key_rotations, SA))
+
+
+def start_sa_rotation(base: Base | None, profiles: Profiles, keys: Keys,
+                      now: datetime) -> Draft:
+    """Phase 1: publish the next key beside the current one; the current one still signs."""
+    base = _need(base)
+    current = _sa_key(base)
+    _expect_sa_phase(base, None, "start")
+    new = keys.get("next-sa", profiles.key_type)
+    d = base.draft
+    state = {"phase": 1, "old": pki.key_fingerprint(current), "new": pki.key_fingerprint(new),
+             "started": base.version + 1}
+    return replace(d, source_version=None,
+                   published={**d.published, SA: (*published(d, SA), new.public_key())},
+                   next_keys={**d.next_keys, SA: new},
+                   key_rotations={**d.key_rotations, SA: state})
+
+
+def continue_sa_rotation(base: Base | None, profiles: Profiles, keys: Keys,
+                         now: datetime) -> Draft:
+    """Phase 2: the published next key signs from now on; both keys still verify."""
+    base = _need(base)
+    state = _expect_sa_phase(base, 1, "continue")
+    d = base.draft
+    return replace(d, source_version=None, key_pairs={**d.key_pairs, SA: d.next_keys[SA]},
+                   next_keys=_without(d.next_keys, SA),
+                   key_rotations={**d.key_rotations,
+                                  SA: {**state, "phase": 2, "switched_at": pki.rfc3339(now)}})
+
+
+def sa_overlap_left(state: Mapping[str, Any], now: datetime, overlap: int) -> int:
+    """Seconds of `sa.overlap` still to run since phase 2 (0 when it has passed)."""
+    switched = parse_time(state["switched_at"])
+    return max(0, int((switched - now).total_seconds()) + overlap)
+
+
+def finish_sa_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
+                       overlap: int, force: bool = False) -> Draft:
+    """Phase 3: sa.pub holds the signing key alone; refused before `sa.overlap` has passed
+    since phase 2 unless forced (tokens signed by the old key stop verifying)."""
+    base = _need(base)
+    state = _expect_sa_phase(base, 2, "finish")
+    left = sa_overlap_left(state, now, overlap)
+    if left and not force:
+        raise Conflict(
+            f"sa.overlap has not passed: the old service-account key signed until "
+            f"{state['switched_at']}; tokens it signed may still be in use for "
+            f"{_duration(left)} more (finish then, or force it)")
+    d = base.draft
+    return replace(d, source_version=None, published=_without(d.published, SA),
+                   key_rotations=_without(d.key_rotations, SA))
+
+
+def abort_sa_rotation(base: Base | None, profiles: Profiles, keys: Keys,
+                      now: datetime) -> Draft:
+    """Unpublish the next key (phase 1 only: it has signed nothing yet)."""
+    base = _need(base)
+    state = _expect_sa_phase(base, 1, "abort")
+    d = base.draft
+    kept = tuple(k for k in published(d, SA) if pki.key_fingerprint(k) != state["new"])
+    return replace(d, source_version=None, published={**d.published, SA: kept},
+                   next_keys=_without(d.next_keys, SA),
+                   key_rotations=_without(d.key_rotations, SA))
+
+
+def _duration(seconds: int) -> str:
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{max(seconds // 60, 1)}m"
+
+
+# The service-account steps by their API/CLI word: operation stored in records, planner, and
+# whether the step takes the overlap (finish).
+SA_STEPS: dict[str, tuple[str, Planner]] = {
+    "immediate": ("sa-rotate", rotate_sa),
+    "start": ("sa-stage-publish", start_sa_rotation),
+    "continue": ("sa-stage-switch", continue_sa_rotation),
+    "abort": ("sa-stage-abort", abort_sa_rotation),
+}
+
+
+def sa_state(gen: GenerationRecord) -> dict[str, Any]:
+    """The service-account key of a generation and its open rotation, if any."""
+    pair = (gen.extra.get("key_pairs") or {}).get(SA)
+    state = dict((gen.extra.get("key_rotations") or {}).get(SA) or {})
+    phase = state.get("phase")
+    return {"version": gen.version, "present": pair is not None,
+            "fingerprint": pair["fingerprint"] if pair else None,
+            "key_type": pair["key_type"] if pair else None,
+            "published": list(pair["published"]) if pair else [],
+            "open": bool(state), "phase": phase, "old": state.get("old"),
+            "new": state.get("new"), "switched_at": state.get("switched_at"),
+            "next": {1: "continue", 2: "finish"}.get(phase) if phase else None,
+            "abortable": phase == 1}
 
 
 # Each staged phase by its API/CLI word: the operation name stored in records (stored data:

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 import click
 import yaml
 
-from pkisvc import __version__, doctor, kubeconfig
+from pkisvc import __version__, changes, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.backup import write as write_backup
-from pkisvc.errors import PkiError
+from pkisvc.errors import InvalidRequest, PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
 from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
@@ -247,6 +247,70 @@ def rotation_abort(c: Context, reason: str) -> None:
     done(c.store.abort_rotation(actor=actor(), reason=reason))
 
 
+@rotate.command("sa")
+@click.option("--key-type", type=click.Choice(KEY_TYPES), help="Default: the `key_type` setting.")
+@click.option("--staged", is_flag=True,
+              help="Phase 1 of a rotation that breaks no token: publish the new key in sa.pub "
+                   "beside the old (then `sa-rotation continue`, `sa-rotation finish`).")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def rotate_sa(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
+    """New service-account key: --staged, or at once (a compromised key: every token signed
+    by the old key stops verifying)."""
+    record = c.store.sa_step("start" if staged else "immediate", actor=actor(), reason=reason,
+                             key_type=key_type)
+    if not staged:
+        click.echo(f"warning: {SA_IMMEDIATE_WARNING}", err=True)
+    done(record)
+
+
+SA_IMMEDIATE_WARNING = (
+    "every service-account token signed by the old key stops verifying once the masters "
+    "install this version: pods that use one fail until they get a new token (projected "
+    "tokens: the kubelet refreshes them; legacy token secrets must be deleted)")
+
+
+@main.group("sa-rotation")
+def sa_rotation() -> None:
+    """Drive a staged service-account key rotation: status, continue, finish, abort."""
+
+
+@sa_rotation.command("status")
+@OUTPUT
+@pass_ctx
+def sa_rotation_status(c: Context, fmt: str) -> None:
+    """Show the service-account key and its open rotation, if any."""
+    state = c.store.sa_rotation()
+    emit(fmt, state, lambda: [["FIELD", "VALUE"], *(
+        [k, ", ".join(v) if isinstance(v, list) else "" if v is None else v]
+        for k, v in state.items())])
+
+
+@sa_rotation.command("continue")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def sa_rotation_continue(c: Context, reason: str) -> None:
+    """Phase 2: the new key signs (masters must hold the new sa.pub by now)."""
+    done(c.store.sa_step("continue", actor=actor(), reason=reason))
+
+
+@sa_rotation.command("finish")
+@click.option("--force", is_flag=True, help="Before `sa.overlap` has passed (audited).")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def sa_rotation_finish(c: Context, force: bool, reason: str) -> None:
+    """Phase 3: sa.pub holds the new key alone (after `sa.overlap`)."""
+    done(c.store.sa_step("finish", actor=actor(), reason=reason, force=force))
+
+
+@sa_rotation.command("abort")
+@click.option("--reason", default="", help="Why (recorded).")
+@pass_ctx
+def sa_rotation_abort(c: Context, reason: str) -> None:
+    """Unpublish the new key (phase 1 only)."""
+    done(c.store.sa_step("abort", actor=actor(), reason=reason))
+
+
 @rotate.command("server")
 @click.option("--san", "sans", multiple=True, help="Extra SAN (repeat); default: `server.sans`.")
 @click.option("--reason", default="", help="Why (recorded).")
@@ -266,18 +330,22 @@ def rotate_kubecfg(c: Context, reason: str) -> None:
 
 
 @main.command()
-@click.argument("item", type=click.Choice([*ITEMS, "trust"]))
+@click.argument("item", type=click.Choice([*ITEMS, "trust", "sa"]))
 @click.option("--version", "version", type=click.IntRange(min=1), help="Default: the latest.")
 @click.option("--pem", is_flag=True, help="Print the PEM (alone, in table format).")
 @OUTPUT
 @pass_ctx
 def show(c: Context, item: str, version: int | None, pem: bool, fmt: str) -> None:
-    """Show one certificate (`trust` = the bundle hosts install as ca.crt)."""
-    if item == "trust":
+    """Show one certificate (`trust` = the bundle hosts install as ca.crt; `sa` = the
+    service-account key by fingerprint, `--pem` its sa.pub)."""
+    if item == "sa":
+        gen = c.store.read(version)
+        text = gen.files.get("sa.pub", b"").decode()
+        data: dict[str, Any] = {"item": "sa", **changes.sa_state(gen.record)}
+    elif item == "trust":
         gen = c.store.read(version)
         text = gen.files[TRUST_FILE].decode()
-        data: dict[str, Any] = {"item": "trust", "version": gen.version,
-                                "trust": list(gen.record.trust)}
+        data = {"item": "trust", "version": gen.version, "trust": list(gen.record.trust)}
     else:
         v, rec, raw = c.store.item(item, version)
         text = raw.decode()
@@ -298,9 +366,9 @@ def versions(c: Context, fmt: str) -> None:
     """List every generation, newest first."""
     recs = c.store.versions()
     emit(fmt, [r.to_dict() for r in recs], lambda: [
-        ["VERSION", "OPERATION", "CREATED", "ACTOR", "CA", "REASON"],
+        ["VERSION", "OPERATION", "CREATED", "ACTOR", "CA", "SA", "REASON"],
         *([r.version, r.operation, r.created_at, r.actor, r.items["ca"].fingerprint[:16],
-           r.reason] for r in recs)])
+           (changes.sa_state(r)["fingerprint"] or "-")[:16], r.reason] for r in recs)])
 
 
 @main.command()
@@ -349,9 +417,18 @@ def check_expiration(c: Context, fmt: str) -> None:
 @click.option("--from-pillar", "from_pillar", type=click.Path(dir_okay=False),
               help="A pillar YAML file where the certificates were pasted.")
 @click.option("--key", "key", help="Where in --from-pillar, e.g. kubernetes:certs.")
+@click.option("--sa-from-server-key", is_flag=True,
+              help="server.key is the cluster's service-account key too (kube-up's flags): "
+                   "adopt it, so tokens already issued keep verifying.")
+@click.option("--sa-key", type=click.Path(dir_okay=False),
+              help="The cluster's service-account key (kubeadm's sa.key); default: "
+                   "sa.key in --from-dir if there is one.")
+@click.option("--sa-pub", type=click.Path(dir_okay=False),
+              help="Its verification bundle (kubeadm's sa.pub); default: sa.pub beside it.")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
 def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str | None,
+            sa_from_server_key: bool, sa_key: str | None, sa_pub: str | None,
             reason: str) -> None:
     """Store an existing set of certificates as a new generation."""
     if bool(from_dir) == bool(from_pillar):
@@ -361,7 +438,30 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
     files = read_import_dir(from_dir) if from_dir else read_import_pillar(from_pillar or "",
                                                                          key or "")
     source = from_dir or f"{from_pillar}#{key}"
-    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}"))
+    sa_files = read_sa_files(from_dir, sa_key, sa_pub)
+    if sa_from_server_key and sa_files and not sa_key:
+        sa_files = {}  # the flag names the key to adopt; a sa.key beside it is not asked for
+    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}",
+                              sa_from_server_key=sa_from_server_key, sa_files=sa_files))
+
+
+def read_sa_files(from_dir: str | None, sa_key: str | None, sa_pub: str | None
+                  ) -> dict[str, bytes]:
+    """The service-account files an import adopts: named ones, or kubeadm's in from_dir."""
+    base = Path(from_dir) if from_dir else None
+    key_path = Path(sa_key) if sa_key else (base / "sa.key" if base else None)
+    pub_path = (Path(sa_pub) if sa_pub else
+                key_path.with_name("sa.pub") if key_path and sa_key else
+                base / "sa.pub" if base else None)
+    out: dict[str, bytes] = {}
+    for name, path, named in (("sa.key", key_path, sa_key), ("sa.pub", pub_path, sa_pub)):
+        if path is None or not (named or path.is_file()):
+            continue
+        try:
+            out[name] = path.read_bytes()
+        except OSError as e:
+            raise InvalidRequest(f"{path}: {e.strerror}") from None
+    return out
 
 
 @main.command("export-pillar")

@@ -12,16 +12,19 @@ LEAVES = ("server", "kubecfg")
 CERT_FILES = {"ca": "ca.crt", "server": "server.cert", "kubecfg": "kubecfg.crt"}
 KEY_FILES = {"ca": "ca.key", "server": "server.key", "kubecfg": "kubecfg.key"}
 TRUST_FILE = "trust.crt"  # the bundle hosts install as ca.crt
-# Key-only items (a key pair, no certificate), kept as `<name>.key` and `<name>.pub`.  None yet
-# (the service-account key comes next); certificate changes carry them over unchanged.
-KEY_PAIRS: tuple[str, ...] = ()
-HOST_FILES = ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
+# Key-only items (a key pair, no certificate), kept as `<name>.key` (the signing key) and
+# `<name>.pub` (every public key verifiers must accept, one PEM block each); certificate changes
+# and rollbacks carry them over unchanged.  `sa`: the service-account token keys ([M]).
+KEY_PAIRS: tuple[str, ...] = ("sa",)
+SA_FILES = ("sa.key", "sa.pub")
+HOST_FILES = ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key", *SA_FILES)
 DEFAULT_ROLES = {"master": HOST_FILES, "node": ("ca.crt",)}
 
 KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ecdsa-p256", "ecdsa-p384")
 OPERATIONS = (
     "init", "rotate-ca", "rotate-server", "rotate-kubecfg", "rollback", "import", "renew",
     "ca-stage-trust", "ca-stage-switch", "ca-stage-finish", "ca-stage-abort",
+    "sa-rotate", "sa-stage-publish", "sa-stage-switch", "sa-stage-finish", "sa-stage-abort",
 )
 SCOPES = ("read", "secrets", "audit", "admin")
 

@@ -142,6 +142,38 @@ def document() -> dict[str, Any]:
                                          "next": {"enum": ["continue", "finish", None]},
                                          "abortable": {"type": "boolean"}}}, "Status"),
             **_errors(401, 403, 404, 503)}, op_id="getRotation")},
+        "/v1/sa/rotate": {"post": _op(
+            "Rotate the service-account key: staged (phase 1: publish the next key in sa.pub) "
+            "or immediate (tokens signed by the old key stop verifying)", "admin", {
+                **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, body={
+            "type": "object", "additionalProperties": False,
+            "properties": {"reason": _REASON, "mode": {"enum": ["staged", "immediate"]},
+                           "key_type": {"enum": list(KEY_TYPES)}}}, op_id="rotateSa")},
+        "/v1/sa/rotate/{step}": {"post": _op(
+            "Next phase of the service-account rotation: continue (the next key signs), "
+            "finish (drop the old key; refused before sa.overlap unless force) or abort "
+            "(phase 1 only)", "admin", {
+                **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)},
+            params=[{"name": "step", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ["continue", "finish", "abort"]}}],
+            body={"type": "object", "additionalProperties": False,
+                  "properties": {"reason": _REASON, "force": {"type": "boolean"}}},
+            op_id="saRotationStep")},
+        "/v1/sa/rotation": {"get": _op(
+            "The service-account key and its open rotation, if any", "read", {
+                "200": _json({"type": "object", "required": ["open", "phase", "version", "next"],
+                              "properties": {
+                                  "open": {"type": "boolean"}, "phase": _NINT,
+                                  "version": {"type": "integer"},
+                                  "present": {"type": "boolean"},
+                                  "fingerprint": _NSTR, "key_type": _NSTR,
+                                  "published": {"type": "array", "items": _STR},
+                                  "old": _NSTR, "new": _NSTR, "switched_at": _NSTR,
+                                  "next": {"enum": ["continue", "finish", None]},
+                                  "abortable": {"type": "boolean"},
+                                  "overlap_seconds": {"type": "integer"},
+                                  "overlap_left_seconds": _NINT}}, "Status"),
+                **_errors(401, 403, 404, 503)}, op_id="getSaRotation")},
         "/v1/renew": {"post": _op("Renew the leaves inside renew_before (never the CA)",
                                   "admin", {
             "201": _json({"allOf": [_ref("Generation"), {"type": "object", "properties": {

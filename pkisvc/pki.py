@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from pkisvc.errors import InvalidMaterial, InvalidRequest
 from pkisvc.model import KEY_TYPES, ItemRecord
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 BACKDATE = timedelta(minutes=5)
 _CURVES: dict[str, ec.EllipticCurve] = {"ecdsa-p256": ec.SECP256R1(), "ecdsa-p384": ec.SECP384R1()}
 
@@ -154,6 +156,52 @@ def public_key_pem(key: PrivateKey) -> bytes:
     """The public half of key (SubjectPublicKeyInfo PEM)."""
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_pem(key: PublicKey) -> bytes:
+    """A public key as SubjectPublicKeyInfo PEM."""
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_fingerprint(key: PrivateKey | PublicKey) -> str:
+    """Lowercase hex SHA-256 of the public key's SubjectPublicKeyInfo DER."""
+    pub = key.public_key() if isinstance(key, (rsa.RSAPrivateKey,
+                                               ec.EllipticCurvePrivateKey)) else key
+    return hashlib.sha256(pub.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+                          ).hexdigest()
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
+
+
+def load_public_keys(data: bytes, name: str) -> list[PublicKey]:
+    """Parse every PEM public key in data (`PUBLIC KEY` or `RSA PUBLIC KEY` blocks).
+
+    Raises: InvalidMaterial when there is none, or one is not an RSA (>= 2048) or ECDSA
+    P-256/P-384 public key.
+    """
+    keys: list[PublicKey] = []
+    for m in _PEM_BLOCK.finditer(data):
+        if m.group(1) not in (b"PUBLIC KEY", b"RSA PUBLIC KEY"):
+            raise InvalidMaterial(f"{name}: holds a {m.group(1).decode()} block, not a "
+                                  "public key")
+        try:
+            key = serialization.load_pem_public_key(m.group(0))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise InvalidMaterial(f"{name}: not a valid PEM public key") from None
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+            keys.append(key)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1",
+                                                                              "secp384r1"):
+            keys.append(key)
+        else:
+            raise InvalidMaterial(f"{name}: only RSA (>= 2048 bits) and ECDSA P-256/P-384 "
+                                  "public keys")
+    if not keys:
+        raise InvalidMaterial(f"{name}: no PEM public key found")
+    return keys
 
 
 def load_certs(data: bytes, name: str) -> list[x509.Certificate]:

@@ -93,6 +93,7 @@ class Settings:
     access_log: bool
     log_level: str
     source: str | None = None
+    sa_overlap: int = 7 * 86400  # seconds phase 3 of a service-account rotation waits
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -350,6 +351,7 @@ _SCHEMA: dict[str, _Field] = {
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
     "log_level": _Field("info", _log_level, text=True),
+    "sa.overlap": _Field("7d", parse_duration, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -434,5 +436,5 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
-        source=source,
+        source=source, sa_overlap=v["sa.overlap"],
     )

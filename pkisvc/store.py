@@ -21,6 +21,7 @@ from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
     AlreadyInitialised,
     BackendUnavailable,
+    InvalidMaterial,
     InvalidRequest,
     NotFound,
     VersionConflict,
@@ -31,6 +32,7 @@ from pkisvc.model import (
     ITEMS,
     KEY_FILES,
     LEAVES,
+    SA_FILES,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
@@ -94,8 +96,13 @@ class CertStore:
 
     def host_files(self, gen: StoredGeneration, names: tuple[str, ...] | list[str]
                    ) -> dict[str, bytes]:
-        """Return the files hosts install, by their host names (`ca.crt` is the trust bundle)."""
-        return {n: gen.files[TRUST_FILE if n == "ca.crt" else n] for n in names}
+        """Return the files hosts install, by their host names (`ca.crt` is the trust bundle).
+
+        A generation without a service-account key (made before [M]) has no sa.key/sa.pub:
+        a role that names them gets the rest.
+        """
+        return {n: gen.files[TRUST_FILE if n == "ca.crt" else n] for n in names
+                if n not in SA_FILES or n in gen.files}
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         return self.backend.audit(since=since, limit=limit)
@@ -114,6 +121,15 @@ class CertStore:
     def rotation(self) -> dict[str, Any]:
         """The open staged rotation, if any: phase, CAs, and the step that comes next."""
         return changes.rotation_state(self.read().record)
+
+    def sa_rotation(self) -> dict[str, Any]:
+        """The service-account key, its open rotation if any, and when phase 3 is allowed."""
+        state = changes.sa_state(self.read().record)
+        state["overlap_seconds"] = self.settings.sa_overlap
+        state["overlap_left_seconds"] = (
+            changes.sa_overlap_left(state, self.now(), self.settings.sa_overlap)
+            if state["phase"] == 2 else None)
+        return state
 
     # --- what is not a generation: tokens, deliveries, the service's own certificate -----
 
@@ -236,6 +252,35 @@ class CertStore:
         return self._commit(operation, plan, actor, reason, key_type=key_type, items=items,
                             remote_addr=remote_addr)
 
+    # The service-account key ([M]): its own staged rotation, independent of the CA's.
+
+    def rotate_sa(self, *, actor: str, reason: str = "", key_type: str | None = None,
+                  remote_addr: str | None = None) -> GenerationRecord:
+        """Immediate: a new service-account key alone (tokens signed before stop verifying)."""
+        return self.sa_step("immediate", actor=actor, reason=reason, key_type=key_type,
+                            remote_addr=remote_addr)
+
+    def sa_step(self, step: str, *, actor: str, reason: str = "", key_type: str | None = None,
+                force: bool = False, remote_addr: str | None = None) -> GenerationRecord:
+        """One step of the service-account rotation by its API/CLI word: `immediate`,
+        `start`, `continue`, `finish` (force: before `sa.overlap` has passed, audited),
+        `abort`."""
+        if step == "finish":
+            overlap = self.settings.sa_overlap
+            plan: Planner = functools.partial(changes.finish_sa_rotation, overlap=overlap,
+                                              force=force)
+            state = self.sa_rotation()
+            if force and state["phase"] == 2 and state["overlap_left_seconds"]:
+                reason = (f"forced before sa.overlap ({state['overlap_left_seconds']}s left)"
+                          + (f": {reason}" if reason else ""))
+            operation = "sa-stage-finish"
+        elif step in changes.SA_STEPS:
+            operation, plan = changes.SA_STEPS[step]
+        else:
+            raise NotFound(f"no service-account rotation step {step!r}")
+        return self._commit(operation, plan, actor, reason, key_type=key_type, items=("sa",),
+                            remote_addr=remote_addr)
+
     def rollback(self, version: int, *, actor: str, reason: str = "",
                  remote_addr: str | None = None) -> GenerationRecord:
         """Make a new generation that copies `version` (with its rotation state)."""
@@ -245,9 +290,16 @@ class CertStore:
                             reason, remote_addr=remote_addr)
 
     def import_files(self, files: Mapping[str, bytes], *, actor: str, reason: str = "",
+                     sa_from_server_key: bool = False, sa_files: Mapping[str, bytes] | None = None,
                      remote_addr: str | None = None) -> GenerationRecord:
-        """Store an existing set (the seed's file names) as a new generation."""
-        plan = functools.partial(changes.import_set, certs=check_import(files))
+        """Store an existing set (the seed's file names) as a new generation.
+
+        sa_from_server_key: the imported server.key is the cluster's service-account key too
+        (kube-up's flags); sa_files: kubeadm-style `sa.key` (and optionally `sa.pub`).
+        """
+        certs = check_import(files)
+        sa = sa_material(certs, sa_from_server_key, sa_files)
+        plan = functools.partial(changes.import_set, certs=certs, sa=sa)
         return self._commit("import", plan, actor, reason, allow_empty=True,
                             remote_addr=remote_addr)
 
@@ -269,6 +321,7 @@ class CertStore:
                     if parent is not None else None)
             draft = plan(base, profiles, keys, self.now())
             pki.check_set(draft.certs)
+            changes.check_key_pairs(draft)
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
                                      reason=reason)
@@ -287,6 +340,30 @@ class CertStore:
                 items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
+
+
+def sa_material(certs: pki.CertSet, from_server_key: bool,
+                files: Mapping[str, bytes] | None) -> changes.SAMaterial | None:
+    """The service-account key (and bundle) an import adopts, or None.
+
+    Raises: InvalidRequest when both ways are asked for; InvalidMaterial when sa.pub does not
+    hold sa.key's public key.
+    """
+    if from_server_key and files:
+        raise InvalidRequest("adopt the service-account key from server.key or from sa.key, "
+                             "not both")
+    if from_server_key:
+        return certs.server_key, (certs.server_key.public_key(),)
+    if not files:
+        return None
+    if "sa.key" not in files:
+        raise InvalidRequest("sa.key: missing (sa.pub alone cannot sign)")
+    key = pki.load_key(files["sa.key"], "sa.key")
+    bundle = (tuple(pki.load_public_keys(files["sa.pub"], "sa.pub")) if "sa.pub" in files
+              else (key.public_key(),))
+    if pki.key_fingerprint(key) not in {pki.key_fingerprint(k) for k in bundle}:
+        raise InvalidMaterial("sa.pub does not hold the public key of sa.key")
+    return key, bundle
 
 
 def _append_once(backend: Backend, event: AuditEvent) -> None:
