@@ -21,7 +21,7 @@ from pkisvc.backup import write as write_backup
 from pkisvc.errors import InvalidRequest, PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
+from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SA_FILES, SCOPES, TRUST_FILE
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -472,7 +472,9 @@ def read_sa_files(from_dir: str | None, sa_key: str | None, sa_pub: str | None
 def export_pillar(c: Context, key: str, version: int | None) -> None:
     """Print a legacy static pillar (the pasted way), private keys included, no CA key."""
     gen = c.store.read(version)
-    node: Any = {k: v.decode() for k, v in c.store.host_files(gen, HOST_FILES).items()}
+    # the seed's static pillar: certificates only (sa.key/sa.pub reach masters from pkisvc)
+    seed = tuple(n for n in HOST_FILES if n not in SA_FILES)
+    node: Any = {k: v.decode() for k, v in c.store.host_files(gen, seed).items()}
     for part in reversed(key.split(":")):
         node = {part: node}
     click.echo(yaml.safe_dump(node, sort_keys=False, default_style=None), nl=False)

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from pkisvc.ext_pillar import pkisvc as ext
 from tests.salt_fixtures import ROLES, Service
 
-HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "server.cert", "server.key"]
+HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "sa.key", "sa.pub", "server.cert",
+              "server.key"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_answers_are_cached_by_version_and_follow_a_rotation(service: Service):
     # audited by id, the second with no items.
     new = pillar_deliveries(service)[: len(pillar_deliveries(service)) - before]
     assert [(e["minion"], len(e["items"])) for e in new] == [("k8s-master-2", 0),
-                                                            ("k8s-master-1", 5)]
+                                                            ("k8s-master-1", len(HOST_FILES))]
     second["files"]["server.key"] = "changed by a later ext_pillar merge"
     third = ext.ext_pillar("k8s-master-3", {}, **conf(service))["kubernetes"]["cert"]
     assert third["files"] == first["files"]
@@ -171,8 +172,7 @@ def test_https_service_is_verified_with_ca_cert(tmp_path):
         opts = {"url": f"https://127.0.0.1:{port}", "token_file": str(data / "admin.token"),
                 "roles": ROLES}
         good = ext.ext_pillar("k8s-master-1", {}, ca_cert=str(ca_file), **opts)
-        assert set(good["kubernetes"]["cert"]["files"]) == {
-            "ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key"}
+        assert set(good["kubernetes"]["cert"]["files"]) == set(HOST_FILES)
         bad = ext.ext_pillar("k8s-master-2", {}, **opts)  # the system trust store only
         assert set(bad["kubernetes"]["cert"]) == {"error"}
         assert "certificate" in bad["kubernetes"]["cert"]["error"].lower()

@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from pkisvc import pki
 from tests.conftest import REPO
 from tests.salt_fixtures import (
     SEED_PATHS,
@@ -26,8 +28,10 @@ from tests.salt_fixtures import (
     view_report,
 )
 
-HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "server.cert", "server.key"]
-CERT_STATES = {f"kubernetes-cert-file-{n}" for n in HOST_FILES} | {
+HOST_FILES = ["ca.crt", "kubecfg.crt", "kubecfg.key", "sa.key", "sa.pub", "server.cert",
+              "server.key"]
+# What a CA rotation changes on a master: every file but the service-account pair ([M]).
+CERT_STATES = {f"kubernetes-cert-file-{n}" for n in HOST_FILES if not n.startswith("sa.")} | {
     "kubernetes-cert-ca-local", "kubernetes-cert-update-ca", "kubernetes-cert-kubelet-ca"}
 CA_STATES = {"kubernetes-cert-file-ca.crt", "kubernetes-cert-ca-local",
              "kubernetes-cert-update-ca", "kubernetes-cert-kubelet-ca"}
@@ -280,3 +284,44 @@ def test_a_node_claiming_the_master_grain_gets_only_the_ca(cluster: Cluster):
     pillar = cluster.salt("k8s-node-1", "pillar.items", "unmask=True")["k8s-node-1"]
     assert pillar["kubernetes"]["cert"]["role"] == "node"
     assert list(pillar["kubernetes"]["cert"]["files"]) == ["ca.crt"]
+
+
+def test_service_account_phases_reach_masters_only(cluster: Cluster):
+    """[M]: after each phase of a service-account rotation `configured` gives the master the
+    bundle of that phase (sa.key 0600); the node holds neither file."""
+    url, admin = cluster.service.url, cluster.service.admin()
+    master = cluster.hosts / "k8s-master-1/srv/kubernetes"
+    node = cluster.hosts / "k8s-node-1/srv/kubernetes"
+
+    def state() -> dict:
+        r = requests.get(f"{url}/v1/sa/rotation", headers=admin, timeout=10)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def step(path: str, body: dict | None = None) -> None:
+        r = requests.post(f"{url}/v1/sa/{path}", json=body or {}, headers=admin, timeout=30)
+        assert r.status_code == 201, r.text
+
+    def apply_and_check(expected_pub: list[str]) -> None:
+        assert cluster.salt("*", "saltutil.refresh_pillar") == {
+            "k8s-master-1": True, "k8s-node-1": True}
+        for minion in ("k8s-master-1", "k8s-node-1"):
+            states = cluster.apply(minion, "kubernetes.cert.configured")
+            assert all(s["result"] is True for s in states.values()), states
+        pub = pki.load_public_keys((master / "sa.pub").read_bytes(), "sa.pub")
+        assert [pki.key_fingerprint(k) for k in pub] == expected_pub
+        key = pki.load_key((master / "sa.key").read_bytes(), "sa.key")
+        assert pki.key_fingerprint(key) == state()["fingerprint"]
+        assert stat.S_IMODE((master / "sa.key").stat().st_mode) == 0o600
+        assert not (node / "sa.key").exists() and not (node / "sa.pub").exists()
+
+    old = state()["fingerprint"]
+    apply_and_check([old])
+    step("rotate", {"mode": "staged"})
+    new = state()["new"]
+    apply_and_check([old, new])
+    step("rotate/continue")
+    assert state()["fingerprint"] == new
+    apply_and_check([old, new])
+    step("rotate/finish", {"force": True, "reason": "salt test"})
+    apply_and_check([new])

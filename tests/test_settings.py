@@ -23,7 +23,8 @@ def test_defaults_are_the_design_table():
     assert (s.renew_before, s.ca_warn_before) == (30 * 86400, 180 * 86400)
     assert s.roles["node"] == ("ca.crt",)
     assert set(s.roles["master"]) == {"ca.crt", "server.cert", "server.key", "kubecfg.crt",
-                                      "kubecfg.key"}
+                                      "kubecfg.key", "sa.key", "sa.pub"}
+    assert s.sa_overlap == 7 * 86400
     assert (s.vault.mount, s.vault.prefix, s.vault.timeout, s.vault.max_versions) == (
         "secret", "pkisvc", 5.0, 1000)
 

@@ -33,6 +33,8 @@
                          'pkisvc_version': material.get('version') if matches else None}) %}
 {%-     if source in cert.key_files %}
 {%-       do entry.update({'kind': 'private key'}) %}
+{%-     elif source.endswith('.pub') %}
+{%-       do entry.update({'kind': 'public keys'}) %}
 {%-     else %}
 {%-       set certs = [] %}
 {%-       set blocks = [] %}
