@@ -91,6 +91,7 @@ def host_root(base: Path) -> Path:
     if (base / "etc/ca-certificates.conf").exists():
         return base
     (base / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    (base / "etc/ca-certificates/update.d").mkdir(parents=True, exist_ok=True)
     system = base / "usr/share/ca-certificates/test"
     system.mkdir(parents=True)
     (system / "system-root.crt").write_bytes(SYSTEM_CA)
@@ -113,21 +114,15 @@ def _system_ca() -> bytes:
 SYSTEM_CA = _system_ca()
 
 
-def update_ca_command(root: Path) -> str:
-    """Debian's update-ca-certificates, every directory under root (FIELD-NOTES)."""
-    return (f"update-ca-certificates --certsconf {root}/etc/ca-certificates.conf"
-            f" --certsdir {root}/usr/share/ca-certificates"
-            f" --localcertsdir {root}/usr/local/share/ca-certificates"
-            f" --etccertsdir {root}/etc/ssl/certs --hooksdir {root}/etc/ca-certificates/update.d")
-
-
 def lookup_pillar(hosts: Path, minion_jinja: str = "{{ grains.id }}") -> str:
-    """A static pillar SLS: the formula's lookup under hosts/<minion id>, plus other data."""
+    """A static pillar SLS: the formula's lookup under hosts/<minion id>, plus other data.
+
+    Only the prefix: the formula itself keeps update-ca-certificates inside it.
+    """
     root = f"{hosts}/{minion_jinja}"
     return yaml.safe_dump({
         "kubernetes": {"cluster_name": "test-cluster",
-                       "cert": {"lookup": {"prefix": root,
-                                           "update_ca_command": update_ca_command(Path(root))}}},
+                       "cert": {"lookup": {"prefix": root}}},
         "unrelated": {"formula": "data"},
     })
 

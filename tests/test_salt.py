@@ -90,10 +90,17 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     local_ca = root / "usr/local/share/ca-certificates/kubernetes-ca.crt"
     assert local_ca.read_text() == ca
     assert ca.strip() in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
+    # The link names the host's path: the tree is right when the prefix becomes /.
     link = root / "etc/ssl/certs/kubernetes.pem"
-    assert link.is_symlink() and link.resolve() == local_ca.resolve()
-    assert link.read_text() == ca
+    assert os.readlink(link) == "/usr/local/share/ca-certificates/kubernetes-ca.crt"
+    assert (root / os.readlink(link).lstrip("/")).read_text() == ca
     assert (root / "var/lib/kubelet/ca.crt").read_text() == ca
+    assert json.loads((root / "etc/kubernetes-cert/lookup.json").read_text()) == {
+        "cert_dir": "/srv/kubernetes", "files": HOST_FILES[:1] + HOST_FILES[3:] + HOST_FILES[1:3],
+        "key_files": ["server.key", "kubecfg.key"], "ca_file": "ca.crt",
+        "ca_local": "/usr/local/share/ca-certificates/kubernetes-ca.crt",
+        "ca_link": "/etc/ssl/certs/kubernetes.pem",
+        "ca_store": "/etc/ssl/certs/ca-certificates.crt", "kubelet_ca": "/var/lib/kubelet/ca.crt"}
 
     again = local.apply("k8s-master-1", "kubernetes.cert.configured")
     assert all(s["result"] is True for s in again.values()), again
@@ -116,6 +123,8 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     removed = local.apply("k8s-master-1", "kubernetes.cert.removed")
     assert all(s["result"] is True for s in removed.values()), removed
     assert [p for p in SEED_PATHS if (root / p).exists()] == []
+    made = ("etc/ssl/certs/kubernetes.pem", "var/lib/kubelet/ca.crt", "etc/kubernetes-cert")
+    assert [p for p in made if (root / p).exists() or (root / p).is_symlink()] == []
     assert ca.strip() not in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
 
 
