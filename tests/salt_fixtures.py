@@ -313,6 +313,18 @@ class Cluster:
                  "minions to answer test.ping")
         return self
 
+    def minion(self, minion_id: str) -> Daemon:
+        return next(d for d in self.daemons
+                    if d.kind == "minion" and d.conf_dir.name == minion_id)
+
+    def restart_minion(self, minion_id: str) -> None:
+        """Start a stopped minion again and wait until it answers."""
+        daemon = self.minion(minion_id)
+        daemon.pidfile.unlink(missing_ok=True)
+        daemon.start()
+        wait_for(lambda: self.salt(minion_id, "test.ping", timeout=5) == {minion_id: True}, 90,
+                 f"{minion_id} to answer test.ping again")
+
     def stop(self) -> None:
         terminate([p for d in self.daemons for p in d.processes()])
         for d in self.daemons:
