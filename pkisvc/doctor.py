@@ -365,8 +365,9 @@ def _check_link(host: _Host, lay: Layout, ref: set[str]) -> Check:
     if not certs:
         return Check("symlink", lay.link, FAIL, f"-> {end}: {why}", fix)
     if ref and set(_fps(certs)) != ref:
+        # Pointing at the local copy, the link is right and the copy is stale (same-ca).
         return Check("symlink", lay.link, FAIL, f"-> {end} holds {_describe_fps(_fps(certs))}"
-                     f", not the CA of {lay.ca}", fix)
+                     f", not the CA of {lay.ca}", APPLY if end == lay.local_ca else fix)
     if not link.is_symlink():
         return Check("symlink", lay.link, WARN, f"a regular file, not a symlink to "
                      f"{lay.local_ca}", fix)

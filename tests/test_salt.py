@@ -1,6 +1,7 @@
 """kubernetes.cert with real Salt 3008 and a real pkisvc under gunicorn (DESIGN §5, issue 5)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 from tests.salt_fixtures import (
     SEED_PATHS,
+    SYSTEM_CA,
     Cluster,
     Masterless,
     Service,
@@ -289,3 +292,92 @@ def test_a_node_claiming_the_master_grain_gets_only_the_ca(cluster: Cluster):
     pillar = cluster.salt("k8s-node-1", "pillar.items", "unmask=True")["k8s-node-1"]
     assert pillar["kubernetes"]["cert"]["role"] == "node"
     assert list(pillar["kubernetes"]["cert"]["files"]) == ["ca.crt"]
+
+
+SYSTEM_STORE = (Path("/etc/ssl/certs"), Path("/usr/local/share/ca-certificates"))
+
+
+def system_store() -> dict[str, str]:
+    """The machine's own CA store: the bundle's sha256 and every entry's name or link."""
+    out = {}
+    for d in SYSTEM_STORE:
+        for p in sorted(d.iterdir()) if d.exists() else ():
+            out[str(p)] = os.readlink(p) if p.is_symlink() else (
+                hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+    return out
+
+
+def doctor_json(cluster: Cluster, root: Path, role: str) -> tuple[int, dict]:
+    r = run_cli("doctor", "--root", str(root), "--role", role, "--url", cluster.service.url,
+                "-o", "json")
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def fails(report: dict) -> dict[tuple[str, str], str]:
+    return {(c["check"], c["path"]): c["fix"] for c in report["checks"] if c["status"] == "FAIL"}
+
+
+def test_two_prefixes_at_once_leave_the_system_store_alone(cluster: Cluster):
+    """Acceptance 5: two minions, one host, different prefixes, configured at the same time."""
+    before = system_store()
+    cluster.service.rotate_ca()  # so both have a new CA to install at once
+    assert cluster.salt("*", "saltutil.refresh_pillar") == {
+        "k8s-master-1": True, "k8s-node-1": True}
+    both = cluster.salt("*", "state.apply", "kubernetes.cert.configured")
+    ca = requests.get(f"{cluster.service.url}/v1/ca", timeout=10).json()["pem"]
+    for minion in ("k8s-master-1", "k8s-node-1"):
+        states = by_id(both[minion])
+        assert all(s["result"] is True for s in states.values()), states
+        assert "kubernetes-cert-update-ca" in changed(states)
+        bundle = (cluster.hosts / minion / "etc/ssl/certs/ca-certificates.crt").read_text()
+        assert bundle.count(ca.strip()) == 1  # its own bundle: the new CA, once
+        assert bundle.count("BEGIN CERTIFICATE") == 2  # and the prefix's one system root
+    assert system_store() == before
+
+    master, node = cluster.hosts / "k8s-master-1", cluster.hosts / "k8s-node-1"
+    code, report = doctor_json(cluster, node, "node")
+    assert code == 0, fails(report)
+    code, report = doctor_json(cluster, master, "master")
+    assert code == 0, fails(report)
+    assert ("lookup", "/etc/kubernetes-cert/lookup.json", "PASS") in {
+        (c["check"], c["path"], c["status"]) for c in report["checks"]}
+
+    # The seed's troubleshooting list: every place the CA is must hold the same certificate.
+    apply = "salt-call state.apply kubernetes.cert.configured"
+    other = SYSTEM_CA  # a CA that is not this cluster's
+    breaks = {
+        "/srv/kubernetes/ca.crt": (None, {
+            ("present", "/srv/kubernetes/ca.crt"): apply,
+            ("version", "/srv/kubernetes"): f"salt-call saltutil.refresh_pillar && {apply}"}),
+        "/usr/local/share/ca-certificates/kubernetes-ca.crt": (other, {
+            ("same-ca", "/usr/local/share/ca-certificates/kubernetes-ca.crt"): apply,
+            ("symlink", "/etc/ssl/certs/kubernetes.pem"): apply}),
+        "/etc/ssl/certs/kubernetes.pem": (None, {
+            ("symlink", "/etc/ssl/certs/kubernetes.pem"):
+                "ln -sfn /usr/local/share/ca-certificates/kubernetes-ca.crt "
+                f"/etc/ssl/certs/kubernetes.pem (or: {apply})"}),
+        "/etc/ssl/certs/ca-certificates.crt": (b"", {
+            ("bundle", "/etc/ssl/certs/ca-certificates.crt"):
+                f"update-ca-certificates (or: {apply})"}),
+        "/var/lib/kubelet/ca.crt": (other, {
+            ("same-ca", "/var/lib/kubelet/ca.crt"): f"{apply}, then systemctl restart kubelet"}),
+    }
+    for host_path, (content, want) in breaks.items():
+        path = master / host_path.lstrip("/")
+        saved = os.readlink(path) if path.is_symlink() else path.read_bytes()
+        path.unlink()
+        if content is not None:
+            path.write_bytes(content)
+        try:
+            code, report = doctor_json(cluster, master, "master")
+            assert code == 1 and fails(report) == want, host_path
+        finally:
+            path.unlink(missing_ok=True)
+            if isinstance(saved, str):
+                path.symlink_to(saved)
+            else:
+                path.write_bytes(saved)
+    code, report = doctor_json(cluster, master, "master")
+    assert code == 0, fails(report)
+
