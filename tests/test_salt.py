@@ -16,7 +16,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, clean_env, run_cli
 from tests.salt_fixtures import (
     SEED_PATHS,
     SYSTEM_CA,
@@ -229,17 +229,56 @@ def test_module_loads_by_entry_point_and_by_module_dirs(service: Service, tmp_pa
     assert list(by_dirs.pillar("k8s-node-1")["kubernetes"]["cert"]["files"]) == ["ca.crt"]
 
 
-def test_wheel_install_needs_only_the_ext_pillar_config(service: Service, tmp_path: Path):
-    """pip-install pkisvc into a fresh target: Salt finds the module through the wheel."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", "--target",
-                    str(target), str(REPO)], check=True, capture_output=True, timeout=300)
-    env = {**salt_env(), "PYTHONPATH": str(target)}
+FORMULA_FILES = ("init.sls", "configured.sls", "lookup.sls", "removed.sls", "view.sls",
+                 "map.jinja", "defaults.yaml", "orch/rotate.sls", "orch/defaults.yaml")
+
+
+def test_the_wheel_make_builds_carries_everything_the_salt_master_needs(
+        service: Service, tmp_path: Path):
+    """`make wheel`, installed into a fresh venv: the ext_pillar (found by its entry point),
+    the runner, the formula with its orchestration, and `pkisvc formula-path` naming it."""
+    dist = tmp_path / "dist"
+    r = subprocess.run(["make", "-C", str(REPO), "wheel", f"DIST={dist}"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = dist.glob("pkisvc-*-py3-none-any.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    site = Path(next(venv.glob("lib/python3*/site-packages")))
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps",
+                    "--disable-pip-version-check", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # Salt and pkisvc's dependencies from this test's environment, after the venv's own
+    # site-packages (its pkisvc comes first).
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "zz-deps.pth").write_text("\n".join(deps) + "\n")
+    pkg = site / "pkisvc"
+    assert (pkg / "ext_pillar/pkisvc.py").is_file()
+    assert (pkg / "ext_pillar/runners/pkisvc.py").is_file()
+    for name in FORMULA_FILES:
+        assert (pkg / "formula/kubernetes/cert" / name).is_file(), name
+    r = subprocess.run([str(venv / "bin/pkisvc"), "formula-path"], capture_output=True,
+                       text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == pkg / "formula"
+    env = {**salt_env(), "PATH": f"{venv / 'bin'}:{salt_env()['PATH']}"}
     local = Masterless(tmp_path / "salt", service, env=env)
-    assert loaded_from(local, "k8s-master-9", env) == target / "pkisvc/ext_pillar/pkisvc.py"
-    cert = local.pillar("k8s-master-9")["kubernetes"]["cert"]
-    assert sorted(cert["files"]) == HOST_FILES
+    conf = local.config_dir("k8s-master-9") / "minion"
+    r = subprocess.run([str(venv / "bin/python"), "-c", LOADED_FROM, str(conf)],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == pkg / "ext_pillar/pkisvc.py"
+    r = subprocess.run([str(venv / "bin/python"), "-c", RUNNER_FROM, str(conf)],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == pkg / "ext_pillar/runners/pkisvc.py"
+
+
+RUNNER_FROM = """
+import inspect, sys, salt.config, salt.loader
+opts = salt.config.minion_config(sys.argv[1])
+print(inspect.getfile(salt.loader.runner(opts)["pkisvc.targets"].func))
+"""
 
 
 # --- a master and two minions on loopback ---------------------------------------------------
