@@ -320,6 +320,8 @@ class Cluster:
     def restart_minion(self, minion_id: str) -> None:
         """Start a stopped minion again and wait until it answers."""
         daemon = self.minion(minion_id)
+        if daemon.proc is not None:
+            daemon.proc.wait(timeout=30)
         daemon.pidfile.unlink(missing_ok=True)
         daemon.start()
         wait_for(lambda: self.salt(minion_id, "test.ping", timeout=5) == {minion_id: True}, 90,

@@ -37,6 +37,13 @@ def world():
         f"    - name: test ! -e {marker}-{{{{ grains.id }}}} && echo \"{{{{ grains.id }}}} "
         f"restart $(sha256sum < {{{{ prefix }}}}/srv/kubernetes/ca.crt | cut -c1-16)\" "
         f">> {log}\n")
+    # A restart state that, on master 1 only, stops master 2's salt-minion: a minion that
+    # stops answering in the middle of a run.
+    # Its whole process group at once (the test writes its id: it runs in its own session).
+    (states / "stop_peer.sls").write_text(
+        "{%- if grains.id == 'k8s-master-1' %}\n"
+        f"k8stest-stop-peer:\n  cmd.run:\n    - name: kill -KILL -- -$(cat {base}/peer.pgid)\n"
+        "{%- else %}\nk8stest-stop-peer:\n  test.nop\n{%- endif %}\n")
     service = Service(base / "svc").start()
     cluster = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
     try:
@@ -198,7 +205,28 @@ def test_targets_come_from_accepted_keys(world):
     assert latest(cluster) == before
 
 
-def snapshot_hosts(cluster: Cluster) -> dict[str, bytes]:
+def test_a_master_that_stops_answering_mid_run_fails_the_run(world):
+    cluster, log, _ = world
+    node = snapshot_hosts(cluster, "k8s-node-1")
+    second = snapshot_hosts(cluster, "k8s-master-2")
+    peer = cluster.minion("k8s-master-2").proc
+    assert peer is not None
+    (cluster.base / "peer.pgid").write_text(f"{peer.pid}\n")
+    try:
+        ok, lines, out = orchestrate_out(cluster, log, rotate="immediate", post_commands=[],
+                                         restart_states=["k8stest.stop_peer", "k8stest.restart"])
+        assert not ok
+        assert lines == rollout(trust_hash(cluster), MINIONS[:1])  # master 1 only
+        assert any("k8s-master-2" in c for c in failed_comments(out)), failed_comments(out)
+        assert snapshot_hosts(cluster, "k8s-master-2") == second
+        assert snapshot_hosts(cluster, "k8s-node-1") == node
+    finally:
+        cluster.restart_minion("k8s-master-2")
+    ok, lines = orchestrate(cluster, log, rotate="none", restart="always", post_commands=[])
+    assert ok and lines == rollout(trust_hash(cluster))
+
+
+def snapshot_hosts(cluster: Cluster, minion: str = "") -> dict[str, bytes]:
     """Every regular file's bytes under the minions' host roots."""
-    return {str(p): p.read_bytes() for p in sorted(cluster.hosts.rglob("*"))
+    return {str(p): p.read_bytes() for p in sorted((cluster.hosts / minion).rglob("*"))
             if p.is_file() and not p.is_symlink()}
