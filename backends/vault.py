@@ -16,20 +16,18 @@ connect to one (refused, connect timeout, sealed) moves to the next and stays th
 is retried where the request may have reached a node, so a write is never made twice.
 
 Versions never change once written, so they are cached in memory; `latest()` always asks
-Vault, through the `subkeys` endpoint (the version number without the payload).  Every
-hvac/requests failure becomes `NotFound`, `VersionConflict`, `BackendUnavailable` or
-`PermissionDenied` here; messages name paths, never tokens or payloads.
+Vault, through the `subkeys` endpoint (the version number without the payload).  hvac builds
+the requests and `vault_http` carries them (one kept-alive connection per thread, one TLS and
+redirect setup).  Every failure of either becomes `NotFound`, `VersionConflict`,
+`BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
-import json
 import logging
 import os
 import secrets
-import ssl
 import threading
 import time
 import urllib.parse
@@ -40,11 +38,9 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
-import hvac.utils
-import requests
-import urllib3.exceptions
 
 from pkisvc.backends.base import checked_version
+from pkisvc.backends.vault_http import Adapter, NoAnswer, NotSent, TransportError
 from pkisvc.errors import (
     BackendUnavailable,
     ConfigError,
@@ -71,6 +67,8 @@ RESERVED = "record.json"  # the files backend's record; refused here too, so bac
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
+# What an hvac call over vault_http may raise (OSError: a token file that cannot be read).
+FAILURES = (hvac.exceptions.VaultError, TransportError, OSError, ValueError)
 
 
 class VaultBackend:
@@ -101,12 +99,10 @@ class VaultBackend:
         self._tokens_path = f"{self.base}/tokens"
         self._auth = _Auth(token=token, token_file=token_file, role_id=role_id,
                            secret_id=secret_id)
-        session = requests.Session()
-        session.trust_env = False  # only settings.py reads the environment (proxies, CA vars)
-        session.verify = ca_cert or True  # hvac prefers the session's verify over its own
-        # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
+        # token="" and verify keep hvac from reading VAULT_TOKEN, ~/.vault-token or the CA
+        # variables behind our back (only settings.py reads the environment).
         self._client = hvac.Client(url=self.addr, token="", verify=ca_cert or True,
-                                   timeout=timeout, session=session)
+                                   timeout=timeout, adapter=Adapter)
         self._kv = self._client.secrets.kv.v2
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
@@ -115,8 +111,6 @@ class VaultBackend:
         self._metadata_checked = False
         self._subkeys_path = f"{mount}/subkeys/{self._material}"
         self._subkeys = True  # until a policy refuses it
-        self._ca_cert = ca_cert
-        self._local = threading.local()  # each thread's kept-alive connection for _get
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -174,7 +168,7 @@ class VaultBackend:
                     log.info("vault refused %s; authenticating again", where)
                     continue
                 raise PermissionDenied(f"permission denied on {where}") from None
-            except (hvac.exceptions.VaultError, OSError, ValueError) as e:
+            except FAILURES as e:
                 raise self._translate(e, where) from None
         raise AssertionError("unreachable")
 
@@ -186,14 +180,17 @@ class VaultBackend:
             return False
         try:  # a live token was refused by policy: logging in again would change nothing
             self._client.auth.token.lookup_self()
-        except (hvac.exceptions.VaultError, OSError, ValueError):
+        except FAILURES:
             return True
         return False
 
     def _translate(self, e: Exception, where: str) -> PkiError:
-        if _never_reached(e):
-            return _Unreached(f"vault at {self.addr}: cannot connect ({where}): "
-                              f"{_root_cause(e)}")
+        if isinstance(e, NotSent):
+            return _Unreached(f"vault at {self.addr}: cannot connect ({where}): {e}")
+        if isinstance(e, NoAnswer):
+            return BackendUnavailable(f"vault at {self.addr}: {e} ({where})")
+        if isinstance(e, TransportError):
+            return BackendUnavailable(f"vault at {self.addr}: {where}: {e}")
         if isinstance(e, hvac.exceptions.VaultDown):  # sealed: it served nothing
             return _Unreached(f"vault at {self.addr}: {where}: sealed")
         if isinstance(e, hvac.exceptions.InvalidPath):
@@ -206,14 +203,6 @@ class VaultBackend:
             if isinstance(e, hvac.exceptions.InvalidRequest) and "check-and-set" in reason:
                 return VersionConflict(f"{where}: {reason}")
             return BackendUnavailable(f"vault at {self.addr}: {where}: {reason}")
-        if isinstance(e, requests.Timeout):
-            return BackendUnavailable(
-                f"vault at {self.addr}: no answer within {self.timeout:g}s ({where})")
-        if isinstance(e, requests.ConnectionError):
-            return BackendUnavailable(f"vault at {self.addr}: cannot connect ({where}): "
-                                      f"{_root_cause(e)}")
-        if isinstance(e, requests.RequestException):
-            return BackendUnavailable(f"vault at {self.addr}: {where}: {_root_cause(e)}")
         if isinstance(e, OSError):
             return BackendUnavailable(f"vault at {self.addr}: {where}: {e.strerror or e}")
         return BackendUnavailable(f"vault at {self.addr}: {where}: unreadable answer")
@@ -228,80 +217,12 @@ class VaultBackend:
             # AppRole answers 400 to a wrong role_id or secret_id.
             raise PermissionDenied(f"permission denied on {self._auth.where}: "
                                    "login refused") from None
-        except (hvac.exceptions.VaultError, OSError, ValueError) as e:
+        except FAILURES as e:
             raise self._translate(e, self._auth.where) from None
         except (KeyError, TypeError):
             raise BackendUnavailable(f"vault at {self.addr}: {self._auth.where}: "
                                      "unexpected answer") from None
         self._client.token = token
-
-    def _get(self, url: str) -> dict[str, Any]:
-        """GET url on this thread's kept-alive connection (every read; writes go through hvac).
-
-        requests (under hvac) costs about as much per call as OpenBao's whole answer, and the
-        hot reads make one or two reads each (the version check; the tokens list for a token
-        kept in the backend).  Failures are raised as hvac and requests raise them, so
-        `_call` treats them like any other call's.
-        """
-        for attempt in (1, 2):
-            held = getattr(self._local, "conn", None)
-            # A connection is never used by another process (a fork) or thread, nor after a
-            # fail-over to another node.
-            key = (os.getpid(), self.addr)
-            conn = held[1] if held is not None and held[0] == key else None
-            reused = conn is not None
-            if conn is None:
-                conn = self._connect()
-                try:
-                    conn.connect()
-                except OSError as e:
-                    conn.close()
-                    # Nothing was sent: as urllib3 says it, so `_call` may fail over.
-                    raise requests.ConnectionError(urllib3.exceptions.ConnectTimeoutError(
-                        None, f"{self.addr}: {e.strerror or e}")) from e
-                self._local.conn = (key, conn)
-            try:
-                conn.request("GET", url, headers={"X-Vault-Token": self._client.token})
-                resp = conn.getresponse()
-                body = resp.read()
-            except TimeoutError as e:
-                conn.close()
-                self._local.conn = None
-                raise requests.Timeout(str(e)) from e
-            except (http.client.HTTPException, OSError) as e:
-                conn.close()
-                self._local.conn = None
-                if reused and attempt == 1:
-                    continue  # OpenBao closed a connection that sat idle
-                raise requests.ConnectionError(str(e)) from e
-            if resp.will_close:
-                conn.close()
-                self._local.conn = None
-            if 300 <= resp.status < 400:
-                # A standby that redirects to the active node: let requests follow it.
-                redirected: dict[str, Any] = self._client.adapter.get(url)
-                return redirected
-            try:
-                doc = json.loads(body) if body else {}
-            except ValueError:
-                doc = {}
-            if resp.status >= 400:
-                errors = doc.get("errors") if isinstance(doc, dict) else None
-                hvac.utils.raise_for_error("get", url, resp.status, errors=errors,
-                                           text=body.decode(errors="replace"))
-            if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
-            return doc
-        raise AssertionError("unreachable")
-
-    def _connect(self) -> http.client.HTTPConnection:
-        parts = urllib.parse.urlsplit(self.addr)
-        if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=self._ca_cert)
-            return http.client.HTTPSConnection(parts.hostname or "", parts.port,
-                                               timeout=self.timeout, context=context)
-        return http.client.HTTPConnection(parts.hostname or "", parts.port,
-                                          timeout=self.timeout)
 
     def _dig(self, resp: Any, where: str, *keys: str) -> Any:
         """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
@@ -314,12 +235,13 @@ class VaultBackend:
         return resp
 
     def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
-        # What hvac's read_secret_version(raise_on_deleted_version=True) does, on _get's
-        # connection: a deleted or destroyed version is a 404 too (InvalidPath).
-        url = f"/v1/{self.mount}/data/{urllib.parse.quote(path)}"
+        # hvac's read_secret_version(raise_on_deleted_version=True), without its per-call URL
+        # formatting (this is a hot read): a deleted or destroyed version is a 404 too.
+        url = f"/v1/{urllib.parse.quote(self._data(path))}"
         if version is not None:
             url += f"?version={int(version)}"
-        return self._call(self._data(path), lambda: self._get(url))
+        resp: dict[str, Any] = self._call(self._data(path), lambda: self._client.adapter.get(url))
+        return resp
 
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
         resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
@@ -411,7 +333,7 @@ class VaultBackend:
     def _latest_by_subkeys(self) -> int | None:
         where = self._subkeys_path
         try:
-            resp = self._call(where, lambda: self._get(
+            resp = self._call(where, lambda: self._client.adapter.get(
                 f"/v1/{urllib.parse.quote(where)}?depth=1"))
         except NotFound:
             return self._latest_from_metadata()
@@ -703,39 +625,9 @@ class _Unreached(BackendUnavailable):
     """The node did not serve the request (not connected, or sealed): another node may."""
 
 
-def _never_reached(e: BaseException) -> bool:
-    """Tell whether a requests error happened before the request could reach the server."""
-    todo, seen = [e], set()
-    while todo:
-        x = todo.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        # NewConnectionError (refused, no route, DNS) is a ConnectTimeoutError in urllib3 2.
-        if isinstance(x, urllib3.exceptions.ConnectTimeoutError):
-            return True
-        todo += [n for n in (x.__cause__, x.__context__, getattr(x, "reason", None), *x.args)
-                 if isinstance(n, BaseException)]
-    return False
-
-
 def _event_time(event: AuditEvent) -> datetime:
     try:
         t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost reason of a requests error, without its URL-laden wrappers."""
-    seen = e
-    while True:
-        inner = seen.__cause__ or seen.__context__ or (seen.args[0] if seen.args else None)
-        if not isinstance(inner, BaseException) or inner is seen:
-            break
-        seen = inner
-    text = str(seen)
-    if "]" in text and "[Errno" in text:
-        text = text[text.index("[Errno"):]
-    return text.rstrip("')\"")[:200] or type(seen).__name__
