@@ -11,22 +11,19 @@ cannot live in `custom_metadata`, which is per secret).  Before the first write 
 `max_versions` is set explicitly (KV v2 keeps 10 and purges older ones silently otherwise) and
 `cas_required` is switched on.
 
-`vault.addr` may name several nodes of one cluster, comma-separated: a call that cannot
-connect to one (refused, connect timeout, sealed) moves to the next and stays there.  Nothing
-is retried where the request may have reached a node, so a write is never made twice.
-
 Versions never change once written, so they are cached in memory; `latest()` always asks
-Vault, through the `subkeys` endpoint (the version number without the payload).  hvac builds
-the requests and `vault_http` carries them (one kept-alive connection per thread, one TLS and
-redirect setup).  Every failure of either becomes `NotFound`, `VersionConflict`,
-`BackendUnavailable` or `PermissionDenied` here; messages name paths, never tokens or payloads.
+Vault, through the `subkeys` endpoint (the version number without the payload).
+
+Every Vault call goes through `vault_client.VaultClient.call()`: the nodes of `vault.addr`
+with fail-over, the token kept alive, every failure as `NotFound`, `VersionConflict`,
+`BackendUnavailable` or `PermissionDenied` (messages name paths, never tokens or payloads).
+hvac builds the requests; `vault_http` carries them on one kept-alive connection per thread.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import logging
-import os
 import secrets
 import threading
 import time
@@ -34,21 +31,16 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-
-import hvac
-import hvac.exceptions
+from typing import Any
 
 from pkisvc.backends.base import checked_version
-from pkisvc.backends.vault_http import Adapter, NoAnswer, NotSent, TransportError
+from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     BackendUnavailable,
-    ConfigError,
     Conflict,
     InvalidRequest,
     NotFound,
     PermissionDenied,
-    PkiError,
     VersionConflict,
 )
 from pkisvc.model import (
@@ -61,14 +53,11 @@ from pkisvc.settings import Settings
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 FORMAT = 1
 RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
-# What an hvac call over vault_http may raise (OSError: a token file that cannot be read).
-FAILURES = (hvac.exceptions.VaultError, TransportError, OSError, ValueError)
 
 
 class VaultBackend:
@@ -81,29 +70,14 @@ class VaultBackend:
                  token_file: str | None = None, role_id: str | None = None,
                  secret_id: str | None = None, ca_cert: str | None = None,
                  timeout: float = 5.0, max_versions: int = 1000) -> None:
-        if bool(role_id) != bool(secret_id):
-            raise ConfigError("setting 'vault': vault.role_id and vault.secret_id go together")
-        if not (token or token_file or role_id):
-            raise ConfigError("setting 'vault': the vault backend needs vault.token, "
-                              "vault.token_file, or vault.role_id and vault.secret_id")
-        self.addrs = tuple(a.strip().rstrip("/") for a in addr.split(",") if a.strip())
-        if not self.addrs:
-            raise ConfigError("setting 'vault.addr': no address")
-        self.addr = self.addrs[0]  # the node in use; error messages name it
+        self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
+                                 secret_id=secret_id, ca_cert=ca_cert, timeout=timeout)
         self.mount = mount
         self.base = f"{prefix}/{cluster}"
-        self.timeout = timeout
         self.max_versions = max_versions
         self._material = f"{self.base}/material"
         self._audit_dir = f"{self.base}/audit"
         self._tokens_path = f"{self.base}/tokens"
-        self._auth = _Auth(token=token, token_file=token_file, role_id=role_id,
-                           secret_id=secret_id)
-        # token="" and verify keep hvac from reading VAULT_TOKEN, ~/.vault-token or the CA
-        # variables behind our back (only settings.py reads the environment).
-        self._client = hvac.Client(url=self.addr, token="", verify=ca_cert or True,
-                                   timeout=timeout, adapter=Adapter)
-        self._kv = self._client.secrets.kv.v2
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
         self._records: dict[int, GenerationRecord] = {}
@@ -120,6 +94,11 @@ class VaultBackend:
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
                    max_versions=v.max_versions)
 
+    @property
+    def addr(self) -> str:
+        """The node in use (the first of `vault.addr` that could be reached)."""
+        return self.vault.addr
+
     def __repr__(self) -> str:
         return f"VaultBackend({self.addr!r}, {self.mount}/{self.base})"
 
@@ -131,138 +110,36 @@ class VaultBackend:
     def _meta(self, path: str) -> str:
         return f"{self.mount}/metadata/{path}"
 
-    def _call(self, where: str, fn: Callable[[], T]) -> T:
-        """Run one hvac call on a reachable node; translate whatever it raises.
-
-        `where` is the Vault path the call touches: it is what error messages name.
-        """
-        for attempt in range(len(self.addrs)):
-            failed = self.addr
-            try:
-                return self._call_once(where, fn)
-            except _Unreached:
-                if attempt == len(self.addrs) - 1:
-                    raise
-                self._fail_over(failed)
-        raise AssertionError("unreachable")
-
-    def _fail_over(self, failed: str) -> None:
-        """Move to the node after `failed` (unless another thread moved already)."""
-        with self._lock:
-            if self.addr == failed:
-                self.addr = self.addrs[(self.addrs.index(failed) + 1) % len(self.addrs)]
-                self._client.url = self.addr
-                log.warning("vault at %s cannot be reached; using %s", failed, self.addr)
-
-    def _call_once(self, where: str, fn: Callable[[], T]) -> T:
-        """Run one hvac call as the current identity; translate whatever it raises."""
-        for attempt in (1, 2):
-            with self._lock:
-                self._login(force=attempt == 2)
-            try:
-                return fn()
-            except hvac.exceptions.Forbidden:
-                # A token that expired or was revoked looks like a policy refusal: when we can
-                # get a new token (AppRole, a token file an agent rewrites), try once more.
-                if attempt == 1 and self._token_is_stale():
-                    log.info("vault refused %s; authenticating again", where)
-                    continue
-                raise PermissionDenied(f"permission denied on {where}") from None
-            except FAILURES as e:
-                raise self._translate(e, where) from None
-        raise AssertionError("unreachable")
-
-    def _token_is_stale(self) -> bool:
-        """Tell whether a refusal may be our token's fault, so a new token could help."""
-        if self._auth.kind == "token_file":
-            return True  # re-reading the file costs nothing
-        if self._auth.kind != "approle":
-            return False
-        try:  # a live token was refused by policy: logging in again would change nothing
-            self._client.auth.token.lookup_self()
-        except FAILURES:
-            return True
-        return False
-
-    def _translate(self, e: Exception, where: str) -> PkiError:
-        if isinstance(e, NotSent):
-            return _Unreached(f"vault at {self.addr}: cannot connect ({where}): {e}")
-        if isinstance(e, NoAnswer):
-            return BackendUnavailable(f"vault at {self.addr}: {e} ({where})")
-        if isinstance(e, TransportError):
-            return BackendUnavailable(f"vault at {self.addr}: {where}: {e}")
-        if isinstance(e, hvac.exceptions.VaultDown):  # sealed: it served nothing
-            return _Unreached(f"vault at {self.addr}: {where}: sealed")
-        if isinstance(e, hvac.exceptions.InvalidPath):
-            return NotFound(f"nothing at {where}")
-        if isinstance(e, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
-            return PermissionDenied(f"permission denied on {where}")
-        if isinstance(e, hvac.exceptions.VaultError):
-            errors = e.errors if isinstance(e.errors, list) else [e.errors or ""]
-            reason = "; ".join(str(x) for x in errors if x)[:200] or type(e).__name__
-            if isinstance(e, hvac.exceptions.InvalidRequest) and "check-and-set" in reason:
-                return VersionConflict(f"{where}: {reason}")
-            return BackendUnavailable(f"vault at {self.addr}: {where}: {reason}")
-        if isinstance(e, OSError):
-            return BackendUnavailable(f"vault at {self.addr}: {where}: {e.strerror or e}")
-        return BackendUnavailable(f"vault at {self.addr}: {where}: unreadable answer")
-
-    def _login(self, *, force: bool) -> None:
-        """Make sure the client holds a live token (read, renewed, or freshly logged in)."""
-        try:
-            token = self._auth.token_for(self._client, force=force)
-        except hvac.exceptions.Forbidden:
-            raise PermissionDenied(f"permission denied on {self._auth.where}") from None
-        except hvac.exceptions.InvalidRequest:
-            # AppRole answers 400 to a wrong role_id or secret_id.
-            raise PermissionDenied(f"permission denied on {self._auth.where}: "
-                                   "login refused") from None
-        except FAILURES as e:
-            raise self._translate(e, self._auth.where) from None
-        except (KeyError, TypeError):
-            raise BackendUnavailable(f"vault at {self.addr}: {self._auth.where}: "
-                                     "unexpected answer") from None
-        self._client.token = token
-
-    def _dig(self, resp: Any, where: str, *keys: str) -> Any:
-        """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
-        try:
-            for k in keys:
-                resp = resp[k]
-        except (KeyError, TypeError, IndexError):
-            raise BackendUnavailable(f"vault at {self.addr}: {where}: unexpected answer") \
-                from None
-        return resp
-
     def _read(self, path: str, version: int | None = None) -> dict[str, Any]:
         # hvac's read_secret_version(raise_on_deleted_version=True), without its per-call URL
         # formatting (this is a hot read): a deleted or destroyed version is a 404 too.
         url = f"/v1/{urllib.parse.quote(self._data(path))}"
         if version is not None:
             url += f"?version={int(version)}"
-        resp: dict[str, Any] = self._call(self._data(path), lambda: self._client.adapter.get(url))
+        resp: dict[str, Any] = self.vault.call(self._data(path), lambda: self.vault.get(url))
         return resp
 
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
-        resp = self._call(self._data(path), lambda: self._kv.create_or_update_secret(
+        resp = self.vault.call(self._data(path), lambda: self.vault.kv.create_or_update_secret(
             path, secret=dict(data), cas=cas, mount_point=self.mount))
-        return int(self._dig(resp, self._data(path), "data", "version"))
+        return int(self.vault.dig(resp, self._data(path), "data", "version"))
 
     def _list(self, path: str) -> list[str]:
         try:
-            resp = self._call(self._meta(path), lambda: self._kv.list_secrets(
+            resp = self.vault.call(self._meta(path), lambda: self.vault.kv.list_secrets(
                 path, mount_point=self.mount))
         except NotFound:
             return []
-        return [str(k) for k in self._dig(resp, self._meta(path), "data", "keys")]
+        return [str(k) for k in self.vault.dig(resp, self._meta(path), "data", "keys")]
 
     def _metadata(self) -> dict[str, Any] | None:
         try:
-            resp = self._call(self._meta(self._material), lambda: self._kv.read_secret_metadata(
-                self._material, mount_point=self.mount))
+            resp = self.vault.call(self._meta(self._material),
+                                   lambda: self.vault.kv.read_secret_metadata(
+                                       self._material, mount_point=self.mount))
         except NotFound:
             return None
-        data: dict[str, Any] = self._dig(resp, self._meta(self._material), "data")
+        data: dict[str, Any] = self.vault.dig(resp, self._meta(self._material), "data")
         return data
 
     def _ensure_metadata(self, *, first: bool) -> None:
@@ -272,7 +149,7 @@ class VaultBackend:
         meta = self._metadata()
         if (meta is None or meta.get("max_versions") != self.max_versions
                 or not meta.get("cas_required")):
-            self._call(self._meta(self._material), lambda: self._kv.update_metadata(
+            self.vault.call(self._meta(self._material), lambda: self.vault.kv.update_metadata(
                 self._material, max_versions=self.max_versions, cas_required=True,
                 mount_point=self.mount))
             log.info("set max_versions=%d on %s", self.max_versions,
@@ -333,11 +210,11 @@ class VaultBackend:
     def _latest_by_subkeys(self) -> int | None:
         where = self._subkeys_path
         try:
-            resp = self._call(where, lambda: self._client.adapter.get(
+            resp = self.vault.call(where, lambda: self.vault.get(
                 f"/v1/{urllib.parse.quote(where)}?depth=1"))
         except NotFound:
             return self._latest_from_metadata()
-        return int(self._dig(resp, where, "data", "metadata", "version"))
+        return int(self.vault.dig(resp, where, "data", "metadata", "version"))
 
     def _latest_by_data(self) -> int | None:
         # One read of the latest data version: unlike the metadata (which lists every version)
@@ -347,7 +224,8 @@ class VaultBackend:
             resp = self._read(self._material)
         except NotFound:
             return self._latest_from_metadata()
-        version = int(self._dig(resp, self._data(self._material), "data", "metadata", "version"))
+        version = int(self.vault.dig(resp, self._data(self._material),
+                                     "data", "metadata", "version"))
         if self._cached(version) is None:
             self._remember(self._decode(resp, version))
         return version
@@ -521,108 +399,6 @@ class VaultBackend:
                 raise NotFound(f"no token named {name!r}")
             return kept
         self._update_tokens(remove)
-
-
-class _Auth:
-    """Where the client's token comes from (a setting, a file, an AppRole login), kept alive.
-
-    Whatever its source, a token with a TTL is renewed once a third of it is left (when it is
-    renewable); an AppRole token that cannot be renewed any more (max TTL) is replaced by a new
-    login.  A static token's TTL is learnt once through lookup-self.
-    """
-
-    def __init__(self, *, token: str | None, token_file: str | None, role_id: str | None,
-                 secret_id: str | None) -> None:
-        # AppRole wins over a token file, which wins over a plain token (VAULT_TOKEN may
-        # linger in an operator's shell while the config names a better source).
-        self.kind = "approle" if role_id else "token_file" if token_file else "token"
-        self._static = token or ""
-        self._token_file = token_file
-        self._role_id = role_id
-        self._secret_id = secret_id
-        self._file_mtime: int | None = None
-        self._current = ""  # the token in use
-        self._lease = 0.0  # its TTL when we got it; 0 = it does not expire
-        self._expires: float | None = None  # monotonic time it expires
-        self._renewable = False
-        self.where = {"approle": "auth/approle/login", "token_file": token_file or "",
-                      "token": "auth/token/lookup-self"}[self.kind]
-
-    def token_for(self, client: Any, *, force: bool) -> str:
-        now = time.monotonic()
-        if self.kind == "approle":
-            expired = self._expires is not None and now >= self._expires
-            if force or not self._current or expired:
-                self._login(client, now)
-            elif self._due(now) and not self._renew(client, now):
-                self._login(client, now)
-            return self._current
-        token = self._from_file(force=force) if self.kind == "token_file" else self._static
-        if token != self._current:
-            client.token = token
-            self._inspect(client, now)
-            self._current = token
-        elif self._due(now):
-            self._renew(client, now)  # if it fails the token still works until it expires
-        return token
-
-    def _due(self, now: float) -> bool:
-        return (self._renewable and self._expires is not None
-                and now >= self._expires - self._lease / 3)
-
-    def _renew(self, client: Any, now: float) -> bool:
-        if self._expires is not None and now >= self._expires:
-            return False
-        try:
-            auth = client.auth.token.renew_self()["auth"]
-        except hvac.exceptions.VaultError:
-            self._renewable = False  # do not ask again on every call
-            return False
-        lease = float(auth.get("lease_duration") or 0)
-        if lease <= self._lease / 3:  # the max TTL is near: renewing buys nothing
-            self._renewable = False
-            return False
-        self._set(lease, bool(auth.get("renewable")), now)
-        log.debug("renewed the vault token for %ss", int(lease))
-        return True
-
-    def _inspect(self, client: Any, now: float) -> None:
-        try:
-            data = client.auth.token.lookup_self()["data"]
-        except hvac.exceptions.VaultError:
-            self._lease = 0.0  # lookup-self refused (no default policy): we cannot tell
-            self._set(0, False, now)
-            return
-        self._lease = float(data.get("ttl") or 0)
-        self._set(self._lease, bool(data.get("renewable")), now)
-
-    def _login(self, client: Any, now: float) -> None:
-        auth = client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id,
-                                         use_token=False)["auth"]
-        self._current = str(auth["client_token"])
-        client.token = self._current
-        self._lease = float(auth.get("lease_duration") or 0)
-        self._set(self._lease, bool(auth.get("renewable")), now)
-        log.info("logged in to vault with AppRole (token valid %ss)", int(self._lease))
-
-    def _set(self, lease: float, renewable: bool, now: float) -> None:
-        self._expires = now + lease if lease > 0 else None
-        self._renewable = renewable
-
-    def _from_file(self, *, force: bool) -> str:
-        assert self._token_file is not None
-        # An agent (vault agent, a sidecar) may rewrite the file: re-read it when it changed.
-        mtime = os.stat(self._token_file).st_mtime_ns
-        if force or mtime != self._file_mtime or not self._current:
-            with open(self._token_file) as fh:
-                token = fh.read().strip()
-            self._file_mtime = mtime
-            return token
-        return self._current
-
-
-class _Unreached(BackendUnavailable):
-    """The node did not serve the request (not connected, or sealed): another node may."""
 
 
 def _event_time(event: AuditEvent) -> datetime:
