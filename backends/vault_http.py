@@ -103,7 +103,9 @@ class Transport:
                 raise Cut(f"connection lost: {_reason(e)}") from None
             if resp.will_close:
                 self._drop(origin)
-            return resp.status, resp.getheader("Location"), data
+            # Headers are looked up one by one (email.message): only a redirect needs one.
+            redirect = resp.getheader("Location") if 300 <= resp.status < 400 else None
+            return resp.status, redirect, data
         raise AssertionError("unreachable")
 
     def _connections(self) -> dict[Origin, http.client.HTTPConnection]:
