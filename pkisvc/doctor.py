@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -41,6 +42,10 @@ LEAVES = {"server": (f"{SRV}/server.cert", f"{SRV}/server.key",
           "kubecfg": (f"{SRV}/kubecfg.crt", f"{SRV}/kubecfg.key",
                       ExtendedKeyUsageOID.CLIENT_AUTH)}
 ROLES = ("master", "node")
+MANIFESTS = "/etc/kubernetes/manifests"  # kube-up's *.manifest, kubeadm's *.yaml
+SA_FLAGS = ("service-account-key-file", "service-account-signing-key-file",
+            "service-account-private-key-file")
+_SA_FLAG = re.compile(r"--(" + "|".join(SA_FLAGS) + r")=([^\s\"',\]]+)")
 LOOKUP_FILE = "/etc/kubernetes-cert/lookup.json"  # written by kubernetes.cert.lookup
 
 APPLY = "salt-call state.apply kubernetes.cert.configured"
@@ -292,6 +297,7 @@ def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
             cert = _check_leaf(host, checks.append, cert_path, key_path, usage, trust, lay)
             if cert is not None:
                 leaves[item] = cert
+        checks += _check_sa(host, lay)
     # Validity at `now`, CA first.
     checks += [_expiry(lay.ca, c, now, warn_within, None) for c in trust]
     checks += [_expiry(lay.leaves[i][0], c, now, warn_within, i) for i, c in leaves.items()]
@@ -389,10 +395,90 @@ def _check_bundle(host: _Host, lay: Layout, ref: set[str]) -> Check:
     return Check("bundle", lay.bundle, PASS, "contains the CA")
 
 
+def _check_sa(host: _Host, lay: Layout) -> list[Check]:
+    """The service-account pair on a master ([M]): sa.key is one of sa.pub's keys, and which
+    step of moving tokens off the API server's TLS key the master is at."""
+    key_path, pub_path = f"{lay.cert_dir}/sa.key", f"{lay.cert_dir}/sa.pub"
+    server_key_path = lay.leaves["server"][1]
+    out: list[Check] = []
+    key_data, key_why = host.read(key_path)
+    pub_data, pub_why = host.read(pub_path)
+    flags = _sa_flags(host)
+    on_tls_key = sorted(f for f, (_, v) in flags.items() if v == server_key_path)
+    if key_data is None and pub_data is None:
+        out.append(Check("sa-key", key_path, WARN, "no service-account key installed: the "
+                         "API server's TLS key may still sign tokens (step 1 of README "
+                         "\"Service-account keys\")",
+                         f"pkisvc import --sa-from-server-key (adopted) or pkisvc rotate sa; "
+                         f"then {APPLY}"))
+    elif key_data is None or pub_data is None:
+        path, why = (key_path, key_why) if key_data is None else (pub_path, pub_why)
+        out.append(Check("sa-key", path, FAIL, why, APPLY))
+    else:
+        try:
+            key = pki.load_key(key_data, key_path)
+            bundle = [pki.key_fingerprint(k) for k in pki.load_public_keys(pub_data, pub_path)]
+        except InvalidMaterial as e:
+            out.append(Check("sa-key", key_path, FAIL, e.message, APPLY))
+            return out
+        fp = pki.key_fingerprint(key)
+        if fp in bundle:
+            out.append(Check("sa-key", key_path, PASS, f"signing key {_short(fp)} is one of "
+                             f"the {len(bundle)} key(s) in {pub_path}"))
+        else:
+            out.append(Check("sa-key", key_path, FAIL, f"signing key {_short(fp)} is not in "
+                             f"{pub_path}: tokens it signs would not verify", REFRESH))
+        mode = host.path(key_path).stat().st_mode & 0o777
+        if mode & 0o077:
+            out.append(Check("key-mode", key_path, FAIL, f"mode {mode:04o}: readable beyond "
+                             "its owner", f"chmod 0600 {key_path} (or: {APPLY})"))
+        server_data, _ = host.read(server_key_path)
+        try:
+            same = server_data is not None and pki.key_fingerprint(
+                pki.load_key(server_data, server_key_path)) == fp
+        except InvalidMaterial:
+            same = False
+        if same:
+            out.append(Check("sa-tls-key", key_path, WARN, "the API server's TLS key is "
+                             "still the service-account signing key (adopted): harmless "
+                             "once the flags name sa.pub/sa.key; the next rotate server "
+                             "separates them",
+                             "switch the flags (README \"Service-account keys\"), then "
+                             "pkisvc rotate server"))
+    if on_tls_key:
+        out.append(Check("sa-flags", flags[on_tls_key[0]][0], WARN,
+                         f"--{', --'.join(on_tls_key)} name {server_key_path}: every server "
+                         "rotation or renewal breaks every service-account token",
+                         f"point them at {pub_path} / {key_path} (README \"Service-account "
+                         "keys\")"))
+    elif flags:
+        out.append(Check("sa-flags", next(iter(flags.values()))[0], PASS,
+                         ", ".join(f"--{f}={v}" for f, (_, v) in sorted(flags.items()))))
+    return out
+
+
+def _sa_flags(host: _Host) -> dict[str, tuple[str, str]]:
+    """The service-account flags in the static pod manifests: flag -> (manifest, value)."""
+    found: dict[str, tuple[str, str]] = {}
+    d = host.path(MANIFESTS)
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return found
+    for name in names:
+        data, _ = host.read(f"{MANIFESTS}/{name}")
+        if data is None:
+            continue
+        for m in _SA_FLAG.finditer(data.decode("utf-8", "replace")):
+            found.setdefault(m.group(1), (f"{MANIFESTS}/{name}", m.group(2)))
+    return found
+
+
 def _check_not_held(host: _Host, lay: Layout) -> list[Check]:
-    """A node holds only the CA: any leaf file there is a leftover."""
+    """A node holds only the CA: any leaf file (or service-account file) is a leftover."""
     out = []
-    for cert_path, key_path, _ in lay.leaves.values():
+    sa_files = (f"{lay.cert_dir}/sa.pub", f"{lay.cert_dir}/sa.key", None)
+    for cert_path, key_path, _ in (*lay.leaves.values(), sa_files):
         held = [p for p in (cert_path, key_path) if host.path(p).exists()]
         if held:
             out.append(Check("not-held", held[0], WARN,

@@ -15,7 +15,7 @@ from pkisvc.store import CertStore
 from tests.conftest import run_cli
 from tests.peers import make_store
 
-MASTER = ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
+MASTER = ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key", "sa.key", "sa.pub")
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -364,3 +364,67 @@ def test_doctor_follows_the_lookup_the_formula_recorded(host):
     bad = report["checks"][0]
     assert bad["message"] == "cert_dir is not an absolute path; default paths used"
     assert "kubernetes.cert.configured" in bad["fix"]
+
+
+def sa_checks(report: dict) -> list[tuple[str, str]]:
+    return [(c["check"], c["status"]) for c in report["checks"] if c["check"].startswith("sa-")]
+
+
+def test_doctor_tells_which_step_of_the_service_account_move_a_master_is_at(tmp_path):
+    """[M]: no SA key yet; adopted (sa.key is server.key) with kube-up's flags; flags
+    switched; a server rotation later; and a sa.key that sa.pub does not hold."""
+    store, cfg = make_store(tmp_path / "svc", "ecdsa-p256")
+    root = lay_down(store, tmp_path / "root")
+    srv = root / "srv/kubernetes"
+    code, report = run_doctor(cfg, root, "--no-store")
+    assert code == 0 and sa_checks(report) == [("sa-key", "PASS")]
+
+    # a kube-up master before adoption: no sa files, flags on server.key
+    (srv / "sa.key").unlink()
+    (srv / "sa.pub").unlink()
+    manifests = root / "etc/kubernetes/manifests"
+    manifests.mkdir(parents=True)
+    apiserver = manifests / "kube-apiserver.manifest"
+    apiserver.write_text(json.dumps({"spec": {"containers": [{"command": [
+        "/bin/sh", "-c", "kube-apiserver --tls-private-key-file=/srv/kubernetes/server.key "
+        "--service-account-key-file=/srv/kubernetes/server.key 1>>/var/log/x.log"]}]}}))
+    (manifests / "kube-controller-manager.manifest").write_text(
+        "command: kube-controller-manager "
+        "--service-account-private-key-file=/srv/kubernetes/server.key\n")
+    code, report = run_doctor(cfg, root, "--no-store")
+    assert code == 0 and sa_checks(report) == [("sa-key", "WARN"), ("sa-flags", "WARN")]
+    flags = next(c for c in report["checks"] if c["check"] == "sa-flags")
+    assert "--service-account-key-file, --service-account-private-key-file" in flags["message"]
+    assert "breaks every service-account token" in flags["message"]
+
+    # step 1: adopted (pkisvc import --sa-from-server-key): sa.key is the TLS key
+    server_key = (srv / "server.key").read_bytes()
+    (srv / "sa.key").write_bytes(server_key)
+    (srv / "sa.key").chmod(0o600)
+    from pkisvc import pki
+    (srv / "sa.pub").write_bytes(pki.public_key_pem(pki.load_key(server_key, "k")))
+    code, report = run_doctor(cfg, root, "--no-store")
+    assert sa_checks(report) == [("sa-key", "PASS"), ("sa-tls-key", "WARN"),
+                                 ("sa-flags", "WARN")]
+
+    # step 2: flags switched to sa.pub / sa.key
+    apiserver.write_text(apiserver.read_text().replace(
+        "--service-account-key-file=/srv/kubernetes/server.key",
+        "--service-account-key-file=/srv/kubernetes/sa.pub "
+        "--service-account-signing-key-file=/srv/kubernetes/sa.key"))
+    (manifests / "kube-controller-manager.manifest").write_text(
+        "command: kube-controller-manager "
+        "--service-account-private-key-file=/srv/kubernetes/sa.key\n")
+    code, report = run_doctor(cfg, root, "--no-store")
+    assert sa_checks(report) == [("sa-key", "PASS"), ("sa-tls-key", "WARN"),
+                                 ("sa-flags", "PASS")]
+
+    # step 3: the next server rotation gave the API server a TLS key of its own
+    (srv / "server.key").write_bytes(pki.key_pem(pki.generate_key("ecdsa-p256")))
+    report = run_doctor(cfg, root, "--no-store")[1]
+    assert sa_checks(report) == [("sa-key", "PASS"), ("sa-flags", "PASS")]
+
+    # a signing key sa.pub does not hold fails
+    (srv / "sa.pub").write_bytes(pki.public_key_pem(pki.generate_key("ecdsa-p256")))
+    code, report = run_doctor(cfg, root, "--no-store")
+    assert code == 1 and ("sa-key", "FAIL") in sa_checks(report)

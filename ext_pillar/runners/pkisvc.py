@@ -7,6 +7,10 @@
     salt-run pkisvc.rotate step=continue        # phase 2: leaves from the new CA
     salt-run pkisvc.rotate step=finish          # phase 3: trust only the new CA
     salt-run pkisvc.renew                       # leaves inside renew_before, if any
+    salt-run pkisvc.sa_rotate mode=staged       # service-account key, phase 1: publish it
+    salt-run pkisvc.sa_rotate step=continue     # phase 2: the new key signs
+    salt-run pkisvc.sa_rotate step=finish       # phase 3 (after sa.overlap; force=True)
+    salt-run pkisvc.sa_status
     salt-run pkisvc.status
     salt-run pkisvc.targets masters='^k8s-master-[0-9]+$' states='[kubernetes.running]'
 
@@ -65,6 +69,30 @@ def renew(dry_run: bool = False, url: str | None = None, token_file: str | None 
     """Renew the leaves inside renew_before (POST /v1/renew); nothing when nothing is due."""
     return _call("POST", "/v1/renew", {"dry_run": bool(dry_run)}, url, token_file, ca_cert,
                  timeout)
+
+
+def sa_rotate(mode: str = "staged", step: str | None = None, reason: str = "",
+              force: bool = False, url: str | None = None, token_file: str | None = None,
+              ca_cert: str | None = None, timeout: float = 120) -> dict[str, Any]:
+    """Rotate the service-account key (mode staged or immediate) or take a staged rotation's
+    next step; finish before `sa.overlap` has passed is refused unless force (audited)."""
+    if step is not None:
+        if step not in STEPS:
+            raise RotationError(f"step must be one of {', '.join(STEPS)}")
+        body: dict[str, Any] = {"reason": reason}
+        if force:
+            body["force"] = True
+        return _call("POST", f"/v1/sa/rotate/{step}", body, url, token_file, ca_cert, timeout)
+    if mode not in ("immediate", "staged"):
+        raise RotationError("mode must be staged or immediate")
+    return _call("POST", "/v1/sa/rotate", {"mode": mode, "reason": reason}, url, token_file,
+                 ca_cert, timeout)
+
+
+def sa_status(url: str | None = None, token_file: str | None = None,
+              ca_cert: str | None = None, timeout: float = 30) -> dict[str, Any]:
+    """The service-account key and its open rotation, if any (GET /v1/sa/rotation)."""
+    return _call("GET", "/v1/sa/rotation", None, url, token_file, ca_cert, timeout)
 
 
 def status(url: str | None = None, token_file: str | None = None, ca_cert: str | None = None,

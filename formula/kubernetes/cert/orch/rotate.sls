@@ -14,7 +14,10 @@
        e.g. after a failed run) — a master that fails or does not answer stops the run, the
        next masters stay untouched;
     3. then all nodes the same way;
-    4. then post_commands on post_target (the first master by default).
+    4. then post_commands on post_target (the first master by default); after `sa-finish`
+       also sa_post_commands (opt-in: legacy token secrets signed by the dropped key).
+    The service-account key ([M]): `sa-staged` publishes the new key (1-3), then makes it the
+    signer (1-3); `sa-finish`, run once `sa.overlap` has passed, drops the old key (1-3).
     A staged rotation does 1-3 for each of its three phases (trust both CAs, switch the leaves,
     trust only the new CA), so no host ever holds material its peers reject.
     Every target and command comes from pillar kubernetes:cert:orch (orch/defaults.yaml). -#}
@@ -35,7 +38,9 @@
 {%- endif %}
 
 {%- set phases = {'none': [None], 'immediate': ['immediate'], 'staged': ['staged', 'continue', 'finish'],
-                  'continue': ['continue'], 'finish': ['finish'], 'renew': ['renew']} %}
+                  'continue': ['continue'], 'finish': ['finish'], 'renew': ['renew'],
+                  'sa-staged': ['sa-staged', 'sa-continue'], 'sa-continue': ['sa-continue'],
+                  'sa-finish': ['sa-finish'], 'sa-immediate': ['sa-immediate']} %}
 {%- if orch.rotate not in phases %}
 kubernetes-cert-orch-bad-rotate:
   test.fail_without_changes:
@@ -55,6 +60,17 @@ kubernetes-cert-orch-{{ p }}-rotate:
   salt.runner:
 {%- if phase == 'renew' %}
     - name: pkisvc.renew
+{%- elif phase.startswith('sa-') %}
+    - name: pkisvc.sa_rotate
+{%- if phase in ('sa-staged', 'sa-immediate') %}
+    - mode: {{ phase[3:] }}
+{%- else %}
+    - step: {{ phase[3:] }}
+{%- endif %}
+{%- if phase == 'sa-finish' and orch.sa_force %}
+    - force: true
+{%- endif %}
+    - reason: {{ orch.reason | yaml_dquote }}
 {%- else %}
     - name: pkisvc.rotate
 {%- if phase in ('immediate', 'staged') %}
@@ -133,7 +149,8 @@ kubernetes-cert-orch-{{ p }}-rotate:
 {%- endfor %}
 
 {%- set post_target = orch.post_target or (masters | first) %}
-{%- for command in orch.post_commands if post_target %}
+{%- set post_commands = orch.post_commands + (orch.sa_post_commands if orch.rotate == 'sa-finish' else []) %}
+{%- for command in post_commands if post_target %}
 
 kubernetes-cert-orch-post-{{ loop.index }}:
   salt.function:
