@@ -77,6 +77,19 @@ class StoreCollector:
                                   labels=["cluster"])
         phase.add_metric([cluster], (gen.record.rotation or {}).get("phase", 0))
         yield phase
+        # The service-account key pair ([M]), from the record (no key is read).
+        sa_phase = GaugeMetricFamily("pkisvc_sa_rotation_phase",
+                                     "Phase of the open service-account key rotation (0: none).",
+                                     labels=["cluster"])
+        rotations = gen.record.extra.get("key_rotations") or {}
+        sa_phase.add_metric([cluster], (rotations.get("sa") or {}).get("phase", 0))
+        yield sa_phase
+        sa_keys = GaugeMetricFamily("pkisvc_sa_published_keys",
+                                    "Public keys in sa.pub (0: no service-account key).",
+                                    labels=["cluster"])
+        pair = (gen.record.extra.get("key_pairs") or {}).get("sa") or {}
+        sa_keys.add_metric([cluster], len(pair.get("published", ())))
+        yield sa_keys
         ops = CounterMetricFamily("pkisvc_rotations", "Generations made, by operation.",
                                   labels=["cluster", "operation"])
         for op, n in sorted(Tally(r.operation for r in history).items()):

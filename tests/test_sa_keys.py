@@ -207,6 +207,9 @@ def test_finish_before_the_overlap_is_refused_and_forced_is_audited(tmp_path):
     assert state["phase"] == 2 and state["next"] == "finish"
     assert 0 < state["overlap_left_seconds"] <= 7 * 86400 == state["overlap_seconds"]
 
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'pkisvc_sa_rotation_phase{cluster="default"} 2.0' in metrics
+    assert 'pkisvc_sa_published_keys{cluster="default"} 2.0' in metrics
     r = client.post("/v1/sa/rotate/finish", json={"reason": "too soon"}, headers=admin)
     assert r.status_code == 409 and r.json["error"] == "conflict"
     message = r.json["message"]
@@ -222,6 +225,10 @@ def test_finish_before_the_overlap_is_refused_and_forced_is_audited(tmp_path):
     assert event.action == "sa-stage-finish" and event.items == ("sa",)
     assert event.reason.startswith("forced before sa.overlap") and "key leaked" in event.reason
     assert client.get("/v1/sa/rotation", headers=admin).json["open"] is False
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'pkisvc_sa_rotation_phase{cluster="default"} 0.0' in metrics
+    assert 'pkisvc_sa_published_keys{cluster="default"} 1.0' in metrics
+    assert 'pkisvc_rotations_total{cluster="default",operation="sa-stage-finish"} 1.0' in metrics
 
 
 def test_immediate_rotation_replaces_the_key_and_says_what_breaks(tmp_path, verifier):
