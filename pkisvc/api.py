@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from flask import Blueprint, Response, current_app, g, request
 
-from pkisvc import answers
+from pkisvc import answers, changes
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
@@ -142,13 +142,15 @@ def rotation() -> dict[str, Any]:
 @requires("admin")
 def rotate_sa() -> tuple[dict[str, Any], int]:
     data = body(reason=str, mode=str, key_type=str)
-    mode = data.get("mode", "staged")
+    mode = data.get("mode", "immediate")
     if mode not in ("immediate", "staged"):
-        raise InvalidRequest("mode must be 'staged' or 'immediate' (every token signed by the "
-                             "old key stops verifying)")
-    return created(store().sa_step("start" if mode == "staged" else "immediate", actor=g.actor,
-                                   reason=data.get("reason", ""), key_type=key_type(data),
-                                   remote_addr=request.remote_addr))
+        raise InvalidRequest("mode must be 'immediate' or 'staged'")
+    answer, status = created(store().sa_step(
+        "start" if mode == "staged" else "immediate", actor=g.actor,
+        reason=data.get("reason", ""), key_type=key_type(data), remote_addr=request.remote_addr))
+    if mode == "immediate":
+        answer["warning"] = changes.SA_IMMEDIATE_WARNING
+    return answer, status
 
 
 @bp.post("/sa/rotate/<step>")

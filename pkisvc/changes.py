@@ -471,6 +471,10 @@ def import_set(base: Base | None, profiles: Profiles, keys: Keys, now: datetime,
 # touched, and no certificate change touches these.
 
 SAMaterial = tuple[pki.PrivateKey, tuple[pki.PublicKey, ...]]
+SA_IMMEDIATE_WARNING = (
+    "every service-account token signed by the old key stops verifying once the masters "
+    "install this version: pods that use one fail until they get a new token (projected "
+    "tokens: the kubelet refreshes them; legacy token secrets must be deleted)")
 
 
 def _without(m: Mapping[str, Any], name: str) -> dict[str, Any]:

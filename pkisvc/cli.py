@@ -260,14 +260,8 @@ def rotate_sa(c: Context, key_type: str | None, staged: bool, reason: str) -> No
     record = c.store.sa_step("start" if staged else "immediate", actor=actor(), reason=reason,
                              key_type=key_type)
     if not staged:
-        click.echo(f"warning: {SA_IMMEDIATE_WARNING}", err=True)
+        click.echo(f"warning: {changes.SA_IMMEDIATE_WARNING}", err=True)
     done(record)
-
-
-SA_IMMEDIATE_WARNING = (
-    "every service-account token signed by the old key stops verifying once the masters "
-    "install this version: pods that use one fail until they get a new token (projected "
-    "tokens: the kubelet refreshes them; legacy token secrets must be deleted)")
 
 
 @main.group("sa-rotation")

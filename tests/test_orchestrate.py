@@ -230,3 +230,30 @@ def snapshot_hosts(cluster: Cluster, minion: str = "") -> dict[str, bytes]:
     """Every regular file's bytes under the minions' host roots."""
     return {str(p): p.read_bytes() for p in sorted((cluster.hosts / minion).rglob("*"))
             if p.is_file() and not p.is_symlink()}
+
+
+def test_service_account_rotation_rolls_out_to_masters_and_cleans_up_only_when_asked(world):
+    """[M]: `sa-staged` publishes then switches the key, rolled out to the masters after each
+    phase (nodes hold no SA file: untouched); `sa-finish` is refused before sa.overlap, and
+    forced it drops the old key; the clean-up runs only then, and only as asked."""
+    cluster, log, _ = world
+    assert orchestrate(cluster, log, rotate="none", post_commands=[])[0]  # every host current
+    trust = trust_hash(cluster)
+    sa_post = [f"echo sa post legacy secrets >> {log}"]
+    ok, lines = orchestrate(cluster, log, rotate="sa-staged", post_commands=[],
+                            sa_post_commands=sa_post)
+    assert ok, lines
+    assert operations(cluster)[:2] == ["sa-stage-switch", "sa-stage-publish"]
+    assert lines == rollout(trust, MINIONS[:2]) * 2  # masters only, no clean-up
+    ok, lines = orchestrate(cluster, log, rotate="sa-finish", post_commands=[],
+                            sa_post_commands=sa_post)
+    assert not ok and lines == []  # sa.overlap (7d) has not passed: nothing rolled out
+    assert operations(cluster)[0] == "sa-stage-switch"
+    ok, lines = orchestrate(cluster, log, rotate="sa-finish", sa_force=True, post_commands=[],
+                            sa_post_commands=sa_post, reason="test")
+    assert ok, lines
+    assert operations(cluster)[0] == "sa-stage-finish"
+    assert lines == [*rollout(trust, MINIONS[:2]), "sa post legacy secrets"]
+    master = cluster.hosts / "k8s-master-1" / "srv/kubernetes"
+    assert (master / "sa.pub").read_bytes().count(b"BEGIN PUBLIC KEY") == 1
+    assert not (cluster.hosts / "k8s-node-1" / "srv/kubernetes/sa.pub").exists()

@@ -199,7 +199,10 @@ def test_finish_before_the_overlap_is_refused_and_forced_is_audited(tmp_path):
     store = app.extensions["pkisvc"]
     admin = {"Authorization": f"Bearer {store.create_token('adm', ['admin'], actor='t')}"}
     client = app.test_client()
-    assert client.post("/v1/sa/rotate", json={"mode": "staged"}, headers=admin).status_code == 201
+    r = client.post("/v1/sa/rotate", json={"mode": "staged"}, headers=admin)
+    assert r.status_code == 201 and "warning" not in r.json
+    assert r.json["operation"] == "sa-stage-publish"
+    assert r.json["key_pairs"]["sa"]["next"] in r.json["key_pairs"]["sa"]["published"]
     r = client.post("/v1/sa/rotate/finish", headers=admin)
     assert r.status_code == 409 and "cannot finish" in r.json["message"]
     assert client.post("/v1/sa/rotate/continue", headers=admin).status_code == 201
@@ -245,11 +248,19 @@ def test_immediate_rotation_replaces_the_key_and_says_what_breaks(tmp_path, veri
     p = run_cli("versions", env=env)
     assert p.returncode == 0 and "sa-rotate" in p.stdout and " SA " in p.stdout
 
+    app = create_app(make_settings(data))
+    admin = {"Authorization": f"Bearer {store.create_token('adm', ['admin'], actor='t')}"}
+    before = sign(sa_files(store)[0])
+    r = app.test_client().post("/v1/sa/rotate", json={"reason": "leaked"}, headers=admin)
+    assert r.status_code == 201 and "stops verifying" in r.json["warning"]
+    assert r.json["operation"] == "sa-rotate"
+    assert verifier.verifies(sa_files(store)[1], before) is False
+
 
 # --- 6. a certificate rollback keeps the service-account material ------------------------------
 
 def test_rollback_keeps_sa_material_and_abort_is_its_way_back(tmp_path, verifier):
-    store, _ = make_store(tmp_path)
+    store, clock = make_store(tmp_path)
     store.init(actor="t")
     store.rotate_leaf("server", actor="t")
     store.sa_step("start", actor="t")
@@ -265,6 +276,11 @@ def test_rollback_keeps_sa_material_and_abort_is_its_way_back(tmp_path, verifier
     assert verifier.verifies(sa_files(store)[1], token)
     with pytest.raises(Conflict, match="cannot abort"):
         store.sa_step("abort", actor="t")
+    # an open service-account rotation blocks neither renewal nor a certificate rotation
+    clock.now += timedelta(days=340)
+    assert store.renew(actor="t")[1] is not None
+    store.rotate_leaf("server", actor="t")
+    assert sa_files(store) == phase2 and store.sa_rotation()["phase"] == 2
 
     other, _ = make_store(tmp_path / "other")
     other.init(actor="t")

@@ -39,6 +39,7 @@ DEFAULT_MASTERS = r"^k8s-master-[0-9]+$"
 DEFAULT_NODES = r"^k8s-node-[0-9]+$"
 
 __opts__: dict[str, Any] = {}
+__context__: dict[str, Any] = {}
 
 
 class RotationError(Exception):
@@ -75,18 +76,27 @@ def sa_rotate(mode: str = "staged", step: str | None = None, reason: str = "",
               force: bool = False, url: str | None = None, token_file: str | None = None,
               ca_cert: str | None = None, timeout: float = 120) -> dict[str, Any]:
     """Rotate the service-account key (mode staged or immediate) or take a staged rotation's
-    next step; finish before `sa.overlap` has passed is refused unless force (audited)."""
+    next step; finish before `sa.overlap` has passed is refused unless force (audited).
+
+    A refusal is an answer, not a crash: ``{"Error": message}`` and exit code 1, which fails
+    the orchestration's state (and stops the run) without a traceback.
+    """
     if step is not None:
         if step not in STEPS:
             raise RotationError(f"step must be one of {', '.join(STEPS)}")
         body: dict[str, Any] = {"reason": reason}
         if force:
             body["force"] = True
-        return _call("POST", f"/v1/sa/rotate/{step}", body, url, token_file, ca_cert, timeout)
-    if mode not in ("immediate", "staged"):
+        path = f"/v1/sa/rotate/{step}"
+    elif mode in ("immediate", "staged"):
+        path, body = "/v1/sa/rotate", {"mode": mode, "reason": reason}
+    else:
         raise RotationError("mode must be staged or immediate")
-    return _call("POST", "/v1/sa/rotate", {"mode": mode, "reason": reason}, url, token_file,
-                 ca_cert, timeout)
+    try:
+        return _call("POST", path, body, url, token_file, ca_cert, timeout)
+    except RotationError as e:
+        __context__["retcode"] = 1
+        return {"Error": str(e)}
 
 
 def sa_status(url: str | None = None, token_file: str | None = None,
