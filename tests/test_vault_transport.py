@@ -15,7 +15,7 @@ from pkisvc.backends.vault import VaultBackend
 from pkisvc.errors import BackendUnavailable
 from pkisvc.model import AuditEvent, TokenRecord
 from tests.openbao import OpenBao
-from tests.test_backend_contract import fake_generation
+from pkisvc.testing import fake_generation
 
 pytestmark = pytest.mark.vault
 
