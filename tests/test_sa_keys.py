@@ -322,3 +322,47 @@ def test_a_generation_without_sa_material_reads_and_gets_one_by_rotate_sa(tmp_pa
     assert oct(os.stat(next((tmp_path / "data").rglob("sa.key"))).st_mode & 0o777) == "0o600"
     assert stat.S_IMODE(os.stat(next((tmp_path / "data").rglob("sa.pub"))).st_mode) in (
         0o600, 0o644)
+
+
+def test_the_command_line_drives_the_staged_rotation(tmp_path, verifier):
+    data = tmp_path / "data"
+    env = {"PKISVC_DATA_DIR": str(data), "PKISVC_KEY_TYPE": "rsa-2048"}
+    donor, _ = make_store(tmp_path / "donor", key_type="rsa-2048")
+    donor.init(actor="t")
+    src = tmp_path / "adopt"
+    src.mkdir()
+    gen = donor.read()
+    for n in ("server.cert", "server.key", "kubecfg.crt", "kubecfg.key", "ca.key"):
+        (src / n).write_bytes(gen.files[n])
+    (src / "ca.crt").write_bytes(gen.files["trust.crt"])
+    legacy = sign(gen.files["server.key"])
+    p = run_cli("import", "--from-dir", str(src), "--sa-from-server-key", env=env)
+    assert p.returncode == 0, p.stderr
+
+    def status() -> dict:
+        r = run_cli("sa-rotation", "status", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    adopted = status()
+    assert adopted["present"] and adopted["open"] is False
+    assert adopted["fingerprint"] == pki.key_fingerprint(pki.load_key(gen.files["server.key"],
+                                                                      "k"))
+    for args in (("rotate", "sa", "--staged"), ("sa-rotation", "continue")):
+        p = run_cli(*args, env=env)
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert status()["phase"] == 2
+    p = run_cli("sa-rotation", "finish", env=env)
+    assert p.returncode == 1 and p.stderr.startswith("error: sa.overlap has not passed")
+    assert p.stderr.count("\n") == 1
+    p = run_cli("sa-rotation", "abort", env=env)
+    assert p.returncode == 1 and "cannot abort" in p.stderr
+    store = CertStore(FilesBackend(data), make_settings(data))
+    assert verifier.verifies(store.read().files["sa.pub"], legacy)
+    p = run_cli("sa-rotation", "finish", "--force", "--reason", "drill", env=env)
+    assert p.returncode == 0, p.stderr
+    assert status()["open"] is False
+    assert verifier.verifies(store.read().files["sa.pub"], legacy) is False
+    p = run_cli("audit", "-o", "json", "--limit", "1", env=env)
+    event = json.loads(p.stdout)[0]
+    assert event["action"] == "sa-stage-finish" and event["reason"].startswith("forced")
