@@ -84,9 +84,6 @@ class Bodies:
             by_file = {CERT_FILES[i]: gen.record.items[i].fingerprint
                        for i in ("server", "kubecfg")}
             by_file["ca.crt"] = gen.record.items["ca"].fingerprint
-            sa = (gen.record.extra.get("key_pairs") or {}).get("sa")
-            if sa:  # the signing key's public key (sa.pub: every key of `published`)
-                by_file["sa.key"] = sa["fingerprint"]
             return json.dumps({
                 "version": version, "role": role,
                 "files": {n: b.decode() for n, b in files.items()},

@@ -102,8 +102,10 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     assert (root / os.readlink(link).lstrip("/")).read_text() == ca
     assert (root / "var/lib/kubelet/ca.crt").read_text() == ca
     assert json.loads((root / "etc/kubernetes-cert/lookup.json").read_text()) == {
-        "cert_dir": "/srv/kubernetes", "files": HOST_FILES[:1] + HOST_FILES[3:] + HOST_FILES[1:3],
-        "key_files": ["server.key", "kubecfg.key"], "ca_file": "ca.crt",
+        "cert_dir": "/srv/kubernetes",
+        "files": ["ca.crt", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key", "sa.key",
+                  "sa.pub"],
+        "key_files": ["server.key", "kubecfg.key", "sa.key"], "ca_file": "ca.crt",
         "ca_local": "/usr/local/share/ca-certificates/kubernetes-ca.crt",
         "ca_link": "/etc/ssl/certs/kubernetes.pem",
         "ca_store": "/etc/ssl/certs/ca-certificates.crt", "kubelet_ca": "/var/lib/kubelet/ca.crt"}
