@@ -49,7 +49,6 @@ from pkisvc.errors import (
     BackendUnavailable,
     ConfigError,
     Conflict,
-    InvalidRequest,
     NotFound,
     PermissionDenied,
     PkiError,
@@ -493,7 +492,7 @@ class VaultBackend:
     # --- audit -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:
-        when = _event_time(event)
+        when = event.time
         day = when.strftime("%Y%m%d")
         # Key order is time order: the event's second, then a nanosecond tie-breaker for
         # events within one second, then randomness so two writers never collide.
@@ -524,7 +523,7 @@ class VaultBackend:
                 if len(out) >= limit or day + k[:6] < floor[:14]:
                     return out
                 event = self._event(f"{day}/{k}")
-                if event is None or (since is not None and _event_time(event) < since):
+                if event is None or (since is not None and event.time < since):
                     continue
                 out.append(event)
         return out
@@ -717,14 +716,6 @@ def _never_reached(e: BaseException) -> bool:
         todo += [n for n in (x.__cause__, x.__context__, getattr(x, "reason", None), *x.args)
                  if isinstance(n, BaseException)]
     return False
-
-
-def _event_time(event: AuditEvent) -> datetime:
-    try:
-        t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _root_cause(e: BaseException) -> str:
