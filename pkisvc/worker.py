@@ -57,75 +57,93 @@ class Incomplete(Exception):
         self.status = status
 
 
-def request_end(buf: bytes | bytearray, limit_body: int = MAX_BODY) -> int:
-    """Where the first request in buf ends, or NEED_MORE.
+TOO_LARGE = "413 Request Entity Too Large"
+HEAD_TOO_LARGE = "431 Request Header Fields Too Large"
+
+
+class Framing:
+    """Where the request at the start of a buffer ends, found as its bytes arrive.
 
     Framing only; malformed framing ends the request where it stops making sense, so that
-    gunicorn's parser sees it at once and refuses it.  Raises Incomplete for a head or body
-    over the limits.
+    gunicorn's parser sees it at once and refuses it.  The search resumes where it stopped, so
+    a client sending one byte at a time costs one short look per byte.
     """
-    head_end = buf.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(buf) > MAX_HEAD:
-            raise Incomplete("431 Request Header Fields Too Large",
-                             "the request line and headers exceed 64 KiB")
-        return NEED_MORE
-    body_start = head_end + 4
-    if body_start > MAX_HEAD:
-        raise Incomplete("431 Request Header Fields Too Large",
-                         "the request line and headers exceed 64 KiB")
-    length: int | None = None
-    chunked = False
-    for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"transfer-encoding":
-            chunked = True  # the parser decides whether the coding is acceptable
-        elif name == b"content-length":
-            value = value.strip()
-            if not value.isdigit() or length is not None:
-                return body_start  # malformed: let the parser refuse it
-            length = int(value)
-    if chunked:
-        return _chunked_end(buf, body_start, limit_body)
-    if length is None:
-        return body_start
-    if length > limit_body:
-        raise Incomplete("413 Request Entity Too Large",
-                         "The data value transmitted exceeds the capacity limit.")
-    return body_start + length if len(buf) >= body_start + length else NEED_MORE
 
+    def __init__(self) -> None:
+        self.searched = 0  # where the search for the end of the head resumes
+        self.body_start = -1
+        self.end_at = NEED_MORE  # the end, once Content-Length gave it
+        self.chunk_pos = -1  # the next chunk-size line of a chunked body
+        self.trailers = -1  # where the trailers start, after the last chunk
 
-def _chunked_end(buf: bytes | bytearray, pos: int, limit_body: int) -> int:
-    start = pos
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            if len(buf) - pos > 1024:
-                return len(buf)  # a chunk-size line this long is malformed
-            return NEED_MORE
-        size_field = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_field, 16)
-        except ValueError:
-            return eol + 2  # malformed: let the parser refuse it
-        if size == 0:
-            trailers = eol + 2
-            if buf[trailers:trailers + 2] == b"\r\n":
-                return trailers + 2
-            end = buf.find(b"\r\n\r\n", trailers)
-            if end < 0:
-                if len(buf) - trailers > MAX_HEAD:
-                    raise Incomplete("431 Request Header Fields Too Large",
-                                     "the trailers exceed 64 KiB")
+    def end(self, buf: bytes | bytearray) -> int:
+        """Where the request ends in buf, or NEED_MORE.  Raises Incomplete over the limits."""
+        if self.body_start < 0:
+            head_end = buf.find(b"\r\n\r\n", self.searched)
+            bare = buf.find(b"\n\n", self.searched)
+            if bare >= 0 and (head_end < 0 or bare < head_end):
+                return bare + 2  # lines ended by LF alone: let the parser refuse them
+            if head_end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+                self.searched = max(0, len(buf) - 3)
                 return NEED_MORE
-            return end + 4
-        pos = eol + 2 + size + 2
-        if pos - start > limit_body + 64 * 1024:  # chunk framing costs a few bytes a chunk
-            raise Incomplete("413 Request Entity Too Large",
-                             "The data value transmitted exceeds the capacity limit.")
-        if pos > len(buf):
+            self.body_start = head_end + 4
+            if self.body_start > MAX_HEAD:
+                raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+            length: int | None = None
+            for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"transfer-encoding":
+                    if value.split(b",")[-1].strip().lower() != b"chunked":
+                        return self.body_start  # no length: let the parser refuse it
+                    self.chunk_pos = self.body_start  # the parser judges the rest
+                elif name == b"content-length":
+                    value = value.strip()
+                    if not value.isdigit() or length is not None:
+                        return self.body_start  # malformed: let the parser refuse it
+                    length = int(value)
+            if self.chunk_pos < 0:
+                if (length or 0) > MAX_BODY:
+                    raise Incomplete(TOO_LARGE, "The data value transmitted exceeds the "
+                                                "capacity limit.")
+                self.end_at = self.body_start + (length or 0)
+        if self.chunk_pos >= 0:
+            return self._chunked_end(buf)
+        return self.end_at if len(buf) >= self.end_at else NEED_MORE
+
+    def _chunked_end(self, buf: bytes | bytearray) -> int:
+        while self.trailers < 0:
+            eol = buf.find(b"\r\n", self.chunk_pos)
+            if eol < 0:
+                if len(buf) - self.chunk_pos > 1024:
+                    return len(buf)  # a chunk-size line this long is malformed
+                return NEED_MORE
+            digits = bytes(buf[self.chunk_pos:eol]).split(b";", 1)[0].rstrip(b" \t")
+            if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+                return eol + 2  # malformed: let the parser refuse it
+            size = int(digits, 16)
+            if size == 0:
+                self.trailers = self.searched = eol + 2
+                break
+            following = eol + 2 + size + 2
+            # Framing costs a few bytes a chunk; the app takes 64 KiB of body in all.
+            if following - self.body_start > 2 * MAX_BODY:
+                raise Incomplete(TOO_LARGE, "The data value transmitted exceeds the "
+                                            "capacity limit.")
+            if following > len(buf):
+                return NEED_MORE
+            self.chunk_pos = following
+        if buf[self.trailers:self.trailers + 2] == b"\r\n":
+            return self.trailers + 2
+        end = buf.find(b"\r\n\r\n", self.searched)
+        if end < 0:
+            if len(buf) - self.trailers > MAX_HEAD:
+                raise Incomplete(HEAD_TOO_LARGE, "the trailers exceed 64 KiB")
+            self.searched = max(self.trailers, len(buf) - 3)
             return NEED_MORE
+        return end + 4
 
 
 def _error(status: str, message: str) -> bytes:
@@ -144,6 +162,7 @@ class BufferedConn(TConn):
     def __init__(self, cfg: Any, sock: Any, client: Any, server: Any) -> None:
         super().__init__(cfg, sock, client, server)
         self.buf = bytearray()
+        self.framing = Framing()
         self.state = READING
         self.deadline = 0.0
         self.events = 0
@@ -219,6 +238,7 @@ class BufferedThreadWorker(ThreadWorker):
         conn.state = state
         conn.deadline = time.monotonic() + REQUEST_DEADLINE
         conn.sent_continue = False
+        conn.framing = Framing()
         self.reading.append((conn.deadline, conn))
         conn.events = selectors.EVENT_READ
         self.poller.register(conn.sock, conn.events, partial(self._on_event, conn))
@@ -243,14 +263,15 @@ class BufferedThreadWorker(ThreadWorker):
                     return self._want(conn, selectors.EVENT_WRITE)
                 conn.state = READING
                 self._want(conn, selectors.EVENT_READ)
-            if not self._read(conn):
-                return self._close_reading(conn)
-            end = request_end(conn.buf)
+            more = self._read(conn)
+            end = conn.framing.end(conn.buf)
         except Incomplete as e:
             return self._refuse(conn, e.status, str(e))
         except (OSError, ValueError):  # ssl.SSLError among them: a failed handshake
             return self._close_reading(conn)
         if end == NEED_MORE:
+            if not more:  # the client closed its side before the request was whole
+                return self._close_reading(conn)
             self._maybe_continue(conn)
             return
         self.poller.unregister(conn.sock)
@@ -258,7 +279,8 @@ class BufferedThreadWorker(ThreadWorker):
         self.enqueue_req(conn)
 
     def _read(self, conn: BufferedConn) -> bool:
-        """Read what is there; False once the client closed its side."""
+        """Read what is there; False once the client closed its side (a whole request sent
+        before that is still answered)."""
         while True:
             try:
                 data = conn.sock.recv(65536)
@@ -267,8 +289,8 @@ class BufferedThreadWorker(ThreadWorker):
             if not data:
                 return False
             conn.buf += data
-            if len(conn.buf) > MAX_HEAD + MAX_BODY + 64 * 1024:
-                return True  # request_end refuses it
+            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY:
+                return True  # Framing refuses it
 
     def _maybe_continue(self, conn: BufferedConn) -> None:
         """Answer `Expect: 100-continue` once the head is in, so the client sends its body."""

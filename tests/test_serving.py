@@ -289,3 +289,51 @@ def test_refused_tokens_are_logged_a_few_times_counted_and_write_nothing(tmp_pat
     # pkisvc's own lines reach the service log, in gunicorn's format.
     assert re.search(r"\[\d+\] \[WARNING\] refused authentication: 401 on /v1/", text)
     assert re.search(r"refused authentication: \d+ more in 10s \(.*401 on /v1/audit", text)
+
+
+REQUESTS = [
+    b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\ntoken=a&b=c",
+    b"POST /v1/ca/rotate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"4;ext=1\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nX-T: 1\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", REQUESTS)
+def test_the_poller_finds_where_a_request_ends_byte_by_byte(request_bytes):
+    from pkisvc.worker import NEED_MORE, Framing
+    framing, buf = Framing(), bytearray()
+    nxt = b"GET /next HTTP/1.1\r\n"  # pipelined behind it
+    for i, byte in enumerate(request_bytes + nxt):
+        buf.append(byte)
+        end = framing.end(buf)
+        if i + 1 < len(request_bytes):
+            assert end == NEED_MORE, (i, bytes(buf))
+        else:
+            assert end == len(request_bytes)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n", "413"),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000, "431"),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 30000, "413"),
+])
+def test_the_poller_refuses_what_is_over_the_limits(head, status):
+    from pkisvc.worker import Framing, Incomplete
+    with pytest.raises(Incomplete) as e:
+        Framing().end(head)
+    assert e.value.status.startswith(status)
+
+
+@pytest.mark.parametrize("malformed", [
+    b"POST / HTTP/1.1\r\nContent-Length: 5x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: x\n\n",
+])
+def test_malformed_framing_goes_to_the_parser_at_once(malformed):
+    from pkisvc.worker import NEED_MORE, Framing
+    assert Framing().end(malformed) != NEED_MORE
