@@ -337,3 +337,21 @@ def test_the_poller_refuses_what_is_over_the_limits(head, status):
 def test_malformed_framing_goes_to_the_parser_at_once(malformed):
     from pkisvc.worker import NEED_MORE, Framing
     assert Framing().end(malformed) != NEED_MORE
+
+
+def test_plain_gunicorn_with_the_worker_class_cuts_slow_clients_off(tmp_path):
+    """The README's line for running gunicorn without pkisvc's config file."""
+    port = free_port()
+    env = clean_env(PKISVC_DATA_DIR=str(tmp_path / "data"), PKISVC_KEY_TYPE="ecdsa-p256")
+    p = start([sys.executable, "-m", "gunicorn", "--no-control-socket", "-w", "1",
+               "--worker-class", "pkisvc.worker.BufferedThreadWorker", "--threads", "4",
+               "-b", f"127.0.0.1:{port}", "pkisvc.app:create_app()"], env, port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # never finished
+            t = time.monotonic()
+            assert requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=5).ok
+            assert slow.recv(100).startswith(b"HTTP/1.1 408")
+            assert 5 < time.monotonic() - t < 25
+    finally:
+        stop(p)
