@@ -38,56 +38,6 @@ def effective_scopes(scopes: tuple[str, ...] | list[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def authenticate(store: CertStore, header: str | None) -> Principal:
-    """Return who holds the bearer token in header.
-
-    Raises: Unauthorized (no token, a malformed header, an unknown or revoked token).
-    """
-    if not header or not header.startswith("Bearer "):
-        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    token = header[len("Bearer "):].strip()
-    if not token or len(token) > 512:
-        raise Unauthorized("unknown token")
-    digest = hash_token(token).encode()
-    # Tokens from the settings first: they need no backend read (a Vault round trip).  Within
-    # each list every hash is compared, so timing tells nothing about which one matched.
-    found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.settings.tokens])
-    if found is None:
-        found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.tokens()])
-    if found is None:
-        raise Unauthorized("unknown token")
-    return found
-
-
-def _match(digest: bytes, candidates: list[tuple[str, str, tuple[str, ...]]]
-           ) -> Principal | None:
-    found: Principal | None = None
-    for name, sha, scopes in candidates:
-        if hmac.compare_digest(digest, sha.encode()) and found is None:
-            found = Principal(name, effective_scopes(scopes))
-    return found
-
-
-def requires(scope: str) -> Callable[[F], F]:
-    """Let the view run only for a token with scope; sets g.actor."""
-    def wrap(view: F) -> F:
-        @functools.wraps(view)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            check(scope)
-            return view(*args, **kwargs)
-        return cast(F, inner)
-    return wrap
-
-
-def check(scope: str) -> Principal:
-    store: CertStore = current_app.extensions["pkisvc"]
-    principal = authenticate(store, request.headers.get("Authorization"))
-    if scope not in principal.scopes:
-        raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope")
-    g.actor = principal.name
-    return principal
-
-
 class RefusalLog:
     """Log refused requests (401/403) at most once per `every` seconds per process, with counts.
 
@@ -144,3 +94,54 @@ class RefusalLog:
 
 
 REFUSALS = RefusalLog()
+
+
+def authenticate(store: CertStore, header: str | None) -> Principal:
+    """Return who holds the bearer token in header.
+
+    Raises: Unauthorized (no token, a malformed header, an unknown or revoked token).
+    """
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    token = header[len("Bearer "):].strip()
+    if not token or len(token) > 512:
+        raise Unauthorized("unknown token")
+    digest = hash_token(token).encode()
+    # Tokens from the settings first: they need no backend read (a Vault round trip).  Within
+    # each list every hash is compared, so timing tells nothing about which one matched.
+    found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.settings.tokens])
+    if found is None:
+        found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.tokens()])
+    if found is None:
+        raise Unauthorized("unknown token")
+    return found
+
+
+def _match(digest: bytes, candidates: list[tuple[str, str, tuple[str, ...]]]
+           ) -> Principal | None:
+    found: Principal | None = None
+    for name, sha, scopes in candidates:
+        if hmac.compare_digest(digest, sha.encode()) and found is None:
+            found = Principal(name, effective_scopes(scopes))
+    return found
+
+
+def requires(scope: str) -> Callable[[F], F]:
+    """Let the view run only for a token with scope; sets g.actor."""
+    def wrap(view: F) -> F:
+        @functools.wraps(view)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            check(scope)
+            return view(*args, **kwargs)
+        return cast(F, inner)
+    return wrap
+
+
+def check(scope: str) -> Principal:
+    store: CertStore = current_app.extensions["pkisvc"]
+    principal = authenticate(store, request.headers.get("Authorization"))
+    if scope not in principal.scopes:
+        raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope")
+    g.actor = principal.name
+    return principal
+

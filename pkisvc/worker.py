@@ -41,6 +41,8 @@ REQUEST_DEADLINE = 10.0
 THREAD_IO_TIMEOUT = 10.0
 #: Seconds a closing connection is drained for the client's FIN (RFC 9112 section 9.6).
 LINGER = 2.0
+#: ... and for this many bytes at most (a refused body the client is still sending).
+LINGER_BYTES = 256 * 1024
 #: The largest request head (line and headers) and body read into memory.
 MAX_HEAD = 64 * 1024
 MAX_BODY = 64 * 1024
@@ -58,6 +60,7 @@ class Incomplete(Exception):
 
 
 TOO_LARGE = "413 Request Entity Too Large"
+OVER_LIMIT = f"the request body is over the limit of {MAX_BODY} bytes"  # the app's words
 HEAD_TOO_LARGE = "431 Request Header Fields Too Large"
 
 
@@ -106,8 +109,7 @@ class Framing:
                     length = int(value)
             if self.chunk_pos < 0:
                 if (length or 0) > MAX_BODY:
-                    raise Incomplete(TOO_LARGE, "The data value transmitted exceeds the "
-                                                "capacity limit.")
+                    raise Incomplete(TOO_LARGE, OVER_LIMIT)
                 self.end_at = self.body_start + (length or 0)
         if self.chunk_pos >= 0:
             return self._chunked_end(buf)
@@ -130,8 +132,7 @@ class Framing:
             following = eol + 2 + size + 2
             # Framing costs a few bytes a chunk; the app takes 64 KiB of body in all.
             if following - self.body_start > 2 * MAX_BODY:
-                raise Incomplete(TOO_LARGE, "The data value transmitted exceeds the "
-                                            "capacity limit.")
+                raise Incomplete(TOO_LARGE, OVER_LIMIT)
             if following > len(buf):
                 return NEED_MORE
             self.chunk_pos = following
@@ -147,8 +148,12 @@ class Framing:
 
 
 def _error(status: str, message: str) -> bytes:
-    code = status.split(" ", 1)[1].lower().replace(" ", "_")
-    body = json.dumps({"error": code, "message": message}).encode()
+    """A whole answer that closes the connection; the app's JSON error shape."""
+    doc: dict[str, object] = {"error": status.split(" ", 1)[1].lower().replace(" ", "_"),
+                              "message": message}
+    if status == TOO_LARGE:
+        doc = {"error": "payload_too_large", "limit": MAX_BODY, "message": message}
+    body = json.dumps(doc).encode()
     return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -354,7 +359,7 @@ class BufferedThreadWorker(ThreadWorker):
             except (OSError, ValueError):
                 data = b""
             conn.drained += len(data)
-            if not data or conn.drained > 64 * 1024:
+            if not data or conn.drained > LINGER_BYTES:
                 self._unregister(conn)
                 self._drop(conn)
                 return
