@@ -144,4 +144,3 @@ def check(scope: str) -> Principal:
         raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope")
     g.actor = principal.name
     return principal
-
