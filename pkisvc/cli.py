@@ -15,13 +15,13 @@ from typing import Any, Callable, Sequence
 import click
 import yaml
 
-from pkisvc import __version__, doctor, kubeconfig
+from pkisvc import __version__, changes, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
+from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, LEAVES, SCOPES, TRUST_FILE
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -116,8 +116,19 @@ def kubeadm_time(rfc3339: str) -> str:
     return t.strftime("%b %d, %Y %H:%M UTC")
 
 
-def done(record: Any) -> None:
+def done(record: Any, store: CertStore | None = None) -> None:
+    """Print the version a change wrote, the SANs it changed, and (on stderr) its warnings."""
     click.echo(f"version {record.version}: {record.operation}")
+    for field, words in (("sans_added", "added"), ("sans_removed", "removed")):
+        if record.extra.get(field):
+            click.echo(f"server SANs {words}: {', '.join(record.extra[field])}")
+    if store is not None:
+        warn(store.warnings(record))
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -205,7 +216,7 @@ def rotate() -> None:
 def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New CA and new leaves, in one generation (or --staged, in three)."""
     change = c.store.start_rotation if staged else c.store.rotate_ca
-    done(change(actor=actor(), reason=reason, key_type=key_type))
+    done(change(actor=actor(), reason=reason, key_type=key_type), c.store)
 
 
 @main.group()
@@ -228,7 +239,7 @@ def rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.continue_rotation(actor=actor(), reason=reason))
+    done(c.store.continue_rotation(actor=actor(), reason=reason), c.store)
 
 
 @rotation.command("finish")
@@ -236,7 +247,7 @@ def rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_finish(c: Context, reason: str) -> None:
     """Phase 3: trust only the new CA."""
-    done(c.store.finish_rotation(actor=actor(), reason=reason))
+    done(c.store.finish_rotation(actor=actor(), reason=reason), c.store)
 
 
 @rotation.command("abort")
@@ -248,21 +259,34 @@ def rotation_abort(c: Context, reason: str) -> None:
 
 
 @rotate.command("server")
-@click.option("--san", "sans", multiple=True, help="Extra SAN (repeat); default: `server.sans`.")
+@click.option("--san", "add", multiple=True, metavar="NAME",
+              help="Add this SAN to the current certificate's (repeat for several).")
+@click.option("--remove-san", "remove", multiple=True, metavar="NAME",
+              help="Remove this SAN from the current certificate's (repeat for several).")
+@click.option("--sans", "whole", multiple=True, metavar="A,B,...",
+              help="Replace the whole list of SANs with these (comma-separated, or repeat).")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotate_server(c: Context, sans: tuple[str, ...], reason: str) -> None:
-    """New API-server pair from the current CA."""
-    done(c.store.rotate_leaf("server", actor=actor(), reason=reason,
-                             sans=list(sans) if sans else None))
+def rotate_server(c: Context, add: tuple[str, ...], remove: tuple[str, ...],
+                  whole: tuple[str, ...], reason: str) -> None:
+    """New API-server pair from the current CA, with the current certificate's subject and
+    SANs (the `server.sans` setting is what `init` used); --san, --remove-san and --sans
+    change the SANs."""
+    if whole and (add or remove):
+        raise click.UsageError("--sans replaces the whole list: not with --san/--remove-san")
+    names = [n.strip() for w in whole for n in w.split(",") if n.strip()]
+    if whole and not names:
+        raise click.UsageError("--sans needs at least one name")
+    done(c.store.rotate_leaf("server", actor=actor(), reason=reason, add_sans=add,
+                             remove_sans=remove, sans=names or None), c.store)
 
 
 @rotate.command("kubecfg")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
 def rotate_kubecfg(c: Context, reason: str) -> None:
-    """New kubecfg (super-user) pair from the current CA."""
-    done(c.store.rotate_leaf("kubecfg", actor=actor(), reason=reason))
+    """New kubecfg (super-user) pair from the current CA, with the current one's subject."""
+    done(c.store.rotate_leaf("kubecfg", actor=actor(), reason=reason), c.store)
 
 
 @main.command()
@@ -282,6 +306,8 @@ def show(c: Context, item: str, version: int | None, pem: bool, fmt: str) -> Non
         v, rec, raw = c.store.item(item, version)
         text = raw.decode()
         data = {"item": item, "version": v, **rec.to_dict()}
+    if item in LEAVES and version is None and fmt == "table":
+        warn(changes.settings_drift(c.store.read().record, c.settings))
     if pem and fmt == "table":
         click.echo(text, nl=False)
         return
@@ -309,7 +335,7 @@ def versions(c: Context, fmt: str) -> None:
 @pass_ctx
 def rollback(c: Context, version: int, reason: str) -> None:
     """Make a new generation that copies VERSION."""
-    done(c.store.rollback(version, actor=actor(), reason=reason))
+    done(c.store.rollback(version, actor=actor(), reason=reason), c.store)
 
 
 @main.command()
@@ -361,7 +387,8 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
     files = read_import_dir(from_dir) if from_dir else read_import_pillar(from_pillar or "",
                                                                          key or "")
     source = from_dir or f"{from_pillar}#{key}"
-    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}"))
+    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}"),
+         c.store)
 
 
 @main.command("export-pillar")
@@ -397,6 +424,8 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
     report, record = c.store.renew(actor=actor(), dry_run=dry_run)
     if report["ca_warning"]:
         click.echo(f"warning: {report['ca_warning']}", err=True)
+    blocked = report.get("blocked")
+    impossible = blocked if report["due"] else None
     if fmt != "table":
         emit(fmt, {**report, "renewed": record.version if record else None}, lambda: [])
     elif not report["due"]:
@@ -407,7 +436,13 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
             click.echo(f"{'due' if dry_run else 'renewed'}: {d['item']} "
                        f"(expires {d['not_after']}, {short_duration(d['residual_seconds'])} left)")
         if record is not None:
-            done(record)
+            done(record, c.store)
+    if impossible:
+        click.echo(f"error: renewal is impossible: {impossible}", err=True)
+        sys.exit(1)
+    if blocked:
+        click.echo(f"warning: nothing is due, but renewal would be impossible: {blocked}",
+                   err=True)
 
 
 @main.group()
