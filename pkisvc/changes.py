@@ -70,12 +70,10 @@ class Profiles:
     key_pairs: tuple[str, ...] = KEY_PAIRS
 
     @classmethod
-    def from_settings(cls, s: Settings, server_sans: tuple[str, ...] | None = None
-                      ) -> Profiles:
-        """Profiles of settings s; server_sans replaces the configured extra SANs."""
-        extra = s.server.sans if server_sans is None else server_sans
-        server = pki.Profile("server", s.server.common_name, s.server.days,
-                             sans=pki.server_sans(extra, str(s.service_cidr), s.cluster_domain))
+    def from_settings(cls, s: Settings) -> Profiles:
+        """Profiles of settings s (a re-issue keeps the replaced leaf's subject and SANs)."""
+        server = pki.Profile("server", s.server.common_name, s.server.days, sans=pki.server_sans(
+            s.server.sans, str(s.service_cidr), s.cluster_domain))
         client = pki.Profile("client", s.kubecfg.common_name, s.kubecfg.days,
                              organization=s.kubecfg.organization)
         return cls(pki.Profile("ca", s.ca.common_name, s.ca.days),

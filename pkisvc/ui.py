@@ -265,7 +265,8 @@ def overview() -> Response:
                 label += " (signing)"
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
-                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation)
+                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
+                   warnings=store().warnings(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:

@@ -91,6 +91,11 @@ def test_an_easy_rsa_cluster_keeps_its_sans_and_subjects_through_every_reissue(t
         assert_kept(cfg)
     _, err = cli(changed, "show", "server")
     assert "k8s-master-2" in err
+    (tmp_path / "host").mkdir()  # an empty host: doctor fails on it, and still says this
+    out, _ = cli(changed, "doctor", "--root", str(tmp_path / "host"), "-o", "json", code=1)
+    settings = [ch for ch in json.loads(out)["checks"] if ch["check"] == "settings"]
+    assert [ch["status"] for ch in settings] and {ch["status"] for ch in settings} == {"WARN"}
+    assert any("k8s-master-2" in ch["message"] for ch in settings)
 
 
 def test_the_api_adds_removes_and_replaces_sans_and_says_what_it_removed(tmp_path):
@@ -119,6 +124,10 @@ def test_the_api_adds_removes_and_replaces_sans_and_says_what_it_removed(tmp_pat
     assert r.status_code == 400
     r = c.post("/v1/certs/kubecfg/rotate", json={"add_sans": ["a.example"]}, headers=h)
     assert r.status_code == 400
+    # The overview shows the SANs, and where the settings differ from the certificate.
+    page = c.get("/ui/", headers=h).text
+    assert "SANs api.example" in page
+    assert 'id="warnings"' in page and "has SANs the settings do not name: api.example" in page
 
 
 def test_import_keeps_the_exact_bytes_hosts_hold_and_warns_of_an_expired_leaf(tmp_path):
