@@ -250,13 +250,17 @@ def test_an_adopted_cluster_rolls_out_with_no_change_and_no_restart(world):
         for path, name in [*((f"srv/kubernetes/{n}", n) for n in names),
                            ("usr/local/share/ca-certificates/kubernetes-ca.crt", "ca.crt"),
                            ("var/lib/kubelet/ca.crt", "ca.crt")]:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_bytes(original[name])
             (root / path).chmod(0o600 if name.endswith(".key") else 0o644)
+        link = root / "etc/ssl/certs/kubernetes.pem"
+        if not link.is_symlink():
+            link.symlink_to("/usr/local/share/ca-certificates/kubernetes-ca.crt")
     before = {p: hashlib.sha256(b).hexdigest() for p, b in snapshot_hosts(cluster).items()}
 
-    ok, lines = orchestrate(cluster, log, rotate="none", post_commands=[])
-    assert ok and lines == []  # no restart state ran
+    ok, lines, out = orchestrate_out(cluster, log, rotate="none", post_commands=[])
+    assert ok and lines == [], out[-5000:]  # no restart state ran
     after = {p: hashlib.sha256(b).hexdigest() for p, b in snapshot_hosts(cluster).items()}
-    assert after == before
-    served = cluster.salt("k8s-master-1", "pillar.get", "kubernetes:cert:files:server.cert")
-    assert served["k8s-master-1"].encode() == original["server.cert"]
+    assert {p: after.get(p) for p in before} == before
+    # Only the formula's record of its lookup may be new (when no earlier run wrote it).
+    assert {Path(p).name for p in set(after) - set(before)} <= {"lookup.json"}
