@@ -107,9 +107,6 @@ class SanChange:
     remove: tuple[str, ...] = ()
     whole: tuple[str, ...] | None = None
 
-    def __bool__(self) -> bool:
-        return bool(self.add or self.remove or self.whole is not None)
-
     def apply(self, current: tuple[str, ...]) -> tuple[str, ...]:
         """current with this change made.
 
