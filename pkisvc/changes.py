@@ -30,7 +30,7 @@ from pkisvc.model import (
     GenerationRecord,
     StoredGeneration,
 )
-from pkisvc.settings import Settings, parse_san
+from pkisvc.settings import Settings, parse_sans
 
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 NEXT_CA_FILES = (NEXT_CA_CERT, NEXT_CA_KEY)
@@ -254,7 +254,7 @@ def leaf_request(item: str, sans: list[str] | None) -> tuple[str, ...] | None:
     if sans is not None and item != "server":
         raise InvalidRequest("only the server certificate has SANs")
     try:
-        return tuple(parse_san("sans", s) for s in sans) if sans is not None else None
+        return parse_sans("sans", sans) if sans is not None else None
     except ConfigError as e:
         raise InvalidRequest(e.message) from None
 

@@ -21,7 +21,7 @@ from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
+from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE, visible
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -65,7 +65,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PkiError as e:
-            click.echo(f"error: {e.message}", err=True)
+            click.echo(f"error: {visible(e.message)}", err=True)
             sys.exit(1)
 
 
@@ -88,13 +88,17 @@ def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
 # --- output ---------------------------------------------------------------------------
 
 def emit(fmt: str, data: Any, table: Callable[[], Sequence[Sequence[Any]]]) -> None:
-    """Print data as JSON or YAML, or the rows `table()` returns (first row = header)."""
+    """Print data as JSON or YAML, or the rows `table()` returns (first row = header).
+
+    JSON and YAML escape what a terminal must not receive; a table escapes it with `visible`
+    (a stored `\\n` or ESC would forge rows or drive the terminal).
+    """
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
-        rows = [[str(c) for c in r] for r in table()]
+        rows = [[visible(str(c)) for c in r] for r in table()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
