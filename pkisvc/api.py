@@ -15,8 +15,6 @@ from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
-_REASON_MAX = 1024
-
 
 def store() -> CertStore:
     s: CertStore = current_app.extensions["pkisvc"]
@@ -39,18 +37,17 @@ def body(**fields: type | tuple[type, ...]) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the body is not valid JSON") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     for key, value in data.items():
         if key not in fields:
-            raise InvalidRequest(f"unknown field {key!r} (allowed: {', '.join(fields)})")
+            raise InvalidRequest(f"unknown field {key[:64]!r} (allowed: {', '.join(fields)})")
         kind = fields[key]
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool)
                                   and kind is not bool)):
             raise InvalidRequest(f"field {key!r} has the wrong type")
-    reason = data.get("reason")
-    if reason is not None and len(reason) > _REASON_MAX:
-        raise InvalidRequest(f"field 'reason' is longer than {_REASON_MAX} characters")
     return {k: v for k, v in data.items() if v is not None}
 
 

@@ -31,7 +31,7 @@ from pkisvc.model import (
     StoredGeneration,
     format_time,
 )
-from pkisvc.settings import Settings, parse_san
+from pkisvc.settings import Settings, parse_sans
 
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 NEXT_CA_FILES = (NEXT_CA_CERT, NEXT_CA_KEY)
@@ -355,10 +355,9 @@ def leaf_request(item: str, *, add: list[str] | tuple[str, ...] = (),
         raise InvalidRequest("give either the whole list of SANs or SANs to add and remove, "
                              "not both")
     try:
-        def parsed(field: str, names: Any) -> tuple[str, ...]:
-            return tuple(parse_san(field, s) for s in names)
-        return SanChange(parsed("add_sans", add), parsed("remove_sans", remove),
-                         parsed("sans", sans) if sans is not None else None)
+        return SanChange(parse_sans("add_sans", add or []),
+                         parse_sans("remove_sans", remove or []),
+                         parse_sans("sans", sans) if sans is not None else None)
     except ConfigError as e:
         raise InvalidRequest(e.message) from None
 

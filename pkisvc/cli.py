@@ -30,6 +30,7 @@ from pkisvc.model import (
     TRUST_FILE,
     format_time,
     parse_time,
+    visible,
 )
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
@@ -74,7 +75,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PkiError as e:
-            click.echo(f"error: {e.message}", err=True)
+            click.echo(f"error: {visible(e.message)}", err=True)
             sys.exit(1)
 
 
@@ -97,13 +98,17 @@ def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
 # --- output ---------------------------------------------------------------------------
 
 def emit(fmt: str, data: Any, table: Callable[[], Sequence[Sequence[Any]]]) -> None:
-    """Print data as JSON or YAML, or the rows `table()` returns (first row = header)."""
+    """Print data as JSON or YAML, or the rows `table()` returns (first row = header).
+
+    JSON and YAML escape what a terminal must not receive; a table escapes it with `visible`
+    (a stored `\\n` or ESC would forge rows or drive the terminal).
+    """
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
-        rows = [[format_time(c) if isinstance(c, datetime) else str(c) for c in r]
+        rows = [[format_time(c) if isinstance(c, datetime) else visible(str(c)) for c in r]
                 for r in table()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:

@@ -27,16 +27,19 @@ from pkisvc.errors import (
 )
 from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
+    ACTOR_MAX,
     CERT_FILES,
     ITEMS,
     KEY_FILES,
     LEAVES,
+    REASON_MAX,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
     ItemRecord,
     StoredGeneration,
     TokenRecord,
+    check_text,
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
@@ -270,6 +273,8 @@ class CertStore:
                 key_type: str | None = None, profiles: Profiles | None = None,
                 items: tuple[str, ...] = ITEMS, expect_empty: bool = False,
                 allow_empty: bool = False, remote_addr: str | None = None) -> GenerationRecord:
+        check_text("actor", actor, ACTOR_MAX)
+        check_text("reason", reason, REASON_MAX)
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
