@@ -7,7 +7,10 @@ suite a backend must pass.
 """
 from __future__ import annotations
 
-from datetime import datetime
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
@@ -38,10 +41,13 @@ class Backend(Protocol):
         Raises: NotFound (no such version, or an empty store), BackendUnavailable.
         """
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         """Store gen as version `expected + 1` (1 when expected is None) and return it.
 
         Atomic: readers see all of it or nothing.  gen.record.version must equal that number.
+        `event` is the change's audit event: it is committed with the generation (one commit
+        point, never one without the other) and listed by `audit()` from then on.
         Raises: VersionConflict when the latest version is not `expected`;
         BackendUnavailable.
         """
@@ -53,13 +59,15 @@ class Backend(Protocol):
         """
 
     def append_audit(self, event: AuditEvent) -> None:
-        """Append one audit event durably.
+        """Append one audit event durably (events that are not changes: those go with
+        their generation, through `write(..., event=)`).
 
         Raises: BackendUnavailable.
         """
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
-        """Return up to limit events at or after since, newest first.
+        """Return up to limit events at or after since, newest first: the change events
+        committed with generations and the appended ones, merged by time.
 
         Raises: BackendUnavailable.
         """
@@ -102,3 +110,39 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
         if not valid_file_name(name) or name == reserved:
             raise InvalidRequest(f"not a storable file name: {name!r}")
     return version
+
+
+def event_time(event: AuditEvent) -> datetime:
+    """The event's time, in UTC (InvalidRequest when it is not RFC 3339)."""
+    try:
+        t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
+                  since: datetime | None, limit: int) -> list[AuditEvent]:
+    """Merge two newest-first streams of events (the change events read from generations,
+    newest version first, and the appended ones) into up to `limit` events at or after
+    `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
+    """
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+
+    # Times have whole seconds.  Within one second an appended event is taken as later than a
+    # change to the same or an older version (a delivery of it, a token made after it), and
+    # earlier than a change to a newer one.
+    def bounded(events: Iterable[AuditEvent], rank: int
+                ) -> Iterator[tuple[tuple[datetime, float, int], AuditEvent]]:
+        for e in events:
+            t = event_time(e)
+            if since is not None and t < since:
+                if rank == 0:
+                    return  # versions are made in time order: the rest is older still
+                continue
+            yield (t, float("inf") if e.version is None else e.version, rank), e
+
+    merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
+                         key=lambda p: p[0], reverse=True)
+    return [e for _, e in itertools.islice(merged, max(limit, 0))]
