@@ -6,10 +6,12 @@
 
 A generation is written as one KV version with `cas=<the version it builds on>`, so Vault
 itself refuses a stale writer and every replica stays gapless.  The version payload holds the
-whole generation: `{"pkisvc": 1, "record": {...}, "files": {name: base64}}` (per-version facts
-cannot live in `custom_metadata`, which is per secret).  Before the first write the secret's
-`max_versions` is set explicitly (KV v2 keeps 10 and purges older ones silently otherwise) and
-`cas_required` is switched on.
+whole generation and the change's audit event: `{"pkisvc": 1, "record": {...}, "event":
+{...}, "files": {name: base64}}` (per-version facts cannot live in `custom_metadata`, which is
+per secret).  That one KV write is the change's commit point: a version never exists without
+its event (versions written before the event moved in have theirs under audit/).  Before the
+first write the secret's `max_versions` is set explicitly (KV v2 keeps 10 and purges older ones
+silently otherwise) and `cas_required` is switched on.
 
 Versions never change once written, so they are cached in memory; `latest()` always asks
 Vault, through the `subkeys` endpoint (the version number without the payload).
@@ -29,16 +31,15 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pkisvc.backends.base import checked_version, event_time
+from pkisvc.backends.base import checked_version, event_time, merged_events
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
-    InvalidRequest,
     NotFound,
     PermissionDenied,
     VersionConflict,
@@ -81,6 +82,8 @@ class VaultBackend:
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
         self._records: dict[int, GenerationRecord] = {}
+        # Each version's change event (None: written before events moved into the version).
+        self._changes: dict[int, AuditEvent | None] = {}
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._metadata_checked = False
         self._subkeys_path = f"{mount}/subkeys/{self._material}"
@@ -156,8 +159,9 @@ class VaultBackend:
                      self._meta(self._material))
         self._metadata_checked = True
 
-    def _remember(self, gen: StoredGeneration) -> None:
+    def _remember(self, gen: StoredGeneration, event: AuditEvent | None) -> None:
         with self._lock:
+            self._changes[gen.version] = event
             self._cache[gen.version] = gen
             self._cache.move_to_end(gen.version)
             while len(self._cache) > CACHE_SIZE:
@@ -171,7 +175,8 @@ class VaultBackend:
                 self._cache.move_to_end(version)
             return gen
 
-    def _decode(self, resp: Mapping[str, Any], version: int) -> StoredGeneration:
+    def _decode(self, resp: Mapping[str, Any], version: int
+                ) -> tuple[StoredGeneration, AuditEvent | None]:
         where = f"{self._data(self._material)} version {version}"
         try:
             payload = resp["data"]["data"]
@@ -180,13 +185,14 @@ class VaultBackend:
             record = GenerationRecord.from_dict(payload["record"])
             files = {str(n): base64.b64decode(b, validate=True)
                      for n, b in payload["files"].items()}
+            event = AuditEvent.from_dict(payload["event"]) if payload.get("event") else None
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
             raise BackendUnavailable(f"vault at {self.addr}: {where} is not a pkisvc "
                                      "generation") from None
         if record.version != version:
             raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
                                      f"{record.version}")
-        return StoredGeneration(record, files)
+        return StoredGeneration(record, files), event
 
     # --- generations -------------------------------------------------------------------
 
@@ -227,7 +233,7 @@ class VaultBackend:
         version = int(self.vault.dig(resp, self._data(self._material),
                                      "data", "metadata", "version"))
         if self._cached(version) is None:
-            self._remember(self._decode(resp, version))
+            self._remember(*self._decode(resp, version))
         return version
 
     def _latest_from_metadata(self) -> int | None:
@@ -249,15 +255,17 @@ class VaultBackend:
             resp = self._read(self._material, version)
         except NotFound:
             raise NotFound(f"no version {version}") from None
-        gen = self._decode(resp, version)
-        self._remember(gen)
+        gen, event = self._decode(resp, version)
+        self._remember(gen, event)
         return gen
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RESERVED)
         payload = {
             "pkisvc": FORMAT,
             "record": gen.record.to_dict(),
+            "event": event.to_dict() if event is not None else None,
             "files": {n: base64.b64encode(b).decode("ascii") for n, b in gen.files.items()},
         }
         self._ensure_metadata(first=expected is None)
@@ -270,7 +278,7 @@ class VaultBackend:
         if written != version:  # cas makes this impossible; never report a wrong number
             raise BackendUnavailable(f"vault at {self.addr}: wrote KV version {written} for "
                                      f"pkisvc version {version}")
-        self._remember(gen)
+        self._remember(gen, event)
         return version
 
     def versions(self) -> list[GenerationRecord]:
@@ -309,25 +317,42 @@ class VaultBackend:
         raise BackendUnavailable(f"vault at {self.addr}: cannot find a free audit key")
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
+        latest = self.latest() or 0
+        return merged_events(self._change_events(latest), self._appended(since), since, limit)
+
+    def _change_events(self, latest: int) -> Iterator[AuditEvent]:
+        """The change events kept in the versions, newest first (each read once)."""
+        for v in range(latest, 0, -1):
+            with self._lock:
+                known = v in self._changes
+                event = self._changes.get(v)
+            if not known:
+                try:
+                    self.read(v)
+                except NotFound:
+                    continue  # deleted by hand
+                event = self._changes.get(v)
+            if event is not None:
+                yield event
+
+    def _appended(self, since: datetime | None) -> Iterator[AuditEvent]:
+        """The appended events (not changes), newest first, down to since's second."""
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         floor = since.astimezone(UTC).strftime("%Y%m%d%H%M%S") if since else ""
-        out: list[AuditEvent] = []
         days = sorted((d.rstrip("/") for d in self._list(self._audit_dir) if d.endswith("/")),
                       reverse=True)
         for day in days:
-            if len(out) >= limit or day < floor[:8]:
-                break
+            if day < floor[:8]:
+                return
             keys = sorted((k for k in self._list(f"{self._audit_dir}/{day}")
                            if not k.endswith("/")), reverse=True)
             for k in keys:
-                if len(out) >= limit or day + k[:6] < floor[:14]:
-                    return out
+                if day + k[:6] < floor[:14]:
+                    return
                 event = self._event(f"{day}/{k}")
-                if event is None or (since is not None and event_time(event) < since):
-                    continue
-                out.append(event)
-        return out
+                if event is not None:
+                    yield event
 
     def _event(self, key: str) -> AuditEvent | None:
         cached = self._events.get(key)
