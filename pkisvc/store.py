@@ -23,9 +23,11 @@ from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
     AlreadyInitialised,
+    AnswerLost,
     BackendUnavailable,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     VersionConflict,
 )
 from pkisvc.imports import check_import
@@ -281,7 +283,7 @@ class CertStore:
             try:
                 try:
                     version = self.backend.write(gen, expected=parent, event=event)
-                except BackendUnavailable as e:
+                except AnswerLost as e:
                     version = _settle(self.backend, gen, parent, event, e)
             except VersionConflict:
                 if expect_empty:
@@ -296,7 +298,7 @@ class CertStore:
 
 
 def _settle(backend: Backend, gen: StoredGeneration, parent: int | None, event: AuditEvent,
-            failure: BackendUnavailable) -> int:
+            failure: AnswerLost) -> int:
     """Find out what became of a write whose answer did not come (it may have committed).
 
     Reads the version back: ours (same record) is done; another's is a VersionConflict (the
@@ -304,11 +306,12 @@ def _settle(backend: Backend, gen: StoredGeneration, parent: int | None, event: 
     makes a second landing impossible.  Gives up with the failure after SETTLE_PATIENCE.
     """
     mine = gen.record.to_dict()
+    cause: BackendUnavailable = failure
     deadline = time.monotonic() + SETTLE_PATIENCE
     delay = 0.05
     while True:
         log.warning("version %d: %s; reading back what became of the write", gen.version,
-                    failure.message)
+                    cause.message)
         try:
             try:
                 found = backend.read(gen.version)
@@ -324,11 +327,13 @@ def _settle(backend: Backend, gen: StoredGeneration, parent: int | None, event: 
                 raise VersionConflict(f"version {gen.version} was written by another writer")
             log.info("version %d was committed (its answer was lost)", gen.version)
             return gen.version
+        except PermissionDenied:
+            raise
         except BackendUnavailable as e:
-            failure = e
+            cause = e
         if time.monotonic() + delay > deadline:
             log.error("version %d: cannot tell whether it was written: %s", gen.version,
-                      failure.message)
-            raise failure
+                      cause.message)
+            raise cause
         time.sleep(delay)
         delay = min(delay * 2, 1.0)

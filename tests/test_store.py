@@ -11,6 +11,7 @@ from pkisvc import pki
 from pkisvc.changes import parse_files
 from pkisvc.errors import (
     AlreadyInitialised,
+    AnswerLost,
     BackendUnavailable,
     Conflict,
     InvalidMaterial,
@@ -356,7 +357,7 @@ class _LostWriteAnswers:
         if self.lost:
             self.lost -= 1
             self.failed_reads = self.after
-            raise BackendUnavailable("vault at http://127.0.0.1:1: connection lost")
+            raise AnswerLost("vault at http://127.0.0.1:1: connection lost")
         return version
 
     def read(self, version=None):
