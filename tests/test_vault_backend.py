@@ -472,3 +472,27 @@ def test_an_operator_session_over_vault(openbao, tmp_path):
     dest = tmp_path / "backup.tar.gz"
     assert cli("backup", "--to", str(dest)).startswith("backup of 4 versions")
     assert not (tmp_path / "data" / "generations").exists()  # nothing went to the files backend
+
+
+@pytest.mark.slow
+def test_more_versions_than_any_max_versions_are_all_kept(openbao, tmp_path):
+    """Issue 17, acceptance 5: 1,100 versions (ECDSA rollbacks, to keep it quick)."""
+    store, settings = vault_store(openbao, tmp_path, key_type="ecdsa-p256")
+    store.init(actor="t")
+    store.rotate_leaf("server", actor="t", reason="two")
+    started = time.monotonic()
+    for n in range(3, 1101):
+        assert store.rollback(1 + n % 2, actor="t").version == n
+    writing = time.monotonic() - started
+    fresh = CertStore(load_backend(settings), settings)  # nothing cached
+    assert [r.version for r in fresh.versions()] == list(range(1100, 0, -1))
+    second = fresh.read(2).record.items["server"].fingerprint
+    for n in range(1, 1101):
+        gen = fresh.read(n)
+        assert gen.version == n and gen.files["server.key"]
+    assert fresh.rollback(2, actor="t").version == 1101
+    assert fresh.read().record.items["server"].fingerprint == second
+    assert_whole(fresh, 1101)
+    assert len(fresh.audit(limit=2000)) == 1101
+    print(f"\n1,100 versions on OpenBao: {writing:.1f}s of writes "
+          f"({writing / 1098 * 1000:.1f} ms a rollback)")
