@@ -101,6 +101,8 @@ class VaultBackend:
         self._changes: dict[int, AuditEvent | None] = {}
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._healed = False
+        self._head_seen: tuple[int, int] | None = None  # the last head read or written
+        self._first_layout_top: int | None = None  # read once, when a write needs it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -187,8 +189,10 @@ class VaultBackend:
         except NotFound:
             return None
         where = self._data(self._head_path)
-        return (int(self.vault.dig(resp, where, "data", "data", "version")),
+        head = (int(self.vault.dig(resp, where, "data", "data", "version")),
                 int(self.vault.dig(resp, where, "data", "metadata", "version")))
+        self._head_seen = head
+        return head
 
     def latest(self) -> int | None:
         # Asked on every hot read, never cached (another replica may have written since):
@@ -200,28 +204,32 @@ class VaultBackend:
             self._healed = True
         return top or None
 
-    def _heal(self, top: int) -> int:
+    def _heal(self, top: int, level: int = logging.WARNING) -> int:
         """Move `head` past the committed records beyond it (a writer killed after its
-        commit); return the latest version."""
+        commit, or one about to move it); return the latest version."""
         v = top
         while self._record(v + 1, first_layout=False) is not None:
             v += 1
         if v > top:
-            log.warning("%s was behind: versions %d..%d were committed; moving it",
-                        self._data(self._head_path), top + 1, v)
+            log.log(level, "%s was behind: versions %d..%d were committed; moving it",
+                    self._data(self._head_path), top + 1, v)
             self._advance_head(v)
         return v
 
     def _advance_head(self, version: int) -> None:
+        # First with the head last seen (by this process, usually its own last move): one
+        # write; a conflict means someone moved it since, so read it and decide again.
+        head = self._head_seen
         for _ in range(UPDATE_ATTEMPTS):
-            head = self._head()
             if head is not None and head[0] >= version:
                 return  # never backwards: a later writer moved it already
             try:
-                self._write(self._head_path, {"version": version},
-                            cas=head[1] if head is not None else 0)
+                kv = self._write(self._head_path, {"version": version},
+                                 cas=head[1] if head is not None else 0)
             except VersionConflict:
+                head = self._head()
                 continue
+            self._head_seen = (version, kv)
             return
         raise VersionConflict(f"{self._data(self._head_path)}: too many concurrent writers")
 
@@ -323,10 +331,18 @@ class VaultBackend:
     def write(self, gen: StoredGeneration, *, expected: int | None,
               event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RESERVED)
-        top = self.latest()
-        if top != expected:
-            raise VersionConflict(f"the store is at version {top}, the writer built on "
-                                  f"{expected}")
+        if self._head_seen is None:
+            # Before `head` exists, a first-layout store's versions have no records for the
+            # cas=0 create to meet: check the writer built on its latest.
+            top = self.latest()
+            if top != expected:
+                raise VersionConflict(f"the store is at version {top}, the writer built on "
+                                      f"{expected}")
+        else:
+            if self._first_layout_top is None:
+                self._first_layout_top = self._first_layout_latest()
+            if version <= self._first_layout_top:
+                raise VersionConflict(f"version {version} exists (first layout)")
         nonce = secrets.token_hex(8)
         material = self._material_path(version, nonce)
         self._write(material, {"pkisvc": FORMAT, "files": {
@@ -337,7 +353,8 @@ class VaultBackend:
             self._write(self._record_path(version), record, cas=0)  # the commit point
         except VersionConflict:
             self._forget(material)
-            self._heal(expected or 0)  # head may be behind (a writer killed after its commit)
+            # head may be behind (a writer killed after its commit, or about to move it)
+            self._heal(expected or 0, logging.INFO)
             raise VersionConflict(f"{self._data(self._record_path(version))} exists: another "
                                   "writer was first") from None
         except AnswerLost as lost:

@@ -188,6 +188,8 @@ def test_a_first_layout_store_is_read_as_it_is_and_written_on_in_the_new_one(ope
     assert fresh.latest() == 3
     assert [r.reason for r in fresh.versions()] == ["old1", "old2", "new"]
     assert fresh.read(2).record.reason == "old2"
+    with pytest.raises(VersionConflict):  # a stale writer meets the first layout's versions
+        fresh.write(fake_generation(2, "stale"), expected=1)
     assert kv.read_secret_metadata(old)["data"]["current_version"] == 2  # left as it was
 
 
