@@ -391,8 +391,8 @@ class VaultBackend:
                 if key not in keep and key.startswith("material-"):
                     self._forget(f"{self._versions}/{version}/{key}")
         except (BackendUnavailable, VersionConflict) as e:
-            log.error("version %d is committed but %s was not moved: %s", version,
-                      self._data(self._head_path), e.message)
+            log.error("version %d is committed; moving %s or clearing leftovers after it "
+                      "failed: %s", version, self._data(self._head_path), e.message)
 
     def _forget(self, path: str) -> None:
         """Delete material no record names (best effort: it is invisible anyway)."""
