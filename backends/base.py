@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
@@ -112,31 +112,19 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
     return version
 
 
-def event_time(event: AuditEvent) -> datetime:
-    """The event's time, in UTC (InvalidRequest when it is not RFC 3339)."""
-    try:
-        t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
-
-
 def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
                   since: datetime | None, limit: int) -> list[AuditEvent]:
     """Merge two newest-first streams of events (the change events read from generations,
     newest version first, and the appended ones) into up to `limit` events at or after
     `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
     """
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-
     # Times have whole seconds.  Within one second an appended event is taken as later than a
     # change to the same or an older version (a delivery of it, a token made after it), and
     # earlier than a change to a newer one.
     def bounded(events: Iterable[AuditEvent], rank: int
                 ) -> Iterator[tuple[tuple[datetime, float, int], AuditEvent]]:
         for e in events:
-            t = event_time(e)
+            t = e.time
             if since is not None and t < since:
                 if rank == 0:
                     return  # versions are made in time order: the rest is older still

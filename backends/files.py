@@ -47,7 +47,7 @@ from pkisvc.settings import Settings
 
 RECORD = "record.json"
 EVENT = "event.json"  # the change's audit event, committed with its generation
-_GEN_DIR = re.compile(r"^\d{6,}$")
+_GEN_DIR = re.compile(r"[0-9]{6,}")
 
 
 class FilesBackend:
@@ -130,7 +130,7 @@ class FilesBackend:
             names = os.listdir(self._gens)
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names if _GEN_DIR.match(n))
+        return sorted(int(n) for n in names if _GEN_DIR.fullmatch(n))
 
     def _read_current(self) -> int | None:
         # Asked on every request; `current` is only ever replaced (new inode), so a stat

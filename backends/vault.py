@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pkisvc.backends.base import checked_version, event_time, merged_events
+from pkisvc.backends.base import checked_version, merged_events
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     AnswerLost,
@@ -414,7 +414,7 @@ class VaultBackend:
     # --- audit -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:
-        when = event_time(event)
+        when = event.time
         day = when.strftime("%Y%m%d")
         # Key order is time order: the event's second, then a nanosecond tie-breaker for
         # events within one second, then randomness so two writers never collide.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter as Tally
-from datetime import datetime
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,13 +20,23 @@ from pkisvc.store import CertStore
 
 REQUESTS = Counter("pkisvc_http_requests_total", "HTTP requests answered.",
                    ["method", "endpoint", "status"], registry=None)
+AUTH_REFUSED = Counter("pkisvc_auth_refused_total",
+                       "Requests refused for a missing, unknown or insufficient token.",
+                       ["endpoint", "status"], registry=None)
 LATENCY = Histogram("pkisvc_http_request_duration_seconds", "Time to answer a request.",
                     ["endpoint"], registry=None,
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 
 
-def _timestamp(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+# Labels come from fixed sets only: a label value taken from the request would let any client
+# add series without limit (an invented method per request), and every scrape would carry them.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+UNKNOWN_ENDPOINT = "unknown"
+
+
+def method_label(method: str) -> str:
+    """The request method as a label: a known method, else `other`."""
+    return method if method in METHODS else "other"
 
 
 class StoreCollector:
@@ -61,10 +70,10 @@ class StoreCollector:
             labels=["cluster", "item"])
         s = self.store.settings
         for item, rec in gen.record.items.items():
-            expiry.add_metric([cluster, item], _timestamp(rec.not_after))
-            start.add_metric([cluster, item], _timestamp(rec.not_before))
+            expiry.add_metric([cluster, item], rec.not_after.timestamp())
+            start.add_metric([cluster, item], rec.not_before.timestamp())
             ahead = s.ca_warn_before if item == "ca" else s.renew_before
-            renewal.add_metric([cluster, item], _timestamp(rec.not_after) - ahead)
+            renewal.add_metric([cluster, item], rec.not_after.timestamp() - ahead)
         yield expiry
         yield start
         yield renewal
@@ -91,6 +100,7 @@ def render(store: CertStore) -> bytes:
         MultiProcessCollector(registry)
     else:
         registry.register(REQUESTS)
+        registry.register(AUTH_REFUSED)
         registry.register(LATENCY)
     registry.register(StoreCollector(store))
     return generate_latest(registry)

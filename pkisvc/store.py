@@ -161,7 +161,7 @@ class CertStore:
         return pki.cert_pem(cert), pki.key_pem(key), gen.files[TRUST_FILE]
 
     def _audit(self, actor: str, action: str, **fields: Any) -> None:
-        self.backend.append_audit(AuditEvent(time=pki.rfc3339(self.now()), actor=actor,
+        self.backend.append_audit(AuditEvent(time=self.now(), actor=actor,
                                              action=action, **fields))
 
     # --- changes: each a planner handed to _commit ------------------------------------

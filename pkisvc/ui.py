@@ -34,12 +34,14 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    format_time,
 )
 from pkisvc.store import CertStore
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ui", __name__, url_prefix="/ui")
+bp.add_app_template_filter(format_time, "rfc3339")  # pages show times as the API writes them
 
 SESSION_COOKIE = "pkisvc_ui"
 CSRF_COOKIE = "pkisvc_ui_csrf"
@@ -139,10 +141,6 @@ def _cookie_args() -> dict[str, Any]:
 
 # --- what the pages show (pure functions of records and events) ------------------------------
 
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 @dataclass(frozen=True)
 class Lifetime:
     """One certificate's remaining lifetime against its whole validity."""
@@ -179,7 +177,7 @@ def lifetimes(record: GenerationRecord, now: datetime) -> list[Lifetime]:
     out = []
     for item in ITEMS:
         rec = record.items[item]
-        start, end = _time(rec.not_before), _time(rec.not_after)
+        start, end = rec.not_before, rec.not_after
         out.append(Lifetime(item, CERT_FILES[item], rec, (end - now).total_seconds() / 86400,
                             (end - start).total_seconds() / 86400))
     return out
@@ -192,7 +190,7 @@ class Minion:
     minion: str
     role: str | None
     version: int
-    time: str
+    time: datetime
     behind: int  # versions behind the current one (0 = current)
     changed: bool  # the files it holds differ from what its pillar holds now
 
@@ -345,8 +343,7 @@ def login() -> Response:
     token = request.form.get("token", "").strip()
     try:
         principal = authenticate(store(), f"Bearer {token}")
-    except Unauthorized:
-        log.info("operator pages: a login with an unknown token from %s", request.remote_addr)
+    except Unauthorized:  # logged (rate-limited) and counted with every 401 by app._count
         return _login_form("unknown token", 401)
     if "read" not in principal.scopes:
         return _login_form(f"token {principal.name!r} lacks the 'read' scope", 403)

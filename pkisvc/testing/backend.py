@@ -9,14 +9,16 @@ from pkisvc.backends.base import Backend
 from pkisvc.errors import Conflict, NotFound, PkiError, VersionConflict
 from pkisvc.model import AuditEvent, GenerationRecord, ItemRecord, StoredGeneration, TokenRecord
 
+NOON = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
 
 def fake_generation(version: int, note: str = "") -> StoredGeneration:
     """Return a generation of placeholder bytes: backends store bytes, not certificates."""
     item = ItemRecord(fingerprint=f"{version:064x}", serial="1", subject="CN=x", issuer="CN=x",
-                      sans=(), not_before="2026-01-01T00:00:00Z",
-                      not_after="2027-01-01T00:00:00Z")
+                      sans=(), not_before=datetime(2026, 1, 1, tzinfo=UTC),
+                      not_after=datetime(2027, 1, 1, tzinfo=UTC))
     record = GenerationRecord(
-        version=version, parent=version - 1 or None, created_at="2026-11-29T12:00:00Z",
+        version=version, parent=version - 1 or None, created_at=NOON,
         actor="test", operation="rotate-ca", reason=note, key_type="ecdsa-p256",
         items={"ca": item, "server": item, "kubecfg": item}, trust=(item.fingerprint,))
     files = {"ca.crt": f"cert {version} {note}".encode(), "ca.key": b"\x00key" * version,
@@ -93,26 +95,26 @@ class BackendContract:
         assert backend.latest() is None
 
     def test_audit_newest_first_with_since_and_limit(self, backend: Backend) -> None:
-        base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+        base = NOON
         for i in range(5):
-            t = (base + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            t = base + timedelta(minutes=i)
             backend.append_audit(AuditEvent(time=t, actor="a", action="rotate-ca", version=i + 1))
         assert [e.version for e in backend.audit()] == [5, 4, 3, 2, 1]
         assert [e.version for e in backend.audit(limit=2)] == [5, 4]
         assert [e.version for e in backend.audit(since=base + timedelta(minutes=3))] == [5, 4]
 
     def test_audit_keeps_every_field(self, backend: Backend) -> None:
-        e = AuditEvent(time="2026-11-29T12:00:00Z", actor="salt-master", action="pillar",
+        e = AuditEvent(time=NOON, actor="salt-master", action="pillar",
                        version=3, items=("ca", "server"), remote_addr="127.0.0.1",
                        minion="k8s-master-1", role="master")
         backend.append_audit(e)
         assert backend.audit() == [e]
 
     def test_a_change_event_is_committed_with_its_generation(self, backend: Backend) -> None:
-        base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+        base = NOON
 
-        def at(minutes: int) -> str:
-            return (base + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        def at(minutes: int) -> datetime:
+            return base + timedelta(minutes=minutes)
 
         for v in range(1, 5):
             change = AuditEvent(time=at(2 * v), actor="a", action="rotate-ca", version=v,
@@ -136,7 +138,7 @@ class BackendContract:
         assert backend.audit(since=base + timedelta(minutes=5), limit=2) == events[:2]
 
     def test_tokens(self, backend: Backend) -> None:
-        t = TokenRecord("ops", "a" * 64, ("read", "admin"), "2026-11-29T12:00:00Z")
+        t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)
         backend.put_token(t)
         assert backend.tokens() == [t]
         with pytest.raises(Conflict):
