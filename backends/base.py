@@ -118,18 +118,18 @@ def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
     newest version first, and the appended ones) into up to `limit` events at or after
     `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
     """
-    # Times have whole seconds.  Within one second an appended event is taken as later than a
-    # change to the same or an older version (a delivery of it, a token made after it), and
-    # earlier than a change to a newer one.
+    # Times have whole seconds.  Within one second an appended event (a delivery, a key read,
+    # a token made) is taken as later than a change: what follows a change is most often
+    # about it, or about the version it left behind.
     def bounded(events: Iterable[AuditEvent], rank: int
-                ) -> Iterator[tuple[tuple[datetime, float, int], AuditEvent]]:
+                ) -> Iterator[tuple[tuple[datetime, int], AuditEvent]]:
         for e in events:
             t = e.time
             if since is not None and t < since:
                 if rank == 0:
                     return  # versions are made in time order: the rest is older still
                 continue
-            yield (t, float("inf") if e.version is None else e.version, rank), e
+            yield (t, rank), e
 
     merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
                          key=lambda p: p[0], reverse=True)
