@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Mapping
 
 # Item -> (cert file, key file) as hosts name them (the seed's names).  The CA key is kept by
@@ -152,6 +153,39 @@ class AuditEvent:
             items=tuple(d.get("items", ())), reason=d.get("reason", ""),
             remote_addr=d.get("remote_addr"), minion=d.get("minion"), role=d.get("role"),
         )
+
+
+_TIME = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """An operator pages' session, kept under the sha256 of its id (only the browser holds it).
+
+    It names the token it was opened with (`token_sha256`, which must still exist for the
+    session to work) and that token's scopes; times are timezone-aware UTC.
+    """
+
+    sha256: str
+    name: str
+    token_sha256: str
+    scopes: tuple[str, ...]
+    created: datetime
+    expires: datetime
+    seen: datetime  # last use, as recorded (at most a minute or so behind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "name": self.name, "token_sha256": self.token_sha256,
+                "scopes": list(self.scopes), "created": self.created.strftime(_TIME),
+                "expires": self.expires.strftime(_TIME), "seen": self.seen.strftime(_TIME)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionRecord:
+        def when(key: str) -> datetime:
+            return datetime.strptime(d[key], _TIME).replace(tzinfo=UTC)
+        return cls(sha256=d["sha256"], name=d["name"], token_sha256=d["token_sha256"],
+                   scopes=tuple(d["scopes"]), created=when("created"),
+                   expires=when("expires"), seen=when("seen"))
 
 
 @dataclass(frozen=True)
