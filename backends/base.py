@@ -73,7 +73,8 @@ class Backend(Protocol):
         """
 
     def sessions(self) -> list[SessionRecord]:
-        """Return the operator pages' sessions, ended ones included until they are removed.
+        """Return the operator pages' sessions, oldest first (in the order they were added;
+        a touch keeps the place), ended ones included until they are removed.
 
         Raises: BackendUnavailable.
         """

@@ -70,13 +70,12 @@ def touch_due(session: SessionRecord, *, now: datetime, idle: int) -> bool:
 def to_end(held: Iterable[SessionRecord], tokens: Tokens, *, now: datetime, idle: int,
            opening: str) -> list[str]:
     """The hashes of sessions to remove before the token with hash `opening` opens another:
-    those that ended, and that token's oldest beyond PER_TOKEN - 1.
+    those that ended, and that token's oldest beyond PER_TOKEN - 1.  held: oldest first.
     """
     gone, mine = [], []
-    for s in held:
+    for s in held:  # oldest first (times alone cannot tell logins within one second apart)
         if ended(s, tokens.get(s.token_sha256), now=now, idle=idle):
             gone.append(s.sha256)
         elif s.token_sha256 == opening:
-            mine.append(s)
-    mine.sort(key=lambda s: s.created, reverse=True)
-    return gone + [s.sha256 for s in mine[PER_TOKEN - 1:]]
+            mine.append(s.sha256)
+    return gone + mine[:max(0, len(mine) - (PER_TOKEN - 1))]
