@@ -23,6 +23,7 @@ from pkisvc.errors import (
     BackendUnavailable,
     InvalidRequest,
     NotFound,
+    PkiError,
     Unauthorized,
     VersionConflict,
 )
@@ -119,10 +120,11 @@ class CertStore:
 
     # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
 
-    def open_session(self, token_sha256: str) -> str:
+    def open_session(self, token_sha256: str, *, replacing: str | None = None) -> str:
         """Open a session for the token with that hash, which just logged in; return its id
-        (the only time it is seen).  Sessions that ended, and this token's oldest beyond
-        `sessions.PER_TOKEN`, are removed first.
+        (the only time it is seen).  Sessions that ended, this token's oldest beyond
+        `sessions.PER_TOKEN`, and the session `replacing` (the browser's previous id), if
+        any, are removed first.
 
         Raises: Unauthorized when the token is gone (revoked meanwhile).
         """
@@ -133,6 +135,9 @@ class CertStore:
             raise Unauthorized("unknown token")
         gone = sessions.to_end(self.backend.sessions(), tokens, now=now, idle=idle,
                                opening=token_sha256)
+        previous = sessions.session_hash(replacing) if replacing else None
+        if previous is not None:
+            gone.append(previous)
         if gone:
             self.backend.end_sessions(gone)
         session_id, record = sessions.new_session(token_sha256, token, now=now,
@@ -150,12 +155,20 @@ class CertStore:
         if held is None:
             return None
         now, idle = self.now(), self.settings.ui.session_idle
-        if sessions.ended(held, self._token(held.token_sha256), now=now, idle=idle):
-            self.backend.end_sessions([digest])
-            return None
-        if sessions.touch_due(held, now=now, idle=idle) and \
-                not self.backend.touch_session(digest, now):
-            return None  # ended meanwhile (a logout in another worker)
+        why = sessions.ended(held, self._token(held.token_sha256), now=now, idle=idle)
+        try:
+            if why:
+                self.backend.end_sessions([digest])
+                return None
+            if sessions.touch_due(held, now=now, idle=idle) and \
+                    not self.backend.touch_session(digest, now):
+                return None  # ended meanwhile (a logout in another worker)
+        except PkiError as e:
+            # A store that reads but cannot write now: the session is refused or kept all the
+            # same (removed at a later login; its last use written next time).
+            log.warning("operator pages: cannot update session %s... (%s): %s", digest[:8],
+                        why or "last use", e.message)
+            return None if why else held
         return held
 
     def end_session(self, session_id: str) -> None:

@@ -366,7 +366,8 @@ def login() -> Response:
         return _login_form(f"token {principal.name!r} holds the 'secrets' scope (it reads "
                            "private keys), so it cannot log in here; use a token with 'read' "
                            "and 'audit' only", 403)
-    session_id = store().open_session(hash_token(token))
+    session_id = store().open_session(hash_token(token),
+                                      replacing=request.cookies.get(SESSION_COOKIE))
     resp = cast(Response, redirect(_safe_next(request.form.get("next")), code=303))
     _forget_session(resp, paths=("/ui",))
     resp.set_cookie(SESSION_COOKIE, session_id, **_cookie_args())

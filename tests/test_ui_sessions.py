@@ -253,6 +253,16 @@ def test_use_keeps_a_session_from_going_idle_until_its_ttl(tmp_path):
     assert backend.sessions() == before
 
 
+def test_logging_in_again_replaces_the_browsers_session(app, store, reader):
+    client = app.test_client()
+    first = session_cookie(log_in(client, reader))
+    second = session_cookie(log_in(client, reader))
+    assert first != second
+    assert client.get("/ui/").status_code == 200
+    assert with_cookie(app, first).get("/ui/").status_code == 302
+    assert len(store.backend.sessions()) == 1
+
+
 def test_one_token_holds_a_bounded_number_of_sessions(app, store, reader):
     ids = [session_cookie(log_in(app.test_client(), reader)) for _ in range(PER_TOKEN + 2)]
     assert len(store.backend.sessions()) == PER_TOKEN
