@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import Pkisvc, cleanup, workdir
 
 from pkisvc.backends.files import FilesBackend
-from pkisvc.model import AuditEvent
+from pkisvc.model import AuditEvent, parse_time
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
@@ -51,7 +51,7 @@ def build(data: Path, generations: int, minions: int, rounds: int) -> tuple[str,
                 continue  # a fifth of the minions miss the latest round: they are behind
             role = "master" if m < 5 else "node"
             lines.append(json.dumps(AuditEvent(
-                time=f"2026-11-29T{10 + r:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z",
+                time=parse_time(f"2026-11-29T{10 + r:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z"),
                 actor="salt-master", action="pillar", version=version,
                 items=("ca.crt",), minion=f"k8s-{role}-{m:05d}", role=role,
                 remote_addr="127.0.0.1").to_dict(), separators=(",", ":")))

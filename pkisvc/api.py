@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Callable
 
 from flask import Blueprint, Response, current_app, g, request
@@ -11,7 +10,7 @@ from pkisvc import answers
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.model import KEY_TYPES, TRUST_FILE
+from pkisvc.model import KEY_TYPES, TRUST_FILE, parse_time
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -238,11 +237,10 @@ def audit() -> dict[str, Any]:
     when = None
     if since is not None:
         try:
-            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+            when = parse_time(since)
         except ValueError:
-            raise InvalidRequest("query parameter 'since' must be an RFC 3339 time") from None
-        if when.tzinfo is None:
-            raise InvalidRequest("query parameter 'since' needs a time zone (e.g. Z)")
+            raise InvalidRequest("query parameter 'since' must be an RFC 3339 time with a zone "
+                                 "(e.g. 2026-11-29T12:00:00Z)") from None
     limit = query_int("limit", 1, 10000) or 100
     return {"events": [e.to_dict() for e in store().audit(since=when, limit=limit)]}
 

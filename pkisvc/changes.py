@@ -29,6 +29,7 @@ from pkisvc.model import (
     TRUST_FILE,
     GenerationRecord,
     StoredGeneration,
+    format_time,
 )
 from pkisvc.settings import Settings, parse_san
 
@@ -170,7 +171,7 @@ def generation(draft: Draft, *, version: int, parent: int | None, created_at: da
     """The stored generation of a draft: its files and its record (certificates only)."""
     c = draft.certs
     record = GenerationRecord(
-        version=version, parent=parent, created_at=pki.rfc3339(created_at), actor=actor,
+        version=version, parent=parent, created_at=created_at, actor=actor,
         operation=operation, reason=reason, key_type=pki.key_type_of(c.server_key),
         items={item: pki.describe(getattr(c, item)) for item in ITEMS},
         trust=tuple(pki.fingerprint(t) for t in c.trust),
@@ -399,17 +400,12 @@ STAGED_STEPS: dict[str, tuple[str, Planner, tuple[str, ...]]] = {
 
 # --- reports (records and now in, rows out) ------------------------------------------------
 
-def parse_time(text: str) -> datetime:
-    """Parse a record's RFC 3339 time."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _left(not_after: str, now: datetime) -> int:
-    return int((parse_time(not_after) - now).total_seconds())
+def _left(not_after: datetime, now: datetime) -> int:
+    return int((not_after - now).total_seconds())
 
 
 def expiration(gen: GenerationRecord, now: datetime) -> list[dict[str, Any]]:
-    """Rows for `check-expiration`: each certificate, its expiry and what is left."""
+    """Rows for `check-expiration`: each certificate, its expiry (a datetime) and what is left."""
     return [{"certificate": item, "file": CERT_FILES[item], "expires": rec.not_after,
              "residual_seconds": _left(rec.not_after, now),
              "certificate_authority": "" if item == "ca" else "ca", "version": gen.version}
@@ -418,8 +414,9 @@ def expiration(gen: GenerationRecord, now: datetime) -> list[dict[str, Any]]:
 
 def due(gen: GenerationRecord, now: datetime, renew_before: int) -> list[dict[str, Any]]:
     """The leaves renewal re-issues now: those inside renew_before."""
-    rows: list[dict[str, Any]] = [{"item": item, "not_after": gen.items[item].not_after,
-             "residual_seconds": _left(gen.items[item].not_after, now)} for item in LEAVES]
+    rows: list[dict[str, Any]] = [
+        {"item": item, "not_after": format_time(gen.items[item].not_after),
+         "residual_seconds": _left(gen.items[item].not_after, now)} for item in LEAVES]
     return [r for r in rows if r["residual_seconds"] < renew_before]
 
 
@@ -429,8 +426,8 @@ def ca_warning(gen: GenerationRecord, now: datetime, ca_warn_before: int) -> str
     left = _left(not_after, now)
     if left >= ca_warn_before:
         return None
-    return (f"the CA expires {not_after} ({max(left, 0) // 86400} days left): run a staged CA "
-            "rotation (pkisvc rotate ca --staged); renew never rotates the CA")
+    return (f"the CA expires {format_time(not_after)} ({max(left, 0) // 86400} days left): "
+            "run a staged CA rotation (pkisvc rotate ca --staged); renew never rotates the CA")
 
 
 def renewal_report(gen: GenerationRecord, now: datetime, s: Settings) -> dict[str, Any]:

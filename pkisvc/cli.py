@@ -21,7 +21,7 @@ from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE
+from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE, format_time, parse_time
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -94,7 +94,8 @@ def emit(fmt: str, data: Any, table: Callable[[], Sequence[Sequence[Any]]]) -> N
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
-        rows = [[str(c) for c in r] for r in table()]
+        rows = [[format_time(c) if isinstance(c, datetime) else str(c) for c in r]
+                for r in table()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -111,9 +112,8 @@ def short_duration(seconds: int) -> str:
     return f"{seconds // (365 * 86400)}y"
 
 
-def kubeadm_time(rfc3339: str) -> str:
-    t = datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).astimezone(UTC)
-    return t.strftime("%b %d, %Y %H:%M UTC")
+def kubeadm_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%b %d, %Y %H:%M UTC")
 
 
 def done(record: Any) -> None:
@@ -312,16 +312,30 @@ def rollback(c: Context, version: int, reason: str) -> None:
     done(c.store.rollback(version, actor=actor(), reason=reason))
 
 
+class _Time(click.ParamType):
+    """An RFC 3339 time (`2026-11-29T12:00:00Z`), or a date meaning its midnight UTC."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_time(value if "T" in value else f"{value}T00:00:00Z")
+        except ValueError:
+            self.fail(f"{value!r} is not a time like 2026-11-29T12:00:00Z or a date like "
+                      "2026-11-29", param, ctx)
+
+
 @main.command()
-@click.option("--since", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
-              help="Only events from this UTC time on.")
+@click.option("--since", type=_Time(), help="Only events from this time on.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
 @OUTPUT
 @pass_ctx
 def audit(c: Context, since: datetime | None, limit: int, fmt: str) -> None:
     """Show audit events, newest first."""
-    events = c.store.audit(since=since.replace(tzinfo=UTC) if since else None,
-                           limit=limit)
+    events = c.store.audit(since=since, limit=limit)
     emit(fmt, [e.to_dict() for e in events], lambda: [
         ["TIME", "ACTOR", "ACTION", "VERSION", "ITEMS", "MINION", "REASON"],
         *([e.time, e.actor, e.action, e.version or "", ",".join(e.items), e.minion or "",
@@ -336,7 +350,7 @@ def check_expiration(c: Context, fmt: str) -> None:
     rows = c.store.expiration()
     for r in rows:
         r["residual_time"] = short_duration(r["residual_seconds"])
-    emit(fmt, rows, lambda: [
+    emit(fmt, [{**r, "expires": format_time(r["expires"])} for r in rows], lambda: [
         ["CERTIFICATE", "EXPIRES", "RESIDUAL TIME", "CERTIFICATE AUTHORITY"],
         *([r["file"], kubeadm_time(r["expires"]), r["residual_time"],
            r["certificate_authority"]] for r in rows)])
@@ -433,7 +447,8 @@ def token_list(c: Context, fmt: str) -> None:
     """List tokens (names and scopes; never the tokens)."""
     rows = [{"name": t.name, "scopes": list(t.scopes), "created_at": "",
              "source": "settings"} for t in c.settings.tokens]
-    rows += [{"name": t.name, "scopes": list(t.scopes), "created_at": t.created_at,
+    rows += [{"name": t.name, "scopes": list(t.scopes),
+              "created_at": format_time(t.created_at) if t.created_at else "",
               "source": "backend"} for t in c.store.tokens()]
     emit(fmt, rows, lambda: [["NAME", "SCOPES", "CREATED", "SOURCE"], *(
         [r["name"], ",".join(r["scopes"]), r["created_at"], r["source"]] for r in rows)])

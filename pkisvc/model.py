@@ -31,12 +31,43 @@ SCOPES = ("read", "secrets", "audit", "admin")
 MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
 
 # Names a backend may store: plain file names, nothing path-like.
-_FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_FILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def valid_file_name(name: str) -> bool:
-    """Tell whether name is a plain stored-file name (no '/', '..', NUL)."""
-    return bool(_FILE_NAME.match(name)) and ".." not in name
+    """Tell whether name is a plain stored-file name (no '/', '..', NUL, trailing newline)."""
+    return bool(_FILE_NAME.fullmatch(name)) and ".." not in name
+
+
+# Times: timezone-aware datetimes inside pkisvc; RFC 3339 text (UTC, whole seconds, `Z`) only
+# where they leave or enter it (records' to_dict/from_dict, query parameters, tables, reports).
+
+def parse_time(text: str) -> datetime:
+    """Read an RFC 3339 time (`Z` or an offset); ValueError if it is not one or has no zone."""
+    t = datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        raise ValueError(f"time {text!r} needs a time zone (e.g. Z)")
+    return instant(t)
+
+
+def format_time(t: datetime) -> str:
+    """Write t as RFC 3339 in UTC to the second, e.g. `2026-11-29T12:00:00Z`."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def instant(t: datetime) -> datetime:
+    """t in UTC to the second, the precision records keep (so a record survives its text)."""
+    if t.tzinfo is None:
+        raise ValueError(f"time {t!r} has no time zone")
+    return t.astimezone(UTC).replace(microsecond=0)
+
+
+def _instants(record: Any, *names: str) -> None:
+    """Make a frozen record's time fields UTC to the second (called from __post_init__)."""
+    for name in names:
+        t = getattr(record, name)
+        if t is not None:
+            object.__setattr__(record, name, instant(t))
 
 
 @dataclass(frozen=True)
@@ -48,14 +79,17 @@ class ItemRecord:
     subject: str
     issuer: str
     sans: tuple[str, ...]
-    not_before: str
-    not_after: str
+    not_before: datetime
+    not_after: datetime
+
+    def __post_init__(self) -> None:
+        _instants(self, "not_before", "not_after")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint, "serial": self.serial, "subject": self.subject,
             "issuer": self.issuer, "sans": list(self.sans),
-            "not_before": self.not_before, "not_after": self.not_after,
+            "not_before": format_time(self.not_before), "not_after": format_time(self.not_after),
         }
 
     @classmethod
@@ -63,7 +97,7 @@ class ItemRecord:
         return cls(
             fingerprint=d["fingerprint"], serial=d["serial"], subject=d["subject"],
             issuer=d["issuer"], sans=tuple(d.get("sans", ())),
-            not_before=d["not_before"], not_after=d["not_after"],
+            not_before=parse_time(d["not_before"]), not_after=parse_time(d["not_after"]),
         )
 
 
@@ -73,7 +107,7 @@ class GenerationRecord:
 
     version: int
     parent: int | None
-    created_at: str
+    created_at: datetime
     actor: str
     operation: str
     reason: str
@@ -84,9 +118,13 @@ class GenerationRecord:
     rotation: Mapping[str, Any] | None = None  # staged CA rotation state, if one is open
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _instants(self, "created_at")
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "version": self.version, "parent": self.parent, "created_at": self.created_at,
+            "version": self.version, "parent": self.parent,
+            "created_at": format_time(self.created_at),
             "actor": self.actor, "operation": self.operation, "reason": self.reason,
             "key_type": self.key_type,
             "items": {k: v.to_dict() for k, v in self.items.items()},
@@ -103,7 +141,8 @@ class GenerationRecord:
         known = {"version", "parent", "created_at", "actor", "operation", "reason", "key_type",
                  "items", "trust", "source_version", "rotation"}
         return cls(
-            version=int(d["version"]), parent=d.get("parent"), created_at=d["created_at"],
+            version=int(d["version"]), parent=d.get("parent"),
+            created_at=parse_time(d["created_at"]),
             actor=d["actor"], operation=d["operation"], reason=d.get("reason", ""),
             key_type=d.get("key_type", ""),
             items={k: ItemRecord.from_dict(v) for k, v in d["items"].items()},
@@ -129,7 +168,7 @@ class StoredGeneration:
 class AuditEvent:
     """Who did what, when, to which version (and for which minion); never key material."""
 
-    time: str
+    time: datetime
     actor: str
     action: str
     version: int | None = None
@@ -139,9 +178,12 @@ class AuditEvent:
     minion: str | None = None
     role: str | None = None
 
+    def __post_init__(self) -> None:
+        _instants(self, "time")
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "time": self.time, "actor": self.actor, "action": self.action,
+            "time": format_time(self.time), "actor": self.actor, "action": self.action,
             "version": self.version, "items": list(self.items), "reason": self.reason,
             "remote_addr": self.remote_addr, "minion": self.minion, "role": self.role,
         }
@@ -149,13 +191,11 @@ class AuditEvent:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditEvent:
         return cls(
-            time=d["time"], actor=d["actor"], action=d["action"], version=d.get("version"),
+            time=parse_time(d["time"]), actor=d["actor"], action=d["action"],
+            version=d.get("version"),
             items=tuple(d.get("items", ())), reason=d.get("reason", ""),
             remote_addr=d.get("remote_addr"), minion=d.get("minion"), role=d.get("role"),
         )
-
-
-_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True)
@@ -174,18 +214,19 @@ class SessionRecord:
     expires: datetime
     seen: datetime  # last use, as recorded (at most a minute or so behind)
 
+    def __post_init__(self) -> None:
+        _instants(self, "created", "expires", "seen")
+
     def to_dict(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "name": self.name, "token_sha256": self.token_sha256,
-                "scopes": list(self.scopes), "created": self.created.strftime(_TIME),
-                "expires": self.expires.strftime(_TIME), "seen": self.seen.strftime(_TIME)}
+                "scopes": list(self.scopes), "created": format_time(self.created),
+                "expires": format_time(self.expires), "seen": format_time(self.seen)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SessionRecord:
-        def when(key: str) -> datetime:
-            return datetime.strptime(d[key], _TIME).replace(tzinfo=UTC)
         return cls(sha256=d["sha256"], name=d["name"], token_sha256=d["token_sha256"],
-                   scopes=tuple(d["scopes"]), created=when("created"),
-                   expires=when("expires"), seen=when("seen"))
+                   scopes=tuple(d["scopes"]), created=parse_time(d["created"]),
+                   expires=parse_time(d["expires"]), seen=parse_time(d["seen"]))
 
 
 @dataclass(frozen=True)
@@ -195,13 +236,16 @@ class TokenRecord:
     name: str
     sha256: str
     scopes: tuple[str, ...]
-    created_at: str
+    created_at: datetime | None  # None: a record written without one (shown as "")
+
+    def __post_init__(self) -> None:
+        _instants(self, "created_at")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "scopes": list(self.scopes),
-                "created_at": self.created_at}
+                "created_at": format_time(self.created_at) if self.created_at else ""}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TokenRecord:
         return cls(name=d["name"], sha256=d["sha256"], scopes=tuple(d["scopes"]),
-                   created_at=d.get("created_at", ""))
+                   created_at=parse_time(d["created_at"]) if d.get("created_at") else None)

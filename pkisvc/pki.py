@@ -8,7 +8,7 @@ import hashlib
 import ipaddress
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
@@ -220,10 +220,6 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def sans_of(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -238,8 +234,8 @@ def describe(cert: x509.Certificate) -> ItemRecord:
     return ItemRecord(
         fingerprint=fingerprint(cert), serial=format(cert.serial_number, "x"),
         subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
-        sans=sans_of(cert), not_before=rfc3339(cert.not_valid_before_utc),
-        not_after=rfc3339(cert.not_valid_after_utc))
+        sans=sans_of(cert), not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc)
 
 
 # --- whole sets ------------------------------------------------------------------------

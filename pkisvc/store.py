@@ -229,7 +229,7 @@ class CertStore:
         return pki.cert_pem(cert), pki.key_pem(key), gen.files[TRUST_FILE]
 
     def _audit(self, actor: str, action: str, **fields: Any) -> None:
-        self.backend.append_audit(AuditEvent(time=pki.rfc3339(self.now()), actor=actor,
+        self.backend.append_audit(AuditEvent(time=self.now(), actor=actor,
                                              action=action, **fields))
 
     # --- changes: each a planner handed to _commit ------------------------------------
@@ -374,7 +374,7 @@ def _append_once(backend: Backend, event: AuditEvent) -> None:
     while True:
         try:
             # A failed append may have landed (the answer was lost): never write it twice.
-            if retry and event in backend.audit(since=changes.parse_time(event.time),
+            if retry and event in backend.audit(since=event.time,
                                                 limit=10_000):
                 return
             retry = True

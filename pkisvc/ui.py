@@ -37,6 +37,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    format_time,
 )
 from pkisvc.store import CertStore
 from pkisvc.tokens import hash_token
@@ -44,6 +45,7 @@ from pkisvc.tokens import hash_token
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ui", __name__, url_prefix="/ui")
+bp.add_app_template_filter(format_time, "rfc3339")  # pages show times as the API writes them
 
 SESSION_COOKIE = "pkisvc_ui"
 CSRF_COOKIE = "pkisvc_ui_csrf"
@@ -150,10 +152,6 @@ def _forget_session(resp: Response, *, paths: tuple[str, ...] = ("/ui/", "/ui"))
 
 # --- what the pages show (pure functions of records and events) ------------------------------
 
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 @dataclass(frozen=True)
 class Lifetime:
     """One certificate's remaining lifetime against its whole validity."""
@@ -190,7 +188,7 @@ def lifetimes(record: GenerationRecord, now: datetime) -> list[Lifetime]:
     out = []
     for item in ITEMS:
         rec = record.items[item]
-        start, end = _time(rec.not_before), _time(rec.not_after)
+        start, end = rec.not_before, rec.not_after
         out.append(Lifetime(item, CERT_FILES[item], rec, (end - now).total_seconds() / 86400,
                             (end - start).total_seconds() / 86400))
     return out
@@ -203,7 +201,7 @@ class Minion:
     minion: str
     role: str | None
     version: int
-    time: str
+    time: datetime
     behind: int  # versions behind the current one (0 = current)
     changed: bool  # the files it holds differ from what its pillar holds now
 

@@ -27,14 +27,16 @@ def fake_session(seed: str, opened_by: str = "t1") -> SessionRecord:
                          scopes=("read", "audit"), created=start,
                          expires=start + timedelta(hours=8), seen=start)
 
+NOON = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
 
 def fake_generation(version: int, note: str = "") -> StoredGeneration:
     """Return a generation of placeholder bytes: backends store bytes, not certificates."""
     item = ItemRecord(fingerprint=f"{version:064x}", serial="1", subject="CN=x", issuer="CN=x",
-                      sans=(), not_before="2026-01-01T00:00:00Z",
-                      not_after="2027-01-01T00:00:00Z")
+                      sans=(), not_before=datetime(2026, 1, 1, tzinfo=UTC),
+                      not_after=datetime(2027, 1, 1, tzinfo=UTC))
     record = GenerationRecord(
-        version=version, parent=version - 1 or None, created_at="2026-11-29T12:00:00Z",
+        version=version, parent=version - 1 or None, created_at=NOON,
         actor="test", operation="rotate-ca", reason=note, key_type="ecdsa-p256",
         items={"ca": item, "server": item, "kubecfg": item}, trust=(item.fingerprint,))
     files = {"ca.crt": f"cert {version} {note}".encode(), "ca.key": b"\x00key" * version,
@@ -111,23 +113,23 @@ class BackendContract:
         assert backend.latest() is None
 
     def test_audit_newest_first_with_since_and_limit(self, backend: Backend) -> None:
-        base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+        base = NOON
         for i in range(5):
-            t = (base + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            t = base + timedelta(minutes=i)
             backend.append_audit(AuditEvent(time=t, actor="a", action="rotate-ca", version=i + 1))
         assert [e.version for e in backend.audit()] == [5, 4, 3, 2, 1]
         assert [e.version for e in backend.audit(limit=2)] == [5, 4]
         assert [e.version for e in backend.audit(since=base + timedelta(minutes=3))] == [5, 4]
 
     def test_audit_keeps_every_field(self, backend: Backend) -> None:
-        e = AuditEvent(time="2026-11-29T12:00:00Z", actor="salt-master", action="pillar",
+        e = AuditEvent(time=NOON, actor="salt-master", action="pillar",
                        version=3, items=("ca", "server"), remote_addr="127.0.0.1",
                        minion="k8s-master-1", role="master")
         backend.append_audit(e)
         assert backend.audit() == [e]
 
     def test_tokens(self, backend: Backend) -> None:
-        t = TokenRecord("ops", "a" * 64, ("read", "admin"), "2026-11-29T12:00:00Z")
+        t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)
         backend.put_token(t)
         assert backend.tokens() == [t]
         with pytest.raises(Conflict):
