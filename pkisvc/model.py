@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Mapping
+
+from pkisvc.errors import InvalidRequest
 
 # Item -> (cert file, key file) as hosts name them (the seed's names).  The CA key is kept by
 # the service as `ca.key` and is never a host file.
@@ -29,6 +32,48 @@ SCOPES = ("read", "secrets", "audit", "admin")
 # A Salt minion id as the pillar endpoint accepts it; matched with fullmatch (a `$` would let a
 # trailing newline through).
 MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
+
+# Limits on text that is stored (docs/decisions.md, "Text that enters the store").
+REASON_MAX = 1024
+ACTOR_MAX = 256
+SANS_MAX = 100  # extra SANs of the server certificate, from a request or the settings
+# Explicit bidi embeddings, overrides and isolates: they reorder how the rest of a line is
+# shown (CVE-2021-42574), so a reason could make a table row read otherwise than it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# C0, DEL, C1 (Cc), lone surrogates (Cs: no UTF-8 for them), line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _refused(c: str) -> bool:
+    return c in _BIDI_CONTROLS or unicodedata.category(c) in _REFUSED_CATEGORIES
+
+
+def check_text(what: str, value: str, limit: int) -> str:
+    """Return value if it may be stored: printable Unicode, at most limit characters.
+
+    Raises: InvalidRequest naming what and the first character refused (never the text).
+    """
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} is longer than {limit} characters")
+    if not value.isprintable():  # isprintable() is True for none of the refused characters
+        for i, c in enumerate(value):
+            if _refused(c):
+                raise InvalidRequest(f"{what} holds U+{ord(c):04X} at position {i} (control "
+                                     "characters, lone surrogates and bidi overrides are "
+                                     "refused)")
+    return value
+
+
+def visible(text: str) -> str:
+    """Return text as a terminal or a page may show it: what check_text refuses is escaped.
+
+    For records an older version stored: `\\n`, `\\x1b`, `\\ud800`, `\\u202e`.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if _refused(c) else c
+                   for c in text)
+
 
 # Names a backend may store: plain file names, nothing path-like.
 _FILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

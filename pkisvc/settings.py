@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from pkisvc.errors import ConfigError
-from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SCOPES
+from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SANS_MAX, SCOPES
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,17 @@ def parse_san(key: str, v: Any) -> str:
     return s.lower()
 
 
+def parse_sans(key: str, v: Any) -> tuple[str, ...]:
+    """Normalise a list of extra SANs, at most SANS_MAX of them.
+
+    Raises: ConfigError naming key.
+    """
+    sans: tuple[str, ...] = _list(parse_san)(key, v)
+    if len(sans) > SANS_MAX:
+        raise _fail(key, f"holds {len(sans)} SANs; at most {SANS_MAX} are allowed")
+    return sans
+
+
 def _list(item: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple[Any, ...]]:
     def parse(key: str, v: Any) -> tuple[Any, ...]:
         if isinstance(v, str):
@@ -339,7 +350,7 @@ _SCHEMA: dict[str, _Field] = {
     "ca.common_name": _Field("kubernetes-ca", _str, text=True),
     "ca.days": _Field(3650, _int(1, 36500)),
     "server.common_name": _Field("kube-apiserver", _str, text=True),
-    "server.sans": _Field([], _list(parse_san)),
+    "server.sans": _Field([], parse_sans),
     "server.days": _Field(365, _int(1, 36500)),
     "kubecfg.common_name": _Field("kubecfg", _str, text=True),
     "kubecfg.organization": _Field("system:masters", _str, text=True),

@@ -27,12 +27,14 @@ from pkisvc.errors import (
     Unauthorized,
     VersionConflict,
 )
-from pkisvc.imports import check_import
+from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
+    ACTOR_MAX,
     CERT_FILES,
     ITEMS,
     KEY_FILES,
     LEAVES,
+    REASON_MAX,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
@@ -40,6 +42,7 @@ from pkisvc.model import (
     SessionRecord,
     StoredGeneration,
     TokenRecord,
+    check_text,
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
@@ -111,8 +114,17 @@ class CertStore:
         return changes.expiration(self.read(version).record, self.now())
 
     def due(self, version: int | None = None) -> dict[str, Any]:
-        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
-        return changes.renewal_report(self.read(version).record, self.now(), self.settings)
+        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`,
+        and what stops it (`blocked`)."""
+        gen = self.read(version)
+        return changes.renewal_report(gen.record, self.now(), self.settings,
+                                      has_ca_key=KEY_FILES["ca"] in gen.files)
+
+    def warnings(self, record: GenerationRecord) -> list[str]:
+        """What an operator should know of record: expired certificates, and where the
+        settings differ from its leaves (never applied)."""
+        return [*changes.expired(record, self.now()),
+                *changes.settings_drift(record, self.settings)]
 
     def rotation(self) -> dict[str, Any]:
         """The open staged rotation, if any: phase, CAs, and the step that comes next."""
@@ -257,14 +269,17 @@ class CertStore:
                             remote_addr=remote_addr)
 
     def rotate_leaf(self, item: str, *, actor: str, reason: str = "",
-                    sans: list[str] | None = None, key_type: str | None = None,
+                    add_sans: list[str] | tuple[str, ...] = (),
+                    remove_sans: list[str] | tuple[str, ...] = (),
+                    sans: list[str] | tuple[str, ...] | None = None,
+                    key_type: str | None = None,
                     remote_addr: str | None = None) -> GenerationRecord:
-        """Re-issue `server` or `kubecfg` from the current CA."""
-        extra = changes.leaf_request(item, sans)
-        return self._commit(f"rotate-{item}", functools.partial(changes.rotate_leaf, item=item),
-                            actor, reason, key_type=key_type, items=(item,),
-                            profiles=Profiles.from_settings(self.settings, extra),
-                            remote_addr=remote_addr)
+        """Re-issue `server` or `kubecfg` from the current CA, keeping its subject and SANs;
+        the server's SANs change only by add_sans, remove_sans, or sans (the whole list)."""
+        change = changes.leaf_request(item, add=add_sans, remove=remove_sans, sans=sans)
+        plan = functools.partial(changes.rotate_leaf, item=item, sans=change)
+        return self._commit(f"rotate-{item}", plan, actor, reason, key_type=key_type,
+                            items=(item,), remote_addr=remote_addr)
 
     def renew(self, *, actor: str, dry_run: bool = False,
               remote_addr: str | None = None) -> tuple[dict[str, Any], GenerationRecord | None]:
@@ -320,7 +335,8 @@ class CertStore:
     def import_files(self, files: Mapping[str, bytes], *, actor: str, reason: str = "",
                      remote_addr: str | None = None) -> GenerationRecord:
         """Store an existing set (the seed's file names) as a new generation."""
-        plan = functools.partial(changes.import_set, certs=check_import(files))
+        certs = check_import(files)
+        plan = functools.partial(changes.import_set, certs=certs, kept=kept_bytes(certs, files))
         return self._commit("import", plan, actor, reason, allow_empty=True,
                             remote_addr=remote_addr)
 
@@ -330,6 +346,8 @@ class CertStore:
                 key_type: str | None = None, profiles: Profiles | None = None,
                 items: tuple[str, ...] = ITEMS, expect_empty: bool = False,
                 allow_empty: bool = False, remote_addr: str | None = None) -> GenerationRecord:
+        check_text("actor", actor, ACTOR_MAX)
+        check_text("reason", reason, REASON_MAX)
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
@@ -344,7 +362,7 @@ class CertStore:
             pki.check_set(draft.certs)
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
-                                     reason=reason)
+                                     reason=reason, base=base.record if base else None)
             try:
                 version = self.backend.write(gen, expected=parent)
             except VersionConflict:

@@ -38,6 +38,7 @@ from pkisvc.model import (
     GenerationRecord,
     ItemRecord,
     format_time,
+    visible,
 )
 from pkisvc.store import CertStore
 from pkisvc.tokens import hash_token
@@ -58,6 +59,7 @@ AUDIT_WINDOW = 20_000
 WARN_DAYS, CRITICAL_DAYS = 30, 7
 DELIVERY_ACTIONS = ("pillar", "key", "kubeconfig")
 TOKEN_ACTIONS = ("token-create", "token-revoke")
+PAGE_FILTERS = ("kind", "minion", "behind")  # the query arguments a pager link carries on
 
 _CSS = (Path(__file__).parent / "templates" / "ui.css").read_text()
 _STYLE = Markup(_CSS)  # noqa: S704 -- our own sheet, shipped in the package, not user input
@@ -119,8 +121,12 @@ def page(*scopes: str) -> Callable[[F], F]:
 
 
 def _safe_next(target: str | None) -> str:
-    """Return target if it is one of our own pages, else the overview (no open redirect)."""
-    if target and target.startswith("/ui/") and "//" not in target and "\\" not in target:
+    """Return target if it is one of our own pages, else the overview (no open redirect).
+
+    Control characters are refused too: a CR or LF cannot go into a Location header.
+    """
+    if (target and target.startswith("/ui/") and "//" not in target and "\\" not in target
+            and target.isprintable()):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc:
             return target
@@ -249,12 +255,37 @@ def _pages(total: int, size: int) -> int:
     return max(1, -(-total // size))
 
 
+def _page_url(number: int) -> str:
+    """This page's URL at another page number, with its filters (PAGE_FILTERS) and no more.
+
+    Not the whole query: `endpoint`, `_method`, `_external`... are url_for's own arguments.
+    """
+    args: dict[str, Any] = {k: v for k, v in request.args.items() if k in PAGE_FILTERS}
+    return url_for(cast(str, request.endpoint), **args, page=number)
+
+
+def _shown(value: Any) -> Any:
+    """Jinja's `finalize`: text from records is shown with control characters escaped.
+
+    Versions are immutable: what an older version stored (a lone surrogate, an ESC) must not
+    break a page for ever (a lone surrogate has no UTF-8).
+    """
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
+
+
+@bp.record_once
+def _escape_text(state: Any) -> None:
+    state.app.jinja_env.finalize = _shown  # set before any template is compiled
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 def _render(template: str, status: int = 200, **context: Any) -> Response:
     context.setdefault("principal", g.get("principal"))
     context.setdefault("csrf", request.cookies.get(CSRF_COOKIE, ""))
-    html = render_template(template, css=_STYLE, **context)
+    html = render_template(template, css=_STYLE, page_url=_page_url, **context)
     return Response(html, status=status, mimetype="text/html")
 
 
@@ -274,7 +305,8 @@ def overview() -> Response:
                 label += " (signing)"
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
-                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation)
+                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
+                   warnings=store().warnings(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:
