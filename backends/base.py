@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Collection, Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     valid_file_name,
@@ -78,6 +80,37 @@ class Backend(Protocol):
         Raises: BackendUnavailable.
         """
 
+    def sessions(self) -> list[SessionRecord]:
+        """Return the operator pages' sessions, oldest first (in the order they were added;
+        a touch keeps the place), ended ones included until they are removed.
+
+        Raises: BackendUnavailable.
+        """
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        """Return the session kept under sha256, or None.
+
+        Raises: InvalidRequest (not 64 hex digits); BackendUnavailable.
+        """
+
+    def add_session(self, session: SessionRecord) -> None:
+        """Keep a new session under session.sha256.
+
+        Raises: Conflict when that hash is taken; InvalidRequest; BackendUnavailable.
+        """
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        """Record the session's last use; False when it is gone (never brings it back).
+
+        Raises: InvalidRequest; BackendUnavailable.
+        """
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        """Remove these sessions at once (those already gone are no error).
+
+        Raises: InvalidRequest; BackendUnavailable.
+        """
+
     def tokens(self) -> list[TokenRecord]:
         """Return the API tokens made by `pkisvc token create`.
 
@@ -134,3 +167,16 @@ def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
     merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
                          key=lambda p: p[0], reverse=True)
     return [e for _, e in itertools.islice(merged, max(limit, 0))]
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_digest(sha256: str) -> str:
+    """Return sha256 if it is 64 lower-case hex digits (a session's key in a store).
+
+    Raises: InvalidRequest.
+    """
+    if not isinstance(sha256, str) or not _DIGEST.fullmatch(sha256):
+        raise InvalidRequest("a session is kept under 64 hex digits")
+    return sha256

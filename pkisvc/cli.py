@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,13 +15,23 @@ from typing import Any, Callable, Sequence
 import click
 import yaml
 
-from pkisvc import __version__, doctor, kubeconfig
+from pkisvc import __version__, changes, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, SCOPES, TRUST_FILE, format_time, parse_time
+from pkisvc.model import (
+    HOST_FILES,
+    ITEMS,
+    KEY_TYPES,
+    LEAVES,
+    SCOPES,
+    TRUST_FILE,
+    format_time,
+    parse_time,
+    visible,
+)
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -65,7 +75,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PkiError as e:
-            click.echo(f"error: {e.message}", err=True)
+            click.echo(f"error: {visible(e.message)}", err=True)
             sys.exit(1)
 
 
@@ -88,13 +98,17 @@ def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
 # --- output ---------------------------------------------------------------------------
 
 def emit(fmt: str, data: Any, table: Callable[[], Sequence[Sequence[Any]]]) -> None:
-    """Print data as JSON or YAML, or the rows `table()` returns (first row = header)."""
+    """Print data as JSON or YAML, or the rows `table()` returns (first row = header).
+
+    JSON and YAML escape what a terminal must not receive; a table escapes it with `visible`
+    (a stored `\\n` or ESC would forge rows or drive the terminal).
+    """
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
-        rows = [[format_time(c) if isinstance(c, datetime) else str(c) for c in r]
+        rows = [[format_time(c) if isinstance(c, datetime) else visible(str(c)) for c in r]
                 for r in table()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
@@ -116,8 +130,19 @@ def kubeadm_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%b %d, %Y %H:%M UTC")
 
 
-def done(record: Any) -> None:
+def done(record: Any, store: CertStore | None = None) -> None:
+    """Print the version a change wrote, the SANs it changed, and (on stderr) its warnings."""
     click.echo(f"version {record.version}: {record.operation}")
+    for field, words in (("sans_added", "added"), ("sans_removed", "removed")):
+        if record.extra.get(field):
+            click.echo(f"server SANs {words}: {', '.join(record.extra[field])}")
+    if store is not None:
+        warn(store.warnings(record))
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -205,7 +230,7 @@ def rotate() -> None:
 def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New CA and new leaves, in one generation (or --staged, in three)."""
     change = c.store.start_rotation if staged else c.store.rotate_ca
-    done(change(actor=actor(), reason=reason, key_type=key_type))
+    done(change(actor=actor(), reason=reason, key_type=key_type), c.store)
 
 
 @main.group()
@@ -228,7 +253,7 @@ def rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.continue_rotation(actor=actor(), reason=reason))
+    done(c.store.continue_rotation(actor=actor(), reason=reason), c.store)
 
 
 @rotation.command("finish")
@@ -236,7 +261,7 @@ def rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_finish(c: Context, reason: str) -> None:
     """Phase 3: trust only the new CA."""
-    done(c.store.finish_rotation(actor=actor(), reason=reason))
+    done(c.store.finish_rotation(actor=actor(), reason=reason), c.store)
 
 
 @rotation.command("abort")
@@ -248,21 +273,34 @@ def rotation_abort(c: Context, reason: str) -> None:
 
 
 @rotate.command("server")
-@click.option("--san", "sans", multiple=True, help="Extra SAN (repeat); default: `server.sans`.")
+@click.option("--san", "add", multiple=True, metavar="NAME",
+              help="Add this SAN to the current certificate's (repeat for several).")
+@click.option("--remove-san", "remove", multiple=True, metavar="NAME",
+              help="Remove this SAN from the current certificate's (repeat for several).")
+@click.option("--sans", "whole", multiple=True, metavar="A,B,...",
+              help="Replace the whole list of SANs with these (comma-separated, or repeat).")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotate_server(c: Context, sans: tuple[str, ...], reason: str) -> None:
-    """New API-server pair from the current CA."""
-    done(c.store.rotate_leaf("server", actor=actor(), reason=reason,
-                             sans=list(sans) if sans else None))
+def rotate_server(c: Context, add: tuple[str, ...], remove: tuple[str, ...],
+                  whole: tuple[str, ...], reason: str) -> None:
+    """New API-server pair from the current CA, with the current certificate's subject and
+    SANs (the `server.sans` setting is what `init` used); --san, --remove-san and --sans
+    change the SANs."""
+    if whole and (add or remove):
+        raise click.UsageError("--sans replaces the whole list: not with --san/--remove-san")
+    names = [n.strip() for w in whole for n in w.split(",") if n.strip()]
+    if whole and not names:
+        raise click.UsageError("--sans needs at least one name")
+    done(c.store.rotate_leaf("server", actor=actor(), reason=reason, add_sans=add,
+                             remove_sans=remove, sans=names or None), c.store)
 
 
 @rotate.command("kubecfg")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
 def rotate_kubecfg(c: Context, reason: str) -> None:
-    """New kubecfg (super-user) pair from the current CA."""
-    done(c.store.rotate_leaf("kubecfg", actor=actor(), reason=reason))
+    """New kubecfg (super-user) pair from the current CA, with the current one's subject."""
+    done(c.store.rotate_leaf("kubecfg", actor=actor(), reason=reason), c.store)
 
 
 @main.command()
@@ -282,6 +320,8 @@ def show(c: Context, item: str, version: int | None, pem: bool, fmt: str) -> Non
         v, rec, raw = c.store.item(item, version)
         text = raw.decode()
         data = {"item": item, "version": v, **rec.to_dict()}
+    if item in LEAVES and version is None and fmt == "table":
+        warn(changes.settings_drift(c.store.read().record, c.settings))
     if pem and fmt == "table":
         click.echo(text, nl=False)
         return
@@ -309,7 +349,7 @@ def versions(c: Context, fmt: str) -> None:
 @pass_ctx
 def rollback(c: Context, version: int, reason: str) -> None:
     """Make a new generation that copies VERSION."""
-    done(c.store.rollback(version, actor=actor(), reason=reason))
+    done(c.store.rollback(version, actor=actor(), reason=reason), c.store)
 
 
 class _Time(click.ParamType):
@@ -375,7 +415,8 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
     files = read_import_dir(from_dir) if from_dir else read_import_pillar(from_pillar or "",
                                                                          key or "")
     source = from_dir or f"{from_pillar}#{key}"
-    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}"))
+    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}"),
+         c.store)
 
 
 @main.command("export-pillar")
@@ -411,6 +452,8 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
     report, record = c.store.renew(actor=actor(), dry_run=dry_run)
     if report["ca_warning"]:
         click.echo(f"warning: {report['ca_warning']}", err=True)
+    blocked = report.get("blocked")
+    impossible = blocked if report["due"] else None
     if fmt != "table":
         emit(fmt, {**report, "renewed": record.version if record else None}, lambda: [])
     elif not report["due"]:
@@ -421,7 +464,13 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
             click.echo(f"{'due' if dry_run else 'renewed'}: {d['item']} "
                        f"(expires {d['not_after']}, {short_duration(d['residual_seconds'])} left)")
         if record is not None:
-            done(record)
+            done(record, c.store)
+    if impossible:
+        click.echo(f"error: renewal is impossible: {impossible}", err=True)
+        sys.exit(1)
+    if blocked:
+        click.echo(f"warning: nothing is due, but renewal would be impossible: {blocked}",
+                   err=True)
 
 
 @main.group()
@@ -509,7 +558,7 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
             url: str | None, use_kubectl: bool, kubeconfig: str | None, kubectl_path: str,
             fmt: str) -> None:
     """Check the certificates installed on this host; exit 1 when a check FAILs."""
-    expected, store_error, now = None, None, utcnow()
+    expected, store_error, now, drift = None, None, utcnow(), []
     if url:
         try:
             expected = doctor.expected_from_ca(doctor.fetch_json(f"{url.rstrip('/')}/v1/ca"), url)
@@ -518,7 +567,9 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     elif use_store:
         try:
             now = c.store.now()
-            expected = doctor.expected_from(c.store.versions())
+            history = c.store.versions()
+            expected = doctor.expected_from(history)
+            drift = changes.settings_drift(history[0], c.settings) if history else []
         except PkiError as e:
             store_error = f"the store: {e.message}"
     secrets, secrets_error = None, None
@@ -530,6 +581,9 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
                         secrets=secrets, secrets_error=secrets_error,
                         warn_within=timedelta(days=warn_within))
+    # The store's leaves against the settings: nothing on the host to fix, said once here.
+    report = replace(report, checks=(*report.checks, *(
+        doctor.Check("settings", "pkisvc settings", doctor.WARN, line) for line in drift)))
     if fmt == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Mapping
+
+from pkisvc.errors import InvalidRequest
 
 # Item -> (cert file, key file) as hosts name them (the seed's names).  The CA key is kept by
 # the service as `ca.key` and is never a host file.
@@ -29,6 +32,48 @@ SCOPES = ("read", "secrets", "audit", "admin")
 # A Salt minion id as the pillar endpoint accepts it; matched with fullmatch (a `$` would let a
 # trailing newline through).
 MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
+
+# Limits on text that is stored (docs/decisions.md, "Text that enters the store").
+REASON_MAX = 1024
+ACTOR_MAX = 256
+SANS_MAX = 100  # extra SANs of the server certificate, from a request or the settings
+# Explicit bidi embeddings, overrides and isolates: they reorder how the rest of a line is
+# shown (CVE-2021-42574), so a reason could make a table row read otherwise than it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# C0, DEL, C1 (Cc), lone surrogates (Cs: no UTF-8 for them), line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _refused(c: str) -> bool:
+    return c in _BIDI_CONTROLS or unicodedata.category(c) in _REFUSED_CATEGORIES
+
+
+def check_text(what: str, value: str, limit: int) -> str:
+    """Return value if it may be stored: printable Unicode, at most limit characters.
+
+    Raises: InvalidRequest naming what and the first character refused (never the text).
+    """
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} is longer than {limit} characters")
+    if not value.isprintable():  # isprintable() is True for none of the refused characters
+        for i, c in enumerate(value):
+            if _refused(c):
+                raise InvalidRequest(f"{what} holds U+{ord(c):04X} at position {i} (control "
+                                     "characters, lone surrogates and bidi overrides are "
+                                     "refused)")
+    return value
+
+
+def visible(text: str) -> str:
+    """Return text as a terminal or a page may show it: what check_text refuses is escaped.
+
+    For records an older version stored: `\\n`, `\\x1b`, `\\ud800`, `\\u202e`.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if _refused(c) else c
+                   for c in text)
+
 
 # Names a backend may store: plain file names, nothing path-like.
 _FILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -196,6 +241,37 @@ class AuditEvent:
             items=tuple(d.get("items", ())), reason=d.get("reason", ""),
             remote_addr=d.get("remote_addr"), minion=d.get("minion"), role=d.get("role"),
         )
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """An operator pages' session, kept under the sha256 of its id (only the browser holds it).
+
+    It names the token it was opened with (`token_sha256`, which must still exist for the
+    session to work) and that token's scopes; times are timezone-aware UTC.
+    """
+
+    sha256: str
+    name: str
+    token_sha256: str
+    scopes: tuple[str, ...]
+    created: datetime
+    expires: datetime
+    seen: datetime  # last use, as recorded (at most a minute or so behind)
+
+    def __post_init__(self) -> None:
+        _instants(self, "created", "expires", "seen")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "name": self.name, "token_sha256": self.token_sha256,
+                "scopes": list(self.scopes), "created": format_time(self.created),
+                "expires": format_time(self.expires), "seen": format_time(self.seen)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionRecord:
+        return cls(sha256=d["sha256"], name=d["name"], token_sha256=d["token_sha256"],
+                   scopes=tuple(d["scopes"]), created=parse_time(d["created"]),
+                   expires=parse_time(d["expires"]), seen=parse_time(d["seen"]))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from pkisvc.errors import ConfigError
-from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SCOPES
+from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SANS_MAX, SCOPES
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ class TLSSettings:
 
 
 @dataclass(frozen=True)
+class UISettings:
+    session_ttl: int  # seconds a login to the operator pages lasts at most
+    session_idle: int  # seconds unused after which it ends (0: no idle limit)
+
+
+@dataclass(frozen=True)
 class TokenSpec:
     name: str
     sha256: str
@@ -93,6 +99,7 @@ class Settings:
     access_log: bool
     log_level: str
     source: str | None = None
+    ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -195,6 +202,15 @@ def parse_duration(key: str, v: Any) -> int:
     return int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
 
 
+def _duration(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def parse(key: str, v: Any) -> int:
+        seconds = parse_duration(key, v)
+        if not lo <= seconds <= hi:
+            raise _fail(key, f"{seconds}s is outside {lo}s..{hi}s")
+        return seconds
+    return parse
+
+
 def _key_type(key: str, v: Any) -> str:
     s = _str(key, v)
     if s not in KEY_TYPES:
@@ -230,6 +246,17 @@ def parse_san(key: str, v: Any) -> str:
     if not is_dns_name(s):
         raise _fail(key, f"{s!r} is neither an IP address nor a DNS name")
     return s.lower()
+
+
+def parse_sans(key: str, v: Any) -> tuple[str, ...]:
+    """Normalise a list of extra SANs, at most SANS_MAX of them.
+
+    Raises: ConfigError naming key.
+    """
+    sans: tuple[str, ...] = _list(parse_san)(key, v)
+    if len(sans) > SANS_MAX:
+        raise _fail(key, f"holds {len(sans)} SANs; at most {SANS_MAX} are allowed")
+    return sans
 
 
 def _list(item: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple[Any, ...]]:
@@ -323,7 +350,7 @@ _SCHEMA: dict[str, _Field] = {
     "ca.common_name": _Field("kubernetes-ca", _str, text=True),
     "ca.days": _Field(3650, _int(1, 36500)),
     "server.common_name": _Field("kube-apiserver", _str, text=True),
-    "server.sans": _Field([], _list(parse_san)),
+    "server.sans": _Field([], parse_sans),
     "server.days": _Field(365, _int(1, 36500)),
     "kubecfg.common_name": _Field("kubecfg", _str, text=True),
     "kubecfg.organization": _Field("system:masters", _str, text=True),
@@ -349,6 +376,8 @@ _SCHEMA: dict[str, _Field] = {
     "metrics_scope": _Field(None, _scope, text=True),
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
+    "ui.session_ttl": _Field("8h", _duration(60, 30 * 86400), text=True),
+    "ui.session_idle": _Field("1h", _duration(0, 30 * 86400), text=True),
     "log_level": _Field("info", _log_level, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
@@ -435,4 +464,5 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
         source=source,
+        ui=UISettings(session_ttl=v["ui.session_ttl"], session_idle=v["ui.session_idle"]),
     )

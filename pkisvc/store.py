@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Callable, Mapping
 
-from pkisvc import changes, pki
+from pkisvc import changes, pki, sessions
 from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
@@ -28,20 +28,26 @@ from pkisvc.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    PkiError,
+    Unauthorized,
     VersionConflict,
 )
-from pkisvc.imports import check_import
+from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
+    ACTOR_MAX,
     CERT_FILES,
     ITEMS,
     KEY_FILES,
     LEAVES,
+    REASON_MAX,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
+    check_text,
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
@@ -113,12 +119,91 @@ class CertStore:
         return changes.expiration(self.read(version).record, self.now())
 
     def due(self, version: int | None = None) -> dict[str, Any]:
-        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
-        return changes.renewal_report(self.read(version).record, self.now(), self.settings)
+        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`,
+        and what stops it (`blocked`)."""
+        gen = self.read(version)
+        return changes.renewal_report(gen.record, self.now(), self.settings,
+                                      has_ca_key=KEY_FILES["ca"] in gen.files)
+
+    def warnings(self, record: GenerationRecord) -> list[str]:
+        """What an operator should know of record: expired certificates, and where the
+        settings differ from its leaves (never applied)."""
+        return [*changes.expired(record, self.now()),
+                *changes.settings_drift(record, self.settings)]
 
     def rotation(self) -> dict[str, Any]:
         """The open staged rotation, if any: phase, CAs, and the step that comes next."""
         return changes.rotation_state(self.read().record)
+
+    # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
+
+    def open_session(self, token_sha256: str, *, replacing: str | None = None) -> str:
+        """Open a session for the token with that hash, which just logged in; return its id
+        (the only time it is seen).  Sessions that ended, this token's oldest beyond
+        `sessions.PER_TOKEN`, and the session `replacing` (the browser's previous id), if
+        any, are removed first.
+
+        Raises: Unauthorized when the token is gone (revoked meanwhile).
+        """
+        now, idle = self.now(), self.settings.ui.session_idle
+        tokens = self._token_table()
+        token = tokens.get(token_sha256)
+        if token is None:
+            raise Unauthorized("unknown token")
+        gone = sessions.to_end(self.backend.sessions(), tokens, now=now, idle=idle,
+                               opening=token_sha256)
+        previous = sessions.session_hash(replacing) if replacing else None
+        if previous is not None:
+            gone.append(previous)
+        if gone:
+            self.backend.end_sessions(gone)
+        session_id, record = sessions.new_session(token_sha256, token, now=now,
+                                                  ttl=self.settings.ui.session_ttl)
+        self.backend.add_session(record)
+        return session_id
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        """The session with that id while it lets its holder in, else None (one that ended
+        is removed).  Its token is looked up again: a revoked token ends its sessions."""
+        digest = sessions.session_hash(session_id)
+        if digest is None:
+            return None  # not an id we make: no backend read
+        held = self.backend.session(digest)
+        if held is None:
+            return None
+        now, idle = self.now(), self.settings.ui.session_idle
+        why = sessions.ended(held, self._token(held.token_sha256), now=now, idle=idle)
+        try:
+            if why:
+                self.backend.end_sessions([digest])
+                return None
+            if sessions.touch_due(held, now=now, idle=idle) and \
+                    not self.backend.touch_session(digest, now):
+                return None  # ended meanwhile (a logout in another worker)
+        except PkiError as e:
+            # A store that reads but cannot write now: the session is refused or kept all the
+            # same (removed at a later login; its last use written next time).
+            log.warning("operator pages: cannot update session %s... (%s): %s", digest[:8],
+                        why or "last use", e.message)
+            return None if why else held
+        return held
+
+    def end_session(self, session_id: str) -> None:
+        """End the session with that id (logout); nothing when there is none."""
+        digest = sessions.session_hash(session_id)
+        if digest is not None:
+            self.backend.end_sessions([digest])
+
+    def _token(self, sha256: str) -> tuple[str, tuple[str, ...]] | None:
+        """(name, scopes) of the token with that hash: the settings first (no backend read)."""
+        for t in self.settings.tokens:
+            if t.sha256 == sha256:
+                return t.name, t.scopes
+        return self._token_table().get(sha256)
+
+    def _token_table(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {**{t.sha256: (t.name, t.scopes) for t in self.tokens()},
+                **{t.sha256: (t.name, t.scopes) for t in self.settings.tokens}}
 
     # --- what is not a generation: tokens, deliveries, the service's own certificate -----
 
@@ -189,14 +274,17 @@ class CertStore:
                             remote_addr=remote_addr)
 
     def rotate_leaf(self, item: str, *, actor: str, reason: str = "",
-                    sans: list[str] | None = None, key_type: str | None = None,
+                    add_sans: list[str] | tuple[str, ...] = (),
+                    remove_sans: list[str] | tuple[str, ...] = (),
+                    sans: list[str] | tuple[str, ...] | None = None,
+                    key_type: str | None = None,
                     remote_addr: str | None = None) -> GenerationRecord:
-        """Re-issue `server` or `kubecfg` from the current CA."""
-        extra = changes.leaf_request(item, sans)
-        return self._commit(f"rotate-{item}", functools.partial(changes.rotate_leaf, item=item),
-                            actor, reason, key_type=key_type, items=(item,),
-                            profiles=Profiles.from_settings(self.settings, extra),
-                            remote_addr=remote_addr)
+        """Re-issue `server` or `kubecfg` from the current CA, keeping its subject and SANs;
+        the server's SANs change only by add_sans, remove_sans, or sans (the whole list)."""
+        change = changes.leaf_request(item, add=add_sans, remove=remove_sans, sans=sans)
+        plan = functools.partial(changes.rotate_leaf, item=item, sans=change)
+        return self._commit(f"rotate-{item}", plan, actor, reason, key_type=key_type,
+                            items=(item,), remote_addr=remote_addr)
 
     def renew(self, *, actor: str, dry_run: bool = False,
               remote_addr: str | None = None) -> tuple[dict[str, Any], GenerationRecord | None]:
@@ -252,7 +340,8 @@ class CertStore:
     def import_files(self, files: Mapping[str, bytes], *, actor: str, reason: str = "",
                      remote_addr: str | None = None) -> GenerationRecord:
         """Store an existing set (the seed's file names) as a new generation."""
-        plan = functools.partial(changes.import_set, certs=check_import(files))
+        certs = check_import(files)
+        plan = functools.partial(changes.import_set, certs=certs, kept=kept_bytes(certs, files))
         return self._commit("import", plan, actor, reason, allow_empty=True,
                             remote_addr=remote_addr)
 
@@ -262,6 +351,8 @@ class CertStore:
                 key_type: str | None = None, profiles: Profiles | None = None,
                 items: tuple[str, ...] = ITEMS, expect_empty: bool = False,
                 allow_empty: bool = False, remote_addr: str | None = None) -> GenerationRecord:
+        check_text("actor", actor, ACTOR_MAX)
+        check_text("reason", reason, REASON_MAX)
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
@@ -276,7 +367,7 @@ class CertStore:
             pki.check_set(draft.certs)
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
-                                     reason=reason)
+                                     reason=reason, base=base.record if base else None)
             event = AuditEvent(time=gen.record.created_at, actor=actor, action=operation,
                                version=gen.version, items=items, reason=reason,
                                remote_addr=remote_addr)

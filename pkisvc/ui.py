@@ -1,9 +1,12 @@
 """Operator pages under /ui: overview, history, minions, audit (read-only, server-rendered).
 
 Access is the API's: a bearer token with `read` (the minions and audit pages also need
-`audit`).  A browser hands the token over once through the login form, which keeps it in an
-HttpOnly, SameSite=Strict cookie limited to /ui; every request checks it again, so a revoked
-token stops working at once.  Pages carry no script, and their only style is one inline
+`audit`).  A browser hands the token over once, through the login form, and gets a session
+(`pkisvc.sessions`): a random id in an HttpOnly, SameSite=Strict cookie limited to /ui/, kept
+by the backend only as a hash, so every worker and replica knows it.  The cookie never holds
+the token, and a token holding `secrets` cannot log in.  Every request looks the session and
+its token up again: logging out, expiry, or revoking the token ends it at once.  A script may
+still send `Authorization: Bearer`.  Pages carry no script, and their only style is one inline
 sheet allowed by its hash in the Content-Security-Policy.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flask import Blueprint, Response, current_app, g, redirect, render_template
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
-from pkisvc.auth import Principal, authenticate
+from pkisvc.auth import Principal, authenticate, effective_scopes
 from pkisvc.errors import PkiError, Unauthorized
 from pkisvc.model import (
     CERT_FILES,
@@ -35,8 +38,10 @@ from pkisvc.model import (
     GenerationRecord,
     ItemRecord,
     format_time,
+    visible,
 )
 from pkisvc.store import CertStore
+from pkisvc.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ AUDIT_WINDOW = 20_000
 WARN_DAYS, CRITICAL_DAYS = 30, 7
 DELIVERY_ACTIONS = ("pillar", "key", "kubeconfig")
 TOKEN_ACTIONS = ("token-create", "token-revoke")
+PAGE_FILTERS = ("kind", "minion", "behind")  # the query arguments a pager link carries on
 
 _CSS = (Path(__file__).parent / "templates" / "ui.css").read_text()
 _STYLE = Markup(_CSS)  # noqa: S704 -- our own sheet, shipped in the package, not user input
@@ -73,7 +79,7 @@ def store() -> CertStore:
 # --- access ----------------------------------------------------------------------------------
 
 class _LoginNeeded(Exception):
-    """No credentials, or a cookie whose token no longer works: send the browser to log in."""
+    """No credentials, or a cookie whose session ended: send the browser to log in."""
 
     def __init__(self, *, expired: bool = False) -> None:
         super().__init__("log in")
@@ -88,13 +94,13 @@ def _principal() -> Principal:
     header = request.headers.get("Authorization")
     if header is not None:
         return authenticate(store(), header)  # Unauthorized -> 401 page (a script asked)
-    token = request.cookies.get(SESSION_COOKIE)
-    if not token:
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if not session_id:
         raise _LoginNeeded()
-    try:
-        return authenticate(store(), f"Bearer {token}")
-    except Unauthorized:
-        raise _LoginNeeded(expired=True) from None
+    session = store().session(session_id)
+    if session is None:
+        raise _LoginNeeded(expired=True)
+    return Principal(session.name, effective_scopes(session.scopes))
 
 
 def page(*scopes: str) -> Callable[[F], F]:
@@ -115,8 +121,12 @@ def page(*scopes: str) -> Callable[[F], F]:
 
 
 def _safe_next(target: str | None) -> str:
-    """Return target if it is one of our own pages, else the overview (no open redirect)."""
-    if target and target.startswith("/ui/") and "//" not in target and "\\" not in target:
+    """Return target if it is one of our own pages, else the overview (no open redirect).
+
+    Control characters are refused too: a CR or LF cannot go into a Location header.
+    """
+    if (target and target.startswith("/ui/") and "//" not in target and "\\" not in target
+            and target.isprintable()):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc:
             return target
@@ -136,7 +146,14 @@ def _csrf_ok() -> bool:
 
 
 def _cookie_args() -> dict[str, Any]:
-    return {"httponly": True, "samesite": "Strict", "secure": request.is_secure, "path": "/ui"}
+    return {"httponly": True, "samesite": "Strict", "secure": request.is_secure, "path": "/ui/"}
+
+
+def _forget_session(resp: Response, *, paths: tuple[str, ...] = ("/ui/", "/ui")) -> None:
+    """Delete the session cookie, and the cookie on /ui in which releases before sessions
+    kept the raw token."""
+    for path in paths:
+        resp.delete_cookie(SESSION_COOKIE, **{**_cookie_args(), "path": path})
 
 
 # --- what the pages show (pure functions of records and events) ------------------------------
@@ -238,12 +255,37 @@ def _pages(total: int, size: int) -> int:
     return max(1, -(-total // size))
 
 
+def _page_url(number: int) -> str:
+    """This page's URL at another page number, with its filters (PAGE_FILTERS) and no more.
+
+    Not the whole query: `endpoint`, `_method`, `_external`... are url_for's own arguments.
+    """
+    args: dict[str, Any] = {k: v for k, v in request.args.items() if k in PAGE_FILTERS}
+    return url_for(cast(str, request.endpoint), **args, page=number)
+
+
+def _shown(value: Any) -> Any:
+    """Jinja's `finalize`: text from records is shown with control characters escaped.
+
+    Versions are immutable: what an older version stored (a lone surrogate, an ESC) must not
+    break a page for ever (a lone surrogate has no UTF-8).
+    """
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
+
+
+@bp.record_once
+def _escape_text(state: Any) -> None:
+    state.app.jinja_env.finalize = _shown  # set before any template is compiled
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 def _render(template: str, status: int = 200, **context: Any) -> Response:
     context.setdefault("principal", g.get("principal"))
     context.setdefault("csrf", request.cookies.get(CSRF_COOKIE, ""))
-    html = render_template(template, css=_STYLE, **context)
+    html = render_template(template, css=_STYLE, page_url=_page_url, **context)
     return Response(html, status=status, mimetype="text/html")
 
 
@@ -263,7 +305,8 @@ def overview() -> Response:
                 label += " (signing)"
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
-                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation)
+                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
+                   warnings=store().warnings(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:
@@ -333,7 +376,7 @@ def _login_form(error: str = "", status: int = 200) -> Response:
 def login_form() -> Response:
     # A fixed message, never text from the query: nothing a link can make the page say.
     expired = request.args.get("expired") == "1"
-    return _login_form("your token is no longer valid; log in again" if expired else "")
+    return _login_form("your session is no longer valid; log in again" if expired else "")
 
 
 @bp.post("/login")
@@ -347,19 +390,29 @@ def login() -> Response:
         return _login_form("unknown token", 401)
     if "read" not in principal.scopes:
         return _login_form(f"token {principal.name!r} lacks the 'read' scope", 403)
-    resp = redirect(_safe_next(request.form.get("next")), code=303)
-    resp.set_cookie(SESSION_COOKIE, token, **_cookie_args())
-    return cast(Response, resp)
+    if "secrets" in principal.scopes:
+        # Nothing is written for a refused login: the session is opened below, not before.
+        return _login_form(f"token {principal.name!r} holds the 'secrets' scope (it reads "
+                           "private keys), so it cannot log in here; use a token with 'read' "
+                           "and 'audit' only", 403)
+    session_id = store().open_session(hash_token(token),
+                                      replacing=request.cookies.get(SESSION_COOKIE))
+    resp = cast(Response, redirect(_safe_next(request.form.get("next")), code=303))
+    _forget_session(resp, paths=("/ui",))
+    resp.set_cookie(SESSION_COOKIE, session_id, **_cookie_args())
+    return resp
 
 
 @bp.post("/logout")
 def logout() -> Response:
     if not _csrf_ok():
         return _login_form("the form was stale or came from another site; try again", 403)
-    resp = redirect(url_for("ui.login_form"), code=303)
-    resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
-                       secure=request.is_secure)
-    return cast(Response, resp)
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if session_id:
+        store().end_session(session_id)
+    resp = cast(Response, redirect(url_for("ui.login_form"), code=303))
+    _forget_session(resp)
+    return resp
 
 
 # --- errors and headers ----------------------------------------------------------------------
@@ -369,11 +422,10 @@ def _to_login(e: _LoginNeeded) -> Response:
     target = _safe_next(request.full_path.rstrip("?"))
     url = (url_for("ui.login_form", next=target, expired="1") if e.expired
            else url_for("ui.login_form", next=target))
-    resp = redirect(url, code=302)
+    resp = cast(Response, redirect(url, code=302))
     if e.expired:
-        resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
-                           secure=request.is_secure)
-    return cast(Response, resp)
+        _forget_session(resp)
+    return resp
 
 
 @bp.errorhandler(_NotAllowed)
