@@ -7,13 +7,18 @@ suite a backend must pass.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
+import re
+from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Collection, Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     valid_file_name,
@@ -38,10 +43,13 @@ class Backend(Protocol):
         Raises: NotFound (no such version, or an empty store), BackendUnavailable.
         """
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         """Store gen as version `expected + 1` (1 when expected is None) and return it.
 
         Atomic: readers see all of it or nothing.  gen.record.version must equal that number.
+        `event` is the change's audit event: it is committed with the generation (one commit
+        point, never one without the other) and listed by `audit()` from then on.
         Raises: VersionConflict when the latest version is not `expected`;
         BackendUnavailable.
         """
@@ -53,13 +61,15 @@ class Backend(Protocol):
         """
 
     def append_audit(self, event: AuditEvent) -> None:
-        """Append one audit event durably.
+        """Append one audit event durably (events that are not changes: those go with
+        their generation, through `write(..., event=)`).
 
         Raises: BackendUnavailable.
         """
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
-        """Return up to limit events at or after since, newest first.
+        """Return up to limit events at or after since, newest first: the change events
+        committed with generations and the appended ones, merged by time.
 
         Raises: BackendUnavailable.
         """
@@ -68,6 +78,37 @@ class Backend(Protocol):
         """Check the backend can be read and written.
 
         Raises: BackendUnavailable.
+        """
+
+    def sessions(self) -> list[SessionRecord]:
+        """Return the operator pages' sessions, oldest first (in the order they were added;
+        a touch keeps the place), ended ones included until they are removed.
+
+        Raises: BackendUnavailable.
+        """
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        """Return the session kept under sha256, or None.
+
+        Raises: InvalidRequest (not 64 hex digits); BackendUnavailable.
+        """
+
+    def add_session(self, session: SessionRecord) -> None:
+        """Keep a new session under session.sha256.
+
+        Raises: Conflict when that hash is taken; InvalidRequest; BackendUnavailable.
+        """
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        """Record the session's last use; False when it is gone (never brings it back).
+
+        Raises: InvalidRequest; BackendUnavailable.
+        """
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        """Remove these sessions at once (those already gone are no error).
+
+        Raises: InvalidRequest; BackendUnavailable.
         """
 
     def tokens(self) -> list[TokenRecord]:
@@ -102,3 +143,40 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
         if not valid_file_name(name) or name == reserved:
             raise InvalidRequest(f"not a storable file name: {name!r}")
     return version
+
+
+def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
+                  since: datetime | None, limit: int) -> list[AuditEvent]:
+    """Merge two newest-first streams of events (the change events read from generations,
+    newest version first, and the appended ones) into up to `limit` events at or after
+    `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
+    """
+    # Times have whole seconds.  Within one second an appended event (a delivery, a key read,
+    # a token made) is taken as later than a change: what follows a change is most often
+    # about it, or about the version it left behind.
+    def bounded(events: Iterable[AuditEvent], rank: int
+                ) -> Iterator[tuple[tuple[datetime, int], AuditEvent]]:
+        for e in events:
+            t = e.time
+            if since is not None and t < since:
+                if rank == 0:
+                    return  # versions are made in time order: the rest is older still
+                continue
+            yield (t, rank), e
+
+    merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
+                         key=lambda p: p[0], reverse=True)
+    return [e for _, e in itertools.islice(merged, max(limit, 0))]
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_digest(sha256: str) -> str:
+    """Return sha256 if it is 64 lower-case hex digits (a session's key in a store).
+
+    Raises: InvalidRequest.
+    """
+    if not isinstance(sha256, str) or not _DIGEST.fullmatch(sha256):
+        raise InvalidRequest("a session is kept under 64 hex digits")
+    return sha256

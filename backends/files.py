@@ -1,19 +1,23 @@
 """The default backend: a versioned directory tree on local disk.
 
-    <data_dir>/generations/000001/{record.json, ca.crt, ca.key, ...}   immutable, 0700/0600
+    <data_dir>/generations/000001/{record.json, event.json, ca.crt, ...} immutable, 0700/0600
     <data_dir>/current          the latest version, replaced atomically
-    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync
+    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync (events that are
+                                not changes; stores older than event.json have theirs here)
     <data_dir>/tokens.json      hashed API tokens
+    <data_dir>/sessions.json    the operator pages' sessions, kept under their ids' hashes
     <data_dir>/tmp/             staging; whatever is left here after a crash is debris
 
 A generation is staged in tmp/, fsynced, and renamed into generations/ while the writer holds
 an exclusive `flock` on <data_dir>/.lock, so readers see a whole generation or none.  A crash
 after that rename but before `current` moved leaves a whole generation ahead of `current`;
-the next writer (or a new process) rolls `current` forward to it.
+the next writer (or a new process) rolls `current` forward to it.  A change's audit event is
+`event.json` in its generation's directory: the rename commits version and event together.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -24,13 +28,20 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator, TypeVar
 
-from pkisvc.backends.base import checked_version
-from pkisvc.errors import BackendUnavailable, Conflict, NotFound, VersionConflict
+from pkisvc.backends.base import checked_digest, checked_version, merged_events
+from pkisvc.errors import (
+    BackendUnavailable,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    VersionConflict,
+)
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     valid_file_name,
@@ -38,7 +49,9 @@ from pkisvc.model import (
 from pkisvc.settings import Settings
 
 RECORD = "record.json"
+EVENT = "event.json"  # the change's audit event, committed with its generation
 _GEN_DIR = re.compile(r"[0-9]{6,}")
+T = TypeVar("T")
 
 
 class FilesBackend:
@@ -55,8 +68,10 @@ class FilesBackend:
         self._tokens = self.root / "tokens.json"
         self._cache: dict[int, StoredGeneration] = {}
         self._records: dict[int, GenerationRecord] = {}
+        self._events: dict[int, AuditEvent | None] = {}  # None: a generation without event.json
         self._recovered = False
-        self._token_cache: tuple[tuple[int, int, int], list[TokenRecord]] | None = None
+        self._sessions = self.root / "sessions.json"
+        self._lists: dict[Path, tuple[tuple[int, int, int], list[Any]]] = {}
         self._current_cache: tuple[tuple[int, int], int] | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -183,7 +198,7 @@ class FilesBackend:
             try:
                 files = {}
                 for entry in os.scandir(d):
-                    if entry.name != RECORD and valid_file_name(entry.name):
+                    if entry.name not in (RECORD, EVENT) and valid_file_name(entry.name):
                         files[entry.name] = Path(entry.path).read_bytes()
                 record = GenerationRecord.from_dict(json.loads((d / RECORD).read_bytes()))
             except FileNotFoundError:
@@ -193,8 +208,11 @@ class FilesBackend:
         self._records[v] = record
         return gen
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RECORD)
+        if EVENT in gen.files:
+            raise InvalidRequest(f"not a storable file name: {EVENT!r}")
         with self._io(f"write version {version}"), self._locked():
             current = self._read_current()
             if current != expected:
@@ -204,6 +222,8 @@ class FilesBackend:
             stage.mkdir(mode=0o700)
             os.chmod(stage, 0o700)
             files = {**gen.files, RECORD: json.dumps(gen.record.to_dict(), indent=1).encode()}
+            if event is not None:
+                files[EVENT] = json.dumps(event.to_dict(), separators=(",", ":")).encode()
             for name, data in files.items():
                 _write_file(stage / name, data, sync=False)
             # fsync every file and the directory at once: ext4 commits them in one journal
@@ -219,6 +239,7 @@ class FilesBackend:
             self._set_current(version)
         self._cache[version] = gen
         self._records[version] = gen.record
+        self._events[version] = event
         return version
 
     def versions(self) -> list[GenerationRecord]:
@@ -258,19 +279,24 @@ class FilesBackend:
             try:
                 lines = self._audit.read_bytes().splitlines()
             except FileNotFoundError:
-                return []
-        out: list[AuditEvent] = []
-        for raw in reversed(lines):
-            if len(out) >= limit:
-                break
-            try:
-                event = AuditEvent.from_dict(json.loads(raw))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash mid-append
-            if since is not None and event.time < since:
-                continue
-            out.append(event)
-        return out
+                lines = []
+            latest = self.latest() or 0
+            return merged_events(self._change_events(latest), _appended(lines), since, limit)
+
+    def _change_events(self, latest: int) -> Iterator[AuditEvent]:
+        """The change events of generations, newest first (read once each, then cached)."""
+        for v in range(latest, 0, -1):
+            if v in self._events:
+                event = self._events[v]
+            else:
+                try:
+                    raw = (self._gen_dir(v) / EVENT).read_bytes()
+                    event = AuditEvent.from_dict(json.loads(raw))
+                except FileNotFoundError:
+                    event = None  # written before event.json: its event is in audit.jsonl
+                self._events[v] = event
+            if event is not None:
+                yield event
 
     # --- health ------------------------------------------------------------------------
 
@@ -283,25 +309,72 @@ class FilesBackend:
                 os.unlink(probe)
             self._read_current()
 
+    # --- the operator pages' sessions --------------------------------------------------
+
+    def sessions(self) -> list[SessionRecord]:
+        with self._io("read sessions"):
+            return self._load_list(self._sessions, SessionRecord.from_dict)
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        checked_digest(sha256)
+        return next((s for s in self.sessions() if s.sha256 == sha256), None)
+
+    def add_session(self, session: SessionRecord) -> None:
+        checked_digest(session.sha256)
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            if any(s.sha256 == session.sha256 for s in held):
+                raise Conflict("that session exists")
+            # Not fsynced: a session lost in a crash only means logging in again.
+            self._save_list(self._sessions, [*held, session], sync=False)
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        checked_digest(sha256)
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            if not any(s.sha256 == sha256 for s in held):
+                return False
+            self._save_list(self._sessions, [dataclasses.replace(s, seen=seen)
+                                             if s.sha256 == sha256 else s for s in held],
+                            sync=False)
+            return True
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        gone = {checked_digest(h) for h in sha256s}
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            kept = [s for s in held if s.sha256 not in gone]
+            if len(kept) != len(held):
+                self._save_list(self._sessions, kept)  # durable: an ended session stays ended
+
     # --- tokens ------------------------------------------------------------------------
 
-    def _load_tokens(self) -> list[TokenRecord]:
-        # Asked on every API request: re-read only when the file was replaced.
+    def _load_list(self, path: Path, parse: Callable[[Any], T]) -> list[T]:
+        # Asked on every request: re-read only when the file was replaced.
         try:
-            st = os.stat(self._tokens)
+            st = os.stat(path)
         except FileNotFoundError:
             return []
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._token_cache is None or self._token_cache[0] != stamp:
-            data: list[dict[str, Any]] = json.loads(self._tokens.read_bytes())
-            self._token_cache = (stamp, [TokenRecord.from_dict(t) for t in data])
-        return list(self._token_cache[1])
+        cached = self._lists.get(path)
+        if cached is None or cached[0] != stamp:
+            data: list[dict[str, Any]] = json.loads(path.read_bytes())
+            cached = self._lists[path] = (stamp, [parse(t) for t in data])
+        return list(cached[1])
+
+    def _save_list(self, path: Path, items: list[Any], *, sync: bool = True) -> None:
+        """Replace the file at path with items (their to_dict()s); call with the lock held."""
+        tmp = self._tmp / f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_file(tmp, json.dumps([t.to_dict() for t in items], indent=1).encode(), sync=sync)
+        os.replace(tmp, path)
+        if sync:
+            _fsync_dir(self.root)
+
+    def _load_tokens(self) -> list[TokenRecord]:
+        return self._load_list(self._tokens, TokenRecord.from_dict)
 
     def _save_tokens(self, tokens: list[TokenRecord]) -> None:
-        tmp = self._tmp / f".tokens.{os.getpid()}.{secrets.token_hex(4)}"
-        _write_file(tmp, json.dumps([t.to_dict() for t in tokens], indent=1).encode())
-        os.replace(tmp, self._tokens)
-        _fsync_dir(self.root)
+        self._save_list(self._tokens, tokens)
 
     def tokens(self) -> list[TokenRecord]:
         with self._io("read tokens"):
@@ -350,3 +423,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _appended(lines: list[bytes]) -> Iterator[AuditEvent]:
+    for raw in reversed(lines):
+        try:
+            yield AuditEvent.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a crash mid-append

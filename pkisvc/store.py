@@ -4,7 +4,10 @@ The store is the only part of pkisvc that reads the clock or talks to a backend.
 is planned (`pkisvc.changes`) on top of the latest generation, checked with `pki.check_set`,
 and written with `expected=<the version it built on>`; a concurrent writer makes that write
 conflict, and the change is planned again on the new latest (with the keys it made already)
-and tried again (a bounded number of times).  Every change appends one audit event.
+and tried again (a bounded number of times).  Every change's audit event is written with its
+generation, in the same commit (`Backend.write(..., event=)`): a version never exists without
+it.  When the backend's answer to a write is lost (a connection cut after the request was
+sent), the store reads back before it answers: a committed change is reported as done.
 """
 from __future__ import annotations
 
@@ -15,15 +18,19 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Callable, Mapping
 
-from pkisvc import changes, pki
+from pkisvc import changes, pki, sessions
 from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
     AlreadyInitialised,
+    AnswerLost,
     BackendUnavailable,
     InvalidMaterial,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
+    PkiError,
+    Unauthorized,
     VersionConflict,
 )
 from pkisvc.imports import check_import, kept_bytes
@@ -39,6 +46,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     check_text,
@@ -49,7 +57,7 @@ from pkisvc.tokens import new_token
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
-AUDIT_PATIENCE = 15.0  # seconds a written change keeps trying to append its audit event
+SETTLE_PATIENCE = 15.0  # seconds a write whose answer was lost keeps asking what became of it
 
 
 def utcnow() -> datetime:
@@ -142,6 +150,76 @@ class CertStore:
             changes.sa_overlap_left(state, self.now(), self.settings.sa_overlap)
             if state["phase"] == 2 else None)
         return state
+
+    # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
+
+    def open_session(self, token_sha256: str, *, replacing: str | None = None) -> str:
+        """Open a session for the token with that hash, which just logged in; return its id
+        (the only time it is seen).  Sessions that ended, this token's oldest beyond
+        `sessions.PER_TOKEN`, and the session `replacing` (the browser's previous id), if
+        any, are removed first.
+
+        Raises: Unauthorized when the token is gone (revoked meanwhile).
+        """
+        now, idle = self.now(), self.settings.ui.session_idle
+        tokens = self._token_table()
+        token = tokens.get(token_sha256)
+        if token is None:
+            raise Unauthorized("unknown token")
+        gone = sessions.to_end(self.backend.sessions(), tokens, now=now, idle=idle,
+                               opening=token_sha256)
+        previous = sessions.session_hash(replacing) if replacing else None
+        if previous is not None:
+            gone.append(previous)
+        if gone:
+            self.backend.end_sessions(gone)
+        session_id, record = sessions.new_session(token_sha256, token, now=now,
+                                                  ttl=self.settings.ui.session_ttl)
+        self.backend.add_session(record)
+        return session_id
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        """The session with that id while it lets its holder in, else None (one that ended
+        is removed).  Its token is looked up again: a revoked token ends its sessions."""
+        digest = sessions.session_hash(session_id)
+        if digest is None:
+            return None  # not an id we make: no backend read
+        held = self.backend.session(digest)
+        if held is None:
+            return None
+        now, idle = self.now(), self.settings.ui.session_idle
+        why = sessions.ended(held, self._token(held.token_sha256), now=now, idle=idle)
+        try:
+            if why:
+                self.backend.end_sessions([digest])
+                return None
+            if sessions.touch_due(held, now=now, idle=idle) and \
+                    not self.backend.touch_session(digest, now):
+                return None  # ended meanwhile (a logout in another worker)
+        except PkiError as e:
+            # A store that reads but cannot write now: the session is refused or kept all the
+            # same (removed at a later login; its last use written next time).
+            log.warning("operator pages: cannot update session %s... (%s): %s", digest[:8],
+                        why or "last use", e.message)
+            return None if why else held
+        return held
+
+    def end_session(self, session_id: str) -> None:
+        """End the session with that id (logout); nothing when there is none."""
+        digest = sessions.session_hash(session_id)
+        if digest is not None:
+            self.backend.end_sessions([digest])
+
+    def _token(self, sha256: str) -> tuple[str, tuple[str, ...]] | None:
+        """(name, scopes) of the token with that hash: the settings first (no backend read)."""
+        for t in self.settings.tokens:
+            if t.sha256 == sha256:
+                return t.name, t.scopes
+        return self._token_table().get(sha256)
+
+    def _token_table(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {**{t.sha256: (t.name, t.scopes) for t in self.tokens()},
+                **{t.sha256: (t.name, t.scopes) for t in self.settings.tokens}}
 
     # --- what is not a generation: tokens, deliveries, the service's own certificate -----
 
@@ -343,8 +421,14 @@ class CertStore:
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
                                      reason=reason, base=base.record if base else None)
+            event = AuditEvent(time=gen.record.created_at, actor=actor, action=operation,
+                               version=gen.version, items=items, reason=reason,
+                               remote_addr=remote_addr)
             try:
-                version = self.backend.write(gen, expected=parent)
+                try:
+                    version = self.backend.write(gen, expected=parent, event=event)
+                except AnswerLost as e:
+                    version = _settle(self.backend, gen, parent, event, e)
             except VersionConflict:
                 if expect_empty:
                     raise AlreadyInitialised("the store was initialised meanwhile") from None
@@ -353,9 +437,6 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
-            _append_once(self.backend, AuditEvent(
-                time=gen.record.created_at, actor=actor, action=operation, version=version,
-                items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
 
@@ -384,30 +465,43 @@ def sa_material(certs: pki.CertSet, from_server_key: bool,
     return key, bundle
 
 
-def _append_once(backend: Backend, event: AuditEvent) -> None:
-    """Append a written change's audit event, riding out a short outage.
+def _settle(backend: Backend, gen: StoredGeneration, parent: int | None, event: AuditEvent,
+            failure: AnswerLost) -> int:
+    """Find out what became of a write whose answer did not come (it may have committed).
 
-    The generation exists already: giving up at once would leave a change nobody audited
-    and answer 503 for a change that happened (a leader election takes a few seconds).
+    Reads the version back: ours (same record) is done; another's is a VersionConflict (the
+    change is planned again); none yet, the write is sent again — the backend's check-and-set
+    makes a second landing impossible.  Gives up with the failure after SETTLE_PATIENCE.
     """
-    deadline = time.monotonic() + AUDIT_PATIENCE
+    mine = gen.record.to_dict()
+    cause: BackendUnavailable = failure
+    deadline = time.monotonic() + SETTLE_PATIENCE
     delay = 0.05
-    retry = False
     while True:
+        log.warning("version %d: %s; reading back what became of the write", gen.version,
+                    cause.message)
         try:
-            # A failed append may have landed (the answer was lost): never write it twice.
-            if retry and event in backend.audit(since=event.time,
-                                                limit=10_000):
-                return
-            retry = True
-            backend.append_audit(event)
-            return
+            try:
+                found = backend.read(gen.version)
+            except NotFound:
+                try:
+                    return backend.write(gen, expected=parent, event=event)
+                except VersionConflict:  # it met a version: ours (it landed meanwhile) or not
+                    try:
+                        found = backend.read(gen.version)
+                    except NotFound:
+                        raise VersionConflict(f"the store moved past {parent}") from None
+            if found.record.to_dict() != mine:
+                raise VersionConflict(f"version {gen.version} was written by another writer")
+            log.info("version %d was committed (its answer was lost)", gen.version)
+            return gen.version
+        except PermissionDenied:
+            raise
         except BackendUnavailable as e:
-            if time.monotonic() + delay > deadline:
-                log.error("version %s was written but its audit event was not: %s",
-                          event.version, e.message)
-                raise
-            log.warning("audit event of version %s: %s; trying again", event.version,
-                        e.message)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            cause = e
+        if time.monotonic() + delay > deadline:
+            log.error("version %d: cannot tell whether it was written: %s", gen.version,
+                      cause.message)
+            raise cause
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -1,13 +1,31 @@
 """The contract every backend passes, as abstract tests a backend only feeds a fixture to."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from pkisvc.backends.base import Backend
 from pkisvc.errors import Conflict, NotFound, PkiError, VersionConflict
-from pkisvc.model import AuditEvent, GenerationRecord, ItemRecord, StoredGeneration, TokenRecord
+from pkisvc.model import (
+    AuditEvent,
+    GenerationRecord,
+    ItemRecord,
+    SessionRecord,
+    StoredGeneration,
+    TokenRecord,
+)
+
+
+def fake_session(seed: str, opened_by: str = "t1") -> SessionRecord:
+    """Return a session record under the sha256 of seed, opened by the token so named."""
+    start = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    return SessionRecord(sha256=hashlib.sha256(seed.encode()).hexdigest(), name=opened_by,
+                         token_sha256=hashlib.sha256(opened_by.encode()).hexdigest(),
+                         scopes=("read", "audit"), created=start,
+                         expires=start + timedelta(hours=8), seen=start)
 
 NOON = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -110,6 +128,33 @@ class BackendContract:
         backend.append_audit(e)
         assert backend.audit() == [e]
 
+    def test_a_change_event_is_committed_with_its_generation(self, backend: Backend) -> None:
+        base = NOON
+
+        def at(minutes: int) -> datetime:
+            return base + timedelta(minutes=minutes)
+
+        for v in range(1, 5):
+            change = AuditEvent(time=at(2 * v), actor="a", action="rotate-ca", version=v,
+                                items=("ca",), reason=f"n{v}", remote_addr="127.0.0.1")
+            assert backend.write(fake_generation(v), expected=v - 1 or None,
+                                 event=change) == v
+            backend.append_audit(AuditEvent(time=at(2 * v + 1), actor="s", action="pillar",
+                                            version=v, minion=f"m{v}"))
+        stale = AuditEvent(time=at(20), actor="a", action="rotate-ca", version=4)
+        with pytest.raises(VersionConflict):  # a refused write leaves no event
+            backend.write(fake_generation(4, "stale"), expected=3, event=stale)
+        events = backend.audit()
+        assert [(e.action, e.version) for e in events] == [
+            ("pillar", 4), ("rotate-ca", 4), ("pillar", 3), ("rotate-ca", 3),
+            ("pillar", 2), ("rotate-ca", 2), ("pillar", 1), ("rotate-ca", 1)]
+        assert events[1] == AuditEvent(time=at(8), actor="a", action="rotate-ca", version=4,
+                                       items=("ca",), reason="n4", remote_addr="127.0.0.1")
+        assert [e.time for e in backend.audit(limit=3)] == [at(9), at(8), at(7)]
+        assert [e.time for e in backend.audit(since=base + timedelta(minutes=5))] == [
+            at(9), at(8), at(7), at(6), at(5)]
+        assert backend.audit(since=base + timedelta(minutes=5), limit=2) == events[:2]
+
     def test_tokens(self, backend: Backend) -> None:
         t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)
         backend.put_token(t)
@@ -120,6 +165,42 @@ class BackendContract:
         assert backend.tokens() == []
         with pytest.raises(NotFound):
             backend.revoke_token("ops")
+
+    # --- the operator pages' sessions --------------------------------------------------
+
+    def test_sessions_add_find_touch_end(self, backend: Backend) -> None:
+        a, b = fake_session("a"), fake_session("b", opened_by="t2")
+        assert backend.sessions() == [] and backend.session(a.sha256) is None
+        backend.add_session(a)
+        backend.add_session(b)
+        assert backend.session(a.sha256) == a
+        c = fake_session("c")  # the same times as a: only the order tells which came first
+        backend.add_session(c)
+        assert [s.sha256 for s in backend.sessions()] == [a.sha256, b.sha256, c.sha256]
+        with pytest.raises(Conflict):
+            backend.add_session(dataclasses.replace(b, name="someone else"))
+        later = a.seen + timedelta(minutes=5)
+        assert backend.touch_session(a.sha256, later) is True
+        assert backend.session(a.sha256) == dataclasses.replace(a, seen=later)
+        assert [s.sha256 for s in backend.sessions()] == [a.sha256, b.sha256, c.sha256]
+        backend.end_sessions([a.sha256, fake_session("never").sha256])
+        assert backend.session(a.sha256) is None
+        assert backend.touch_session(a.sha256, later) is False  # an ended one stays ended
+        assert backend.session(a.sha256) is None
+        assert backend.sessions() == [b, c]
+        backend.end_sessions([])
+        assert backend.sessions() == [b, c]
+        assert backend.latest() is None and backend.audit() == []  # sessions are not history
+
+    @pytest.mark.parametrize("digest", ["../x", "A" * 64, "a" * 63, "", "a" * 63 + "\n"])
+    def test_sessions_are_kept_under_a_hash_only(self, backend: Backend, digest: str) -> None:
+        with pytest.raises(PkiError):
+            backend.session(digest)
+        with pytest.raises(PkiError):
+            backend.add_session(dataclasses.replace(fake_session("x"), sha256=digest))
+        with pytest.raises(PkiError):
+            backend.end_sessions([digest])
+        assert backend.sessions() == []
 
     def test_ping(self, backend: Backend) -> None:
         backend.ping()
