@@ -3,6 +3,7 @@
     <mount>/data/<prefix>/<cluster>/material            KV version N = pkisvc version N
     <mount>/data/<prefix>/<cluster>/audit/<day>/<key>   one secret per audit event
     <mount>/data/<prefix>/<cluster>/tokens              the hashed API tokens, one list
+    <mount>/data/<prefix>/<cluster>/minions/<id>        one minion's delivery state
 
 A generation is written as one KV version with `cas=<the version it builds on>`, so Vault
 itself refuses a stale writer and every replica stays gapless.  The version payload holds the
@@ -35,6 +36,7 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -44,7 +46,7 @@ import hvac.utils
 import requests
 import urllib3.exceptions
 
-from pkisvc.backends.base import checked_version
+from pkisvc.backends.base import checked_minion, checked_version
 from pkisvc.errors import (
     BackendUnavailable,
     ConfigError,
@@ -56,8 +58,10 @@ from pkisvc.errors import (
     VersionConflict,
 )
 from pkisvc.model import (
+    MINION_ID,
     AuditEvent,
     GenerationRecord,
+    MinionState,
     StoredGeneration,
     TokenRecord,
 )
@@ -71,6 +75,7 @@ RESERVED = "record.json"  # the files backend's record; refused here too, so bac
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
+MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 
 
 class VaultBackend:
@@ -99,6 +104,7 @@ class VaultBackend:
         self._material = f"{self.base}/material"
         self._audit_dir = f"{self.base}/audit"
         self._tokens_path = f"{self.base}/tokens"
+        self._minions_dir = f"{self.base}/minions"
         self._auth = _Auth(token=token, token_file=token_file, role_id=role_id,
                            secret_id=secret_id)
         session = requests.Session()
@@ -599,6 +605,50 @@ class VaultBackend:
                 raise NotFound(f"no token named {name!r}")
             return kept
         self._update_tokens(remove)
+
+    # --- minions' delivery states ----------------------------------------------------------
+
+    def _read_minion(self, minion: str) -> tuple[int, MinionState | None]:
+        """Return (KV version, state) of one minion's secret; (0, None) when there is none."""
+        path = f"{self._minions_dir}/{checked_minion(minion)}"
+        try:
+            resp = self._read(path)
+        except NotFound:
+            return 0, None
+        try:
+            return (int(resp["data"]["metadata"]["version"]),
+                    MinionState.from_dict(resp["data"]["data"]["state"]))
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)} is not a "
+                                     "minion state") from None
+
+    def minion(self, minion: str) -> MinionState | None:
+        return self._read_minion(minion)[1]
+
+    def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        version, held = self._read_minion(state.minion)
+        if held != expected:
+            raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
+        self._write(f"{self._minions_dir}/{state.minion}", {"state": state.to_dict()},
+                    cas=version)
+
+    def minions(self) -> list[MinionState]:
+        names = sorted(k for k in self._list(self._minions_dir) if MINION_ID.fullmatch(k))
+        if not names:
+            return []
+        with ThreadPoolExecutor(max_workers=MINION_READERS,
+                                thread_name_prefix="pkisvc-minions") as pool:
+            states = list(pool.map(lambda m: self._read_minion(m)[1], names))
+        return [s for s in states if s is not None]
+
+    def identity(self) -> str | None:
+        where = "auth/token/lookup-self"
+        try:
+            resp = self._call(where, lambda: self._client.auth.token.lookup_self())
+        except PermissionDenied:
+            return None  # a policy without the default one: we cannot tell
+        name = self._dig(resp, where, "data").get("display_name")
+        return str(name) if name else None
 
 
 class _Auth:

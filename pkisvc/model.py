@@ -171,3 +171,28 @@ class TokenRecord:
     def from_dict(cls, d: Mapping[str, Any]) -> TokenRecord:
         return cls(name=d["name"], sha256=d["sha256"], scopes=tuple(d["scopes"]),
                    created_at=d.get("created_at", ""))
+
+
+@dataclass(frozen=True)
+class MinionState:
+    """What one minion holds: its role, the version, when it got it, when it last asked.
+
+    Times are RFC 3339 (UTC, seconds).  `received` is when the minion first had this version
+    (or this role); `asked` is its latest pillar request as stored (at most one touch interval
+    old while it keeps asking).
+    """
+
+    minion: str
+    role: str | None
+    version: int
+    received: str
+    asked: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"minion": self.minion, "role": self.role, "version": self.version,
+                "received": self.received, "asked": self.asked}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MinionState:
+        return cls(minion=str(d["minion"]), role=d.get("role"), version=int(d["version"]),
+                   received=str(d["received"]), asked=str(d["asked"]))

@@ -55,6 +55,11 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    touch_interval: int  # seconds: how stale a minion's stored "last asked" may grow
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     cert: str | None
     key: str | None
@@ -92,6 +97,7 @@ class Settings:
     auto_init: bool
     access_log: bool
     log_level: str
+    delivery: DeliverySettings = DeliverySettings(touch_interval=600)
     source: str | None = None
 
     @classmethod
@@ -350,6 +356,7 @@ _SCHEMA: dict[str, _Field] = {
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
     "log_level": _Field("info", _log_level, text=True),
+    "delivery.touch_interval": _Field("10m", parse_duration, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -434,5 +441,6 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
+        delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
         source=source,
     )

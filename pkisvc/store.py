@@ -8,11 +8,12 @@ and tried again (a bounded number of times).  Every change appends one audit eve
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from pkisvc import changes, pki
@@ -35,6 +36,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    MinionState,
     StoredGeneration,
     TokenRecord,
 )
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
 AUDIT_PATIENCE = 15.0  # seconds a written change keeps trying to append its audit event
+STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
 def utcnow() -> datetime:
@@ -59,6 +62,10 @@ class CertStore:
         self.backend = backend
         self.settings = settings
         self._clock = clock
+        # Each minion's state as this process last read or wrote it, with its `asked` parsed:
+        # an unchanged pillar answer is decided here, with no backend read.
+        self._minions: dict[str, tuple[MinionState, datetime]] = {}
+        self._touch = timedelta(seconds=settings.delivery.touch_interval)
 
     def now(self) -> datetime:
         return self._clock()
@@ -135,9 +142,58 @@ class CertStore:
     def record_delivery(self, *, actor: str, action: str, version: int,
                         items: tuple[str, ...], minion: str | None = None,
                         role: str | None = None, remote_addr: str | None = None) -> None:
-        """Audit that key material left the service."""
+        """Audit that key material left the service (a key read, a kubeconfig)."""
         self._audit(actor, action, version=version, items=items, minion=minion, role=role,
                     remote_addr=remote_addr)
+
+    def record_pillar(self, *, actor: str, minion: str, role: str, version: int,
+                      items: tuple[str, ...], remote_addr: str | None = None) -> None:
+        """Note that minion holds version for role (a pillar answer, a 304 included).
+
+        Writes only when the minion's version or role changed (its state, then one `pillar`
+        audit event) or its stored "last asked" is older than `delivery.touch_interval` (its
+        state alone).  An unchanged answer is decided from what this process saw last; a view
+        another process made stale costs a conflict and a read, never a missed change.
+        """
+        now = self.now()
+        seen = self._minions.get(minion)
+        if (seen is not None and seen[0].version == version and seen[0].role == role
+                and now < seen[1] + self._touch):
+            return
+        held = seen[0] if seen is not None else self.backend.minion(minion)
+        stamp = pki.rfc3339(now)
+        for _ in range(STATE_ATTEMPTS):
+            change = held is None or held.version != version or held.role != role
+            if held is not None and not change:
+                asked = changes.parse_time(held.asked)
+                if now < asked + self._touch:  # another process touched it meanwhile
+                    self._minions[minion] = (held, asked)
+                    return
+                new = dataclasses.replace(held, asked=stamp)
+            else:
+                new = MinionState(minion, role, version, received=stamp, asked=stamp)
+            try:
+                self.backend.put_minion(new, expected=held)
+            except VersionConflict:
+                held = self.backend.minion(minion)
+                continue
+            except BackendUnavailable as e:
+                if change:
+                    raise
+                log.warning("minion %s: last asked not stored: %s", minion, e.message)
+                return
+            self._minions[minion] = (new, now)
+            if change:
+                _append_once(self.backend, AuditEvent(
+                    time=stamp, actor=actor, action="pillar", version=version, items=items,
+                    remote_addr=remote_addr, minion=minion, role=role))
+            return
+        log.info("minion %s: its state kept changing under us; left to the other writers",
+                 minion)
+
+    def minions(self) -> list[MinionState]:
+        """Every minion's delivery state, by minion id."""
+        return self.backend.minions()
 
     def issue_serving_cert(self, hosts: tuple[str, ...], *, actor: str, days: int = 90
                            ) -> tuple[bytes, bytes, bytes]:
