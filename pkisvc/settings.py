@@ -400,7 +400,7 @@ def one_line(text: str) -> str:
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "PKISVC_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in ("PKISVC_CONFIG", "PKISVC_ACTOR"):
             continue
         key = name[len(ENV_PREFIX):].lower().replace("__", ".")
         field = _SCHEMA.get(key)

@@ -139,12 +139,13 @@ class CertStore:
         self.backend.revoke_token(name)
         self._audit(actor, "token-revoke", reason=name, remote_addr=remote_addr)
 
-    def record_delivery(self, *, actor: str, action: str, version: int,
+    def record_delivery(self, *, actor: str, action: str, version: int | None,
                         items: tuple[str, ...], minion: str | None = None,
-                        role: str | None = None, remote_addr: str | None = None) -> None:
-        """Audit that key material left the service (a key read, a kubeconfig)."""
+                        role: str | None = None, remote_addr: str | None = None,
+                        reason: str = "") -> None:
+        """Audit that key material left the service (a key read, a kubeconfig, an export)."""
         self._audit(actor, action, version=version, items=items, minion=minion, role=role,
-                    remote_addr=remote_addr)
+                    remote_addr=remote_addr, reason=reason)
 
     def record_pillar(self, *, actor: str, minion: str, role: str, version: int,
                       items: tuple[str, ...], remote_addr: str | None = None) -> None:
