@@ -6,7 +6,9 @@ BIND   ?= 127.0.0.1:8800
 DATA_DIR ?= ./pkisvc-data
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps system-deps bench clean
+DIST ?= dist
+
+.PHONY: run test lint deps system-deps bench clean wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +45,11 @@ $(VENV)/.bench-installed: $(VENV)/.test-installed
 bench: $(VENV)/.bench-installed system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
 
+# The Salt master's install: the service, the ext_pillar, the runner and the formula with its
+# orchestration in one wheel, $(DIST)/pkisvc-VERSION-py3-none-any.whl (README "Salt master").
+wheel: | $(BIN)/python
+	rm -rf build
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w $(DIST) .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache

@@ -5,14 +5,20 @@ setup(
     version="0.1.0",
     description="Versioned certificate management for Salt-managed Kubernetes clusters",
     python_requires=">=3.11",
-    packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar", "pkisvc.testing"],
+    packages=["pkisvc", "pkisvc.backends", "pkisvc.ext_pillar", "pkisvc.formula",
+              "pkisvc.testing"],
     package_dir={"pkisvc": "pkisvc", "pkisvc.backends": "backends",
-                 "pkisvc.ext_pillar": "ext_pillar"},
+                 "pkisvc.ext_pillar": "ext_pillar", "pkisvc.formula": "formula"},
     package_data={
         # The operator pages' templates and style sheet (pkisvc/ui.py).
         "pkisvc": ["templates/*.html", "templates/*.css"],
         # The Salt runner is a plain module Salt's loader reads from a directory.
         "pkisvc.ext_pillar": ["runners/*.py"],
+        # The Salt formula and its orchestration, for the master's file_roots
+        # (`pkisvc formula-path` prints the directory).
+        "pkisvc.formula": ["kubernetes/cert/*.sls", "kubernetes/cert/*.jinja",
+                           "kubernetes/cert/*.yaml", "kubernetes/cert/*.example",
+                           "kubernetes/cert/orch/*.sls", "kubernetes/cert/orch/*.yaml"],
     },
     install_requires=[
         "cryptography>=42",

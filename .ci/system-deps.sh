@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the tests judge certificates with: etcd (server + etcdctl) and a kubectl;
-# Chromium and its driver for the operator pages' browser tests.
+# Chromium and its driver for the operator pages' browser tests; easy-rsa for adoption.
 set -euo pipefail
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -12,6 +12,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)  # carries refused client pairs 
 command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the operator pages' browser tests
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)  # selenium drives it
 [ -x /usr/sbin/update-ca-certificates ] || need+=(ca-certificates)  # doctor's host trees
+# Clusters made the old way (kube-up's make-ca-cert.sh), for the adoption tests; Debian's
+# program is /usr/share/easy-rsa/easyrsa, not on PATH.
+[ -x /usr/share/easy-rsa/easyrsa ] || need+=(easy-rsa)
 # A fixed kubectl build: the image's pinned kubectl.1.NN beside its version dispatcher, or
 # Debian's kubernetes-client where there is no kubectl at all (see FIELD-NOTES).  Never both:
 # the image's `kubectl` package owns /usr/bin/kubectl, which kubernetes-client also ships.

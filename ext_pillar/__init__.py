@@ -13,3 +13,10 @@ def salt_loader() -> dict[str, list[str]]:
     `pkisvc.rotate` that the kubernetes.cert.orch.rotate orchestration calls."""
     here = os.path.dirname(os.path.abspath(__file__))
     return {"pillar": [here], "runners": [os.path.join(here, "runners")]}
+
+
+def formula_path() -> str:
+    """The directory to list in the Salt master's file_roots: it holds kubernetes/cert/ (the
+    formula and its orchestration).  Installed, pkisvc/formula beside this package; in a
+    checkout, formula/ beside ext_pillar/ — the same relative place."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "formula")

@@ -561,6 +561,14 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("formula-path")
+def formula_path() -> None:
+    """Print the directory to add to the Salt master's file_roots (kubernetes.cert)."""
+    from pkisvc.ext_pillar import formula_path as path
+
+    click.echo(path())
+
+
 @main.command("migrate")
 @click.option("--to", "dest", required=True, type=click.Choice(["vault"]),
               help="The backend to copy into (configured by the same settings' vault.*).")

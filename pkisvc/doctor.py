@@ -3,6 +3,8 @@
 `run` reads the files the formula lays down (DESIGN §5) under a root directory and compares
 them with each other, with the clock it is given, and optionally with what the store says the
 host should hold.  It never prints key material: messages name files, fingerprints and dates.
+The paths are those `kubernetes.cert.configured` recorded in ROOT/etc/kubernetes-cert/
+lookup.json (a pillar `lookup` override included); the formula's defaults where there is none.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ LEAVES = {"server": (f"{SRV}/server.cert", f"{SRV}/server.key",
           "kubecfg": (f"{SRV}/kubecfg.crt", f"{SRV}/kubecfg.key",
                       ExtendedKeyUsageOID.CLIENT_AUTH)}
 ROLES = ("master", "node")
+LOOKUP_FILE = "/etc/kubernetes-cert/lookup.json"  # written by kubernetes.cert.lookup
 
 APPLY = "salt-call state.apply kubernetes.cert.configured"
 REFRESH = f"salt-call saltutil.refresh_pillar && {APPLY}"
@@ -189,130 +192,215 @@ def _bundle_fps(data: bytes) -> set[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the formula puts things on a host (host paths, without any root or prefix)."""
+
+    cert_dir: str = SRV
+    ca_file: str = "ca.crt"
+    local_ca: str = LOCAL_CA
+    link: str = SYMLINK
+    bundle: str = BUNDLE
+    kubelet_ca: str = KUBELET_CA
+
+    @property
+    def ca(self) -> str:
+        return f"{self.cert_dir}/{self.ca_file}"
+
+    @property
+    def leaves(self) -> dict[str, tuple[str, str, x509.ObjectIdentifier]]:
+        """item -> (certificate path, key path, the extended key usage it must have)."""
+        return {item: (f"{self.cert_dir}/{Path(c).name}", f"{self.cert_dir}/{Path(k).name}", u)
+                for item, (c, k, u) in LEAVES.items()}
+
+    @property
+    def link_fix(self) -> str:
+        return f"ln -sfn {self.local_ca} {self.link} (or: {APPLY})"
+
+
+# lookup.json key -> Layout field
+_LOOKUP_KEYS = {"cert_dir": "cert_dir", "ca_file": "ca_file", "ca_local": "local_ca",
+                "ca_link": "link", "ca_store": "bundle", "kubelet_ca": "kubelet_ca"}
+
+
+def read_layout(host: _Host) -> tuple[Layout, list[Check]]:
+    """The paths the formula recorded under root (LOOKUP_FILE), else its defaults.
+
+    Returns the layout and the check on the record (none when there is no record: a host
+    configured by an older formula).
+    """
+    data, why = host.read(LOOKUP_FILE)
+    if data is None:
+        if why == "missing":
+            return Layout(), []
+        return Layout(), [Check("lookup", LOOKUP_FILE, FAIL, f"{why}; default paths used",
+                                APPLY)]
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError
+        fields: dict[str, str] = {}
+        for key, attr in _LOOKUP_KEYS.items():
+            if key not in doc:
+                continue
+            value = doc[key]
+            want = "a file name" if key == "ca_file" else "an absolute path"
+            ok = isinstance(value, str) and value and (
+                "/" not in value if key == "ca_file" else value.startswith("/"))
+            if not ok:
+                raise ValueError(f"{key} is not {want}")
+            fields[attr] = value.rstrip("/") if key == "cert_dir" else value
+    except ValueError as e:
+        why = str(e) or "not a JSON object"
+        return Layout(), [Check("lookup", LOOKUP_FILE, FAIL, f"{why}; default paths used",
+                                APPLY)]
+    layout = Layout(**fields)
+    return layout, [Check("lookup", LOOKUP_FILE, PASS, f"paths as configured: CA {layout.ca}, "
+                          f"link {layout.link}, bundle {layout.bundle}")]
+
+
 def run(root: str | os.PathLike[str], *, now: datetime, role: str = "master",
         expected: Expected | None = None, store_error: str | None = None,
         secrets: Mapping[str, bytes] | None = None, secrets_error: str | None = None,
-        warn_within: timedelta = timedelta(days=30)) -> Report:
+        warn_within: timedelta = timedelta(days=30), layout: Layout | None = None) -> Report:
     """Check a host's installed certificates under root at time now.
 
     expected: the store's view (see expected_from); store_error: why it could not be had.
     secrets: the `ca.crt` of each kube-system secret that has one (name -> PEM), to compare
-    with the CA; secrets_error: why they could not be read.
+    with the CA; secrets_error: why they could not be read.  layout: the paths to check
+    (default: what the formula recorded under root, see read_layout).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
     host = _Host(Path(root))
     checks: list[Check] = []
-    add = checks.append
-
-    # 1. The primary CA copy is the reference every other copy is compared with.
-    trust: list[x509.Certificate] = []
-    data, why = host.read(CA)
-    if data is None:
-        add(Check("present", CA, FAIL, why, APPLY))
-    else:
-        trust, why = _parse_certs(data, CA)
-        for c in trust:
-            try:
-                pki.check_ca(c, CA)
-            except InvalidMaterial as e:
-                trust, why = [], e.message
-                break
-        if trust:
-            add(Check("ca", CA, PASS, f"{len(trust)} CA certificate(s): "
-                      f"{_describe_fps(_fps(trust))}"))
-        else:
-            add(Check("ca", CA, FAIL, why, APPLY))
+    if layout is None:
+        layout, found = read_layout(host)
+        checks += found
+    lay = layout
+    trust, found = _check_ca(host, lay)
+    checks += found
     ref = set(_fps(trust))
-
-    # 2. Copies of the CA that must be the same certificates.
-    for path, fix in ((KUBELET_CA, f"{APPLY}, then systemctl restart kubelet"),
-                      (LOCAL_CA, APPLY)):
-        data, why = host.read(path)
-        if data is None:
-            add(Check("same-ca", path, FAIL, why, fix))
-            continue
-        certs, why = _parse_certs(data, path)
-        if not certs:
-            add(Check("same-ca", path, FAIL, why, fix))
-        elif not ref:
-            add(Check("same-ca", path, WARN, f"holds {_describe_fps(_fps(certs))}; "
-                      f"nothing to compare with ({CA} unusable)", APPLY))
-        elif set(_fps(certs)) != ref:
-            add(Check("same-ca", path, FAIL, f"stale copy: holds {_describe_fps(_fps(certs))}"
-                      f", {CA} holds {_describe_fps(sorted(ref))}", fix))
-        else:
-            add(Check("same-ca", path, PASS, f"same CA as {CA}"))
-
-    # 3. The system trust store: the symlink and the bundle update-ca-certificates builds.
-    link = host.path(SYMLINK)
-    if not link.is_symlink() and not link.exists():
-        add(Check("symlink", SYMLINK, FAIL, "missing", UPDATE_CA))
-    else:
-        end, why = host.resolve_link(SYMLINK)
-        if end is None:
-            add(Check("symlink", SYMLINK, FAIL, why, UPDATE_CA))
-        else:
-            data, why = host.read(end)
-            certs, why = _parse_certs(data, end) if data is not None else ([], why)
-            if not certs:
-                add(Check("symlink", SYMLINK, FAIL, f"-> {end}: {why}", UPDATE_CA))
-            elif ref and set(_fps(certs)) != ref:
-                add(Check("symlink", SYMLINK, FAIL, f"-> {end} holds "
-                          f"{_describe_fps(_fps(certs))}, not the CA of {CA}", UPDATE_CA))
-            elif not link.is_symlink():
-                add(Check("symlink", SYMLINK, WARN, f"a regular file, not a symlink to "
-                          f"{LOCAL_CA}", UPDATE_CA))
-            else:
-                add(Check("symlink", SYMLINK, PASS, f"-> {end}"))
-    data, why = host.read(BUNDLE)
-    if data is None:
-        add(Check("bundle", BUNDLE, FAIL, why, UPDATE_CA))
-    elif not ref:
-        add(Check("bundle", BUNDLE, WARN, f"nothing to look for ({CA} unusable)", APPLY))
-    else:
-        missing = sorted(ref - _bundle_fps(data))
-        if missing:
-            add(Check("bundle", BUNDLE, FAIL, f"does not contain {_describe_fps(missing)}",
-                      UPDATE_CA))
-        else:
-            add(Check("bundle", BUNDLE, PASS, "contains the CA"))
-
-    # 4. Leaf pairs (masters hold them; nodes must not).
+    checks += _check_copies(host, lay, ref)
+    checks.append(_check_link(host, lay, ref))
+    checks.append(_check_bundle(host, lay, ref))
     leaves: dict[str, x509.Certificate] = {}
-    for item, (cert_path, key_path, usage) in LEAVES.items():
-        if role == "node":
-            held = [p for p in (cert_path, key_path) if host.path(p).exists()]
-            if held:
-                add(Check("not-held", held[0], WARN,
-                          f"a node should not hold {', '.join(held)}", APPLY))
-            continue
-        cert = _check_leaf(host, add, cert_path, key_path, usage, trust)
-        if cert is not None:
-            leaves[item] = cert
-
-    # 5. Validity at `now`, CA first.
-    for path, cert in [*((CA, c) for c in trust),
-                       *((LEAVES[i][0], c) for i, c in leaves.items())]:
-        add(_expiry(path, cert, now, warn_within))
-
-    # 6. The store's latest version.
+    if role == "node":
+        checks += _check_not_held(host, lay)
+    else:
+        for item, (cert_path, key_path, usage) in lay.leaves.items():
+            cert = _check_leaf(host, checks.append, cert_path, key_path, usage, trust, lay)
+            if cert is not None:
+                leaves[item] = cert
+    # Validity at `now`, CA first.
+    checks += [_expiry(lay.ca, c, now, warn_within, None) for c in trust]
+    checks += [_expiry(lay.leaves[i][0], c, now, warn_within, i) for i, c in leaves.items()]
     if expected is not None:
-        add(_version(expected, ref, {i: pki.fingerprint(c) for i, c in leaves.items()}, role))
+        checks.append(_version(expected, ref, {i: pki.fingerprint(c)
+                                               for i, c in leaves.items()}, role, lay))
     elif store_error:
-        add(Check("version", SRV, WARN, f"not compared: {store_error}",
-                  "run with the service's settings (pkisvc --config FILE doctor) or --url"))
-
-    # 7. The CA copies in the cluster (the seed's "System Secrets Not Updating").
+        checks.append(Check("version", lay.cert_dir, WARN, f"not compared: {store_error}",
+                            "run with the service's settings (pkisvc --config FILE doctor) "
+                            "or --url"))
+    # The CA copies in the cluster (the seed's "System Secrets Not Updating").
     if secrets is not None:
-        checks.extend(_secrets(secrets, ref))
+        checks += _secrets(secrets, ref, lay)
     elif secrets_error:
-        add(Check("secret", "kube-system", WARN, f"not compared: {secrets_error}",
-                  "check kubectl's access (--kubeconfig)"))
+        checks.append(Check("secret", "kube-system", WARN, f"not compared: {secrets_error}",
+                            "check kubectl's access (--kubeconfig)"))
     return Report(str(root), role, now, expected.version if expected else None, tuple(checks))
 
 
-def _secrets(secrets: Mapping[str, bytes], ref: set[str]) -> list[Check]:
+def _check_ca(host: _Host, lay: Layout) -> tuple[list[x509.Certificate], list[Check]]:
+    """The primary CA copy: the reference every other copy is compared with."""
+    data, why = host.read(lay.ca)
+    if data is None:
+        return [], [Check("present", lay.ca, FAIL, why, APPLY)]
+    trust, why = _parse_certs(data, lay.ca)
+    for c in trust:
+        try:
+            pki.check_ca(c, lay.ca)
+        except InvalidMaterial as e:
+            trust, why = [], e.message
+            break
+    if not trust:
+        return [], [Check("ca", lay.ca, FAIL, why, APPLY)]
+    return trust, [Check("ca", lay.ca, PASS, f"{len(trust)} CA certificate(s): "
+                         f"{_describe_fps(_fps(trust))}")]
+
+
+def _check_copies(host: _Host, lay: Layout, ref: set[str]) -> list[Check]:
+    """Copies of the CA that must be the same certificates: the kubelet's, the local store's."""
+    out = []
+    for path, fix in ((lay.kubelet_ca, f"{APPLY}, then systemctl restart kubelet"),
+                      (lay.local_ca, APPLY)):
+        data, why = host.read(path)
+        certs, why = _parse_certs(data, path) if data is not None else ([], why)
+        if not certs:
+            out.append(Check("same-ca", path, FAIL, why, fix))
+        elif not ref:
+            out.append(Check("same-ca", path, WARN, f"holds {_describe_fps(_fps(certs))}; "
+                             f"nothing to compare with ({lay.ca} unusable)", APPLY))
+        elif set(_fps(certs)) != ref:
+            out.append(Check("same-ca", path, FAIL, f"stale copy: holds "
+                             f"{_describe_fps(_fps(certs))}, {lay.ca} holds "
+                             f"{_describe_fps(sorted(ref))}", fix))
+        else:
+            out.append(Check("same-ca", path, PASS, f"same CA as {lay.ca}"))
+    return out
+
+
+def _check_link(host: _Host, lay: Layout, ref: set[str]) -> Check:
+    """The kubernetes.pem link the formula makes (update-ca-certificates never makes it)."""
+    link = host.path(lay.link)
+    # Where the local copy itself is missing, only the formula puts both right.
+    fix = lay.link_fix if host.path(lay.local_ca).exists() else APPLY
+    if not link.is_symlink() and not link.exists():
+        return Check("symlink", lay.link, FAIL, "missing", fix)
+    end, why = host.resolve_link(lay.link)
+    if end is None:
+        return Check("symlink", lay.link, FAIL, why, fix)
+    data, why = host.read(end)
+    certs, why = _parse_certs(data, end) if data is not None else ([], why)
+    if not certs:
+        return Check("symlink", lay.link, FAIL, f"-> {end}: {why}", fix)
+    if ref and set(_fps(certs)) != ref:
+        # Pointing at the local copy, the link is right and the copy is stale (same-ca).
+        return Check("symlink", lay.link, FAIL, f"-> {end} holds {_describe_fps(_fps(certs))}"
+                     f", not the CA of {lay.ca}", APPLY if end == lay.local_ca else fix)
+    if not link.is_symlink():
+        return Check("symlink", lay.link, WARN, f"a regular file, not a symlink to "
+                     f"{lay.local_ca}", fix)
+    return Check("symlink", lay.link, PASS, f"-> {end}")
+
+
+def _check_bundle(host: _Host, lay: Layout, ref: set[str]) -> Check:
+    """The system bundle update-ca-certificates builds from the local CA copy."""
+    data, why = host.read(lay.bundle)
+    if data is None:
+        return Check("bundle", lay.bundle, FAIL, why, UPDATE_CA)
+    if not ref:
+        return Check("bundle", lay.bundle, WARN, f"nothing to look for ({lay.ca} unusable)",
+                     APPLY)
+    missing = sorted(ref - _bundle_fps(data))
+    if missing:
+        return Check("bundle", lay.bundle, FAIL, f"does not contain {_describe_fps(missing)}",
+                     UPDATE_CA)
+    return Check("bundle", lay.bundle, PASS, "contains the CA")
+
+
+def _check_not_held(host: _Host, lay: Layout) -> list[Check]:
+    """A node holds only the CA: any leaf file there is a leftover."""
+    out = []
+    for cert_path, key_path, _ in lay.leaves.values():
+        held = [p for p in (cert_path, key_path) if host.path(p).exists()]
+        if held:
+            out.append(Check("not-held", held[0], WARN,
+                             f"a node should not hold {', '.join(held)}", APPLY))
+    return out
+
+
+def _secrets(secrets: Mapping[str, bytes], ref: set[str], lay: Layout) -> list[Check]:
     if not secrets:
         return [Check("secret", "kube-system", PASS, "no secret holds a ca.crt")]
     out = []
@@ -325,18 +413,18 @@ def _secrets(secrets: Mapping[str, bytes], ref: set[str]) -> list[Check]:
             out.append(Check("secret", where, FAIL, why, fix))
         elif not ref:
             out.append(Check("secret", where, WARN, f"holds {_describe_fps(_fps(certs))}; "
-                             f"nothing to compare with ({CA} unusable)", APPLY))
+                             f"nothing to compare with ({lay.ca} unusable)", APPLY))
         elif set(_fps(certs)) != ref:
             out.append(Check("secret", where, FAIL, f"stale ca.crt: holds "
-                             f"{_describe_fps(_fps(certs))}, {CA} holds "
+                             f"{_describe_fps(_fps(certs))}, {lay.ca} holds "
                              f"{_describe_fps(sorted(ref))}", fix))
         else:
-            out.append(Check("secret", where, PASS, f"ca.crt is the CA of {CA}"))
+            out.append(Check("secret", where, PASS, f"ca.crt is the CA of {lay.ca}"))
     return out
 
 
 def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_path: str,
-                usage: x509.ObjectIdentifier, trust: list[x509.Certificate]
+                usage: x509.ObjectIdentifier, trust: list[x509.Certificate], lay: Layout
                 ) -> x509.Certificate | None:
     data, why = host.read(cert_path)
     if data is None:
@@ -349,7 +437,7 @@ def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_p
         return None
     label = "serverAuth" if usage == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth"
     if trust and pki.issuer_among(cert, trust) is None:
-        add(Check("leaf", cert_path, FAIL, f"not issued by the CA in {CA} (issuer "
+        add(Check("leaf", cert_path, FAIL, f"not issued by the CA in {lay.ca} (issuer "
                   f"{cert.issuer.rfc4514_string()})", REFRESH))
     elif not pki.has_usage(cert, usage):
         add(Check("leaf", cert_path, FAIL, f"extended key usage {label} missing", APPLY))
@@ -381,11 +469,13 @@ def _check_leaf(host: _Host, add: Callable[[Check], None], cert_path: str, key_p
     return cert
 
 
-def _expiry(path: str, cert: x509.Certificate, now: datetime, within: timedelta) -> Check:
+def _expiry(path: str, cert: x509.Certificate, now: datetime, within: timedelta,
+            item: str | None) -> Check:
+    """Validity at now; item: the leaf's name (server, kubecfg), None for the CA."""
     not_after, not_before = cert.not_valid_after_utc, cert.not_valid_before_utc
-    is_ca = path == CA
+    is_ca = item is None
     fix = ("pkisvc rotate ca (staged: POST /v1/ca/rotate {\"mode\": \"staged\"}), then "
-           f"{REFRESH}") if is_ca else f"pkisvc rotate {_item_of(path)}, then {REFRESH}"
+           f"{REFRESH}") if is_ca else f"pkisvc rotate {item}, then {REFRESH}"
     what = f"{_short(pki.fingerprint(cert))} " if is_ca else ""
     if now >= not_after:
         return Check("expiry", path, FAIL, f"{what}expired at {pki.rfc3339(not_after)}", fix)
@@ -400,30 +490,27 @@ def _expiry(path: str, cert: x509.Certificate, now: datetime, within: timedelta)
                  f"({left.days} days left)")
 
 
-def _item_of(path: str) -> str:
-    return next(i for i, (c, _, _) in LEAVES.items() if c == path)
-
-
-def _version(exp: Expected, ca: set[str], leaves: Mapping[str, str], role: str) -> Check:
+def _version(exp: Expected, ca: set[str], leaves: Mapping[str, str], role: str,
+             lay: Layout) -> Check:
     want = {"ca.crt": set(exp.trust)}
     have: dict[str, set[str]] = {"ca.crt": ca}
     if role == "master" and exp.items:
-        for item, (cert_path, _, _) in LEAVES.items():
+        for item, (cert_path, _, _) in lay.leaves.items():
             name = Path(cert_path).name
             want[name] = {exp.items[item]}
             have[name] = {leaves[item]} if item in leaves else set()
     stale = [n for n in want if have[n] != want[n]]
-    src = exp.source
+    src, where = exp.source, lay.cert_dir
     if not stale:
-        return Check("version", SRV, PASS, f"matches version {exp.version} ({src})")
+        return Check("version", where, PASS, f"matches version {exp.version} ({src})")
     seen = {exp.known[fp] for n in stale for fp in have[n] if fp in exp.known}
     if seen:
-        return Check("version", SRV, FAIL, f"{', '.join(stale)} from version {max(seen)}; "
+        return Check("version", where, FAIL, f"{', '.join(stale)} from version {max(seen)}; "
                      f"latest is {exp.version} ({src})", REFRESH)
     if not exp.known:  # only the current trust bundle is known (the service's /v1/ca)
-        return Check("version", SRV, FAIL, f"{', '.join(stale)} is not the trust bundle of "
+        return Check("version", where, FAIL, f"{', '.join(stale)} is not the trust bundle of "
                      f"version {exp.version} ({src})", REFRESH)
-    return Check("version", SRV, FAIL, f"{', '.join(stale)} not from {src} (latest version "
+    return Check("version", where, FAIL, f"{', '.join(stale)} not from {src} (latest version "
                  f"{exp.version})", REFRESH)
 
 

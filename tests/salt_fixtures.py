@@ -91,6 +91,7 @@ def host_root(base: Path) -> Path:
     if (base / "etc/ca-certificates.conf").exists():
         return base
     (base / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    (base / "etc/ca-certificates/update.d").mkdir(parents=True, exist_ok=True)
     system = base / "usr/share/ca-certificates/test"
     system.mkdir(parents=True)
     (system / "system-root.crt").write_bytes(SYSTEM_CA)
@@ -113,21 +114,15 @@ def _system_ca() -> bytes:
 SYSTEM_CA = _system_ca()
 
 
-def update_ca_command(root: Path) -> str:
-    """Debian's update-ca-certificates, every directory under root (FIELD-NOTES)."""
-    return (f"update-ca-certificates --certsconf {root}/etc/ca-certificates.conf"
-            f" --certsdir {root}/usr/share/ca-certificates"
-            f" --localcertsdir {root}/usr/local/share/ca-certificates"
-            f" --etccertsdir {root}/etc/ssl/certs --hooksdir {root}/etc/ca-certificates/update.d")
-
-
 def lookup_pillar(hosts: Path, minion_jinja: str = "{{ grains.id }}") -> str:
-    """A static pillar SLS: the formula's lookup under hosts/<minion id>, plus other data."""
+    """A static pillar SLS: the formula's lookup under hosts/<minion id>, plus other data.
+
+    Only the prefix: the formula itself keeps update-ca-certificates inside it.
+    """
     root = f"{hosts}/{minion_jinja}"
     return yaml.safe_dump({
         "kubernetes": {"cluster_name": "test-cluster",
-                       "cert": {"lookup": {"prefix": root,
-                                           "update_ca_command": update_ca_command(Path(root))}}},
+                       "cert": {"lookup": {"prefix": root}}},
         "unrelated": {"formula": "data"},
     })
 
@@ -317,6 +312,20 @@ class Cluster:
         wait_for(lambda: sorted(self.salt("*", "test.ping", timeout=5)) == ids, 90,
                  "minions to answer test.ping")
         return self
+
+    def minion(self, minion_id: str) -> Daemon:
+        return next(d for d in self.daemons
+                    if d.kind == "minion" and d.conf_dir.name == minion_id)
+
+    def restart_minion(self, minion_id: str) -> None:
+        """Start a stopped minion again and wait until it answers."""
+        daemon = self.minion(minion_id)
+        if daemon.proc is not None:
+            daemon.proc.wait(timeout=30)
+        daemon.pidfile.unlink(missing_ok=True)
+        daemon.start()
+        wait_for(lambda: self.salt(minion_id, "test.ping", timeout=5) == {minion_id: True}, 90,
+                 f"{minion_id} to answer test.ping again")
 
     def stop(self) -> None:
         terminate([p for d in self.daemons for p in d.processes()])

@@ -25,7 +25,7 @@ def footprint(backend: Any, data_dir: Path) -> dict[str, int]:
     if backend.name == "files":
         return {str(p.relative_to(data_dir)): p.stat().st_size
                 for p in data_dir.rglob("*") if p.is_file()}
-    kv = backend._client.secrets.kv.v2
+    kv = backend.vault.kv
     out: dict[str, int] = {}
     todo = [backend.base]
     while todo:

@@ -139,7 +139,8 @@ FAULTS = {
         "restart kubelet"),
     "dangling symlink": (
         _dangling_symlink, [("symlink", "/etc/ssl/certs/kubernetes.pem")], "dangling",
-        "update-ca-certificates"),
+        "ln -sfn /usr/local/share/ca-certificates/kubernetes-ca.crt "
+        "/etc/ssl/certs/kubernetes.pem"),
     "CA bundle missing our CA": (
         _bundle_without_ca, [("bundle", "/etc/ssl/certs/ca-certificates.crt")],
         "does not contain", "update-ca-certificates"),
@@ -335,3 +336,31 @@ def test_a_full_system_bundle_is_read(host):
     bundle.write_bytes(SYSTEM_BUNDLE.read_bytes())
     report = doctor.run(root, now=store.now())
     assert [c.status for c in report.checks if c.check == "bundle"] == ["FAIL"]
+
+
+def test_doctor_follows_the_lookup_the_formula_recorded(host):
+    """A pillar `lookup` override moves the files; configured records it; doctor follows."""
+    _, cfg, root = host
+    (root / "opt/k8s").mkdir(parents=True)
+    (root / "srv/kubernetes").rename(root / "opt/k8s/pki")
+    (root / "etc/kubelet").mkdir()
+    (root / "var/lib/kubelet/ca.crt").rename(root / "etc/kubelet/ca.crt")
+    code, report = run_doctor(cfg, root)
+    assert code == 1 and ("present", "/srv/kubernetes/ca.crt") in failing(report)
+    record = root / "etc/kubernetes-cert/lookup.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"cert_dir": "/opt/k8s/pki", "kubelet_ca": "/etc/kubelet/ca.crt",
+                                  "files": list(MASTER)}))
+    code, report = run_doctor(cfg, root)
+    assert code == 0, failing(report)
+    paths = {c["path"] for c in report["checks"]}
+    assert {"/opt/k8s/pki/ca.crt", "/opt/k8s/pki/server.key", "/etc/kubelet/ca.crt",
+            "/opt/k8s/pki"} <= paths
+    assert not any(p.startswith(("/srv/", "/var/lib/kubelet")) for p in paths)
+    assert report["checks"][0]["check"] == "lookup" and report["checks"][0]["status"] == "PASS"
+    record.write_text(json.dumps({"cert_dir": "opt/k8s"}))
+    code, report = run_doctor(cfg, root)
+    assert code == 1 and ("lookup", "/etc/kubernetes-cert/lookup.json") in failing(report)
+    bad = report["checks"][0]
+    assert bad["message"] == "cert_dir is not an absolute path; default paths used"
+    assert "kubernetes.cert.configured" in bad["fix"]

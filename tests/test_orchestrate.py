@@ -1,6 +1,7 @@
 """kubernetes.cert.orch.rotate on a salt-master with three minions (two masters, one node):
-the seed's order, one master at a time, a failing master stops the run, and a staged
-rotation rolls out after each of its phases."""
+the seed's order, one master at a time, a failing master stops the run, a staged rotation
+rolls out after each of its phases, and a target that is down or lacks a restart state stops
+the run before anything is rotated."""
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,13 @@ def world():
         f"    - name: test ! -e {marker}-{{{{ grains.id }}}} && echo \"{{{{ grains.id }}}} "
         f"restart $(sha256sum < {{{{ prefix }}}}/srv/kubernetes/ca.crt | cut -c1-16)\" "
         f">> {log}\n")
+    # A restart state that, on master 1 only, stops master 2's salt-minion: a minion that
+    # stops answering in the middle of a run.
+    # Its whole process group at once (the test writes its id: it runs in its own session).
+    (states / "stop_peer.sls").write_text(
+        "{%- if grains.id == 'k8s-master-1' %}\n"
+        f"k8stest-stop-peer:\n  cmd.run:\n    - name: kill -KILL -- -$(cat {base}/peer.pgid)\n"
+        "{%- else %}\nk8stest-stop-peer:\n  test.nop\n{%- endif %}\n")
     service = Service(base / "svc").start()
     cluster = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
     try:
@@ -47,9 +55,16 @@ def world():
 
 
 def orchestrate(cluster: Cluster, log: Path, **orch: Any) -> tuple[bool, list[str]]:
-    """Run the orchestration; return whether it succeeded and the log lines it added."""
+    """Run the orchestration (default targets); return whether it succeeded and the log lines
+    it added."""
+    ok, lines, _ = orchestrate_out(cluster, log, **orch)
+    return ok, lines
+
+
+def orchestrate_out(cluster: Cluster, log: Path, **orch: Any) -> tuple[bool, list[str], str]:
+    """The same, and what salt-run printed."""
     before = len(log.read_text().splitlines())
-    conf = {"masters": "k8s-master*", "nodes": "k8s-node*", "restart_states": ["k8stest.restart"],
+    conf = {"restart_states": ["k8stest.restart"], "answer_timeout": 5,
             "post_commands": [f"echo post kube-system secrets >> {log}",
                               f"echo post canal pods >> {log}"],
             "runner": {"token_file": str(cluster.service.data / "admin.token")}, **orch}
@@ -58,7 +73,7 @@ def orchestrate(cluster: Cluster, log: Path, **orch: Any) -> tuple[bool, list[st
     ok = r.returncode == 0
     if not ok:
         assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
-    return ok, log.read_text().splitlines()[before:]
+    return ok, log.read_text().splitlines()[before:], r.stdout
 
 
 def trust_hash(cluster: Cluster) -> str:
@@ -132,3 +147,86 @@ def test_a_bad_rotate_value_fails_before_anything(world):
     ok, lines = orchestrate(cluster, log, rotate="sideways")
     assert not ok and lines == []
     assert len(operations(cluster)) == versions
+
+
+def failed_comments(out: str) -> list[str]:
+    """The comments of the orchestration's failed states."""
+    (states,) = json.loads(out)["data"].values()
+    return [v["comment"] for v in states.values()
+            if isinstance(v, dict) and v.get("result") is False]
+
+
+def latest(cluster: Cluster) -> tuple[int, str]:
+    certs = cluster.service.fingerprints()
+    return certs["version"], certs["items"]["ca"]["fingerprint"]
+
+
+def test_a_master_that_is_down_stops_the_run_before_anything_is_rotated(world):
+    cluster, log, _ = world
+    before, hosts = latest(cluster), snapshot_hosts(cluster)
+    cluster.minion("k8s-master-2").stop()
+    try:
+        ok, lines, out = orchestrate_out(cluster, log, rotate="immediate")
+    finally:
+        cluster.restart_minion("k8s-master-2")
+    assert not ok and lines == []
+    (comment,) = failed_comments(out)
+    assert comment.startswith("nothing rotated: did not answer: k8s-master-2 ("), comment
+    assert latest(cluster) == before
+    assert snapshot_hosts(cluster) == hosts
+
+
+def test_a_missing_restart_state_stops_the_run_before_anything_is_rotated(world):
+    cluster, log, _ = world
+    before, hosts = latest(cluster), snapshot_hosts(cluster)
+    ok, lines, out = orchestrate_out(cluster, log, rotate="immediate",
+                                     restart_states=["k8stest.restart", "kubernetes.running"])
+    assert not ok and lines == []
+    (comment,) = failed_comments(out)
+    assert comment.startswith("nothing rotated: k8s-master-1: "), comment
+    for minion in MINIONS:
+        assert f"{minion}: No matching sls found for 'kubernetes.running'" in comment
+    assert latest(cluster) == before
+    assert snapshot_hosts(cluster) == hosts
+
+
+def test_targets_come_from_accepted_keys(world):
+    """A listed id without an accepted key is named; a pattern is matched on the whole id."""
+    cluster, log, _ = world
+    before = latest(cluster)
+    ok, lines, out = orchestrate_out(cluster, log, rotate="immediate",
+                                     masters=["k8s-master-1", "k8s-master-9"])
+    assert not ok and lines == []
+    assert failed_comments(out) == ["nothing rotated: masters: no accepted key for k8s-master-9"]
+    ok, lines, out = orchestrate_out(cluster, log, rotate="immediate", masters="k8s-master")
+    assert not ok and lines == []
+    assert failed_comments(out) == [
+        "nothing rotated: masters: no accepted minion key matches 'k8s-master'"]
+    assert latest(cluster) == before
+
+
+def test_a_master_that_stops_answering_mid_run_fails_the_run(world):
+    cluster, log, _ = world
+    node = snapshot_hosts(cluster, "k8s-node-1")
+    second = snapshot_hosts(cluster, "k8s-master-2")
+    peer = cluster.minion("k8s-master-2").proc
+    assert peer is not None
+    (cluster.base / "peer.pgid").write_text(f"{peer.pid}\n")
+    try:
+        ok, lines, out = orchestrate_out(cluster, log, rotate="immediate", post_commands=[],
+                                         restart_states=["k8stest.stop_peer", "k8stest.restart"])
+        assert not ok
+        assert lines == rollout(trust_hash(cluster), MINIONS[:1])  # master 1 only
+        assert any("k8s-master-2" in c for c in failed_comments(out)), failed_comments(out)
+        assert snapshot_hosts(cluster, "k8s-master-2") == second
+        assert snapshot_hosts(cluster, "k8s-node-1") == node
+    finally:
+        cluster.restart_minion("k8s-master-2")
+    ok, lines = orchestrate(cluster, log, rotate="none", restart="always", post_commands=[])
+    assert ok and lines == rollout(trust_hash(cluster))
+
+
+def snapshot_hosts(cluster: Cluster, minion: str = "") -> dict[str, bytes]:
+    """Every regular file's bytes under the minions' host roots."""
+    return {str(p): p.read_bytes() for p in sorted((cluster.hosts / minion).rglob("*"))
+            if p.is_file() and not p.is_symlink()}

@@ -1,6 +1,7 @@
 """kubernetes.cert with real Salt 3008 and a real pkisvc under gunicorn (DESIGN §5, issue 5)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.conftest import REPO
+from tests.conftest import REPO, clean_env, run_cli
 from tests.salt_fixtures import (
     SEED_PATHS,
+    SYSTEM_CA,
     Cluster,
     Masterless,
     Service,
@@ -90,10 +93,17 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     local_ca = root / "usr/local/share/ca-certificates/kubernetes-ca.crt"
     assert local_ca.read_text() == ca
     assert ca.strip() in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
+    # The link names the host's path: the tree is right when the prefix becomes /.
     link = root / "etc/ssl/certs/kubernetes.pem"
-    assert link.is_symlink() and link.resolve() == local_ca.resolve()
-    assert link.read_text() == ca
+    assert os.readlink(link) == "/usr/local/share/ca-certificates/kubernetes-ca.crt"
+    assert (root / os.readlink(link).lstrip("/")).read_text() == ca
     assert (root / "var/lib/kubelet/ca.crt").read_text() == ca
+    assert json.loads((root / "etc/kubernetes-cert/lookup.json").read_text()) == {
+        "cert_dir": "/srv/kubernetes", "files": HOST_FILES[:1] + HOST_FILES[3:] + HOST_FILES[1:3],
+        "key_files": ["server.key", "kubecfg.key"], "ca_file": "ca.crt",
+        "ca_local": "/usr/local/share/ca-certificates/kubernetes-ca.crt",
+        "ca_link": "/etc/ssl/certs/kubernetes.pem",
+        "ca_store": "/etc/ssl/certs/ca-certificates.crt", "kubelet_ca": "/var/lib/kubelet/ca.crt"}
 
     again = local.apply("k8s-master-1", "kubernetes.cert.configured")
     assert all(s["result"] is True for s in again.values()), again
@@ -116,6 +126,8 @@ def test_configured_installs_the_master_set_once_and_removed_cleans_up(local: Ma
     removed = local.apply("k8s-master-1", "kubernetes.cert.removed")
     assert all(s["result"] is True for s in removed.values()), removed
     assert [p for p in SEED_PATHS if (root / p).exists()] == []
+    made = ("etc/ssl/certs/kubernetes.pem", "var/lib/kubelet/ca.crt", "etc/kubernetes-cert")
+    assert [p for p in made if (root / p).exists() or (root / p).is_symlink()] == []
     assert ca.strip() not in (root / "etc/ssl/certs/ca-certificates.crt").read_text()
 
 
@@ -217,17 +229,56 @@ def test_module_loads_by_entry_point_and_by_module_dirs(service: Service, tmp_pa
     assert list(by_dirs.pillar("k8s-node-1")["kubernetes"]["cert"]["files"]) == ["ca.crt"]
 
 
-def test_wheel_install_needs_only_the_ext_pillar_config(service: Service, tmp_path: Path):
-    """pip-install pkisvc into a fresh target: Salt finds the module through the wheel."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", "--target",
-                    str(target), str(REPO)], check=True, capture_output=True, timeout=300)
-    env = {**salt_env(), "PYTHONPATH": str(target)}
+FORMULA_FILES = ("init.sls", "configured.sls", "lookup.sls", "removed.sls", "view.sls",
+                 "map.jinja", "defaults.yaml", "orch/rotate.sls", "orch/defaults.yaml")
+
+
+def test_the_wheel_make_builds_carries_everything_the_salt_master_needs(
+        service: Service, tmp_path: Path):
+    """`make wheel`, installed into a fresh venv: the ext_pillar (found by its entry point),
+    the runner, the formula with its orchestration, and `pkisvc formula-path` naming it."""
+    dist = tmp_path / "dist"
+    r = subprocess.run(["make", "-C", str(REPO), "wheel", f"DIST={dist}"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = dist.glob("pkisvc-*-py3-none-any.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    site = Path(next(venv.glob("lib/python3*/site-packages")))
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps",
+                    "--disable-pip-version-check", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # Salt and pkisvc's dependencies from this test's environment, after the venv's own
+    # site-packages (its pkisvc comes first).
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "zz-deps.pth").write_text("\n".join(deps) + "\n")
+    pkg = site / "pkisvc"
+    assert (pkg / "ext_pillar/pkisvc.py").is_file()
+    assert (pkg / "ext_pillar/runners/pkisvc.py").is_file()
+    for name in FORMULA_FILES:
+        assert (pkg / "formula/kubernetes/cert" / name).is_file(), name
+    r = subprocess.run([str(venv / "bin/pkisvc"), "formula-path"], capture_output=True,
+                       text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == pkg / "formula"
+    env = {**salt_env(), "PATH": f"{venv / 'bin'}:{salt_env()['PATH']}"}
     local = Masterless(tmp_path / "salt", service, env=env)
-    assert loaded_from(local, "k8s-master-9", env) == target / "pkisvc/ext_pillar/pkisvc.py"
-    cert = local.pillar("k8s-master-9")["kubernetes"]["cert"]
-    assert sorted(cert["files"]) == HOST_FILES
+    conf = local.config_dir("k8s-master-9") / "minion"
+    r = subprocess.run([str(venv / "bin/python"), "-c", LOADED_FROM, str(conf)],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == pkg / "ext_pillar/pkisvc.py"
+    r = subprocess.run([str(venv / "bin/python"), "-c", RUNNER_FROM, str(conf)],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == pkg / "ext_pillar/runners/pkisvc.py"
+
+
+RUNNER_FROM = """
+import inspect, sys, salt.config, salt.loader
+opts = salt.config.minion_config(sys.argv[1])
+print(inspect.getfile(salt.loader.runner(opts)["pkisvc.targets"].func))
+"""
 
 
 # --- a master and two minions on loopback ---------------------------------------------------
@@ -280,3 +331,92 @@ def test_a_node_claiming_the_master_grain_gets_only_the_ca(cluster: Cluster):
     pillar = cluster.salt("k8s-node-1", "pillar.items", "unmask=True")["k8s-node-1"]
     assert pillar["kubernetes"]["cert"]["role"] == "node"
     assert list(pillar["kubernetes"]["cert"]["files"]) == ["ca.crt"]
+
+
+SYSTEM_STORE = (Path("/etc/ssl/certs"), Path("/usr/local/share/ca-certificates"))
+
+
+def system_store() -> dict[str, str]:
+    """The machine's own CA store: the bundle's sha256 and every entry's name or link."""
+    out = {}
+    for d in SYSTEM_STORE:
+        for p in sorted(d.iterdir()) if d.exists() else ():
+            out[str(p)] = os.readlink(p) if p.is_symlink() else (
+                hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+    return out
+
+
+def doctor_json(cluster: Cluster, root: Path, role: str) -> tuple[int, dict]:
+    r = run_cli("doctor", "--root", str(root), "--role", role, "--url", cluster.service.url,
+                "-o", "json")
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def fails(report: dict) -> dict[tuple[str, str], str]:
+    return {(c["check"], c["path"]): c["fix"] for c in report["checks"] if c["status"] == "FAIL"}
+
+
+def test_two_prefixes_at_once_leave_the_system_store_alone(cluster: Cluster):
+    """Acceptance 5: two minions, one host, different prefixes, configured at the same time."""
+    before = system_store()
+    cluster.service.rotate_ca()  # so both have a new CA to install at once
+    assert cluster.salt("*", "saltutil.refresh_pillar") == {
+        "k8s-master-1": True, "k8s-node-1": True}
+    both = cluster.salt("*", "state.apply", "kubernetes.cert.configured")
+    ca = requests.get(f"{cluster.service.url}/v1/ca", timeout=10).json()["pem"]
+    for minion in ("k8s-master-1", "k8s-node-1"):
+        states = by_id(both[minion])
+        assert all(s["result"] is True for s in states.values()), states
+        assert "kubernetes-cert-update-ca" in changed(states)
+        bundle = (cluster.hosts / minion / "etc/ssl/certs/ca-certificates.crt").read_text()
+        assert bundle.count(ca.strip()) == 1  # its own bundle: the new CA, once
+        assert bundle.count("BEGIN CERTIFICATE") == 2  # and the prefix's one system root
+    assert system_store() == before
+
+    master, node = cluster.hosts / "k8s-master-1", cluster.hosts / "k8s-node-1"
+    code, report = doctor_json(cluster, node, "node")
+    assert code == 0, fails(report)
+    code, report = doctor_json(cluster, master, "master")
+    assert code == 0, fails(report)
+    assert ("lookup", "/etc/kubernetes-cert/lookup.json", "PASS") in {
+        (c["check"], c["path"], c["status"]) for c in report["checks"]}
+
+    # The seed's troubleshooting list: every place the CA is must hold the same certificate.
+    apply = "salt-call state.apply kubernetes.cert.configured"
+    other = SYSTEM_CA  # a CA that is not this cluster's
+    breaks = {
+        "/srv/kubernetes/ca.crt": (None, {
+            ("present", "/srv/kubernetes/ca.crt"): apply,
+            ("version", "/srv/kubernetes"): f"salt-call saltutil.refresh_pillar && {apply}"}),
+        "/usr/local/share/ca-certificates/kubernetes-ca.crt": (other, {
+            ("same-ca", "/usr/local/share/ca-certificates/kubernetes-ca.crt"): apply,
+            ("symlink", "/etc/ssl/certs/kubernetes.pem"): apply}),
+        "/etc/ssl/certs/kubernetes.pem": (None, {
+            ("symlink", "/etc/ssl/certs/kubernetes.pem"):
+                "ln -sfn /usr/local/share/ca-certificates/kubernetes-ca.crt "
+                f"/etc/ssl/certs/kubernetes.pem (or: {apply})"}),
+        "/etc/ssl/certs/ca-certificates.crt": (b"", {
+            ("bundle", "/etc/ssl/certs/ca-certificates.crt"):
+                f"update-ca-certificates (or: {apply})"}),
+        "/var/lib/kubelet/ca.crt": (other, {
+            ("same-ca", "/var/lib/kubelet/ca.crt"): f"{apply}, then systemctl restart kubelet"}),
+    }
+    for host_path, (content, want) in breaks.items():
+        path = master / host_path.lstrip("/")
+        saved = os.readlink(path) if path.is_symlink() else path.read_bytes()
+        path.unlink()
+        if content is not None:
+            path.write_bytes(content)
+        try:
+            code, report = doctor_json(cluster, master, "master")
+            assert code == 1 and fails(report) == want, host_path
+        finally:
+            path.unlink(missing_ok=True)
+            if isinstance(saved, str):
+                path.symlink_to(saved)
+            else:
+                path.write_bytes(saved)
+    code, report = doctor_json(cluster, master, "master")
+    assert code == 0, fails(report)
+

@@ -8,16 +8,22 @@
     salt-run pkisvc.rotate step=finish          # phase 3: trust only the new CA
     salt-run pkisvc.renew                       # leaves inside renew_before, if any
     salt-run pkisvc.status
+    salt-run pkisvc.targets masters='^k8s-master-[0-9]+$' states='[kubernetes.running]'
 
 The service's URL (and ``ca_cert``) come from the master's ``pkisvc`` ext_pillar config unless
 given; the token must have the ``admin`` scope and is read from ``token_file`` (default:
 the master option ``pkisvc_admin_token_file``, else ``/etc/salt/pkisvc-admin.token``).  A
 refused or failed request raises, so the orchestration stops there.
+
+``targets`` is the orchestration's check before anything changes: the targets come from the
+accepted minion keys (not from ``manage.up``, which silently leaves out a master that is
+down), every one must answer, and every named state must exist on every target.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import urllib.parse
 from typing import Any
@@ -25,6 +31,8 @@ from typing import Any
 __virtualname__ = "pkisvc"
 DEFAULT_TOKEN_FILE = "/etc/salt/pkisvc-admin.token"  # noqa: S105 - a path, not a secret
 STEPS = ("continue", "finish", "abort")
+DEFAULT_MASTERS = r"^k8s-master-[0-9]+$"
+DEFAULT_NODES = r"^k8s-node-[0-9]+$"
 
 __opts__: dict[str, Any] = {}
 
@@ -63,6 +71,61 @@ def status(url: str | None = None, token_file: str | None = None, ca_cert: str |
            timeout: float = 30) -> dict[str, Any]:
     """The open staged rotation, if any (GET /v1/ca/rotation)."""
     return _call("GET", "/v1/ca/rotation", None, url, token_file, ca_cert, timeout)
+
+
+def targets(masters: str | list[str] = DEFAULT_MASTERS, nodes: str | list[str] = DEFAULT_NODES,
+            states: list[str] | None = None, timeout: float = 15) -> dict[str, Any]:
+    """Resolve and check the orchestration's targets; change nothing.
+
+    masters, nodes: a regular expression matched against the whole minion id of every
+    accepted key (anchor it anyway: ``^k8s-master-[0-9]+$``), or a list of minion ids, each
+    of which must have an accepted key.  states: SLS names that must exist on every target.
+    Returns ``{"masters": [...], "nodes": [...], "problems": [...]}``, ids in name order; the
+    run may go on only when ``problems`` is empty (each problem names its minions).
+    """
+    import salt.client  # only on a Salt master: imported when called
+    import salt.key
+
+    accepted = sorted(salt.key.get_key(__opts__).list_status("accepted").get("minions", []))
+    problems: list[str] = []
+    resolved: dict[str, list[str]] = {}
+    for role, spec in (("masters", masters), ("nodes", nodes)):
+        if isinstance(spec, str):
+            try:
+                pattern = re.compile(spec)
+            except re.error as e:
+                problems.append(f"{role}: {spec!r} is not a regular expression: {e}")
+                resolved[role] = []
+                continue
+            resolved[role] = [m for m in accepted if pattern.fullmatch(m)]
+        else:
+            ids = [str(m) for m in spec]
+            unknown = [m for m in ids if m not in accepted]
+            if unknown:
+                problems.append(f"{role}: no accepted key for {', '.join(unknown)}")
+            resolved[role] = sorted(m for m in ids if m in accepted)
+    if not resolved["masters"] and not problems:
+        problems.append(f"masters: no accepted minion key matches {masters!r}")
+    everyone = sorted({*resolved["masters"], *resolved["nodes"]})
+    if everyone:
+        client = salt.client.get_local_client(mopts=__opts__)
+        answers = client.cmd(everyone, "test.ping", tgt_type="list", timeout=timeout) or {}
+        silent = [m for m in everyone if answers.get(m) is not True]
+        if silent:
+            problems.append(f"did not answer: {', '.join(silent)} (is salt-minion running "
+                            "there?)")
+        answering = [m for m in everyone if m not in silent]
+        if states and answering:
+            shown = client.cmd(answering, "state.show_sls", [",".join(states)],
+                               tgt_type="list", timeout=timeout) or {}
+            for m in answering:
+                ret = shown.get(m)
+                if ret is None:
+                    problems.append(f"did not answer: {m} (state.show_sls)")
+                elif not isinstance(ret, dict):
+                    errors = ret if isinstance(ret, list) else [str(ret)]
+                    problems.append(f"{m}: {'; '.join(str(e) for e in errors)}")
+    return {**resolved, "problems": problems}
 
 
 def _pillar_conf() -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
     Writes the role's files to cert_dir (keys key_mode), the CA to the system store (+ the
     update command and the kubernetes.pem link) and to the kubelet, and removes the files the
-    role must not hold.  With no material or an error in pillar, one failing state and
+    role must not hold; records the resolved lookup for `pkisvc doctor` (lookup.sls).  Under a
+    lookup prefix nothing outside the prefix is touched: update-ca-certificates runs on the
+    prefix's own directories, and links point at the host's (unprefixed) paths.  With no material or an error in pillar, one failing state and
     nothing else: no file is touched.  File contents come from pillar (contents_pillar), so
     keys never appear in the rendered SLS or in state output. #}
 {%- from "kubernetes/cert/map.jinja" import cert with context %}
@@ -22,6 +24,9 @@ kubernetes-cert-material:
   test.fail_without_changes:
     - comment: {{ problem | yaml_dquote }}
 {%- else %}
+include:
+  - kubernetes.cert.lookup
+
 kubernetes-cert-dir:
   file.directory:
     - name: {{ cert.dir }}
@@ -66,6 +71,8 @@ kubernetes-cert-update-ca:
     - name: {{ cert.update_ca_command | yaml_dquote }}
     - onchanges:
       - file: kubernetes-cert-ca-local
+    - require:
+      - sls: kubernetes.cert.lookup
 
 # A failed update would otherwise never be retried: the next run finds the CA file unchanged.
 kubernetes-cert-update-ca-retry:
@@ -74,10 +81,11 @@ kubernetes-cert-update-ca-retry:
     - onfail:
       - cmd: kubernetes-cert-update-ca
 
+# The host's path, not the prefixed one: the tree is right when the prefix becomes /.
 kubernetes-cert-ca-link:
   file.symlink:
     - name: {{ cert.ca_link }}
-    - target: {{ cert.ca_local }}
+    - target: {{ cert.host.ca_local }}
     - makedirs: True
     - force: True
     - require:

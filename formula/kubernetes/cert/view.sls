@@ -21,13 +21,19 @@
 {%- set files = {} %}
 {%- for label, path, source in targets %}
 {%-   set entry = {'path': path} %}
+{%-   set read_path = path %}
 {%-   if salt['file.is_link'](path) %}
-{%-     do entry.update({'link_to': salt['file.readlink'](path)}) %}
+{%-     set target = salt['file.readlink'](path) %}
+{%-     do entry.update({'link_to': target}) %}
+{#-     Links name the host's path: follow them inside the prefix. #}
+{%-     if cert.prefix and target.startswith('/') %}
+{%-       set read_path = cert.prefix ~ target %}
+{%-     endif %}
 {%-   endif %}
-{%-   if not salt['file.file_exists'](path) %}
+{%-   if not salt['file.file_exists'](read_path) %}
 {%-     do entry.update({'installed': False, 'matches_pillar': False if source in pfiles else None}) %}
 {%-   else %}
-{%-     set data = salt['file.read'](path) %}
+{%-     set data = salt['file.read'](read_path) %}
 {%-     set matches = (data == pfiles[source]) if source in pfiles else None %}
 {%-     do entry.update({'installed': True, 'matches_pillar': matches,
                          'pkisvc_version': material.get('version') if matches else None}) %}

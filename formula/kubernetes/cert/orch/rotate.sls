@@ -3,12 +3,16 @@
       salt-run state.orchestrate kubernetes.cert.orch.rotate \
         pillar='{"kubernetes": {"cert": {"orch": {"rotate": "staged"}}}}'
 
+    0. before anything: the targets from accepted minion keys (masters, nodes: an anchored
+       regular expression or a list of ids), every one answering, every pre/restart state
+       existing on each (salt-run pkisvc.targets); otherwise one failing state naming them;
     1. ask pkisvc for the rotation (`rotate`: none, immediate, staged, continue, finish, or
        renew — the leaves inside renew_before, nothing when nothing is due);
-    2. master by master: refresh pillar, pre_states, kubernetes.cert.configured, then
+    2. master by master: refresh pillar, kubernetes.cert.lookup, pre_states,
+       kubernetes.cert.configured, then
        restart_states where configured changed something (`restart: always` to force them,
-       e.g. after a failed run) — a master that fails stops the run, the next masters stay
-       untouched;
+       e.g. after a failed run) — a master that fails or does not answer stops the run, the
+       next masters stay untouched;
     3. then all nodes the same way;
     4. then post_commands on post_target (the first master by default).
     A staged rotation does 1-3 for each of its three phases (trust both CAs, switch the leaves,
@@ -18,15 +22,16 @@
 {%- set orch = salt['slsutil.merge'](defaults.orch, salt['pillar.get']('kubernetes:cert:orch', {}),
                                      strategy='recurse') %}
 
-{%- if orch.masters is string %}
-{%-   set masters = (salt['saltutil.runner']('manage.up', tgt=orch.masters) or []) | sort %}
+{#- Targets from accepted keys, checked before anything changes (the runner's docstring). #}
+{%- set plan = salt['saltutil.runner']('pkisvc.targets', masters=orch.masters, nodes=orch.nodes,
+                                       states=orch.pre_states + orch.restart_states,
+                                       timeout=orch.answer_timeout) %}
+{%- if plan is not mapping %}
+{%-   set problems = ['salt-run pkisvc.targets failed: ' ~ plan] %}
 {%- else %}
-{%-   set masters = orch.masters | list %}
-{%- endif %}
-{%- if orch.nodes is string %}
-{%-   set nodes = (salt['saltutil.runner']('manage.up', tgt=orch.nodes) or []) | sort %}
-{%- else %}
-{%-   set nodes = orch.nodes | list %}
+{%-   set problems = plan.problems %}
+{%-   set masters = plan.masters %}
+{%-   set nodes = plan.nodes %}
 {%- endif %}
 
 {%- set phases = {'none': [None], 'immediate': ['immediate'], 'staged': ['staged', 'continue', 'finish'],
@@ -35,6 +40,10 @@
 kubernetes-cert-orch-bad-rotate:
   test.fail_without_changes:
     - name: "kubernetes:cert:orch:rotate must be one of {{ phases | list | join(', ') }}, not {{ orch.rotate }}"
+{%- elif problems %}
+kubernetes-cert-orch-targets:
+  test.fail_without_changes:
+    - comment: {{ ('nothing rotated: ' ~ problems | join('; ')) | yaml_dquote }}
 {%- else %}
 {%- set ns = namespace(prev=None) %}
 
@@ -77,12 +86,23 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - name: saltutil.refresh_pillar
     - tgt: {{ targets | json }}
     - tgt_type: list
+    - expect_minions: true
     - kwarg:
         wait: true
 {%- if ns.prev %}
     - require:
       - {{ ns.prev }}
 {%- endif %}
+
+{#- The recorded lookup on its own first: recording it is no reason to restart anything. #}
+{{ id }}-lookup:
+  salt.state:
+    - tgt: {{ targets | json }}
+    - tgt_type: list
+    - sls: kubernetes.cert.lookup
+    - failhard: true
+    - require:
+      - salt: {{ id }}-refresh
 
 {{ id }}-configured:
   salt.state:
@@ -91,7 +111,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - sls: {{ (orch.pre_states + ['kubernetes.cert.configured']) | json }}
     - failhard: true
     - require:
-      - salt: {{ id }}-refresh
+      - salt: {{ id }}-lookup
 {%- set ns.prev = "salt: " ~ id ~ "-configured" %}
 {%- if orch.restart_states %}
 
@@ -119,6 +139,7 @@ kubernetes-cert-orch-post-{{ loop.index }}:
   salt.function:
     - name: cmd.run
     - tgt: {{ post_target | json }}
+    - expect_minions: true
     - arg:
       - {{ command | json }}
     - kwarg:

@@ -1,0 +1,236 @@
+"""The vault backend's one transport: kept-alive connections, redirects, cuts, TLS.
+
+A TCP relay on a free loopback port sits between the backend and a real OpenBao: it counts
+the connections the backend opens and can close them (as OpenBao does with idle ones) or cut
+one after OpenBao answered and before the answer reaches the backend.
+"""
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from pkisvc.backends.vault import VaultBackend
+from pkisvc.errors import BackendUnavailable
+from pkisvc.model import AuditEvent, TokenRecord
+from tests.openbao import OpenBao
+from tests.test_backend_contract import fake_generation
+
+pytestmark = pytest.mark.vault
+
+
+class Relay:
+    """Forward 127.0.0.1:<port> to a target port; count connections; close or cut them."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.cut_answers = 0  # answers to drop (closing the connection instead)
+        self._clients: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def close_clients(self) -> None:
+        """Close every connection from the backend, as a server does with idle ones."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            _close(c)
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.close_clients()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self.accepted += 1
+                self._clients.append(client)
+            threading.Thread(target=self._pump, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers:
+                    with self._lock:
+                        cut = self.cut_answers > 0
+                        self.cut_answers -= cut
+                    if cut:
+                        break  # OpenBao answered; the backend never sees it
+                dst.sendall(data)
+        except OSError:
+            pass
+        _close(src)
+        _close(dst)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+
+
+@pytest.fixture
+def relay(openbao):
+    r = Relay(openbao.port)
+    yield r
+    r.stop()
+
+
+def through(relay: Relay, openbao: OpenBao, **kw: Any) -> VaultBackend:
+    return VaultBackend(relay.url(), cluster=openbao.settings_overrides()["cluster"],
+                        token=openbao.token, **kw)
+
+
+def event(n: int) -> AuditEvent:
+    return AuditEvent(time="2026-12-04T12:00:00Z", actor="t", action=f"a{n}")
+
+
+def test_reads_and_writes_of_one_thread_share_one_kept_alive_connection(openbao, relay):
+    backend = through(relay, openbao)
+    backend.write(fake_generation(1), expected=None)
+    for i in range(20):
+        assert backend.latest() == 1
+        backend.append_audit(event(i))
+    backend.put_token(TokenRecord("ops", "a" * 64, ("read",), "2026-11-29T12:00:00Z"))
+    assert [t.name for t in backend.tokens()] == ["ops"]
+    assert len(backend.audit(limit=100)) == 20
+    assert [r.version for r in backend.versions()] == [1]
+    assert relay.accepted == 1
+    # Another thread has its own connection (a connection is never shared between threads).
+    seen: list[int | None] = []
+    t = threading.Thread(target=lambda: seen.append(backend.latest()))
+    t.start()
+    t.join()
+    assert (seen, relay.accepted) == ([1], 2)
+    backend.latest()
+    assert relay.accepted == 2
+
+
+def test_a_connection_closed_while_idle_is_replaced_for_writes_and_reads(openbao, relay):
+    backend = through(relay, openbao)
+    backend.write(fake_generation(1), expected=None)
+    relay.close_clients()  # the server's idle timeout
+    assert backend.write(fake_generation(2), expected=1) == 2  # a write: noticed, not lost
+    assert relay.accepted == 2
+    relay.close_clients()
+    assert backend.latest() == 2
+    assert relay.accepted == 3
+
+
+def test_a_connection_cut_mid_request_is_backend_unavailable_and_a_write_is_not_resent(
+        openbao, relay):
+    backend = through(relay, openbao)
+    backend.write(fake_generation(1), expected=None)
+    relay.cut_answers = 1
+    with pytest.raises(BackendUnavailable, match="connection lost") as e:
+        backend.write(fake_generation(2, "cut"), expected=1)
+    assert str(e.value).startswith(f"vault at {relay.url()}: secret/data/pkisvc/")
+    # OpenBao took the write once (sent again, cas would have refused it as a conflict).
+    kv = openbao.client().secrets.kv.v2
+    path = f"{backend.base}/material"
+    assert kv.read_secret_metadata(path)["data"]["current_version"] == 2
+    assert backend.latest() == 2
+    assert backend.read(2).record.reason == "cut"
+    # A read cut once is sent again on a fresh connection; cut twice, it is unavailable.
+    relay.cut_answers = 1
+    assert backend.latest() == 2
+    relay.cut_answers = 2
+    with pytest.raises(BackendUnavailable, match="connection lost"):
+        backend.latest()
+    assert backend.latest() == 2
+
+
+def test_a_standby_redirecting_every_method_leads_reads_writes_and_lists_to_the_active(
+        openbao):
+    active = openbao.addr
+    seen: list[str] = []
+
+    class Standby(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Vault's standby answers
+
+        def redirect(self) -> None:
+            seen.append(self.command)
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self.send_response(307)
+            self.send_header("Location", active + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_LIST = redirect
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        backend = VaultBackend(f"http://127.0.0.1:{server.server_port}",
+                               cluster=openbao.settings_overrides()["cluster"],
+                               token=openbao.token)
+        backend.write(fake_generation(1, "via the standby"), expected=None)
+        backend.append_audit(event(1))
+        assert backend.latest() == 1
+        assert backend.read(1).record.reason == "via the standby"
+        assert [e.action for e in backend.audit()] == ["a1"]  # LIST, then GET
+        assert {"GET", "POST", "LIST"} <= set(seen)
+        assert backend.addr == f"http://127.0.0.1:{server.server_port}"  # no fail-over
+        direct = VaultBackend(active, cluster=backend.base.split("/")[1], token=openbao.token)
+        assert direct.read(1).record.reason == "via the standby"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_with_ca_cert_keeps_one_connection_and_a_failed_handshake_moves_on(tmp_path):
+    server = OpenBao(tmp_path / "tls-openbao", tls=True)
+    relay = Relay(server.port)
+    hangup = socket.create_server(("127.0.0.1", 0))  # accepts, then closes: no TLS at all
+
+    def refuse_handshakes() -> None:
+        while True:
+            try:
+                conn, _ = hangup.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=refuse_handshakes, daemon=True).start()
+    try:
+        backend = VaultBackend(relay.url("https"), cluster="tls", token=server.token,
+                               ca_cert=server.ca_cert)
+        backend.write(fake_generation(1), expected=None)
+        for i in range(10):
+            assert backend.latest() == 1
+            backend.append_audit(event(i))
+        assert relay.accepted == 1  # one TLS handshake for every call
+        # Nothing is sent before the handshake: a node that fails it is passed over.
+        dead = f"https://127.0.0.1:{hangup.getsockname()[1]}"
+        both = VaultBackend(f"{dead},{server.addr}", cluster="tls", token=server.token,
+                            ca_cert=server.ca_cert)
+        assert both.latest() == 1
+        assert both.addr == server.addr
+        untrusting = VaultBackend(server.addr, cluster="tls", token=server.token)
+        with pytest.raises(BackendUnavailable, match="cannot connect.*CERTIFICATE_VERIFY"):
+            untrusting.latest()
+    finally:
+        hangup.close()
+        relay.stop()
+        server.stop()
