@@ -222,13 +222,15 @@ def minion_table(states: Iterable[MinionState], current: GenerationRecord,
     counts as changed.
     """
     rows = []
+    verdicts: dict[tuple[int, str | None], bool] = {}  # (version, role) -> changed: few of them
     for s in states:
         behind = max(0, current.version - s.version)
-        changed = False
-        if behind:
+        changed = verdicts.get((s.version, s.role))
+        if changed is None:
             files = roles.get(s.role or "")
             then = _held(records.get(s.version), files or ())
-            changed = files is None or then is None or then != _held(current, files)
+            changed = verdicts[s.version, s.role] = bool(behind) and (
+                files is None or then is None or then != _held(current, files))
         rows.append(Minion(s.minion, s.role, s.version, s.received, s.asked, behind, changed))
     return sorted(rows, key=lambda m: (not m.changed, m.behind == 0, m.minion))
 
