@@ -157,3 +157,24 @@ def test_touch_interval_setting(tmp_path, interval, seconds):
     s = make_settings(tmp_path, **{"delivery.touch_interval": interval})
     assert s.delivery.touch_interval == seconds
     assert make_settings(tmp_path).delivery.touch_interval == 600
+
+
+def test_minions_page_lists_five_thousand_minions_in_pages(settings):
+    from pkisvc.backends.files import FilesBackend
+    from pkisvc.model import MinionState
+    from pkisvc.ui import MINIONS_PAGE
+    backend = FilesBackend(settings.data_dir)
+    fleet = Fleet(backend, settings)
+    fleet.store.rotate_leaf("server", actor="test")  # version 2; nodes on 1 hold the same files
+    old = "2020-01-01T00:00:00Z"  # however old: no window of events hides a minion
+    for i in range(5000):
+        backend.put_minion(MinionState(f"k8s-node-{i:04d}", "node", 1 + i % 2, old, old),
+                           expected=None)
+    page = fleet.page()
+    assert "5000 minions" in page and "<strong>2500</strong> behind" in page
+    assert "<strong>0</strong> of them" in page
+    assert f"page 1 of {5000 // MINIONS_PAGE}" in page
+    seen = set()
+    for n in range(1, 5000 // MINIONS_PAGE + 1):
+        seen |= set(re.findall(r'<tr data-minion="([^"]+)"', fleet.page(f"?page={n}")))
+    assert len(seen) == 5000
