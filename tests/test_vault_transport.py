@@ -14,8 +14,8 @@ import pytest
 from pkisvc.backends.vault import VaultBackend
 from pkisvc.errors import BackendUnavailable
 from pkisvc.model import AuditEvent, TokenRecord
+from pkisvc.testing import fake_generation
 from tests.openbao import OpenBao
-from tests.test_backend_contract import fake_generation
 
 pytestmark = pytest.mark.vault
 
