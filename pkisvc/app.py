@@ -91,8 +91,14 @@ def _limit_chunked_body() -> None:
 
 
 def _count(response: Response) -> Response:
-    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    # Labels from fixed sets only (see metrics.METHODS): the rule, never the path.
+    rule = request.url_rule
+    endpoint = rule.rule if rule is not None else metrics.UNKNOWN_ENDPOINT
+    status = str(response.status_code)
+    metrics.REQUESTS.labels(metrics.method_label(request.method), endpoint, status).inc()
+    if response.status_code in (401, 403):
+        metrics.AUTH_REFUSED.labels(endpoint, status).inc()
+        auth.REFUSALS.note(status, endpoint, request.remote_addr)
     if "started" in g:
         metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
     return response

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import hmac
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar, cast
 
@@ -17,6 +20,7 @@ from pkisvc.errors import Forbidden, Unauthorized
 from pkisvc.store import CertStore
 from pkisvc.tokens import hash_token
 
+log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 IMPLIES = {"admin": {"admin", "read", "audit"}, "read": {"read"}, "secrets": {"secrets"},
            "audit": {"audit"}}
@@ -33,6 +37,64 @@ def effective_scopes(scopes: tuple[str, ...] | list[str]) -> frozenset[str]:
     for s in scopes:
         out |= IMPLIES.get(s, set())
     return frozenset(out)
+
+
+class RefusalLog:
+    """Log refused requests (401/403) at most once per `every` seconds per process, with counts.
+
+    The first refusal after a quiet spell is logged at once; those that follow within the
+    window are summed into one line when it ends (a timer, so the tail of a burst is not lost
+    until the next refusal).  Only the status, the Flask rule and the peer address are logged:
+    never a header, never the token.  Nothing is written to the backend: an unauthenticated
+    client must not be able to drive writes.  `/metrics` counts every refusal exactly
+    (`pkisvc_auth_refused_total`).
+    """
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last = -every
+        self._counts: dict[str, int] = {}
+        self._peers: set[str] = set()
+        self._more_peers = False
+        self._timer: threading.Timer | None = None
+
+    def note(self, status: str, endpoint: str, peer: str | None) -> None:
+        """Record one refused request."""
+        with self._lock:
+            now = time.monotonic()
+            if not self._counts and now - self._last >= self.every:
+                self._last = now
+                line = f"refused authentication: {status} on {endpoint} from {peer or '?'}"
+            else:
+                key = f"{status} on {endpoint}"
+                self._counts[key] = self._counts.get(key, 0) + 1
+                if len(self._peers) < 5:
+                    self._peers.add(peer or "?")
+                elif (peer or "?") not in self._peers:
+                    self._more_peers = True
+                if self._timer is None:
+                    self._timer = threading.Timer(max(self._last + self.every - now, 0.0),
+                                                  self.flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+        log.warning("%s", line)
+
+    def flush(self) -> None:
+        """Log the refusals summed since the last line (the timer calls it)."""
+        with self._lock:
+            counts, peers, more = self._counts, self._peers, self._more_peers
+            self._counts, self._peers, self._more_peers, self._timer = {}, set(), False, None
+            self._last = time.monotonic()
+        if counts:
+            log.warning("refused authentication: %d more in %.0fs (%s) from %s",
+                        sum(counts.values()), self.every,
+                        ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())),
+                        ", ".join(sorted(peers)) + (" and others" if more else ""))
+
+
+REFUSALS = RefusalLog()
 
 
 def authenticate(store: CertStore, header: str | None) -> Principal:

@@ -16,8 +16,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 bind = [_settings.bind]
 workers = _settings.workers
-# gthread keeps connections alive (sync workers close after every response).
-worker_class = "gthread"
+# gthread's thread pool and keep-alive, with each whole request (TLS handshake, line, headers,
+# body) read in the worker's poller within a deadline before a thread sees it: slow clients
+# cannot hold the threads (docs/decisions.md, "Serving: slow clients").
+worker_class = "pkisvc.worker.BufferedThreadWorker"
 threads = 4
 timeout = 60
 graceful_timeout = 10
@@ -32,6 +34,25 @@ loglevel = _settings.log_level
 if _settings.tls.cert and _settings.tls.key:
     certfile = _settings.tls.cert
     keyfile = _settings.tls.key
+
+
+def _pkisvc_logs_to(server: Any) -> None:
+    """Send pkisvc's own log lines (the `pkisvc` logger and its children, Flask's app logger
+    among them) to gunicorn's error log, in its format: the service log holds both."""
+    import logging
+
+    target = logging.getLogger("pkisvc")
+    target.handlers = list(server.log.error_log.handlers)
+    target.setLevel(server.log.error_log.level or logging.INFO)
+    target.propagate = False
+
+
+def on_starting(server: Any) -> None:
+    _pkisvc_logs_to(server)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    _pkisvc_logs_to(server)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -21,9 +21,23 @@ from pkisvc.store import CertStore
 
 REQUESTS = Counter("pkisvc_http_requests_total", "HTTP requests answered.",
                    ["method", "endpoint", "status"], registry=None)
+AUTH_REFUSED = Counter("pkisvc_auth_refused_total",
+                       "Requests refused for a missing, unknown or insufficient token.",
+                       ["endpoint", "status"], registry=None)
 LATENCY = Histogram("pkisvc_http_request_duration_seconds", "Time to answer a request.",
                     ["endpoint"], registry=None,
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+
+# Labels come from fixed sets only: a label value taken from the request would let any client
+# add series without limit (an invented method per request), and every scrape would carry them.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+UNKNOWN_ENDPOINT = "unknown"
+
+
+def method_label(method: str) -> str:
+    """The request method as a label: a known method, else `other`."""
+    return method if method in METHODS else "other"
 
 
 def _timestamp(rfc3339: str) -> float:
@@ -91,6 +105,7 @@ def render(store: CertStore) -> bytes:
         MultiProcessCollector(registry)
     else:
         registry.register(REQUESTS)
+        registry.register(AUTH_REFUSED)
         registry.register(LATENCY)
     registry.register(StoreCollector(store))
     return generate_latest(registry)

@@ -347,8 +347,7 @@ def login() -> Response:
     token = request.form.get("token", "").strip()
     try:
         principal = authenticate(store(), f"Bearer {token}")
-    except Unauthorized:
-        log.info("operator pages: a login with an unknown token from %s", request.remote_addr)
+    except Unauthorized:  # logged (rate-limited) and counted with every 401 by app._count
         return _login_form("unknown token", 401)
     if "read" not in principal.scopes:
         return _login_form(f"token {principal.name!r} lacks the 'read' scope", 403)

@@ -69,6 +69,29 @@ def browser(tmp_path):
                 service.process.wait(timeout=30)
 
 
+# [lines of text in the label of the field with id arguments[0], whether the field is below them]
+LABEL_LINES = """
+const field = document.getElementById(arguments[0]);
+const label = field.closest('label');
+const walker = document.createTreeWalker(label, NodeFilter.SHOW_TEXT);
+const range = document.createRange();
+const tops = [];
+let bottom = 0;
+for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+  if (!n.textContent.trim()) continue;
+  range.selectNodeContents(n);
+  for (const r of range.getClientRects()) {
+    if (r.width > 0) { tops.push(r.top); bottom = Math.max(bottom, r.bottom); }
+  }
+}
+tops.sort((a, b) => a - b);
+const half = parseFloat(getComputedStyle(label).fontSize) / 2;
+let lines = tops.length ? 1 : 0;
+for (let i = 1; i < tops.length; i++) if (tops[i] - tops[i - 1] > half) lines++;
+return [lines, field.getBoundingClientRect().top >= bottom - 1];
+"""
+
+
 def wait(driver):
     return WebDriverWait(driver, 30)
 
@@ -122,6 +145,12 @@ def test_an_operator_sees_versions_expiry_and_minions_behind(service, browser, t
     # Without a token, the page sends us to the login form; a wrong token is an error.
     v.open("/ui/minions")
     assert "/ui/login" in browser.current_url
+    # The token field's label reads as one sentence: its words and <code>s share one line,
+    # above the field (a flex column once put every <code> on a line of its own).
+    lines, below = browser.execute_script(LABEL_LINES, "token")
+    v.shot("login")
+    assert lines == 1, f"the token label spans {lines} lines (see {shots / 'login.png'})"
+    assert below
     browser.find_element(By.ID, "token").send_keys("pks_not-a-token")
     browser.find_element(By.ID, "login").click()
     assert wait(browser).until(EC.visibility_of_element_located((By.ID, "error"))).text == \

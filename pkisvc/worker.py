@@ -1,0 +1,415 @@
+"""A gunicorn worker that slow clients cannot starve: `pkisvc.worker.BufferedThreadWorker`.
+
+gunicorn's `gthread` worker hands a connection to a pool thread as soon as a byte arrives and
+the thread then reads the request line, headers and body with blocking reads and no deadline:
+a dozen clients dripping one header byte every few seconds hold every thread, and nothing
+else is answered.  This worker keeps `gthread`'s thread pool, keep-alive handling and request
+code, and changes one thing: the whole request — TLS handshake, request line, headers and body
+(up to the 64 KiB the app accepts) — is read by the worker's poller thread with non-blocking
+reads, within one deadline (`REQUEST_DEADLINE` from the connection's first byte or its
+acceptance).  Only a complete request goes to a pool thread, which parses it from memory, so
+a thread never waits for a client.  A client that misses the deadline gets a `408` and is
+closed; one that announces a larger body gets a `413` from the poller without it being read.
+
+The poller does not parse HTTP: it finds where the request ends (the empty line, then
+`Content-Length` bytes or the chunked framing) and leaves every judgement to gunicorn's parser
+in the thread, so what is accepted and refused is what `gthread` accepts and refuses.  Should
+the two ever disagree about the framing, the thread's socket still has a timeout
+(`THREAD_IO_TIMEOUT`), which also bounds writing the response to a client that stops reading.
+HTTP/1.1 only (`http_protocols = "h1"`, gunicorn's default).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import selectors
+import socket
+import ssl
+import time
+from collections import deque
+from functools import partial
+from typing import Any
+
+from gunicorn import http, sock, util
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+#: Seconds a connection has, from its acceptance or its first byte after a keep-alive pause,
+#: to complete the TLS handshake and send a whole request.
+REQUEST_DEADLINE = 10.0
+#: Timeout of every socket operation in a pool thread (reading a mis-framed request, writing
+#: the answer to a client that does not read it).
+THREAD_IO_TIMEOUT = 10.0
+#: Seconds a closing connection is drained for the client's FIN (RFC 9112 section 9.6).
+LINGER = 2.0
+#: ... and for this many bytes at most (a refused body the client is still sending).
+LINGER_BYTES = 256 * 1024
+#: The largest request head (line and headers) and body read into memory.
+MAX_HEAD = 64 * 1024
+MAX_BODY = 64 * 1024
+
+HANDSHAKE, READING, CLOSING = "handshake", "reading", "closing"
+NEED_MORE = -1
+
+
+class Incomplete(Exception):
+    """The request can never be completed within the limits: answer status and close."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+TOO_LARGE = "413 Request Entity Too Large"
+OVER_LIMIT = f"the request body is over the limit of {MAX_BODY} bytes"  # the app's words
+HEAD_TOO_LARGE = "431 Request Header Fields Too Large"
+
+
+class Framing:
+    """Where the request at the start of a buffer ends, found as its bytes arrive.
+
+    Framing only; malformed framing ends the request where it stops making sense, so that
+    gunicorn's parser sees it at once and refuses it.  The search resumes where it stopped, so
+    a client sending one byte at a time costs one short look per byte.
+    """
+
+    def __init__(self) -> None:
+        self.searched = 0  # where the search for the end of the head resumes
+        self.body_start = -1
+        self.end_at = NEED_MORE  # the end, once Content-Length gave it
+        self.chunk_pos = -1  # the next chunk-size line of a chunked body
+        self.trailers = -1  # where the trailers start, after the last chunk
+
+    def end(self, buf: bytes | bytearray) -> int:
+        """Where the request ends in buf, or NEED_MORE.  Raises Incomplete over the limits."""
+        if self.body_start < 0:
+            head_end = buf.find(b"\r\n\r\n", self.searched)
+            bare = buf.find(b"\n\n", self.searched)
+            if bare >= 0 and (head_end < 0 or bare < head_end):
+                return bare + 2  # lines ended by LF alone: let the parser refuse them
+            if head_end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+                self.searched = max(0, len(buf) - 3)
+                return NEED_MORE
+            self.body_start = head_end + 4
+            if self.body_start > MAX_HEAD:
+                raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+            length: int | None = None
+            for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"transfer-encoding":
+                    if value.split(b",")[-1].strip().lower() != b"chunked":
+                        return self.body_start  # no length: let the parser refuse it
+                    self.chunk_pos = self.body_start  # the parser judges the rest
+                elif name == b"content-length":
+                    value = value.strip()
+                    if not value.isdigit() or length is not None:
+                        return self.body_start  # malformed: let the parser refuse it
+                    length = int(value)
+            if self.chunk_pos < 0:
+                if (length or 0) > MAX_BODY:
+                    raise Incomplete(TOO_LARGE, OVER_LIMIT)
+                self.end_at = self.body_start + (length or 0)
+        if self.chunk_pos >= 0:
+            return self._chunked_end(buf)
+        return self.end_at if len(buf) >= self.end_at else NEED_MORE
+
+    def _chunked_end(self, buf: bytes | bytearray) -> int:
+        while self.trailers < 0:
+            eol = buf.find(b"\r\n", self.chunk_pos)
+            if eol < 0:
+                if len(buf) - self.chunk_pos > 1024:
+                    return len(buf)  # a chunk-size line this long is malformed
+                return NEED_MORE
+            digits = bytes(buf[self.chunk_pos:eol]).split(b";", 1)[0].rstrip(b" \t")
+            if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+                return eol + 2  # malformed: let the parser refuse it
+            size = int(digits, 16)
+            if size == 0:
+                self.trailers = self.searched = eol + 2
+                break
+            following = eol + 2 + size + 2
+            # Framing costs a few bytes a chunk; the app takes 64 KiB of body in all.
+            if following - self.body_start > 2 * MAX_BODY:
+                raise Incomplete(TOO_LARGE, OVER_LIMIT)
+            if following > len(buf):
+                return NEED_MORE
+            self.chunk_pos = following
+        if buf[self.trailers:self.trailers + 2] == b"\r\n":
+            return self.trailers + 2
+        end = buf.find(b"\r\n\r\n", self.searched)
+        if end < 0:
+            if len(buf) - self.trailers > MAX_HEAD:
+                raise Incomplete(HEAD_TOO_LARGE, "the trailers exceed 64 KiB")
+            self.searched = max(self.trailers, len(buf) - 3)
+            return NEED_MORE
+        return end + 4
+
+
+def _error(status: str, message: str) -> bytes:
+    """A whole answer that closes the connection; the app's JSON error shape."""
+    doc: dict[str, object] = {"error": status.split(" ", 1)[1].lower().replace(" ", "_"),
+                              "message": message}
+    if status == TOO_LARGE:
+        doc = {"error": "payload_too_large", "limit": MAX_BODY, "message": message}
+    body = json.dumps(doc).encode()
+    return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class BufferedConn(TConn):
+    """A connection whose next request is collected by the poller before a thread sees it."""
+
+    parser: Any
+    sock: Any
+
+    def __init__(self, cfg: Any, sock: Any, client: Any, server: Any) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.buf = bytearray()
+        self.framing = Framing()
+        self.state = READING
+        self.deadline = 0.0
+        self.events = 0
+        self.sent_continue = False
+        self.drained = 0
+        self.data_ready = True  # gthread's wait-for-data step: the poller did the waiting
+
+    def init(self) -> None:
+        """In the pool thread: hand the buffered request to gunicorn's parser."""
+        self.initialized = True
+        self.sock.settimeout(THREAD_IO_TIMEOUT)
+        if self.parser is None:
+            self.parser = http.get_parser(self.cfg, self.sock, self.client)
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            self.parser.unreader.unread(data)
+
+
+class BufferedThreadWorker(ThreadWorker):
+    """gthread with whole requests read in the poller, within a deadline (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (deadline, conn) in deadline order: every entry gets the same delay when made.
+        self.reading: deque[tuple[float, BufferedConn]] = deque()
+        self.closing: deque[tuple[float, BufferedConn]] = deque()
+        self._ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        super().check_config(cfg, log)
+        if "h2" in cfg.http_protocols or cfg.http2_cleartext != "off":
+            log.warning("pkisvc's worker serves HTTP/1.1 only; the HTTP/2 settings are ignored")
+
+    def init_process(self) -> None:
+        if self.cfg.is_ssl:  # one context per worker: certificate files are read once
+            self._ssl_context = sock.ssl_context(self.cfg)
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        super().init_process()
+
+    # --- the poller's side -------------------------------------------------------------------
+
+    def accept(self, listener: Any) -> None:
+        try:
+            client, addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = BufferedConn(self.cfg, client, addr, listener.getsockname())
+        state = READING
+        if self._ssl_context is not None:
+            try:
+                conn.sock = self._ssl_context.wrap_socket(
+                    client, server_side=True, do_handshake_on_connect=False,
+                    suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+            except (OSError, ValueError):
+                self._drop(conn)
+                return
+            state = HANDSHAKE
+        self._start_reading(conn, state)
+        self._advance(conn)
+
+    def on_client_socket_readable(self, conn: Any, client: Any) -> None:
+        """A kept-alive connection has bytes: collect its next request in the poller."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._start_reading(conn, READING)
+        self._advance(conn)
+
+    def _start_reading(self, conn: BufferedConn, state: str) -> None:
+        conn.state = state
+        conn.deadline = time.monotonic() + REQUEST_DEADLINE
+        conn.sent_continue = False
+        conn.framing = Framing()
+        self.reading.append((conn.deadline, conn))
+        conn.events = selectors.EVENT_READ
+        self.poller.register(conn.sock, conn.events, partial(self._on_event, conn))
+
+    def _on_event(self, conn: BufferedConn, _fileobj: Any) -> None:
+        self._advance(conn)
+
+    def _want(self, conn: BufferedConn, events: int) -> None:
+        if conn.events != events:
+            conn.events = events
+            self.poller.modify(conn.sock, events, partial(self._on_event, conn))
+
+    def _advance(self, conn: BufferedConn) -> None:
+        """Move conn on as far as its bytes allow without blocking."""
+        try:
+            if conn.state == HANDSHAKE:
+                try:
+                    conn.sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    return self._want(conn, selectors.EVENT_READ)
+                except ssl.SSLWantWriteError:
+                    return self._want(conn, selectors.EVENT_WRITE)
+                conn.state = READING
+                self._want(conn, selectors.EVENT_READ)
+            more = self._read(conn)
+            end = conn.framing.end(conn.buf)
+        except Incomplete as e:
+            return self._refuse(conn, e.status, str(e))
+        except (OSError, ValueError):  # ssl.SSLError among them: a failed handshake
+            return self._close_reading(conn)
+        if end == NEED_MORE:
+            if not more:  # the client closed its side before the request was whole
+                return self._close_reading(conn)
+            self._maybe_continue(conn)
+            return
+        self.poller.unregister(conn.sock)
+        conn.state = ""
+        self.enqueue_req(conn)
+
+    def _read(self, conn: BufferedConn) -> bool:
+        """Read what is there; False once the client closed its side (a whole request sent
+        before that is still answered)."""
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return True
+            if not data:
+                return False
+            conn.buf += data
+            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY:
+                return True  # Framing refuses it
+
+    def _maybe_continue(self, conn: BufferedConn) -> None:
+        """Answer `Expect: 100-continue` once the head is in, so the client sends its body."""
+        if conn.sent_continue:
+            return
+        head_end = conn.buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        head = bytes(conn.buf[:head_end]).lower()
+        if b"\r\nexpect:" in head and b"100-continue" in head and b" http/1.0" not in \
+                head.split(b"\r\n", 1)[0]:
+            conn.sent_continue = True
+            try:
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except (BlockingIOError, ssl.SSLError, OSError):
+                pass
+
+    def _refuse(self, conn: BufferedConn, status: str, message: str) -> None:
+        try:
+            conn.sock.send(_error(status, message))  # small: fits the socket's buffer
+        except (OSError, ValueError):
+            pass
+        self._unregister(conn)
+        self._linger(conn)
+
+    def _close_reading(self, conn: BufferedConn) -> None:
+        self._unregister(conn)
+        self._drop(conn)
+
+    def _unregister(self, conn: BufferedConn) -> None:
+        conn.state = ""
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _drop(self, conn: BufferedConn) -> None:
+        self.nr_conns -= 1
+        util.close(conn.sock)
+
+    def _linger(self, conn: Any) -> None:
+        """gunicorn's graceful close without blocking the poller: send FIN, then drain what
+        the client still sends until it closes too, for LINGER seconds at most."""
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):
+            self._drop(conn)
+            return
+        conn.state, conn.drained = CLOSING, 0
+        conn.deadline = time.monotonic() + LINGER
+        self.closing.append((conn.deadline, conn))
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_closing, conn))
+
+    def _on_closing(self, conn: Any, _fileobj: Any) -> None:
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (OSError, ValueError):
+                data = b""
+            conn.drained += len(data)
+            if not data or conn.drained > LINGER_BYTES:
+                self._unregister(conn)
+                self._drop(conn)
+                return
+
+    def murder_pending(self) -> None:
+        """Answer 408 to, and close, every connection past its deadline."""
+        super().murder_pending()
+        now = time.monotonic()
+        while self.closing and self.closing[0][0] <= now:
+            _, conn = self.closing.popleft()
+            self._unregister(conn)
+            self._drop(conn)
+        while self.reading and self.reading[0][0] <= now:
+            deadline, conn = self.reading.popleft()
+            if conn.deadline != deadline or conn.state not in (HANDSHAKE, READING):
+                continue  # finished reading in time; this entry is stale
+            if conn.state == READING and conn.buf:
+                self._refuse(conn, "408 Request Timeout",
+                             "the request did not arrive in time")
+            else:
+                self._close_reading(conn)
+
+    # --- the pool thread's side ------------------------------------------------------------
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        if getattr(conn, "sent_continue", False):
+            req._expected_100_continue = False  # the poller has answered it already
+        return bool(super().handle_request(req, conn))
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """Back on the poller: keep the connection for its next request, or close it."""
+        try:
+            result = fs.result() if not fs.cancelled() else False
+            if not result:
+                self._linger(conn)
+                return
+            conn.sock.setblocking(False)
+            ahead = conn.parser.unreader.take_buffered()  # pipelined bytes, read already
+            pending = conn.sock.pending() if isinstance(conn.sock, ssl.SSLSocket) else 0
+            if ahead or pending:
+                conn.buf += ahead
+                self._start_reading(conn, READING)
+                self._advance(conn)
+                return
+            conn.set_timeout()
+            if not self.alive:
+                conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_client_socket_readable, conn))
+        except Exception:
+            self.nr_conns -= 1
+            conn.close()
