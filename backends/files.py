@@ -48,7 +48,7 @@ from pkisvc.model import (
 from pkisvc.settings import Settings
 
 RECORD = "record.json"
-_GEN_DIR = re.compile(r"^\d{6,}$")
+_GEN_DIR = re.compile(r"[0-9]{6,}")
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 
 
@@ -134,7 +134,7 @@ class FilesBackend:
             names = os.listdir(self._gens)
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names if _GEN_DIR.match(n))
+        return sorted(int(n) for n in names if _GEN_DIR.fullmatch(n))
 
     def _read_current(self) -> int | None:
         # Asked on every request; `current` is only ever replaced (new inode), so a stat
@@ -272,7 +272,7 @@ class FilesBackend:
                 event = AuditEvent.from_dict(json.loads(raw))
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by a crash mid-append
-            if since is not None and _parse_time(event.time) < since:
+            if since is not None and event.time < since:
                 continue
             out.append(event)
         return out
@@ -461,7 +461,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -40,7 +40,6 @@ from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
-    InvalidRequest,
     NotFound,
     PermissionDenied,
     VersionConflict,
@@ -299,7 +298,7 @@ class VaultBackend:
     # --- audit -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:
-        when = _event_time(event)
+        when = event.time
         day = when.strftime("%Y%m%d")
         # Key order is time order: the event's second, then a nanosecond tie-breaker for
         # events within one second, then randomness so two writers never collide.
@@ -330,7 +329,7 @@ class VaultBackend:
                 if len(out) >= limit or day + k[:6] < floor[:14]:
                     return out
                 event = self._event(f"{day}/{k}")
-                if event is None or (since is not None and _event_time(event) < since):
+                if event is None or (since is not None and event.time < since):
                     continue
                 out.append(event)
         return out
@@ -450,10 +449,3 @@ class VaultBackend:
         name = self.vault.dig(resp, where, "data").get("display_name")
         return str(name) if name else None
 
-
-def _event_time(event: AuditEvent) -> datetime:
-    try:
-        t = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"audit event time {event.time!r} is not RFC 3339") from None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)

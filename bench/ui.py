@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import Pkisvc, cleanup, workdir
 
 from pkisvc.backends.files import FilesBackend
-from pkisvc.model import AuditEvent, MinionState
+from pkisvc.model import AuditEvent, MinionState, parse_time
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
@@ -52,7 +52,7 @@ def build(data: Path, generations: int, minions: int, rounds: int) -> tuple[str,
                 continue  # a fifth of the minions miss the latest round: they are behind
             role = "master" if m < 5 else "node"
             lines.append(json.dumps(AuditEvent(
-                time=f"2026-11-29T{10 + r:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z",
+                time=parse_time(f"2026-11-29T{10 + r:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z"),
                 actor="salt-master", action="pillar", version=version,
                 items=("ca.crt",), minion=f"k8s-{role}-{m:05d}", role=role,
                 remote_addr="127.0.0.1").to_dict(), separators=(",", ":")))
@@ -63,8 +63,8 @@ def build(data: Path, generations: int, minions: int, rounds: int) -> tuple[str,
     states = {}
     for raw in lines:
         e = json.loads(raw)
-        states[e["minion"]] = MinionState(e["minion"], e["role"], e["version"], e["time"],
-                                          e["time"])
+        t = parse_time(e["time"])
+        states[e["minion"]] = MinionState(e["minion"], e["role"], e["version"], t, t)
     with open(data / "minions.jsonl", "a") as f:
         f.write("".join(json.dumps(s.to_dict(), separators=(",", ":")) + "\n"
                         for s in states.values()))

@@ -267,7 +267,8 @@ def parse(body: bytes, role: str) -> dict[str, Any]:
     fingerprints = doc.get("fingerprints", {})
     if (not isinstance(version, int) or isinstance(version, bool) or version < 1
             or doc.get("role") != role or not isinstance(files, dict) or not files
-            or not all(isinstance(k, str) and isinstance(v, str) and v.startswith("-----BEGIN ")
+            # A PEM block somewhere: an adopted file may keep text before it (easy-rsa's).
+            or not all(isinstance(k, str) and isinstance(v, str) and "-----BEGIN " in v
                        for k, v in files.items())
             or not isinstance(fingerprints, dict)):
         raise PillarError("pkisvc answered JSON without a complete set for role "

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 from pkisvc import auth
 from pkisvc.errors import InvalidRequest, NotFound
-from pkisvc.model import CERT_FILES, ITEMS, MINION_ID
+from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, check_text
 from pkisvc.store import CertStore
 
 # WSGI environ key: the exception the fast path met on a hot read, for the Flask view to raise.
@@ -114,6 +114,7 @@ def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
     role = ask.args.get("role")
     if not role:
         raise InvalidRequest("query parameter 'role' is required")
+    check_text("query parameter 'role'", role, 64)  # text no role is named by: a 400
     names = store.settings.roles.get(role)
     if names is None:
         raise NotFound(f"no role {role[:64]!r}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Callable
 
 from flask import Blueprint, Response, current_app, g, request
@@ -10,13 +9,11 @@ from flask import Blueprint, Response, current_app, g, request
 from pkisvc import answers
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
-from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.model import KEY_TYPES, TRUST_FILE
+from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
+from pkisvc.model import KEY_TYPES, TRUST_FILE, parse_time
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
-
-_REASON_MAX = 1024
 
 
 def store() -> CertStore:
@@ -40,18 +37,17 @@ def body(**fields: type | tuple[type, ...]) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the body is not valid JSON") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     for key, value in data.items():
         if key not in fields:
-            raise InvalidRequest(f"unknown field {key!r} (allowed: {', '.join(fields)})")
+            raise InvalidRequest(f"unknown field {key[:64]!r} (allowed: {', '.join(fields)})")
         kind = fields[key]
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool)
                                   and kind is not bool)):
             raise InvalidRequest(f"field {key!r} has the wrong type")
-    reason = data.get("reason")
-    if reason is not None and len(reason) > _REASON_MAX:
-        raise InvalidRequest(f"field 'reason' is longer than {_REASON_MAX} characters")
     return {k: v for k, v in data.items() if v is not None}
 
 
@@ -67,7 +63,15 @@ def key_type(data: dict[str, Any]) -> str | None:
 
 
 def created(record: Any) -> tuple[dict[str, Any], int]:
-    return record.summary(), 201
+    """A change's answer: its summary, and what the operator should know of it."""
+    return {**record.summary(), "warnings": store().warnings(record)}, 201
+
+
+def names(data: dict[str, Any], field: str) -> list[str] | None:
+    value = data.get(field)
+    if value is not None and not all(isinstance(s, str) for s in value):
+        raise InvalidRequest(f"field {field!r} must be a list of strings")
+    return value
 
 
 # --- open endpoints ------------------------------------------------------------------------
@@ -140,12 +144,11 @@ def rotation() -> dict[str, Any]:
 @requires("admin")
 def rotate_leaf(item: str) -> tuple[dict[str, Any], int]:
     item_name(item)
-    data = body(reason=str, sans=list)
-    sans = data.get("sans")
-    if sans is not None and not all(isinstance(s, str) for s in sans):
-        raise InvalidRequest("field 'sans' must be a list of strings")
-    return created(store().rotate_leaf(item, actor=g.actor, reason=data.get("reason", ""),
-                                       sans=sans, remote_addr=request.remote_addr))
+    data = body(reason=str, add_sans=list, remove_sans=list, sans=list)
+    return created(store().rotate_leaf(
+        item, actor=g.actor, reason=data.get("reason", ""),
+        add_sans=names(data, "add_sans") or (), remove_sans=names(data, "remove_sans") or (),
+        sans=names(data, "sans"), remote_addr=request.remote_addr))
 
 
 @bp.post("/rollback")
@@ -166,8 +169,11 @@ def renew() -> tuple[dict[str, Any], int]:
     report, record = store().renew(actor=g.actor, dry_run=data.get("dry_run", False),
                                    remote_addr=request.remote_addr)
     if record is None:
+        if report["due"] and report.get("blocked"):
+            raise Conflict(f"renewal is impossible: {report['blocked']}", due=report["due"],
+                           version=report["version"])
         return {**report, "renewed": False}, 200
-    return {**record.summary(), "due": report["due"], "ca_warning": report["ca_warning"],
+    return {**created(record)[0], "due": report["due"], "ca_warning": report["ca_warning"],
             "renewed": True}, 201
 
 
@@ -238,11 +244,10 @@ def audit() -> dict[str, Any]:
     when = None
     if since is not None:
         try:
-            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+            when = parse_time(since)
         except ValueError:
-            raise InvalidRequest("query parameter 'since' must be an RFC 3339 time") from None
-        if when.tzinfo is None:
-            raise InvalidRequest("query parameter 'since' needs a time zone (e.g. Z)")
+            raise InvalidRequest("query parameter 'since' must be an RFC 3339 time with a zone "
+                                 "(e.g. 2026-11-29T12:00:00Z)") from None
     limit = query_int("limit", 1, 10000) or 100
     return {"events": [e.to_dict() for e in store().audit(since=when, limit=limit)]}
 

@@ -29,8 +29,9 @@ from pkisvc.model import (
     TRUST_FILE,
     GenerationRecord,
     StoredGeneration,
+    format_time,
 )
-from pkisvc.settings import Settings, parse_san
+from pkisvc.settings import Settings, parse_sans
 
 NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"  # phase 1 of a staged rotation
 NEXT_CA_FILES = (NEXT_CA_CERT, NEXT_CA_KEY)
@@ -70,12 +71,10 @@ class Profiles:
     key_pairs: tuple[str, ...] = KEY_PAIRS
 
     @classmethod
-    def from_settings(cls, s: Settings, server_sans: tuple[str, ...] | None = None
-                      ) -> Profiles:
-        """Profiles of settings s; server_sans replaces the configured extra SANs."""
-        extra = s.server.sans if server_sans is None else server_sans
-        server = pki.Profile("server", s.server.common_name, s.server.days,
-                             sans=pki.server_sans(extra, str(s.service_cidr), s.cluster_domain))
+    def from_settings(cls, s: Settings) -> Profiles:
+        """Profiles of settings s (a re-issue keeps the replaced leaf's subject and SANs)."""
+        server = pki.Profile("server", s.server.common_name, s.server.days, sans=pki.server_sans(
+            s.server.sans, str(s.service_cidr), s.cluster_domain))
         client = pki.Profile("client", s.kubecfg.common_name, s.kubecfg.days,
                              organization=s.kubecfg.organization)
         return cls(pki.Profile("ca", s.ca.common_name, s.ca.days),
@@ -91,6 +90,45 @@ class Draft:
     extra_files: Mapping[str, bytes] = field(default_factory=dict)
     source_version: int | None = None
     rotation: Mapping[str, Any] | None = None
+    # Files kept byte for byte while the draft still holds what they encode: file name ->
+    # (the parsed certificate, key or trust tuple, its stored bytes).  An import keeps the
+    # exact files it was given (easy-rsa writes a text dump before each PEM), so hosts receive
+    # what they hold already.
+    verbatim: Mapping[str, tuple[Any, bytes]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SanChange:
+    """An explicit change of the server's SANs: add some, remove some, or replace the list.
+
+    None of them: a re-issue keeps the SANs of the certificate it replaces.
+    """
+
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    whole: tuple[str, ...] | None = None
+
+    def apply(self, current: tuple[str, ...]) -> tuple[str, ...]:
+        """current with this change made.
+
+        Raises: InvalidRequest when a SAN to remove is not there.
+        """
+        if self.whole is not None:
+            return _unique(self.whole)
+        have = {n.lower() for n in current}
+        absent = [n for n in self.remove if n.lower() not in have]
+        if absent:
+            raise InvalidRequest(f"{absent[0]} is not a SAN of the current server certificate "
+                                 f"({', '.join(current)})")
+        gone = {n.lower() for n in self.remove}
+        return _unique(tuple(n for n in current if n.lower() not in gone) + self.add)
+
+
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    seen: dict[str, str] = {}
+    for n in names:
+        seen.setdefault(n.lower(), n)
+    return tuple(seen.values())
 
 
 @dataclass(frozen=True)
@@ -113,7 +151,9 @@ class Base:
                  for n in self.key_pairs if f"{n}.key" in files}
         standard = _standard_files(self.key_pairs)
         extra = {n: b for n, b in files.items() if n not in standard}
-        return Draft(parse_files(files), pairs, extra, rotation=self.record.rotation)
+        certs = parse_files(files)
+        return Draft(certs, pairs, extra, rotation=self.record.rotation,
+                     verbatim=verbatim(certs, files))
 
 
 # A planner, its options bound (functools.partial): (base, profiles, keys, now) -> draft.
@@ -143,6 +183,25 @@ def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
     return pki.CertSet(**fields, trust=tuple(pki.load_certs(files[TRUST_FILE], "trust bundle")))
 
 
+def verbatim(certs: pki.CertSet, files: Mapping[str, bytes]) -> dict[str, tuple[Any, bytes]]:
+    """What each stored file of certs holds, with its bytes (see Draft.verbatim)."""
+    kept: dict[str, tuple[Any, bytes]] = {TRUST_FILE: (certs.trust, files[TRUST_FILE])}
+    for item in ITEMS:
+        kept[CERT_FILES[item]] = (getattr(certs, item), files[CERT_FILES[item]])
+        key = getattr(certs, _key_field(item))
+        if key is not None:
+            kept[KEY_FILES[item]] = (key, files[KEY_FILES[item]])
+    return kept
+
+
+def _encoded(draft: Draft, name: str, value: Any, encode: Callable[[Any], bytes]) -> bytes:
+    """The bytes of file name: kept ones while the draft still holds value, else encoded."""
+    kept = draft.verbatim.get(name)
+    if kept is not None and (kept[0] is value or kept[0] == value):
+        return kept[1]
+    return encode(value)
+
+
 def parse(gen: StoredGeneration, key_pairs: tuple[str, ...] = KEY_PAIRS) -> Base:
     """The base a change builds on: a stored generation, its files parsed when needed."""
     return Base(gen.record, gen.files, key_pairs)
@@ -153,29 +212,53 @@ def files_of(draft: Draft) -> dict[str, bytes]:
     c = draft.certs
     files: dict[str, bytes] = {}
     for item in ITEMS:
-        files[CERT_FILES[item]] = pki.cert_pem(getattr(c, item))
+        files[CERT_FILES[item]] = _encoded(draft, CERT_FILES[item], getattr(c, item),
+                                           pki.cert_pem)
         if item in LEAVES:
-            files[KEY_FILES[item]] = pki.key_pem(getattr(c, _key_field(item)))
-    files[TRUST_FILE] = pki.bundle_pem(c.trust)
+            files[KEY_FILES[item]] = _encoded(draft, KEY_FILES[item],
+                                              getattr(c, _key_field(item)), pki.key_pem)
+    files[TRUST_FILE] = _encoded(draft, TRUST_FILE, c.trust, pki.bundle_pem)
     for name, key in draft.key_pairs.items():
         files[f"{name}.key"], files[f"{name}.pub"] = pki.key_pem(key), pki.public_key_pem(key)
     files.update(draft.extra_files)
     if c.ca_key is not None:
-        files[KEY_FILES["ca"]] = pki.key_pem(c.ca_key)
+        files[KEY_FILES["ca"]] = _encoded(draft, KEY_FILES["ca"], c.ca_key, pki.key_pem)
     return files
 
 
 def generation(draft: Draft, *, version: int, parent: int | None, created_at: datetime,
-               actor: str, operation: str, reason: str) -> StoredGeneration:
-    """The stored generation of a draft: its files and its record (certificates only)."""
+               actor: str, operation: str, reason: str,
+               base: GenerationRecord | None = None) -> StoredGeneration:
+    """The stored generation of a draft: its files and its record (certificates only).
+
+    The record names the server SANs the change added or removed (against base).
+    """
     c = draft.certs
+    items = {item: pki.describe(getattr(c, item)) for item in ITEMS}
     record = GenerationRecord(
-        version=version, parent=parent, created_at=pki.rfc3339(created_at), actor=actor,
+        version=version, parent=parent, created_at=created_at, actor=actor,
         operation=operation, reason=reason, key_type=pki.key_type_of(c.server_key),
-        items={item: pki.describe(getattr(c, item)) for item in ITEMS},
-        trust=tuple(pki.fingerprint(t) for t in c.trust),
-        source_version=draft.source_version, rotation=draft.rotation)
+        items=items, trust=tuple(pki.fingerprint(t) for t in c.trust),
+        source_version=draft.source_version, rotation=draft.rotation,
+        extra=san_changes(base.items["server"].sans if base else None, items["server"].sans))
     return StoredGeneration(record, files_of(draft))
+
+
+def san_changes(before: tuple[str, ...] | None, after: tuple[str, ...]) -> dict[str, Any]:
+    """The record fields naming the server SANs a change added and removed (none: {})."""
+    if before is None:
+        return {}
+    out = {"sans_added": [n for n in after if n not in before],
+           "sans_removed": [n for n in before if n not in after]}
+    return {k: v for k, v in out.items() if v}
+
+
+def no_ca_key(version: int) -> str:
+    """Why a generation without a CA key cannot sign, and the way on."""
+    return (f"version {version} holds no CA key (it was imported without ca.key), so pkisvc "
+            "cannot sign with its CA: start a staged CA rotation (pkisvc rotate ca --staged, "
+            "POST /v1/ca/rotate {\"mode\": \"staged\"}); its new CA signs from phase 2 on, "
+            "with no host left distrusting the other")
 
 
 def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
@@ -185,8 +268,7 @@ def signer(base: Base) -> tuple[x509.Certificate, pki.PrivateKey]:
     """
     certs = base.draft.certs
     if certs.ca_key is None:
-        raise Conflict(f"version {base.version} holds no CA key (it was imported without "
-                       "ca.key): rotate the CA (immediately) before pkisvc can sign with it")
+        raise Conflict(no_ca_key(base.version))
     return certs.ca, certs.ca_key
 
 
@@ -199,22 +281,35 @@ def _with_key_pairs(draft: Draft, base: Base | None, profiles: Profiles, keys: K
 
 
 def _leaves(items: tuple[str, ...] | set[str], profiles: Profiles, keys: Keys,
-            ca: x509.Certificate, ca_key: pki.PrivateKey, now: datetime) -> dict[str, Any]:
-    """The CertSet fields of each leaf in items, issued by ca on this change's key for it."""
+            ca: x509.Certificate, ca_key: pki.PrivateKey, now: datetime,
+            replaced: pki.CertSet | None = None, sans: SanChange = SanChange()
+            ) -> dict[str, Any]:
+    """The CertSet fields of each leaf in items, issued by ca on this change's key for it.
+
+    A leaf that replaces one of `replaced` keeps its subject and SANs (the server's changed
+    by sans only); the settings' profiles are for a first issue.
+    """
     fields: dict[str, Any] = {}
     for item in LEAVES:
         if item in items:
+            profile = profiles.leaves[item]
+            if replaced is not None:
+                old = getattr(replaced, item)
+                kept = pki.names_of(old)
+                profile = pki.reissue_profile(
+                    profile, old, sans.apply(kept) if item == "server" else kept)
             key = keys.get(item, pki.key_type_of(ca_key))
-            fields[item] = pki.issue(profiles.leaves[item], ca, ca_key, key, now=now)
+            fields[item] = pki.issue(profile, ca, ca_key, key, now=now)
             fields[_key_field(item)] = key
     return fields
 
 
-def _fresh_certs(profiles: Profiles, keys: Keys, now: datetime) -> pki.CertSet:
+def _fresh_certs(profiles: Profiles, keys: Keys, now: datetime,
+                 replaced: pki.CertSet | None = None) -> pki.CertSet:
     ca_key = keys.get("ca", profiles.key_type)
     ca = pki.make_ca(profiles.ca, ca_key, now=now)
     return pki.CertSet(ca=ca, ca_key=ca_key, trust=(ca,),
-                       **_leaves(LEAVES, profiles, keys, ca, ca_key, now))
+                       **_leaves(LEAVES, profiles, keys, ca, ca_key, now, replaced))
 
 
 def refuse_during_staged_rotation(base: Base | None) -> None:
@@ -242,8 +337,10 @@ def _need(base: Base | None) -> Base:
 
 # --- requests, checked before any planning ------------------------------------------------
 
-def leaf_request(item: str, sans: list[str] | None) -> tuple[str, ...] | None:
-    """Check a leaf rotation's item and SANs; return the SANs parsed (None: the settings').
+def leaf_request(item: str, *, add: list[str] | tuple[str, ...] = (),
+                 remove: list[str] | tuple[str, ...] = (),
+                 sans: list[str] | tuple[str, ...] | None = None) -> SanChange:
+    """Check a leaf rotation's item and SAN change; return the change with its SANs parsed.
 
     Raises: InvalidRequest or NotFound naming what is wrong.
     """
@@ -251,10 +348,16 @@ def leaf_request(item: str, sans: list[str] | None) -> tuple[str, ...] | None:
         raise InvalidRequest("the CA is rotated with `rotate ca` (POST /v1/ca/rotate)")
     if item not in LEAVES:
         raise NotFound(f"no item {item!r} (leaves: {', '.join(LEAVES)})")
-    if sans is not None and item != "server":
+    change_asked = bool(add or remove) or sans is not None
+    if change_asked and item != "server":
         raise InvalidRequest("only the server certificate has SANs")
+    if sans is not None and (add or remove):
+        raise InvalidRequest("give either the whole list of SANs or SANs to add and remove, "
+                             "not both")
     try:
-        return tuple(parse_san("sans", s) for s in sans) if sans is not None else None
+        return SanChange(parse_sans("add_sans", add or []),
+                         parse_sans("remove_sans", remove or []),
+                         parse_sans("sans", sans) if sans is not None else None)
     except ConfigError as e:
         raise InvalidRequest(e.message) from None
 
@@ -288,19 +391,24 @@ def init(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Dr
 
 
 def rotate_ca(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
-    """A new CA and both leaves in one generation; key-only items are kept."""
+    """A new CA and both leaves (their subjects and SANs kept) in one generation; key-only
+    items are kept."""
     refuse_during_staged_rotation(base)
-    return _with_key_pairs(Draft(_fresh_certs(profiles, keys, now)), base, profiles, keys)
+    replaced = base.draft.certs if base is not None else None
+    return _with_key_pairs(Draft(_fresh_certs(profiles, keys, now, replaced)), base, profiles,
+                           keys)
 
 
 def rotate_leaf(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
-                item: str) -> Draft:
-    """Re-issue one leaf from the current CA on a new key; everything else is kept."""
+                item: str, sans: SanChange = SanChange()) -> Draft:
+    """Re-issue one leaf from the current CA on a new key (subject and SANs kept, the
+    server's changed only by sans); everything else is kept."""
     base = _need(base)
     refuse_during_staged_rotation(base)
     ca, ca_key = signer(base)
     return replace(base.draft, source_version=None, certs=replace(
-        base.draft.certs, **_leaves((item,), profiles, keys, ca, ca_key, now)))
+        base.draft.certs,
+        **_leaves((item,), profiles, keys, ca, ca_key, now, base.draft.certs, sans)))
 
 
 def renew(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
@@ -318,14 +426,14 @@ def renew(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
     if not due_now:
         raise NothingDue
     return replace(base.draft, source_version=None, rotation=None, certs=replace(
-        base.draft.certs, **_leaves(due_now, profiles, keys, ca, ca_key, now)))
+        base.draft.certs, **_leaves(due_now, profiles, keys, ca, ca_key, now, base.draft.certs)))
 
 
 def start_rotation(base: Base | None, profiles: Profiles, keys: Keys, now: datetime) -> Draft:
     """Phase 1: make the next CA and trust it beside the current one; leaves unchanged."""
     base = _need(base)
     refuse_during_staged_rotation(base)
-    ca, _ = signer(base)
+    ca = base.draft.certs.ca  # no key needed: the next CA signs from phase 2 on
     next_key = keys.get("next-ca", profiles.key_type)
     next_ca = pki.make_ca(profiles.ca, next_key, now=now)
     cur = base.draft.certs
@@ -346,7 +454,7 @@ def continue_rotation(base: Base | None, profiles: Profiles, keys: Keys,
     next_ca = pki.load_cert(files[NEXT_CA_CERT], NEXT_CA_CERT)
     next_key = pki.load_key(files[NEXT_CA_KEY], NEXT_CA_KEY)
     certs = replace(base.draft.certs, ca=next_ca, ca_key=next_key,
-                    **_leaves(LEAVES, profiles, keys, next_ca, next_key, now))
+                    **_leaves(LEAVES, profiles, keys, next_ca, next_key, now, base.draft.certs))
     return replace(base.draft, source_version=None, certs=certs, rotation={**state, "phase": 2},
                    extra_files=_without_next_ca(files))
 
@@ -381,10 +489,11 @@ def rollback(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *
 
 
 def import_set(base: Base | None, profiles: Profiles, keys: Keys, now: datetime, *,
-               certs: pki.CertSet) -> Draft:
-    """An imported set as the next generation; key-only items are kept (or made)."""
+               certs: pki.CertSet, kept: Mapping[str, tuple[Any, bytes]] | None = None) -> Draft:
+    """An imported set as the next generation (kept: its files byte for byte, see
+    Draft.verbatim); key-only items are kept (or made)."""
     refuse_during_staged_rotation(base)
-    return _with_key_pairs(Draft(certs), base, profiles, keys)
+    return _with_key_pairs(Draft(certs, verbatim=kept or {}), base, profiles, keys)
 
 
 # Each staged phase by its API/CLI word: the operation name stored in records (stored data:
@@ -399,17 +508,12 @@ STAGED_STEPS: dict[str, tuple[str, Planner, tuple[str, ...]]] = {
 
 # --- reports (records and now in, rows out) ------------------------------------------------
 
-def parse_time(text: str) -> datetime:
-    """Parse a record's RFC 3339 time."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _left(not_after: str, now: datetime) -> int:
-    return int((parse_time(not_after) - now).total_seconds())
+def _left(not_after: datetime, now: datetime) -> int:
+    return int((not_after - now).total_seconds())
 
 
 def expiration(gen: GenerationRecord, now: datetime) -> list[dict[str, Any]]:
-    """Rows for `check-expiration`: each certificate, its expiry and what is left."""
+    """Rows for `check-expiration`: each certificate, its expiry (a datetime) and what is left."""
     return [{"certificate": item, "file": CERT_FILES[item], "expires": rec.not_after,
              "residual_seconds": _left(rec.not_after, now),
              "certificate_authority": "" if item == "ca" else "ca", "version": gen.version}
@@ -418,8 +522,9 @@ def expiration(gen: GenerationRecord, now: datetime) -> list[dict[str, Any]]:
 
 def due(gen: GenerationRecord, now: datetime, renew_before: int) -> list[dict[str, Any]]:
     """The leaves renewal re-issues now: those inside renew_before."""
-    rows: list[dict[str, Any]] = [{"item": item, "not_after": gen.items[item].not_after,
-             "residual_seconds": _left(gen.items[item].not_after, now)} for item in LEAVES]
+    rows: list[dict[str, Any]] = [
+        {"item": item, "not_after": format_time(gen.items[item].not_after),
+         "residual_seconds": _left(gen.items[item].not_after, now)} for item in LEAVES]
     return [r for r in rows if r["residual_seconds"] < renew_before]
 
 
@@ -429,14 +534,59 @@ def ca_warning(gen: GenerationRecord, now: datetime, ca_warn_before: int) -> str
     left = _left(not_after, now)
     if left >= ca_warn_before:
         return None
-    return (f"the CA expires {not_after} ({max(left, 0) // 86400} days left): run a staged CA "
-            "rotation (pkisvc rotate ca --staged); renew never rotates the CA")
+    return (f"the CA expires {format_time(not_after)} ({max(left, 0) // 86400} days left): "
+            "run a staged CA rotation (pkisvc rotate ca --staged); renew never rotates the CA")
 
 
-def renewal_report(gen: GenerationRecord, now: datetime, s: Settings) -> dict[str, Any]:
-    """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
-    return {"version": gen.version, "due": due(gen, now, s.renew_before),
-            "ca_warning": ca_warning(gen, now, s.ca_warn_before)}
+def renewal_blocker(gen: GenerationRecord, has_ca_key: bool) -> str | None:
+    """Why renewal cannot re-issue anything in gen now, or None."""
+    if gen.rotation:
+        return (f"a staged CA rotation is open (phase {gen.rotation.get('phase')}): finish "
+                "it (its second phase re-issues both leaves) instead of renewing")
+    return None if has_ca_key else no_ca_key(gen.version)
+
+
+def renewal_report(gen: GenerationRecord, now: datetime, s: Settings,
+                   has_ca_key: bool = True) -> dict[str, Any]:
+    """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`,
+    and what stops it (`blocked`, only when something does)."""
+    report = {"version": gen.version, "due": due(gen, now, s.renew_before),
+              "ca_warning": ca_warning(gen, now, s.ca_warn_before)}
+    blocked = renewal_blocker(gen, has_ca_key)
+    return {**report, "blocked": blocked} if blocked else report
+
+
+def settings_drift(gen: GenerationRecord, s: Settings) -> list[str]:
+    """Where the settings differ from gen's leaves: reported, never applied (a re-issue keeps
+    the subject and SANs of the certificate it replaces; the settings are what `init` used)."""
+    profiles = Profiles.from_settings(s)
+    have, want = gen.items["server"].sans, profiles.leaves["server"].sans
+    at = f"the server certificate (version {gen.version})"
+    out = [f"{text}: {', '.join(names)} ({advice})" for names, text, advice in (
+        (_not_in(want, have), f"the settings name SANs {at} does not have",
+         "add them with `pkisvc rotate server --san NAME`; settings are used only by init"),
+        (_not_in(have, want), f"{at} has SANs the settings do not name",
+         "kept by every re-issue; `pkisvc rotate server --remove-san NAME` drops one"))
+        if names]
+    for item in LEAVES:
+        said = pki.subject_of(profiles.leaves[item])
+        if gen.items[item].subject != said:
+            out.append(f"the {item} certificate's subject is {gen.items[item].subject}, the "
+                       f"settings say {said} (kept by every re-issue)")
+    return out
+
+
+def _not_in(names: tuple[str, ...], others: tuple[str, ...]) -> list[str]:
+    """names (in order) that others lack; DNS names compare case-insensitively."""
+    known = {n.lower() for n in others}
+    return [n for n in names if n.lower() not in known]
+
+
+def expired(gen: GenerationRecord, now: datetime) -> list[str]:
+    """A line for each of gen's certificates that has expired."""
+    return [f"{CERT_FILES[item]} (version {gen.version}) expired {format_time(rec.not_after)}"
+            for item in REPORT_ORDER for rec in (gen.items[item],)
+            if _left(rec.not_after, now) <= 0]
 
 
 def renewal_reason(report: Mapping[str, Any]) -> str:

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,13 +15,23 @@ from typing import Any, Callable, Sequence
 import click
 import yaml
 
-from pkisvc import __version__, doctor, kubeconfig
+from pkisvc import __version__, changes, doctor, kubeconfig
 from pkisvc.backends import load_backend
 from pkisvc.backup import write as write_backup
 from pkisvc.errors import PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
 from pkisvc.migrate import migrate as copy_store
-from pkisvc.model import HOST_FILES, ITEMS, KEY_TYPES, LEAVES, SCOPES, TRUST_FILE
+from pkisvc.model import (
+    HOST_FILES,
+    ITEMS,
+    KEY_TYPES,
+    LEAVES,
+    SCOPES,
+    TRUST_FILE,
+    format_time,
+    parse_time,
+    visible,
+)
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore, utcnow
 
@@ -84,7 +94,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PkiError as e:
-            click.echo(f"error: {e.message}", err=True)
+            click.echo(f"error: {visible(e.message)}", err=True)
             sys.exit(1)
 
 
@@ -110,13 +120,18 @@ def main(ctx: click.Context, config: str | None, actor: str | None, verbose: boo
 # --- output ---------------------------------------------------------------------------
 
 def emit(fmt: str, data: Any, table: Callable[[], Sequence[Sequence[Any]]]) -> None:
-    """Print data as JSON or YAML, or the rows `table()` returns (first row = header)."""
+    """Print data as JSON or YAML, or the rows `table()` returns (first row = header).
+
+    JSON and YAML escape what a terminal must not receive; a table escapes it with `visible`
+    (a stored `\\n` or ESC would forge rows or drive the terminal).
+    """
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
-        rows = [[str(c) for c in r] for r in table()]
+        rows = [[format_time(c) if isinstance(c, datetime) else visible(str(c)) for c in r]
+                for r in table()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -133,13 +148,23 @@ def short_duration(seconds: int) -> str:
     return f"{seconds // (365 * 86400)}y"
 
 
-def kubeadm_time(rfc3339: str) -> str:
-    t = datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).astimezone(UTC)
-    return t.strftime("%b %d, %Y %H:%M UTC")
+def kubeadm_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%b %d, %Y %H:%M UTC")
 
 
-def done(record: Any) -> None:
+def done(record: Any, store: CertStore | None = None) -> None:
+    """Print the version a change wrote, the SANs it changed, and (on stderr) its warnings."""
     click.echo(f"version {record.version}: {record.operation}")
+    for field, words in (("sans_added", "added"), ("sans_removed", "removed")):
+        if record.extra.get(field):
+            click.echo(f"server SANs {words}: {', '.join(record.extra[field])}")
+    if store is not None:
+        warn(store.warnings(record))
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -228,7 +253,7 @@ def rotate() -> None:
 def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New CA and new leaves, in one generation (or --staged, in three)."""
     change = c.store.start_rotation if staged else c.store.rotate_ca
-    done(change(actor=c.actor, reason=reason, key_type=key_type))
+    done(change(actor=c.actor, reason=reason, key_type=key_type), c.store)
 
 
 @main.group()
@@ -251,7 +276,7 @@ def rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.continue_rotation(actor=c.actor, reason=reason))
+    done(c.store.continue_rotation(actor=c.actor, reason=reason), c.store)
 
 
 @rotation.command("finish")
@@ -259,7 +284,7 @@ def rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_finish(c: Context, reason: str) -> None:
     """Phase 3: trust only the new CA."""
-    done(c.store.finish_rotation(actor=c.actor, reason=reason))
+    done(c.store.finish_rotation(actor=c.actor, reason=reason), c.store)
 
 
 @rotation.command("abort")
@@ -271,21 +296,34 @@ def rotation_abort(c: Context, reason: str) -> None:
 
 
 @rotate.command("server")
-@click.option("--san", "sans", multiple=True, help="Extra SAN (repeat); default: `server.sans`.")
+@click.option("--san", "add", multiple=True, metavar="NAME",
+              help="Add this SAN to the current certificate's (repeat for several).")
+@click.option("--remove-san", "remove", multiple=True, metavar="NAME",
+              help="Remove this SAN from the current certificate's (repeat for several).")
+@click.option("--sans", "whole", multiple=True, metavar="A,B,...",
+              help="Replace the whole list of SANs with these (comma-separated, or repeat).")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotate_server(c: Context, sans: tuple[str, ...], reason: str) -> None:
-    """New API-server pair from the current CA."""
-    done(c.store.rotate_leaf("server", actor=c.actor, reason=reason,
-                             sans=list(sans) if sans else None))
+def rotate_server(c: Context, add: tuple[str, ...], remove: tuple[str, ...],
+                  whole: tuple[str, ...], reason: str) -> None:
+    """New API-server pair from the current CA, with the current certificate's subject and
+    SANs (the `server.sans` setting is what `init` used); --san, --remove-san and --sans
+    change the SANs."""
+    if whole and (add or remove):
+        raise click.UsageError("--sans replaces the whole list: not with --san/--remove-san")
+    names = [n.strip() for w in whole for n in w.split(",") if n.strip()]
+    if whole and not names:
+        raise click.UsageError("--sans needs at least one name")
+    done(c.store.rotate_leaf("server", actor=c.actor, reason=reason, add_sans=add,
+                             remove_sans=remove, sans=names or None), c.store)
 
 
 @rotate.command("kubecfg")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
 def rotate_kubecfg(c: Context, reason: str) -> None:
-    """New kubecfg (super-user) pair from the current CA."""
-    done(c.store.rotate_leaf("kubecfg", actor=c.actor, reason=reason))
+    """New kubecfg (super-user) pair from the current CA, with the current one's subject."""
+    done(c.store.rotate_leaf("kubecfg", actor=c.actor, reason=reason), c.store)
 
 
 @main.command()
@@ -305,6 +343,8 @@ def show(c: Context, item: str, version: int | None, pem: bool, fmt: str) -> Non
         v, rec, raw = c.store.item(item, version)
         text = raw.decode()
         data = {"item": item, "version": v, **rec.to_dict()}
+    if item in LEAVES and version is None and fmt == "table":
+        warn(changes.settings_drift(c.store.read().record, c.settings))
     if pem and fmt == "table":
         click.echo(text, nl=False)
         return
@@ -332,19 +372,33 @@ def versions(c: Context, fmt: str) -> None:
 @pass_ctx
 def rollback(c: Context, version: int, reason: str) -> None:
     """Make a new generation that copies VERSION."""
-    done(c.store.rollback(version, actor=c.actor, reason=reason))
+    done(c.store.rollback(version, actor=c.actor, reason=reason), c.store)
+
+
+class _Time(click.ParamType):
+    """An RFC 3339 time (`2026-11-29T12:00:00Z`), or a date meaning its midnight UTC."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_time(value if "T" in value else f"{value}T00:00:00Z")
+        except ValueError:
+            self.fail(f"{value!r} is not a time like 2026-11-29T12:00:00Z or a date like "
+                      "2026-11-29", param, ctx)
 
 
 @main.command()
-@click.option("--since", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
-              help="Only events from this UTC time on.")
+@click.option("--since", type=_Time(), help="Only events from this time on.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
 @OUTPUT
 @pass_ctx
 def audit(c: Context, since: datetime | None, limit: int, fmt: str) -> None:
     """Show audit events, newest first."""
-    events = c.store.audit(since=since.replace(tzinfo=UTC) if since else None,
-                           limit=limit)
+    events = c.store.audit(since=since, limit=limit)
     emit(fmt, [e.to_dict() for e in events], lambda: [
         ["TIME", "ACTOR", "ACTION", "VERSION", "ITEMS", "MINION", "REASON"],
         *([e.time, e.actor, e.action, e.version or "", ",".join(e.items), e.minion or "",
@@ -359,7 +413,7 @@ def check_expiration(c: Context, fmt: str) -> None:
     rows = c.store.expiration()
     for r in rows:
         r["residual_time"] = short_duration(r["residual_seconds"])
-    emit(fmt, rows, lambda: [
+    emit(fmt, [{**r, "expires": format_time(r["expires"])} for r in rows], lambda: [
         ["CERTIFICATE", "EXPIRES", "RESIDUAL TIME", "CERTIFICATE AUTHORITY"],
         *([r["file"], kubeadm_time(r["expires"]), r["residual_time"],
            r["certificate_authority"]] for r in rows)])
@@ -384,7 +438,8 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
     files = read_import_dir(from_dir) if from_dir else read_import_pillar(from_pillar or "",
                                                                          key or "")
     source = from_dir or f"{from_pillar}#{key}"
-    done(c.store.import_files(files, actor=c.actor, reason=reason or f"imported from {source}"))
+    done(c.store.import_files(files, actor=c.actor, reason=reason or f"imported from {source}"),
+         c.store)
 
 
 @main.command("export-pillar")
@@ -426,6 +481,8 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
     report, record = c.store.renew(actor=c.actor, dry_run=dry_run)
     if report["ca_warning"]:
         click.echo(f"warning: {report['ca_warning']}", err=True)
+    blocked = report.get("blocked")
+    impossible = blocked if report["due"] else None
     if fmt != "table":
         emit(fmt, {**report, "renewed": record.version if record else None}, lambda: [])
     elif not report["due"]:
@@ -436,7 +493,13 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
             click.echo(f"{'due' if dry_run else 'renewed'}: {d['item']} "
                        f"(expires {d['not_after']}, {short_duration(d['residual_seconds'])} left)")
         if record is not None:
-            done(record)
+            done(record, c.store)
+    if impossible:
+        click.echo(f"error: renewal is impossible: {impossible}", err=True)
+        sys.exit(1)
+    if blocked:
+        click.echo(f"warning: nothing is due, but renewal would be impossible: {blocked}",
+                   err=True)
 
 
 @main.group()
@@ -462,7 +525,8 @@ def token_list(c: Context, fmt: str) -> None:
     """List tokens (names and scopes; never the tokens)."""
     rows = [{"name": t.name, "scopes": list(t.scopes), "created_at": "",
              "source": "settings"} for t in c.settings.tokens]
-    rows += [{"name": t.name, "scopes": list(t.scopes), "created_at": t.created_at,
+    rows += [{"name": t.name, "scopes": list(t.scopes),
+              "created_at": format_time(t.created_at) if t.created_at else "",
               "source": "backend"} for t in c.store.tokens()]
     emit(fmt, rows, lambda: [["NAME", "SCOPES", "CREATED", "SOURCE"], *(
         [r["name"], ",".join(r["scopes"]), r["created_at"], r["source"]] for r in rows)])
@@ -523,7 +587,7 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
             url: str | None, use_kubectl: bool, kubeconfig: str | None, kubectl_path: str,
             fmt: str) -> None:
     """Check the certificates installed on this host; exit 1 when a check FAILs."""
-    expected, store_error, now = None, None, utcnow()
+    expected, store_error, now, drift = None, None, utcnow(), []
     if url:
         try:
             expected = doctor.expected_from_ca(doctor.fetch_json(f"{url.rstrip('/')}/v1/ca"), url)
@@ -532,7 +596,9 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     elif use_store:
         try:
             now = c.store.now()
-            expected = doctor.expected_from(c.store.versions())
+            history = c.store.versions()
+            expected = doctor.expected_from(history)
+            drift = changes.settings_drift(history[0], c.settings) if history else []
         except PkiError as e:
             store_error = f"the store: {e.message}"
     secrets, secrets_error = None, None
@@ -544,6 +610,9 @@ def doctor_(c: Context, root: str, role: str, warn_within: int, use_store: bool,
     report = doctor.run(root, now=now, role=role, expected=expected, store_error=store_error,
                         secrets=secrets, secrets_error=secrets_error,
                         warn_within=timedelta(days=warn_within))
+    # The store's leaves against the settings: nothing on the host to fix, said once here.
+    report = replace(report, checks=(*report.checks, *(
+        doctor.Check("settings", "pkisvc settings", doctor.WARN, line) for line in drift)))
     if fmt == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

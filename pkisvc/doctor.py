@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkisvc import pki
 from pkisvc.errors import InvalidMaterial, InvalidRequest
-from pkisvc.model import GenerationRecord
+from pkisvc.model import GenerationRecord, format_time
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -119,7 +119,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         counts = {s.lower(): sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
-        return {"root": self.root, "role": self.role, "now": pki.rfc3339(self.now),
+        return {"root": self.root, "role": self.role, "now": format_time(self.now),
                 "store_version": self.store_version, "ok": self.ok, "summary": counts,
                 "checks": [c.to_dict() for c in self.checks]}
 
@@ -478,15 +478,15 @@ def _expiry(path: str, cert: x509.Certificate, now: datetime, within: timedelta,
            f"{REFRESH}") if is_ca else f"pkisvc rotate {item}, then {REFRESH}"
     what = f"{_short(pki.fingerprint(cert))} " if is_ca else ""
     if now >= not_after:
-        return Check("expiry", path, FAIL, f"{what}expired at {pki.rfc3339(not_after)}", fix)
+        return Check("expiry", path, FAIL, f"{what}expired at {format_time(not_after)}", fix)
     if now < not_before:
         return Check("expiry", path, FAIL, f"{what}not valid before "
-                     f"{pki.rfc3339(not_before)} (clock skew?)", "check the host's clock")
+                     f"{format_time(not_before)} (clock skew?)", "check the host's clock")
     left = not_after - now
     if left <= within:
-        return Check("expiry", path, WARN, f"{what}expires at {pki.rfc3339(not_after)} "
+        return Check("expiry", path, WARN, f"{what}expires at {format_time(not_after)} "
                      f"({left.days} days left)", fix)
-    return Check("expiry", path, PASS, f"{what}valid until {pki.rfc3339(not_after)} "
+    return Check("expiry", path, PASS, f"{what}valid until {format_time(not_after)} "
                  f"({left.days} days left)")
 
 

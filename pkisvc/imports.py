@@ -4,6 +4,7 @@ Reading and parsing only; the store writes an imported set as a new generation.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +12,7 @@ import yaml
 
 from pkisvc import pki
 from pkisvc.errors import InvalidMaterial, InvalidRequest
+from pkisvc.model import CERT_FILES, KEY_FILES, TRUST_FILE
 from pkisvc.settings import one_line
 
 IMPORT_FILES = ("ca.crt", "ca.key", "server.cert", "server.key", "kubecfg.crt", "kubecfg.key")
@@ -46,6 +48,35 @@ def parse_import(files: Mapping[str, bytes]) -> pki.CertSet:
         kubecfg=pki.load_cert(files["kubecfg.crt"], "kubecfg.crt"),
         kubecfg_key=pki.load_key(files["kubecfg.key"], "kubecfg.key"),
         trust=tuple(bundle))
+
+
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def kept_bytes(certs: pki.CertSet, files: Mapping[str, bytes]) -> dict[str, tuple[Any, bytes]]:
+    """The imported files to store byte for byte (changes.Draft.verbatim): hosts then receive
+    exactly what they hold (easy-rsa writes a text dump before each PEM).  Only a file whose
+    PEM blocks are all of its own kind is kept (a key pasted into ca.crt would reach every
+    node); any other is stored re-encoded."""
+    certificate = ("CERTIFICATE",)
+    key = ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY")
+    wanted: list[tuple[str, str, Any, tuple[str, ...]]] = [
+        ("ca.crt", TRUST_FILE, certs.trust, certificate),
+        ("server.cert", CERT_FILES["server"], certs.server, certificate),
+        ("server.key", KEY_FILES["server"], certs.server_key, key),
+        ("kubecfg.crt", CERT_FILES["kubecfg"], certs.kubecfg, certificate),
+        ("kubecfg.key", KEY_FILES["kubecfg"], certs.kubecfg_key, key),
+        ("ca.key", KEY_FILES["ca"], certs.ca_key, key)]
+    if len(certs.trust) == 1:
+        wanted.append(("ca.crt", CERT_FILES["ca"], certs.ca, certificate))
+    kept = {}
+    for source, stored, value, kinds in wanted:
+        data = files.get(source)
+        blocks = _PEM_BEGIN.findall(data) if data is not None else []
+        if value is not None and data is not None and blocks and all(
+                b.decode() in kinds for b in blocks) and (kinds == certificate or len(blocks) == 1):
+            kept[stored] = (value, data)
+    return kept
 
 
 def read_import_dir(path: str | Path) -> dict[str, bytes]:

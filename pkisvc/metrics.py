@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter as Tally
-from datetime import datetime
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -38,10 +37,6 @@ UNKNOWN_ENDPOINT = "unknown"
 def method_label(method: str) -> str:
     """The request method as a label: a known method, else `other`."""
     return method if method in METHODS else "other"
-
-
-def _timestamp(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 class StoreCollector:
@@ -75,10 +70,10 @@ class StoreCollector:
             labels=["cluster", "item"])
         s = self.store.settings
         for item, rec in gen.record.items.items():
-            expiry.add_metric([cluster, item], _timestamp(rec.not_after))
-            start.add_metric([cluster, item], _timestamp(rec.not_before))
+            expiry.add_metric([cluster, item], rec.not_after.timestamp())
+            start.add_metric([cluster, item], rec.not_before.timestamp())
             ahead = s.ca_warn_before if item == "ca" else s.renew_before
-            renewal.add_metric([cluster, item], _timestamp(rec.not_after) - ahead)
+            renewal.add_metric([cluster, item], rec.not_after.timestamp() - ahead)
         yield expiry
         yield start
         yield renewal

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Mapping
+
+from pkisvc.errors import InvalidRequest
 
 # Item -> (cert file, key file) as hosts name them (the seed's names).  The CA key is kept by
 # the service as `ca.key` and is never a host file.
@@ -29,13 +33,86 @@ SCOPES = ("read", "secrets", "audit", "admin")
 # trailing newline through).
 MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
 
+# Limits on text that is stored (docs/decisions.md, "Text that enters the store").
+REASON_MAX = 1024
+ACTOR_MAX = 256
+SANS_MAX = 100  # extra SANs of the server certificate, from a request or the settings
+# Explicit bidi embeddings, overrides and isolates: they reorder how the rest of a line is
+# shown (CVE-2021-42574), so a reason could make a table row read otherwise than it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# C0, DEL, C1 (Cc), lone surrogates (Cs: no UTF-8 for them), line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _refused(c: str) -> bool:
+    return c in _BIDI_CONTROLS or unicodedata.category(c) in _REFUSED_CATEGORIES
+
+
+def check_text(what: str, value: str, limit: int) -> str:
+    """Return value if it may be stored: printable Unicode, at most limit characters.
+
+    Raises: InvalidRequest naming what and the first character refused (never the text).
+    """
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} is longer than {limit} characters")
+    if not value.isprintable():  # isprintable() is True for none of the refused characters
+        for i, c in enumerate(value):
+            if _refused(c):
+                raise InvalidRequest(f"{what} holds U+{ord(c):04X} at position {i} (control "
+                                     "characters, lone surrogates and bidi overrides are "
+                                     "refused)")
+    return value
+
+
+def visible(text: str) -> str:
+    """Return text as a terminal or a page may show it: what check_text refuses is escaped.
+
+    For records an older version stored: `\\n`, `\\x1b`, `\\ud800`, `\\u202e`.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if _refused(c) else c
+                   for c in text)
+
+
 # Names a backend may store: plain file names, nothing path-like.
-_FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_FILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def valid_file_name(name: str) -> bool:
-    """Tell whether name is a plain stored-file name (no '/', '..', NUL)."""
-    return bool(_FILE_NAME.match(name)) and ".." not in name
+    """Tell whether name is a plain stored-file name (no '/', '..', NUL, trailing newline)."""
+    return bool(_FILE_NAME.fullmatch(name)) and ".." not in name
+
+
+# Times: timezone-aware datetimes inside pkisvc; RFC 3339 text (UTC, whole seconds, `Z`) only
+# where they leave or enter it (records' to_dict/from_dict, query parameters, tables, reports).
+
+def parse_time(text: str) -> datetime:
+    """Read an RFC 3339 time (`Z` or an offset); ValueError if it is not one or has no zone."""
+    t = datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        raise ValueError(f"time {text!r} needs a time zone (e.g. Z)")
+    return instant(t)
+
+
+def format_time(t: datetime) -> str:
+    """Write t as RFC 3339 in UTC to the second, e.g. `2026-11-29T12:00:00Z`."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def instant(t: datetime) -> datetime:
+    """t in UTC to the second, the precision records keep (so a record survives its text)."""
+    if t.tzinfo is None:
+        raise ValueError(f"time {t!r} has no time zone")
+    return t.astimezone(UTC).replace(microsecond=0)
+
+
+def _instants(record: Any, *names: str) -> None:
+    """Make a frozen record's time fields UTC to the second (called from __post_init__)."""
+    for name in names:
+        t = getattr(record, name)
+        if t is not None:
+            object.__setattr__(record, name, instant(t))
 
 
 @dataclass(frozen=True)
@@ -47,14 +124,17 @@ class ItemRecord:
     subject: str
     issuer: str
     sans: tuple[str, ...]
-    not_before: str
-    not_after: str
+    not_before: datetime
+    not_after: datetime
+
+    def __post_init__(self) -> None:
+        _instants(self, "not_before", "not_after")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint, "serial": self.serial, "subject": self.subject,
             "issuer": self.issuer, "sans": list(self.sans),
-            "not_before": self.not_before, "not_after": self.not_after,
+            "not_before": format_time(self.not_before), "not_after": format_time(self.not_after),
         }
 
     @classmethod
@@ -62,7 +142,7 @@ class ItemRecord:
         return cls(
             fingerprint=d["fingerprint"], serial=d["serial"], subject=d["subject"],
             issuer=d["issuer"], sans=tuple(d.get("sans", ())),
-            not_before=d["not_before"], not_after=d["not_after"],
+            not_before=parse_time(d["not_before"]), not_after=parse_time(d["not_after"]),
         )
 
 
@@ -72,7 +152,7 @@ class GenerationRecord:
 
     version: int
     parent: int | None
-    created_at: str
+    created_at: datetime
     actor: str
     operation: str
     reason: str
@@ -83,9 +163,13 @@ class GenerationRecord:
     rotation: Mapping[str, Any] | None = None  # staged CA rotation state, if one is open
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _instants(self, "created_at")
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "version": self.version, "parent": self.parent, "created_at": self.created_at,
+            "version": self.version, "parent": self.parent,
+            "created_at": format_time(self.created_at),
             "actor": self.actor, "operation": self.operation, "reason": self.reason,
             "key_type": self.key_type,
             "items": {k: v.to_dict() for k, v in self.items.items()},
@@ -102,7 +186,8 @@ class GenerationRecord:
         known = {"version", "parent", "created_at", "actor", "operation", "reason", "key_type",
                  "items", "trust", "source_version", "rotation"}
         return cls(
-            version=int(d["version"]), parent=d.get("parent"), created_at=d["created_at"],
+            version=int(d["version"]), parent=d.get("parent"),
+            created_at=parse_time(d["created_at"]),
             actor=d["actor"], operation=d["operation"], reason=d.get("reason", ""),
             key_type=d.get("key_type", ""),
             items={k: ItemRecord.from_dict(v) for k, v in d["items"].items()},
@@ -128,7 +213,7 @@ class StoredGeneration:
 class AuditEvent:
     """Who did what, when, to which version (and for which minion); never key material."""
 
-    time: str
+    time: datetime
     actor: str
     action: str
     version: int | None = None
@@ -138,9 +223,12 @@ class AuditEvent:
     minion: str | None = None
     role: str | None = None
 
+    def __post_init__(self) -> None:
+        _instants(self, "time")
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "time": self.time, "actor": self.actor, "action": self.action,
+            "time": format_time(self.time), "actor": self.actor, "action": self.action,
             "version": self.version, "items": list(self.items), "reason": self.reason,
             "remote_addr": self.remote_addr, "minion": self.minion, "role": self.role,
         }
@@ -148,7 +236,8 @@ class AuditEvent:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditEvent:
         return cls(
-            time=d["time"], actor=d["actor"], action=d["action"], version=d.get("version"),
+            time=parse_time(d["time"]), actor=d["actor"], action=d["action"],
+            version=d.get("version"),
             items=tuple(d.get("items", ())), reason=d.get("reason", ""),
             remote_addr=d.get("remote_addr"), minion=d.get("minion"), role=d.get("role"),
         )
@@ -161,38 +250,45 @@ class TokenRecord:
     name: str
     sha256: str
     scopes: tuple[str, ...]
-    created_at: str
+    created_at: datetime | None  # None: a record written without one (shown as "")
+
+    def __post_init__(self) -> None:
+        _instants(self, "created_at")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "scopes": list(self.scopes),
-                "created_at": self.created_at}
+                "created_at": format_time(self.created_at) if self.created_at else ""}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TokenRecord:
         return cls(name=d["name"], sha256=d["sha256"], scopes=tuple(d["scopes"]),
-                   created_at=d.get("created_at", ""))
+                   created_at=parse_time(d["created_at"]) if d.get("created_at") else None)
 
 
 @dataclass(frozen=True)
 class MinionState:
     """What one minion holds: its role, the version, when it got it, when it last asked.
 
-    Times are RFC 3339 (UTC, seconds).  `received` is when the minion first had this version
-    (or this role); `asked` is its latest pillar request as stored (at most one touch interval
-    old while it keeps asking).
+    Times are timezone-aware datetimes (UTC, whole seconds; RFC 3339 only in `to_dict` and
+    `from_dict`).  `received` is when the minion first had this version (or this role);
+    `asked` is its latest pillar request as stored (at most one touch interval old while it
+    keeps asking).
     """
 
     minion: str
     role: str | None
     version: int
-    received: str
-    asked: str
+    received: datetime
+    asked: datetime
+
+    def __post_init__(self) -> None:
+        _instants(self, "received", "asked")
 
     def to_dict(self) -> dict[str, Any]:
         return {"minion": self.minion, "role": self.role, "version": self.version,
-                "received": self.received, "asked": self.asked}
+                "received": format_time(self.received), "asked": format_time(self.asked)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MinionState:
         return cls(minion=str(d["minion"]), role=d.get("role"), version=int(d["version"]),
-                   received=str(d["received"]), asked=str(d["asked"]))
+                   received=parse_time(str(d["received"])), asked=parse_time(str(d["asked"])))

@@ -72,7 +72,10 @@ _SCHEMAS: dict[str, Any] = {
             "actor": _STR, "reason": _STR, "key_type": _STR,
             "items": {"type": "object", "additionalProperties": _ref("ItemSummary")},
             "trust": {"type": "array", "items": _STR},
-            "source_version": _NINT, "rotation": {"type": ["object", "null"]}}},
+            "source_version": _NINT, "rotation": {"type": ["object", "null"]},
+            "sans_added": {"type": "array", "items": _STR},
+            "sans_removed": {"type": "array", "items": _STR},
+            "warnings": {"type": "array", "items": _STR}}},
     "Cert": {"allOf": [_ref("ItemSummary"), {
         "type": "object", "required": ["item", "version", "pem"],
         "properties": {"item": {"type": "string", "enum": list(ITEMS)},
@@ -150,8 +153,9 @@ def document() -> dict[str, Any]:
             "200": _json({"type": "object", "required": ["due", "renewed", "version"],
                           "properties": {"version": {"type": "integer"},
                                          "due": {"type": "array"}, "ca_warning": _NSTR,
-                                         "renewed": {"const": False}}},
-                         "Nothing due, or a dry run: what is due"),
+                                         "blocked": _NSTR, "renewed": {"const": False}}},
+                         "Nothing due, or a dry run: what is due (409: due, but renewal "
+                         "is impossible, and why)"),
             **_errors(400, 401, 403, 404, 409, 413, 500, 503)},
             body={"type": "object", "additionalProperties": False,
                   "properties": {"dry_run": {"type": "boolean"}}}, op_id="renew")},
@@ -172,7 +176,9 @@ def document() -> dict[str, Any]:
         "/v1/certs/{item}/rotate": {"post": _op("Re-issue server or kubecfg", "admin", {
             **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)}, params=[_ITEM_P], body={
             "type": "object", "additionalProperties": False,
-            "properties": {"reason": _REASON, "sans": {"type": "array", "items": _STR}}},
+            "properties": {"reason": _REASON, "add_sans": {"type": "array", "items": _STR},
+                           "remove_sans": {"type": "array", "items": _STR},
+                           "sans": {"type": "array", "items": _STR}}},
             op_id="rotateLeaf")},
         "/v1/versions": {"get": _op("Every generation, newest first", "read", {
             "200": _json({"type": "object", "required": ["versions"], "properties": {

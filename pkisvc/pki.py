@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import warnings
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
@@ -51,6 +51,15 @@ class Profile:
     days: int
     organization: str | None = None
     sans: tuple[str, ...] = ()
+    subject: x509.Name | None = None  # kept whole from the certificate a re-issue replaces
+
+
+def reissue_profile(profile: Profile, cert: x509.Certificate,
+                    sans: tuple[str, ...] | None = None) -> Profile:
+    """profile (kind, days) carrying cert's subject and SANs (or sans): what a re-issue keeps."""
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return replace(profile, common_name=str(cn[0].value) if cn else "", organization=None,
+                   subject=cert.subject, sans=names_of(cert) if sans is None else sans)
 
 
 def server_sans(extra: tuple[str, ...] | list[str], service_cidr: str,
@@ -82,11 +91,18 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
 
 
 def _name(profile: Profile) -> x509.Name:
+    if profile.subject is not None:
+        return profile.subject
     attrs = []
     if profile.organization:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, profile.organization))
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, profile.common_name))
     return x509.Name(attrs)
+
+
+def subject_of(profile: Profile) -> str:
+    """The subject a certificate of profile gets (RFC 4514, as records keep it)."""
+    return _name(profile).rfc4514_string()
 
 
 def make_ca(profile: Profile, key: PrivateKey, *, now: datetime) -> x509.Certificate:
@@ -220,8 +236,13 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def names_of(cert: x509.Certificate) -> tuple[str, ...]:
+    """cert's DNS and IP SANs in the certificate's own order."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(str(n.value) for n in ext if isinstance(n, x509.DNSName | x509.IPAddress))
 
 
 def sans_of(cert: x509.Certificate) -> tuple[str, ...]:
@@ -238,8 +259,8 @@ def describe(cert: x509.Certificate) -> ItemRecord:
     return ItemRecord(
         fingerprint=fingerprint(cert), serial=format(cert.serial_number, "x"),
         subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
-        sans=sans_of(cert), not_before=rfc3339(cert.not_valid_before_utc),
-        not_after=rfc3339(cert.not_valid_after_utc))
+        sans=sans_of(cert), not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc)
 
 
 # --- whole sets ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from pkisvc.errors import ConfigError
-from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SCOPES
+from pkisvc.model import DEFAULT_ROLES, HOST_FILES, KEY_TYPES, SANS_MAX, SCOPES
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,12 @@ def _opt_str(key: str, v: Any) -> str | None:
     return None if v is None or v == "" else _str(key, v)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def _name(key: str, v: Any) -> str:
     s = _str(key, v)
-    if not _NAME.match(s) or ".." in s:
+    if not _NAME.fullmatch(s) or ".." in s:
         raise _fail(key, f"{s!r} is not a plain name (letters, digits, '.', '_', '-')")
     return s
 
@@ -190,12 +190,12 @@ def _bool(key: str, v: Any) -> bool:
     raise _fail(key, f"{v!r} is not true or false")
 
 
-_DURATION = re.compile(r"^(\d+)([dhms]?)$")
+_DURATION = re.compile(r"([0-9]+)([dhms]?)")
 
 
 def parse_duration(key: str, v: Any) -> int:
     """Parse `<n>d`, `<n>h`, `<n>m`, `<n>s` or plain seconds into seconds."""
-    m = _DURATION.match(str(v).strip()) if not isinstance(v, bool) else None
+    m = _DURATION.fullmatch(str(v)) if not isinstance(v, bool) else None
     if not m:
         raise _fail(key, f"{v!r} is not a duration like 30d, 12h, 90m or 3600")
     return int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
@@ -215,12 +215,12 @@ def _cidr(key: str, v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _fail(key, f"{v!r} is not a network in CIDR form ({e})") from None
 
 
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def is_dns_name(s: str) -> bool:
     """Tell whether s is a DNS name a certificate may carry."""
-    return 0 < len(s) <= 253 and all(_DNS_LABEL.match(p) for p in s.rstrip(".").split("."))
+    return 0 < len(s) <= 253 and all(_DNS_LABEL.fullmatch(p) for p in s.rstrip(".").split("."))
 
 
 def parse_san(key: str, v: Any) -> str:
@@ -236,6 +236,17 @@ def parse_san(key: str, v: Any) -> str:
     if not is_dns_name(s):
         raise _fail(key, f"{s!r} is neither an IP address nor a DNS name")
     return s.lower()
+
+
+def parse_sans(key: str, v: Any) -> tuple[str, ...]:
+    """Normalise a list of extra SANs, at most SANS_MAX of them.
+
+    Raises: ConfigError naming key.
+    """
+    sans: tuple[str, ...] = _list(parse_san)(key, v)
+    if len(sans) > SANS_MAX:
+        raise _fail(key, f"holds {len(sans)} SANs; at most {SANS_MAX} are allowed")
+    return sans
 
 
 def _list(item: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple[Any, ...]]:
@@ -329,7 +340,7 @@ _SCHEMA: dict[str, _Field] = {
     "ca.common_name": _Field("kubernetes-ca", _str, text=True),
     "ca.days": _Field(3650, _int(1, 36500)),
     "server.common_name": _Field("kube-apiserver", _str, text=True),
-    "server.sans": _Field([], _list(parse_san)),
+    "server.sans": _Field([], parse_sans),
     "server.days": _Field(365, _int(1, 36500)),
     "kubecfg.common_name": _Field("kubecfg", _str, text=True),
     "kubecfg.organization": _Field("system:masters", _str, text=True),

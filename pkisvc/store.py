@@ -26,12 +26,14 @@ from pkisvc.errors import (
     NotFound,
     VersionConflict,
 )
-from pkisvc.imports import check_import
+from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
+    ACTOR_MAX,
     CERT_FILES,
     ITEMS,
     KEY_FILES,
     LEAVES,
+    REASON_MAX,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
@@ -39,6 +41,7 @@ from pkisvc.model import (
     MinionState,
     StoredGeneration,
     TokenRecord,
+    check_text,
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
@@ -64,7 +67,7 @@ class CertStore:
         self._clock = clock
         # Each minion's state as this process last read or wrote it, with its `asked` parsed:
         # an unchanged pillar answer is decided here, with no backend read.
-        self._minions: dict[str, tuple[MinionState, datetime]] = {}
+        self._minions: dict[str, MinionState] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
 
     def now(self) -> datetime:
@@ -115,8 +118,17 @@ class CertStore:
         return changes.expiration(self.read(version).record, self.now())
 
     def due(self, version: int | None = None) -> dict[str, Any]:
-        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`."""
-        return changes.renewal_report(self.read(version).record, self.now(), self.settings)
+        """What renewal would do now: leaves inside `renew_before`, a CA inside `ca_warn_before`,
+        and what stops it (`blocked`)."""
+        gen = self.read(version)
+        return changes.renewal_report(gen.record, self.now(), self.settings,
+                                      has_ca_key=KEY_FILES["ca"] in gen.files)
+
+    def warnings(self, record: GenerationRecord) -> list[str]:
+        """What an operator should know of record: expired certificates, and where the
+        settings differ from its leaves (never applied)."""
+        return [*changes.expired(record, self.now()),
+                *changes.settings_drift(record, self.settings)]
 
     def rotation(self) -> dict[str, Any]:
         """The open staged rotation, if any: phase, CAs, and the step that comes next."""
@@ -158,21 +170,19 @@ class CertStore:
         """
         now = self.now()
         seen = self._minions.get(minion)
-        if (seen is not None and seen[0].version == version and seen[0].role == role
-                and now < seen[1] + self._touch):
+        if (seen is not None and seen.version == version and seen.role == role
+                and now < seen.asked + self._touch):
             return
-        held = seen[0] if seen is not None else self.backend.minion(minion)
-        stamp = pki.rfc3339(now)
+        held = seen if seen is not None else self.backend.minion(minion)
         for _ in range(STATE_ATTEMPTS):
             change = held is None or held.version != version or held.role != role
             if held is not None and not change:
-                asked = changes.parse_time(held.asked)
-                if now < asked + self._touch:  # another process touched it meanwhile
-                    self._minions[minion] = (held, asked)
+                if now < held.asked + self._touch:  # another process touched it meanwhile
+                    self._minions[minion] = held
                     return
-                new = dataclasses.replace(held, asked=stamp)
+                new = dataclasses.replace(held, asked=now)
             else:
-                new = MinionState(minion, role, version, received=stamp, asked=stamp)
+                new = MinionState(minion, role, version, received=now, asked=now)
             try:
                 self.backend.put_minion(new, expected=held)
             except VersionConflict:
@@ -183,10 +193,10 @@ class CertStore:
                     raise
                 log.warning("minion %s: last asked not stored: %s", minion, e.message)
                 return
-            self._minions[minion] = (new, now)
+            self._minions[minion] = new
             if change:
                 _append_once(self.backend, AuditEvent(
-                    time=stamp, actor=actor, action="pillar", version=version, items=items,
+                    time=now, actor=actor, action="pillar", version=version, items=items,
                     remote_addr=remote_addr, minion=minion, role=role))
             return
         log.info("minion %s: its state kept changing under us; left to the other writers",
@@ -213,7 +223,7 @@ class CertStore:
         return pki.cert_pem(cert), pki.key_pem(key), gen.files[TRUST_FILE]
 
     def _audit(self, actor: str, action: str, **fields: Any) -> None:
-        self.backend.append_audit(AuditEvent(time=pki.rfc3339(self.now()), actor=actor,
+        self.backend.append_audit(AuditEvent(time=self.now(), actor=actor,
                                              action=action, **fields))
 
     # --- changes: each a planner handed to _commit ------------------------------------
@@ -241,14 +251,17 @@ class CertStore:
                             remote_addr=remote_addr)
 
     def rotate_leaf(self, item: str, *, actor: str, reason: str = "",
-                    sans: list[str] | None = None, key_type: str | None = None,
+                    add_sans: list[str] | tuple[str, ...] = (),
+                    remove_sans: list[str] | tuple[str, ...] = (),
+                    sans: list[str] | tuple[str, ...] | None = None,
+                    key_type: str | None = None,
                     remote_addr: str | None = None) -> GenerationRecord:
-        """Re-issue `server` or `kubecfg` from the current CA."""
-        extra = changes.leaf_request(item, sans)
-        return self._commit(f"rotate-{item}", functools.partial(changes.rotate_leaf, item=item),
-                            actor, reason, key_type=key_type, items=(item,),
-                            profiles=Profiles.from_settings(self.settings, extra),
-                            remote_addr=remote_addr)
+        """Re-issue `server` or `kubecfg` from the current CA, keeping its subject and SANs;
+        the server's SANs change only by add_sans, remove_sans, or sans (the whole list)."""
+        change = changes.leaf_request(item, add=add_sans, remove=remove_sans, sans=sans)
+        plan = functools.partial(changes.rotate_leaf, item=item, sans=change)
+        return self._commit(f"rotate-{item}", plan, actor, reason, key_type=key_type,
+                            items=(item,), remote_addr=remote_addr)
 
     def renew(self, *, actor: str, dry_run: bool = False,
               remote_addr: str | None = None) -> tuple[dict[str, Any], GenerationRecord | None]:
@@ -304,7 +317,8 @@ class CertStore:
     def import_files(self, files: Mapping[str, bytes], *, actor: str, reason: str = "",
                      remote_addr: str | None = None) -> GenerationRecord:
         """Store an existing set (the seed's file names) as a new generation."""
-        plan = functools.partial(changes.import_set, certs=check_import(files))
+        certs = check_import(files)
+        plan = functools.partial(changes.import_set, certs=certs, kept=kept_bytes(certs, files))
         return self._commit("import", plan, actor, reason, allow_empty=True,
                             remote_addr=remote_addr)
 
@@ -314,6 +328,8 @@ class CertStore:
                 key_type: str | None = None, profiles: Profiles | None = None,
                 items: tuple[str, ...] = ITEMS, expect_empty: bool = False,
                 allow_empty: bool = False, remote_addr: str | None = None) -> GenerationRecord:
+        check_text("actor", actor, ACTOR_MAX)
+        check_text("reason", reason, REASON_MAX)
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
@@ -328,7 +344,7 @@ class CertStore:
             pki.check_set(draft.certs)
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
-                                     reason=reason)
+                                     reason=reason, base=base.record if base else None)
             try:
                 version = self.backend.write(gen, expected=parent)
             except VersionConflict:
@@ -358,7 +374,7 @@ def _append_once(backend: Backend, event: AuditEvent) -> None:
     while True:
         try:
             # A failed append may have landed (the answer was lost): never write it twice.
-            if retry and event in backend.audit(since=changes.parse_time(event.time),
+            if retry and event in backend.audit(since=event.time,
                                                 limit=10_000):
                 return
             retry = True

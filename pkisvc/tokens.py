@@ -9,11 +9,10 @@ import re
 import secrets
 from datetime import datetime
 
-from pkisvc import pki
 from pkisvc.errors import Conflict, InvalidRequest
 from pkisvc.model import SCOPES, TokenRecord
 
-_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def hash_token(token: str) -> str:
@@ -28,11 +27,11 @@ def new_token(name: str, scopes: list[str] | tuple[str, ...], *, configured: set
     configured: names of the tokens defined in the settings (never shadowed).
     Raises: InvalidRequest for a bad name or scope; Conflict for a configured name.
     """
-    if not _TOKEN_NAME.match(name):
+    if not _TOKEN_NAME.fullmatch(name):
         raise InvalidRequest(f"token name {name!r}: letters, digits, '.', '_', '-' only")
     if not scopes or not set(scopes) <= set(SCOPES):
         raise InvalidRequest(f"scopes must be drawn from {', '.join(SCOPES)}")
     if name in configured:
         raise Conflict(f"a token named {name!r} is defined in the settings")
     token = "pks_" + secrets.token_urlsafe(32)
-    return token, TokenRecord(name, hash_token(token), tuple(scopes), pki.rfc3339(now))
+    return token, TokenRecord(name, hash_token(token), tuple(scopes), now)

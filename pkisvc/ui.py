@@ -34,12 +34,15 @@ from pkisvc.model import (
     GenerationRecord,
     ItemRecord,
     MinionState,
+    format_time,
+    visible,
 )
 from pkisvc.store import CertStore
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ui", __name__, url_prefix="/ui")
+bp.add_app_template_filter(format_time, "rfc3339")  # pages show times as the API writes them
 
 SESSION_COOKIE = "pkisvc_ui"
 CSRF_COOKIE = "pkisvc_ui_csrf"
@@ -52,6 +55,7 @@ AUDIT_WINDOW = 20_000
 WARN_DAYS, CRITICAL_DAYS = 30, 7
 DELIVERY_ACTIONS = ("pillar", "key", "kubeconfig")
 TOKEN_ACTIONS = ("token-create", "token-revoke")
+PAGE_FILTERS = ("kind", "minion", "behind")  # the query arguments a pager link carries on
 
 _CSS = (Path(__file__).parent / "templates" / "ui.css").read_text()
 _STYLE = Markup(_CSS)  # noqa: S704 -- our own sheet, shipped in the package, not user input
@@ -113,8 +117,12 @@ def page(*scopes: str) -> Callable[[F], F]:
 
 
 def _safe_next(target: str | None) -> str:
-    """Return target if it is one of our own pages, else the overview (no open redirect)."""
-    if target and target.startswith("/ui/") and "//" not in target and "\\" not in target:
+    """Return target if it is one of our own pages, else the overview (no open redirect).
+
+    Control characters are refused too: a CR or LF cannot go into a Location header.
+    """
+    if (target and target.startswith("/ui/") and "//" not in target and "\\" not in target
+            and target.isprintable()):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc:
             return target
@@ -138,10 +146,6 @@ def _cookie_args() -> dict[str, Any]:
 
 
 # --- what the pages show (pure functions of records and events) ------------------------------
-
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
 
 @dataclass(frozen=True)
 class Lifetime:
@@ -179,7 +183,7 @@ def lifetimes(record: GenerationRecord, now: datetime) -> list[Lifetime]:
     out = []
     for item in ITEMS:
         rec = record.items[item]
-        start, end = _time(rec.not_before), _time(rec.not_after)
+        start, end = rec.not_before, rec.not_after
         out.append(Lifetime(item, CERT_FILES[item], rec, (end - now).total_seconds() / 86400,
                             (end - start).total_seconds() / 86400))
     return out
@@ -192,8 +196,8 @@ class Minion:
     minion: str
     role: str | None
     version: int
-    time: str  # when it first held this version
-    asked: str  # its last pillar request, as stored (within delivery.touch_interval)
+    time: datetime  # when it first held this version
+    asked: datetime  # its last pillar request, as stored (within delivery.touch_interval)
     behind: int  # versions behind the current one (0 = current)
     changed: bool  # the files it holds differ from what its pillar holds now
 
@@ -244,12 +248,37 @@ def _pages(total: int, size: int) -> int:
     return max(1, -(-total // size))
 
 
+def _page_url(number: int) -> str:
+    """This page's URL at another page number, with its filters (PAGE_FILTERS) and no more.
+
+    Not the whole query: `endpoint`, `_method`, `_external`... are url_for's own arguments.
+    """
+    args: dict[str, Any] = {k: v for k, v in request.args.items() if k in PAGE_FILTERS}
+    return url_for(cast(str, request.endpoint), **args, page=number)
+
+
+def _shown(value: Any) -> Any:
+    """Jinja's `finalize`: text from records is shown with control characters escaped.
+
+    Versions are immutable: what an older version stored (a lone surrogate, an ESC) must not
+    break a page for ever (a lone surrogate has no UTF-8).
+    """
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
+
+
+@bp.record_once
+def _escape_text(state: Any) -> None:
+    state.app.jinja_env.finalize = _shown  # set before any template is compiled
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 def _render(template: str, status: int = 200, **context: Any) -> Response:
     context.setdefault("principal", g.get("principal"))
     context.setdefault("csrf", request.cookies.get(CSRF_COOKIE, ""))
-    html = render_template(template, css=_STYLE, **context)
+    html = render_template(template, css=_STYLE, page_url=_page_url, **context)
     return Response(html, status=status, mimetype="text/html")
 
 
@@ -269,7 +298,8 @@ def overview() -> Response:
                 label += " (signing)"
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
-                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation)
+                   lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
+                   warnings=store().warnings(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:

@@ -83,23 +83,46 @@ def test_rotating_a_leaf_changes_that_leaf_only(profiles, first, item):
     assert [pki.fingerprint(c) for c in new.trust] == [pki.fingerprint(c) for c in old.trust]
 
 
-def test_server_sans_come_from_the_profiles_the_store_passes(tmp_path):
-    extra = changes.leaf_request("server", ["k8s-master-9", "192.0.2.9"])
-    profiles = Profiles.from_settings(make_settings(tmp_path), extra)
-    base = settle(plan(changes.init, None, profiles), None)
-    sans = pki.sans_of(plan(changes.rotate_leaf, base, profiles, item="server").certs.server)
-    assert "k8s-master-9" in sans and "192.0.2.9" in sans
+def test_a_reissue_keeps_the_certificates_sans_and_changes_only_what_it_is_asked(tmp_path):
+    init_profiles = Profiles.from_settings(make_settings(
+        tmp_path, **{"server.sans": ["k8s-master-1", "192.0.2.1"]}))
+    base = settle(plan(changes.init, None, init_profiles), None)
+    initial = pki.names_of(base.draft.certs.server)
+    assert {"kubernetes", "k8s-master-1", "192.0.2.1"} <= set(initial)
+    # Settings that changed since init (no extra SANs now) are not applied.
+    later = Profiles.from_settings(make_settings(tmp_path))
+    for planner in (changes.rotate_ca, changes.rotate_leaf):
+        options = {"item": "server"} if planner is changes.rotate_leaf else {}
+        kept = plan(planner, base, later, **options).certs.server
+        assert pki.names_of(kept) == initial
+        assert kept.subject == base.draft.certs.server.subject
+    add = changes.leaf_request("server", add=["k8s-master-9", "192.0.2.9"])
+    added = pki.names_of(plan(changes.rotate_leaf, base, later, item="server",
+                              sans=add).certs.server)
+    assert added == (*initial, "k8s-master-9", "192.0.2.9")
+    remove = changes.leaf_request("server", remove=["K8S-MASTER-1"])
+    assert pki.names_of(plan(changes.rotate_leaf, base, later, item="server",
+                             sans=remove).certs.server) == tuple(
+        n for n in initial if n != "k8s-master-1")
+    whole = changes.leaf_request("server", sans=["a.example", "192.0.2.7"])
+    assert pki.names_of(plan(changes.rotate_leaf, base, later, item="server",
+                             sans=whole).certs.server) == ("a.example", "192.0.2.7")
+    with pytest.raises(InvalidRequest, match="not a SAN"):
+        plan(changes.rotate_leaf, base, later, item="server",
+             sans=changes.leaf_request("server", remove=["nowhere.example"]))
 
 
 def test_leaf_requests_are_refused_before_any_planning():
     with pytest.raises(InvalidRequest, match="rotate ca"):
-        changes.leaf_request("ca", None)
+        changes.leaf_request("ca")
     with pytest.raises(NotFound):
-        changes.leaf_request("../etc", None)
+        changes.leaf_request("../etc")
     with pytest.raises(InvalidRequest, match="only the server"):
-        changes.leaf_request("kubecfg", ["a.example"])
+        changes.leaf_request("kubecfg", add=["a.example"])
     with pytest.raises(InvalidRequest):
-        changes.leaf_request("server", ["bad name"])
+        changes.leaf_request("server", sans=["bad name"])
+    with pytest.raises(InvalidRequest, match="not both"):
+        changes.leaf_request("server", sans=["a.example"], remove=["b.example"])
 
 
 def test_rotate_ca_changes_every_certificate_and_trusts_only_the_new_ca(profiles, first):
@@ -145,15 +168,22 @@ def test_import_holds_the_set_given_and_refuses_an_open_rotation(profiles, first
         plan(changes.import_set, staged, profiles, certs=other.certs)
 
 
-def test_a_set_imported_without_ca_key_cannot_sign(profiles, first):
+def test_a_set_imported_without_ca_key_signs_only_after_a_staged_rotation(profiles, first):
     keyless = settle(Draft(dataclasses.replace(first.draft.certs, ca_key=None)), first)
     assert "ca.key" not in changes.files_of(keyless.draft)
     for planner, options in ((changes.rotate_leaf, {"item": "server"}),
-                             (changes.renew, {"renew_before": 10**9}),
-                             (changes.start_rotation, {})):
-        with pytest.raises(Conflict, match="holds no CA key"):
+                             (changes.renew, {"renew_before": 10**9})):
+        with pytest.raises(Conflict, match=r"holds no CA key.*pkisvc rotate ca --staged"):
             plan(planner, keyless, profiles, **options)
     assert plan(changes.rotate_ca, keyless, profiles).certs.ca_key is not None
+    # Phase 1 needs no key of the old CA; phase 2 signs with the new one.
+    one = settle(plan(changes.start_rotation, keyless, profiles), keyless)
+    assert one.draft.certs.ca_key is None
+    two = settle(plan(changes.continue_rotation, one, profiles), one)
+    assert two.draft.certs.ca_key is not None
+    assert pki.names_of(two.draft.certs.server) == pki.names_of(first.draft.certs.server)
+    three = settle(plan(changes.finish_rotation, two, profiles), two)
+    assert three.draft.certs.trust == (two.draft.certs.ca,)
 
 
 # --- the staged rotation, phase by phase -----------------------------------------------------

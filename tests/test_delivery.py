@@ -131,7 +131,7 @@ def test_last_asked_is_stored_at_most_once_per_touch_interval(backend, settings)
 
     def held() -> tuple[Any, ...]:
         s = backend.minion("k8s-node-1")
-        return s.version, s.role, s.received[11:16], s.asked[11:16]
+        return s.version, s.role, f"{s.received:%H:%M}", f"{s.asked:%H:%M}"
 
     ask(worker_a, 1)
     ask(worker_b, 1, minutes=1)  # B reads the state once, finds it fresh, writes nothing
@@ -166,7 +166,7 @@ def test_minions_page_lists_five_thousand_minions_in_pages(settings):
     backend = FilesBackend(settings.data_dir)
     fleet = Fleet(backend, settings)
     fleet.store.rotate_leaf("server", actor="test")  # version 2; nodes on 1 hold the same files
-    old = "2020-01-01T00:00:00Z"  # however old: no window of events hides a minion
+    old = datetime(2020, 1, 1, tzinfo=UTC)  # however old: no window of events hides a minion
     for i in range(5000):
         backend.put_minion(MinionState(f"k8s-node-{i:04d}", "node", 1 + i % 2, old, old),
                            expected=None)

@@ -142,8 +142,9 @@ def test_sigkill_mid_rotation_twenty_times(tmp_path):
     assert set(acked) <= {r.version for r in store.versions()}
 
 
-def _state(minion, version, t="2026-11-29T12:00:00Z"):
-    from pkisvc.model import MinionState
+def _state(minion, version):
+    from pkisvc.model import MinionState, parse_time
+    t = parse_time("2026-11-29T12:00:00Z")
     return MinionState(minion, "node", version, t, t)
 
 

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import run_cli
+from tests.easyrsa import LAYOUT, make_cluster, seed_files
+from tests.peers import HOST_FILES
 from tests.salt_fixtures import Cluster, Service
 
 MINIONS = ("k8s-master-1", "k8s-master-2", "k8s-node-1")
@@ -230,3 +233,34 @@ def snapshot_hosts(cluster: Cluster, minion: str = "") -> dict[str, bytes]:
     """Every regular file's bytes under the minions' host roots."""
     return {str(p): p.read_bytes() for p in sorted((cluster.hosts / minion).rglob("*"))
             if p.is_file() and not p.is_symlink()}
+
+
+def test_an_adopted_cluster_rolls_out_with_no_change_and_no_restart(world):
+    """Issue 15: import an easy-rsa cluster whose files the hosts hold already; the rollout
+    changes no file (sha256 before and after) and restarts nothing."""
+    cluster, log, _ = world
+    made = make_cluster(cluster.base / "easyrsa")
+    r = run_cli("import", "--from-dir", str(seed_files(made, cluster.base / "adopt")),
+                env={"PKISVC_DATA_DIR": str(cluster.service.data)})
+    assert r.returncode == 0 and r.stdout.startswith("version "), r.stderr
+    original = {name: (made / where).read_bytes() for name, where in LAYOUT.items()}
+    for minion in MINIONS:  # what the old procedure left on each host
+        root = cluster.hosts / minion
+        names = HOST_FILES if minion.startswith("k8s-master") else ("ca.crt",)
+        for path, name in [*((f"srv/kubernetes/{n}", n) for n in names),
+                           ("usr/local/share/ca-certificates/kubernetes-ca.crt", "ca.crt"),
+                           ("var/lib/kubelet/ca.crt", "ca.crt")]:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_bytes(original[name])
+            (root / path).chmod(0o600 if name.endswith(".key") else 0o644)
+        link = root / "etc/ssl/certs/kubernetes.pem"
+        if not link.is_symlink():
+            link.symlink_to("/usr/local/share/ca-certificates/kubernetes-ca.crt")
+    before = {p: hashlib.sha256(b).hexdigest() for p, b in snapshot_hosts(cluster).items()}
+
+    ok, lines, out = orchestrate_out(cluster, log, rotate="none", post_commands=[])
+    assert ok and lines == [], out[-5000:]  # no restart state ran
+    after = {p: hashlib.sha256(b).hexdigest() for p, b in snapshot_hosts(cluster).items()}
+    assert {p: after.get(p) for p in before} == before
+    # Only the formula's record of its lookup may be new (when no earlier run wrote it).
+    assert {Path(p).name for p in set(after) - set(before)} <= {"lookup.json"}

@@ -75,7 +75,7 @@ def test_facts_are_in_the_api_formats():
     rec = pki.describe(s.server)
     assert len(rec.fingerprint) == 64 and rec.fingerprint == rec.fingerprint.lower()
     assert rec.serial == format(s.server.serial_number, "x")
-    assert rec.not_before == "2026-11-29T11:55:00Z"
+    assert rec.to_dict()["not_before"] == "2026-11-29T11:55:00Z"
     assert rec.issuer == "CN=kubernetes-ca"
 
 

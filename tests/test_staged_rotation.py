@@ -153,10 +153,16 @@ def test_cli(tmp_path):
     assert run("rotation", "finish").strip() == "version 4: ca-stage-finish"
 
 
-def test_imported_set_without_ca_key_cannot_stage(store, tmp_path):
+def test_imported_set_without_ca_key_stages_and_signs_from_phase_2(store, tmp_path):
     from tests.test_store import openssl_set
     d = openssl_set(tmp_path / "legacy")
     (d / "ca.key").unlink()
     store.import_files(read_import_dir(d), actor="t")
-    with pytest.raises(Conflict, match="immediate"):
-        store.start_rotation(actor="t")
+    with pytest.raises(Conflict, match=r"pkisvc rotate ca --staged"):
+        store.rotate_leaf("server", actor="t")
+    assert store.start_rotation(actor="t").operation == "ca-stage-trust"
+    assert "ca.key" not in store.read().files
+    store.continue_rotation(actor="t")
+    assert "ca.key" in store.read().files  # the new CA signs from phase 2 on
+    store.finish_rotation(actor="t")
+    assert store.rotate_leaf("server", actor="t").operation == "rotate-server"

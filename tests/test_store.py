@@ -74,8 +74,10 @@ def test_rotate_leaf_keeps_the_ca_and_the_other_leaf(store, item, other):
 
 def test_rotate_server_with_extra_sans(store):
     store.init(actor="t")
-    rec = store.rotate_leaf("server", actor="t", sans=["k8s-master-9", "192.0.2.9"])
+    rec = store.rotate_leaf("server", actor="t", add_sans=["k8s-master-9", "192.0.2.9"])
     assert {"k8s-master-9", "192.0.2.9", "kubernetes"} <= set(rec.items["server"].sans)
+    with pytest.raises(InvalidRequest, match="neither an IP"):
+        store.rotate_leaf("server", actor="t", add_sans=["bad name"])
     with pytest.raises(InvalidRequest, match="neither an IP"):
         store.rotate_leaf("server", actor="t", sans=["bad name"])
     with pytest.raises(InvalidRequest):

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from pkisvc.app import create_app
-from pkisvc.model import MinionState
+from pkisvc.model import MinionState, parse_time
 from pkisvc.ui import lifetimes, minion_table
 from tests.conftest import make_settings
 
@@ -195,9 +195,10 @@ def test_overview_shows_version_bars_trust_and_rotation(app, store, tokens):
 
 def test_expiry_bar_colours():
     from pkisvc.model import GenerationRecord, ItemRecord
-    item = ItemRecord("f" * 64, "01", "CN=x", "CN=x", (), "2026-01-01T00:00:00Z",
-                      "2027-01-01T00:00:00Z")
-    rec = GenerationRecord(1, None, "2026-01-01T00:00:00Z", "a", "init", "", "ecdsa-p256",
+    item = ItemRecord("f" * 64, "01", "CN=x", "CN=x", (), parse_time("2026-01-01T00:00:00Z"),
+                      parse_time("2027-01-01T00:00:00Z"))
+    rec = GenerationRecord(1, None, parse_time("2026-01-01T00:00:00Z"), "a", "init", "",
+                           "ecdsa-p256",
                            {"ca": item, "server": item, "kubecfg": item}, ("f" * 64,))
     from datetime import datetime
     end = datetime.fromisoformat("2027-01-01T00:00:00+00:00")
@@ -212,17 +213,22 @@ def _record(version, ca="c", server="s", kubecfg="k", trust=("c",)):
     from pkisvc.model import GenerationRecord, ItemRecord
 
     def item(fp):
-        return ItemRecord(fp, "01", "CN=x", "CN=x", (), "2026-01-01T00:00:00Z",
-                          "2027-01-01T00:00:00Z")
-    return GenerationRecord(version, version - 1 or None, "2026-01-01T00:00:00Z", "a", "init",
+        return ItemRecord(fp, "01", "CN=x", "CN=x", (), parse_time("2026-01-01T00:00:00Z"),
+                          parse_time("2027-01-01T00:00:00Z"))
+    return GenerationRecord(version, version - 1 or None, parse_time("2026-01-01T00:00:00Z"),
+                            "a", "init",
                             "", "ecdsa-p256", {"ca": item(ca), "server": item(server),
                                                "kubecfg": item(kubecfg)}, trust)
+
+
+T0 = parse_time("2026-11-29T12:00:00Z")
 
 
 def test_minion_table_flags_minions_behind_the_current_version():
     roles = {"node": ("ca.crt",), "master": ("ca.crt", "server.cert", "server.key")}
 
     def st(minion, version, t, role="node"):
+        t = T0 + timedelta(minutes=int(t[1:] or 0))
         return MinionState(minion, role, version, received=t, asked=t)
     # v2 re-issued the server pair only; v3 rotated the CA.
     records = {1: _record(1), 2: _record(2, server="s2"),
@@ -231,7 +237,7 @@ def test_minion_table_flags_minions_behind_the_current_version():
                          records, roles)
     assert [(m.minion, m.version, m.behind, m.changed) for m in table] == [
         ("b", 2, 1, True), ("c", 1, 2, True), ("a", 3, 0, False)]
-    assert table[2].time == "t4"
+    assert table[2].time == T0 + timedelta(minutes=4)
     # Against version 2, a node that fetched version 1 holds the same ca.crt; a master not.
     table = minion_table([st("n", 1, "t1"), st("m", 1, "t0", role="master")],
                          records[2], records, roles)

@@ -13,7 +13,7 @@ import pytest
 
 from pkisvc.backends.vault import VaultBackend
 from pkisvc.errors import BackendUnavailable
-from pkisvc.model import AuditEvent, TokenRecord
+from pkisvc.model import AuditEvent, TokenRecord, parse_time
 from pkisvc.testing import fake_generation
 from tests.openbao import OpenBao
 
@@ -99,7 +99,7 @@ def through(relay: Relay, openbao: OpenBao, **kw: Any) -> VaultBackend:
 
 
 def event(n: int) -> AuditEvent:
-    return AuditEvent(time="2026-12-04T12:00:00Z", actor="t", action=f"a{n}")
+    return AuditEvent(time=parse_time("2026-12-04T12:00:00Z"), actor="t", action=f"a{n}")
 
 
 def test_reads_and_writes_of_one_thread_share_one_kept_alive_connection(openbao, relay):
@@ -108,7 +108,7 @@ def test_reads_and_writes_of_one_thread_share_one_kept_alive_connection(openbao,
     for i in range(20):
         assert backend.latest() == 1
         backend.append_audit(event(i))
-    backend.put_token(TokenRecord("ops", "a" * 64, ("read",), "2026-11-29T12:00:00Z"))
+    backend.put_token(TokenRecord("ops", "a" * 64, ("read",), parse_time("2026-11-29T12:00:00Z")))
     assert [t.name for t in backend.tokens()] == ["ops"]
     assert len(backend.audit(limit=100)) == 20
     assert [r.version for r in backend.versions()] == [1]

@@ -16,14 +16,16 @@ from pkisvc.model import (
     TokenRecord,
 )
 
+NOON = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
 
 def fake_generation(version: int, note: str = "") -> StoredGeneration:
     """Return a generation of placeholder bytes: backends store bytes, not certificates."""
     item = ItemRecord(fingerprint=f"{version:064x}", serial="1", subject="CN=x", issuer="CN=x",
-                      sans=(), not_before="2026-01-01T00:00:00Z",
-                      not_after="2027-01-01T00:00:00Z")
+                      sans=(), not_before=datetime(2026, 1, 1, tzinfo=UTC),
+                      not_after=datetime(2027, 1, 1, tzinfo=UTC))
     record = GenerationRecord(
-        version=version, parent=version - 1 or None, created_at="2026-11-29T12:00:00Z",
+        version=version, parent=version - 1 or None, created_at=NOON,
         actor="test", operation="rotate-ca", reason=note, key_type="ecdsa-p256",
         items={"ca": item, "server": item, "kubecfg": item}, trust=(item.fingerprint,))
     files = {"ca.crt": f"cert {version} {note}".encode(), "ca.key": b"\x00key" * version,
@@ -100,23 +102,23 @@ class BackendContract:
         assert backend.latest() is None
 
     def test_audit_newest_first_with_since_and_limit(self, backend: Backend) -> None:
-        base = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+        base = NOON
         for i in range(5):
-            t = (base + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            t = base + timedelta(minutes=i)
             backend.append_audit(AuditEvent(time=t, actor="a", action="rotate-ca", version=i + 1))
         assert [e.version for e in backend.audit()] == [5, 4, 3, 2, 1]
         assert [e.version for e in backend.audit(limit=2)] == [5, 4]
         assert [e.version for e in backend.audit(since=base + timedelta(minutes=3))] == [5, 4]
 
     def test_audit_keeps_every_field(self, backend: Backend) -> None:
-        e = AuditEvent(time="2026-11-29T12:00:00Z", actor="salt-master", action="pillar",
+        e = AuditEvent(time=NOON, actor="salt-master", action="pillar",
                        version=3, items=("ca", "server"), remote_addr="127.0.0.1",
                        minion="k8s-master-1", role="master")
         backend.append_audit(e)
         assert backend.audit() == [e]
 
     def test_tokens(self, backend: Backend) -> None:
-        t = TokenRecord("ops", "a" * 64, ("read", "admin"), "2026-11-29T12:00:00Z")
+        t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)
         backend.put_token(t)
         assert backend.tokens() == [t]
         with pytest.raises(Conflict):
@@ -134,18 +136,18 @@ class BackendContract:
     def test_minion_state_round_trip(self, backend: Backend) -> None:
         assert backend.minion("k8s-node-1") is None
         assert backend.minions() == []
-        first = MinionState("k8s-node-1", "node", 3, "2026-11-29T12:00:00Z",
-                            "2026-11-29T12:00:00Z")
+        first = MinionState("k8s-node-1", "node", 3, NOON, NOON)
         backend.put_minion(first, expected=None)
         assert backend.minion("k8s-node-1") == first
-        touched = MinionState("k8s-node-1", "node", 3, first.received, "2026-11-29T12:10:00Z")
+        touched = MinionState("k8s-node-1", "node", 3, first.received, NOON + timedelta(minutes=10))
         backend.put_minion(touched, expected=first)
         assert backend.minion("k8s-node-1") == touched
         assert backend.minions() == [touched]
 
     def test_minion_state_is_replaced_only_if_unchanged(self, backend: Backend) -> None:
-        a = MinionState("m-1", "master", 1, "2026-11-29T12:00:00Z", "2026-11-29T12:00:00Z")
-        b = MinionState("m-1", "master", 2, "2026-11-29T12:05:00Z", "2026-11-29T12:05:00Z")
+        five = timedelta(minutes=5)
+        a = MinionState("m-1", "master", 1, NOON, NOON)
+        b = MinionState("m-1", "master", 2, NOON + five, NOON + five)
         backend.put_minion(a, expected=None)
         with pytest.raises(VersionConflict):
             backend.put_minion(b, expected=None)  # someone wrote it first
@@ -157,8 +159,7 @@ class BackendContract:
     def test_every_minion_listed_by_id(self, backend: Backend) -> None:
         names = [f"k8s-node-{i:03d}" for i in range(40, 0, -1)] + ["k8s-master-1"]
         for i, m in enumerate(names):
-            backend.put_minion(MinionState(m, "node", i + 1, "2026-11-29T12:00:00Z",
-                                           "2026-11-29T12:00:00Z"), expected=None)
+            backend.put_minion(MinionState(m, "node", i + 1, NOON, NOON), expected=None)
         for v in (2, 3):  # later changes replace, never add
             old = backend.minion("k8s-node-007")
             assert old is not None
@@ -172,8 +173,7 @@ class BackendContract:
     @pytest.mark.parametrize("minion", ["../x", "a/b", "", ".hidden", "nul\x00"])
     def test_path_like_minion_ids_are_refused(self, backend: Backend, minion: str) -> None:
         with pytest.raises(PkiError):
-            backend.put_minion(MinionState(minion, "node", 1, "2026-11-29T12:00:00Z",
-                                           "2026-11-29T12:00:00Z"), expected=None)
+            backend.put_minion(MinionState(minion, "node", 1, NOON, NOON), expected=None)
         with pytest.raises(PkiError):
             backend.minion(minion)
         assert backend.minions() == []
