@@ -7,8 +7,9 @@ suite a backend must pass.
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Collection, Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
@@ -16,6 +17,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     MinionState,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     valid_file_name,
@@ -70,6 +72,37 @@ class Backend(Protocol):
         """Check the backend can be read and written.
 
         Raises: BackendUnavailable.
+        """
+
+    def sessions(self) -> list[SessionRecord]:
+        """Return the operator pages' sessions, oldest first (in the order they were added;
+        a touch keeps the place), ended ones included until they are removed.
+
+        Raises: BackendUnavailable.
+        """
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        """Return the session kept under sha256, or None.
+
+        Raises: InvalidRequest (not 64 hex digits); BackendUnavailable.
+        """
+
+    def add_session(self, session: SessionRecord) -> None:
+        """Keep a new session under session.sha256.
+
+        Raises: Conflict when that hash is taken; InvalidRequest; BackendUnavailable.
+        """
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        """Record the session's last use; False when it is gone (never brings it back).
+
+        Raises: InvalidRequest; BackendUnavailable.
+        """
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        """Remove these sessions at once (those already gone are no error).
+
+        Raises: InvalidRequest; BackendUnavailable.
         """
 
     def tokens(self) -> list[TokenRecord]:
@@ -141,3 +174,16 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
         if not valid_file_name(name) or name == reserved:
             raise InvalidRequest(f"not a storable file name: {name!r}")
     return version
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_digest(sha256: str) -> str:
+    """Return sha256 if it is 64 lower-case hex digits (a session's key in a store).
+
+    Raises: InvalidRequest.
+    """
+    if not isinstance(sha256, str) or not _DIGEST.fullmatch(sha256):
+        raise InvalidRequest("a session is kept under 64 hex digits")
+    return sha256

@@ -7,6 +7,7 @@
     <data_dir>/minions.jsonl    minions' delivery states: one JSON line per change, the last
                                 line of a minion wins; compacted (rewritten whole, renamed)
                                 once it holds more than twice as many lines as minions
+    <data_dir>/sessions.json    the operator pages' sessions, kept under their ids' hashes
     <data_dir>/tmp/             staging; whatever is left here after a crash is debris
 
 A generation is staged in tmp/, fsynced, and renamed into generations/ while the writer holds
@@ -22,6 +23,7 @@ appended since; a line torn by a crash is skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -33,14 +35,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator, TypeVar
 
-from pkisvc.backends.base import checked_minion, checked_version
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version
 from pkisvc.errors import BackendUnavailable, Conflict, NotFound, VersionConflict
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     MinionState,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     valid_file_name,
@@ -50,6 +53,7 @@ from pkisvc.settings import Settings
 RECORD = "record.json"
 _GEN_DIR = re.compile(r"[0-9]{6,}")
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
+T = TypeVar("T")
 
 
 class FilesBackend:
@@ -67,7 +71,8 @@ class FilesBackend:
         self._cache: dict[int, StoredGeneration] = {}
         self._records: dict[int, GenerationRecord] = {}
         self._recovered = False
-        self._token_cache: tuple[tuple[int, int, int], list[TokenRecord]] | None = None
+        self._sessions = self.root / "sessions.json"
+        self._lists: dict[Path, tuple[tuple[int, int, int], list[Any]]] = {}
         self._current_cache: tuple[tuple[int, int], int] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._minions = self.root / "minions.jsonl"
@@ -288,25 +293,72 @@ class FilesBackend:
                 os.unlink(probe)
             self._read_current()
 
+    # --- the operator pages' sessions --------------------------------------------------
+
+    def sessions(self) -> list[SessionRecord]:
+        with self._io("read sessions"):
+            return self._load_list(self._sessions, SessionRecord.from_dict)
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        checked_digest(sha256)
+        return next((s for s in self.sessions() if s.sha256 == sha256), None)
+
+    def add_session(self, session: SessionRecord) -> None:
+        checked_digest(session.sha256)
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            if any(s.sha256 == session.sha256 for s in held):
+                raise Conflict("that session exists")
+            # Not fsynced: a session lost in a crash only means logging in again.
+            self._save_list(self._sessions, [*held, session], sync=False)
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        checked_digest(sha256)
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            if not any(s.sha256 == sha256 for s in held):
+                return False
+            self._save_list(self._sessions, [dataclasses.replace(s, seen=seen)
+                                             if s.sha256 == sha256 else s for s in held],
+                            sync=False)
+            return True
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        gone = {checked_digest(h) for h in sha256s}
+        with self._io("write sessions"), self._locked():
+            held = self._load_list(self._sessions, SessionRecord.from_dict)
+            kept = [s for s in held if s.sha256 not in gone]
+            if len(kept) != len(held):
+                self._save_list(self._sessions, kept)  # durable: an ended session stays ended
+
     # --- tokens ------------------------------------------------------------------------
 
-    def _load_tokens(self) -> list[TokenRecord]:
-        # Asked on every API request: re-read only when the file was replaced.
+    def _load_list(self, path: Path, parse: Callable[[Any], T]) -> list[T]:
+        # Asked on every request: re-read only when the file was replaced.
         try:
-            st = os.stat(self._tokens)
+            st = os.stat(path)
         except FileNotFoundError:
             return []
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._token_cache is None or self._token_cache[0] != stamp:
-            data: list[dict[str, Any]] = json.loads(self._tokens.read_bytes())
-            self._token_cache = (stamp, [TokenRecord.from_dict(t) for t in data])
-        return list(self._token_cache[1])
+        cached = self._lists.get(path)
+        if cached is None or cached[0] != stamp:
+            data: list[dict[str, Any]] = json.loads(path.read_bytes())
+            cached = self._lists[path] = (stamp, [parse(t) for t in data])
+        return list(cached[1])
+
+    def _save_list(self, path: Path, items: list[Any], *, sync: bool = True) -> None:
+        """Replace the file at path with items (their to_dict()s); call with the lock held."""
+        tmp = self._tmp / f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_file(tmp, json.dumps([t.to_dict() for t in items], indent=1).encode(), sync=sync)
+        os.replace(tmp, path)
+        if sync:
+            _fsync_dir(self.root)
+
+    def _load_tokens(self) -> list[TokenRecord]:
+        return self._load_list(self._tokens, TokenRecord.from_dict)
 
     def _save_tokens(self, tokens: list[TokenRecord]) -> None:
-        tmp = self._tmp / f".tokens.{os.getpid()}.{secrets.token_hex(4)}"
-        _write_file(tmp, json.dumps([t.to_dict() for t in tokens], indent=1).encode())
-        os.replace(tmp, self._tokens)
-        _fsync_dir(self.root)
+        self._save_list(self._tokens, tokens)
 
     def tokens(self) -> list[TokenRecord]:
         with self._io("read tokens"):

@@ -4,6 +4,7 @@
     <mount>/data/<prefix>/<cluster>/audit/<day>/<key>   one secret per audit event
     <mount>/data/<prefix>/<cluster>/tokens              the hashed API tokens, one list
     <mount>/data/<prefix>/<cluster>/minions/<id>        one minion's delivery state
+    <mount>/data/<prefix>/<cluster>/sessions            the operator pages' sessions, one list
 
 A generation is written as one KV version with `cas=<the version it builds on>`, so Vault
 itself refuses a stale writer and every replica stays gapless.  The version payload holds the
@@ -24,18 +25,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from pkisvc.backends.base import checked_minion, checked_version
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     BackendUnavailable,
@@ -49,12 +51,20 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     MinionState,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
 )
 from pkisvc.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class _Listed(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+T = TypeVar("T", bound=_Listed)  # a record kept in a list secret (tokens, sessions)
 
 FORMAT = 1
 RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
@@ -83,6 +93,7 @@ class VaultBackend:
         self._audit_dir = f"{self.base}/audit"
         self._tokens_path = f"{self.base}/tokens"
         self._minions_dir = f"{self.base}/minions"
+        self._sessions_path = f"{self.base}/sessions"
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
         self._records: dict[int, GenerationRecord] = {}
@@ -360,32 +371,87 @@ class VaultBackend:
     def ping(self) -> None:
         self.latest()
 
+    # --- the operator pages' sessions --------------------------------------------------
+    # One secret holds them all, changed under cas like the tokens: ending a session needs no
+    # `delete` capability, and KV keeps only the mount's few old versions of the list.
+
+    def _update_sessions(self, change: Callable[[list[SessionRecord]],
+                                                list[SessionRecord] | None]) -> bool:
+        return self._update_list(self._sessions_path, "sessions", SessionRecord.from_dict,
+                                 change)
+
+    def sessions(self) -> list[SessionRecord]:
+        return self._load_list(self._sessions_path, "sessions", SessionRecord.from_dict)[1]
+
+    def session(self, sha256: str) -> SessionRecord | None:
+        checked_digest(sha256)
+        return next((s for s in self.sessions() if s.sha256 == sha256), None)
+
+    def add_session(self, session: SessionRecord) -> None:
+        checked_digest(session.sha256)
+
+        def add(held: list[SessionRecord]) -> list[SessionRecord]:
+            if any(s.sha256 == session.sha256 for s in held):
+                raise Conflict("that session exists")
+            return [*held, session]
+        self._update_sessions(add)
+
+    def touch_session(self, sha256: str, seen: datetime) -> bool:
+        checked_digest(sha256)
+
+        def touch(held: list[SessionRecord]) -> list[SessionRecord] | None:
+            if not any(s.sha256 == sha256 for s in held):
+                return None  # ended meanwhile: never bring it back
+            return [dataclasses.replace(s, seen=seen) if s.sha256 == sha256 else s
+                    for s in held]
+        return self._update_sessions(touch)
+
+    def end_sessions(self, sha256s: Collection[str]) -> None:
+        gone = {checked_digest(h) for h in sha256s}
+
+        def remove(held: list[SessionRecord]) -> list[SessionRecord] | None:
+            kept = [s for s in held if s.sha256 not in gone]
+            return kept if len(kept) != len(held) else None
+        self._update_sessions(remove)
+
     # --- tokens ------------------------------------------------------------------------
 
-    def _load_tokens(self) -> tuple[int, list[TokenRecord]]:
+    def _load_list(self, path: str, field: str, parse: Callable[[Any], T]
+                   ) -> tuple[int, list[T]]:
+        """Return (KV version, items) of a secret holding one list; (0, []) when there is none.
+        """
         try:
-            resp = self._read(self._tokens_path)
+            resp = self._read(path)
         except NotFound:
             return 0, []
         try:
             version = int(resp["data"]["metadata"]["version"])
-            tokens = [TokenRecord.from_dict(t) for t in resp["data"]["data"]["tokens"]]
+            items = [parse(t) for t in resp["data"]["data"][field]]
         except (KeyError, TypeError, ValueError):
             raise BackendUnavailable(f"vault at {self.addr}: "
-                                     f"{self._data(self._tokens_path)} is unreadable") from None
-        return version, tokens
+                                     f"{self._data(path)} is unreadable") from None
+        return version, items
 
-    def _update_tokens(self, change: Callable[[list[TokenRecord]], list[TokenRecord]]) -> None:
+    def _update_list(self, path: str, field: str, parse: Callable[[Any], T],
+                     change: Callable[[list[T]], list[T] | None]) -> bool:
+        """Apply change to the list under cas (None: nothing to write); tell if it wrote."""
         for _ in range(UPDATE_ATTEMPTS):
-            version, tokens = self._load_tokens()
-            new = change(tokens)
+            version, items = self._load_list(path, field, parse)
+            new = change(items)
+            if new is None:
+                return False
             try:
-                self._write(self._tokens_path, {"tokens": [t.to_dict() for t in new]},
-                            cas=version)
+                self._write(path, {field: [t.to_dict() for t in new]}, cas=version)
             except VersionConflict:
                 continue  # another process changed the list: apply the change to theirs
-            return
-        raise VersionConflict(f"{self._data(self._tokens_path)}: too many concurrent writers")
+            return True
+        raise VersionConflict(f"{self._data(path)}: too many concurrent writers")
+
+    def _load_tokens(self) -> tuple[int, list[TokenRecord]]:
+        return self._load_list(self._tokens_path, "tokens", TokenRecord.from_dict)
+
+    def _update_tokens(self, change: Callable[[list[TokenRecord]], list[TokenRecord]]) -> None:
+        self._update_list(self._tokens_path, "tokens", TokenRecord.from_dict, change)
 
     def tokens(self) -> list[TokenRecord]:
         return self._load_tokens()[1]

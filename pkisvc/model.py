@@ -244,6 +244,37 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class SessionRecord:
+    """An operator pages' session, kept under the sha256 of its id (only the browser holds it).
+
+    It names the token it was opened with (`token_sha256`, which must still exist for the
+    session to work) and that token's scopes; times are timezone-aware UTC.
+    """
+
+    sha256: str
+    name: str
+    token_sha256: str
+    scopes: tuple[str, ...]
+    created: datetime
+    expires: datetime
+    seen: datetime  # last use, as recorded (at most a minute or so behind)
+
+    def __post_init__(self) -> None:
+        _instants(self, "created", "expires", "seen")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "name": self.name, "token_sha256": self.token_sha256,
+                "scopes": list(self.scopes), "created": format_time(self.created),
+                "expires": format_time(self.expires), "seen": format_time(self.seen)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionRecord:
+        return cls(sha256=d["sha256"], name=d["name"], token_sha256=d["token_sha256"],
+                   scopes=tuple(d["scopes"]), created=parse_time(d["created"]),
+                   expires=parse_time(d["expires"]), seen=parse_time(d["seen"]))
+
+
+@dataclass(frozen=True)
 class TokenRecord:
     """An API token made by `pkisvc token create`, kept only as its sha256."""
 

@@ -66,6 +66,12 @@ class TLSSettings:
 
 
 @dataclass(frozen=True)
+class UISettings:
+    session_ttl: int  # seconds a login to the operator pages lasts at most
+    session_idle: int  # seconds unused after which it ends (0: no idle limit)
+
+
+@dataclass(frozen=True)
 class TokenSpec:
     name: str
     sha256: str
@@ -99,6 +105,7 @@ class Settings:
     log_level: str
     delivery: DeliverySettings = DeliverySettings(touch_interval=600)
     source: str | None = None
+    ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -199,6 +206,15 @@ def parse_duration(key: str, v: Any) -> int:
     if not m:
         raise _fail(key, f"{v!r} is not a duration like 30d, 12h, 90m or 3600")
     return int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
+
+
+def _duration(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def parse(key: str, v: Any) -> int:
+        seconds = parse_duration(key, v)
+        if not lo <= seconds <= hi:
+            raise _fail(key, f"{seconds}s is outside {lo}s..{hi}s")
+        return seconds
+    return parse
 
 
 def _key_type(key: str, v: Any) -> str:
@@ -366,6 +382,8 @@ _SCHEMA: dict[str, _Field] = {
     "metrics_scope": _Field(None, _scope, text=True),
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
+    "ui.session_ttl": _Field("8h", _duration(60, 30 * 86400), text=True),
+    "ui.session_idle": _Field("1h", _duration(0, 30 * 86400), text=True),
     "log_level": _Field("info", _log_level, text=True),
     "delivery.touch_interval": _Field("10m", parse_duration, text=True),
 }
@@ -454,4 +472,5 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         access_log=v["access_log"], log_level=v["log_level"],
         delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
         source=source,
+        ui=UISettings(session_ttl=v["ui.session_ttl"], session_idle=v["ui.session_idle"]),
     )

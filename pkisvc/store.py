@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from pkisvc import changes, pki
+from pkisvc import changes, pki, sessions
 from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
@@ -24,6 +24,8 @@ from pkisvc.errors import (
     BackendUnavailable,
     InvalidRequest,
     NotFound,
+    PkiError,
+    Unauthorized,
     VersionConflict,
 )
 from pkisvc.imports import check_import, kept_bytes
@@ -39,6 +41,7 @@ from pkisvc.model import (
     GenerationRecord,
     ItemRecord,
     MinionState,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
     check_text,
@@ -133,6 +136,76 @@ class CertStore:
     def rotation(self) -> dict[str, Any]:
         """The open staged rotation, if any: phase, CAs, and the step that comes next."""
         return changes.rotation_state(self.read().record)
+
+    # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
+
+    def open_session(self, token_sha256: str, *, replacing: str | None = None) -> str:
+        """Open a session for the token with that hash, which just logged in; return its id
+        (the only time it is seen).  Sessions that ended, this token's oldest beyond
+        `sessions.PER_TOKEN`, and the session `replacing` (the browser's previous id), if
+        any, are removed first.
+
+        Raises: Unauthorized when the token is gone (revoked meanwhile).
+        """
+        now, idle = self.now(), self.settings.ui.session_idle
+        tokens = self._token_table()
+        token = tokens.get(token_sha256)
+        if token is None:
+            raise Unauthorized("unknown token")
+        gone = sessions.to_end(self.backend.sessions(), tokens, now=now, idle=idle,
+                               opening=token_sha256)
+        previous = sessions.session_hash(replacing) if replacing else None
+        if previous is not None:
+            gone.append(previous)
+        if gone:
+            self.backend.end_sessions(gone)
+        session_id, record = sessions.new_session(token_sha256, token, now=now,
+                                                  ttl=self.settings.ui.session_ttl)
+        self.backend.add_session(record)
+        return session_id
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        """The session with that id while it lets its holder in, else None (one that ended
+        is removed).  Its token is looked up again: a revoked token ends its sessions."""
+        digest = sessions.session_hash(session_id)
+        if digest is None:
+            return None  # not an id we make: no backend read
+        held = self.backend.session(digest)
+        if held is None:
+            return None
+        now, idle = self.now(), self.settings.ui.session_idle
+        why = sessions.ended(held, self._token(held.token_sha256), now=now, idle=idle)
+        try:
+            if why:
+                self.backend.end_sessions([digest])
+                return None
+            if sessions.touch_due(held, now=now, idle=idle) and \
+                    not self.backend.touch_session(digest, now):
+                return None  # ended meanwhile (a logout in another worker)
+        except PkiError as e:
+            # A store that reads but cannot write now: the session is refused or kept all the
+            # same (removed at a later login; its last use written next time).
+            log.warning("operator pages: cannot update session %s... (%s): %s", digest[:8],
+                        why or "last use", e.message)
+            return None if why else held
+        return held
+
+    def end_session(self, session_id: str) -> None:
+        """End the session with that id (logout); nothing when there is none."""
+        digest = sessions.session_hash(session_id)
+        if digest is not None:
+            self.backend.end_sessions([digest])
+
+    def _token(self, sha256: str) -> tuple[str, tuple[str, ...]] | None:
+        """(name, scopes) of the token with that hash: the settings first (no backend read)."""
+        for t in self.settings.tokens:
+            if t.sha256 == sha256:
+                return t.name, t.scopes
+        return self._token_table().get(sha256)
+
+    def _token_table(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {**{t.sha256: (t.name, t.scopes) for t in self.tokens()},
+                **{t.sha256: (t.name, t.scopes) for t in self.settings.tokens}}
 
     # --- what is not a generation: tokens, deliveries, the service's own certificate -----
 

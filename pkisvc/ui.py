@@ -1,9 +1,12 @@
 """Operator pages under /ui: overview, history, minions, audit (read-only, server-rendered).
 
 Access is the API's: a bearer token with `read` (the minions and audit pages also need
-`audit`).  A browser hands the token over once through the login form, which keeps it in an
-HttpOnly, SameSite=Strict cookie limited to /ui; every request checks it again, so a revoked
-token stops working at once.  Pages carry no script, and their only style is one inline
+`audit`).  A browser hands the token over once, through the login form, and gets a session
+(`pkisvc.sessions`): a random id in an HttpOnly, SameSite=Strict cookie limited to /ui/, kept
+by the backend only as a hash, so every worker and replica knows it.  The cookie never holds
+the token, and a token holding `secrets` cannot log in.  Every request looks the session and
+its token up again: logging out, expiry, or revoking the token ends it at once.  A script may
+still send `Authorization: Bearer`.  Pages carry no script, and their only style is one inline
 sheet allowed by its hash in the Content-Security-Policy.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flask import Blueprint, Response, current_app, g, redirect, render_template
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
-from pkisvc.auth import Principal, authenticate
+from pkisvc.auth import Principal, authenticate, effective_scopes
 from pkisvc.errors import PkiError, Unauthorized
 from pkisvc.model import (
     CERT_FILES,
@@ -38,6 +41,7 @@ from pkisvc.model import (
     visible,
 )
 from pkisvc.store import CertStore
+from pkisvc.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def store() -> CertStore:
 # --- access ----------------------------------------------------------------------------------
 
 class _LoginNeeded(Exception):
-    """No credentials, or a cookie whose token no longer works: send the browser to log in."""
+    """No credentials, or a cookie whose session ended: send the browser to log in."""
 
     def __init__(self, *, expired: bool = False) -> None:
         super().__init__("log in")
@@ -90,13 +94,13 @@ def _principal() -> Principal:
     header = request.headers.get("Authorization")
     if header is not None:
         return authenticate(store(), header)  # Unauthorized -> 401 page (a script asked)
-    token = request.cookies.get(SESSION_COOKIE)
-    if not token:
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if not session_id:
         raise _LoginNeeded()
-    try:
-        return authenticate(store(), f"Bearer {token}")
-    except Unauthorized:
-        raise _LoginNeeded(expired=True) from None
+    session = store().session(session_id)
+    if session is None:
+        raise _LoginNeeded(expired=True)
+    return Principal(session.name, effective_scopes(session.scopes))
 
 
 def page(*scopes: str) -> Callable[[F], F]:
@@ -142,7 +146,14 @@ def _csrf_ok() -> bool:
 
 
 def _cookie_args() -> dict[str, Any]:
-    return {"httponly": True, "samesite": "Strict", "secure": request.is_secure, "path": "/ui"}
+    return {"httponly": True, "samesite": "Strict", "secure": request.is_secure, "path": "/ui/"}
+
+
+def _forget_session(resp: Response, *, paths: tuple[str, ...] = ("/ui/", "/ui")) -> None:
+    """Delete the session cookie, and the cookie on /ui in which releases before sessions
+    kept the raw token."""
+    for path in paths:
+        resp.delete_cookie(SESSION_COOKIE, **{**_cookie_args(), "path": path})
 
 
 # --- what the pages show (pure functions of records and events) ------------------------------
@@ -367,7 +378,7 @@ def _login_form(error: str = "", status: int = 200) -> Response:
 def login_form() -> Response:
     # A fixed message, never text from the query: nothing a link can make the page say.
     expired = request.args.get("expired") == "1"
-    return _login_form("your token is no longer valid; log in again" if expired else "")
+    return _login_form("your session is no longer valid; log in again" if expired else "")
 
 
 @bp.post("/login")
@@ -381,19 +392,29 @@ def login() -> Response:
         return _login_form("unknown token", 401)
     if "read" not in principal.scopes:
         return _login_form(f"token {principal.name!r} lacks the 'read' scope", 403)
-    resp = redirect(_safe_next(request.form.get("next")), code=303)
-    resp.set_cookie(SESSION_COOKIE, token, **_cookie_args())
-    return cast(Response, resp)
+    if "secrets" in principal.scopes:
+        # Nothing is written for a refused login: the session is opened below, not before.
+        return _login_form(f"token {principal.name!r} holds the 'secrets' scope (it reads "
+                           "private keys), so it cannot log in here; use a token with 'read' "
+                           "and 'audit' only", 403)
+    session_id = store().open_session(hash_token(token),
+                                      replacing=request.cookies.get(SESSION_COOKIE))
+    resp = cast(Response, redirect(_safe_next(request.form.get("next")), code=303))
+    _forget_session(resp, paths=("/ui",))
+    resp.set_cookie(SESSION_COOKIE, session_id, **_cookie_args())
+    return resp
 
 
 @bp.post("/logout")
 def logout() -> Response:
     if not _csrf_ok():
         return _login_form("the form was stale or came from another site; try again", 403)
-    resp = redirect(url_for("ui.login_form"), code=303)
-    resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
-                       secure=request.is_secure)
-    return cast(Response, resp)
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if session_id:
+        store().end_session(session_id)
+    resp = cast(Response, redirect(url_for("ui.login_form"), code=303))
+    _forget_session(resp)
+    return resp
 
 
 # --- errors and headers ----------------------------------------------------------------------
@@ -403,11 +424,10 @@ def _to_login(e: _LoginNeeded) -> Response:
     target = _safe_next(request.full_path.rstrip("?"))
     url = (url_for("ui.login_form", next=target, expired="1") if e.expired
            else url_for("ui.login_form", next=target))
-    resp = redirect(url, code=302)
+    resp = cast(Response, redirect(url, code=302))
     if e.expired:
-        resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="Strict",
-                           secure=request.is_secure)
-    return cast(Response, resp)
+        _forget_session(resp)
+    return resp
 
 
 @bp.errorhandler(_NotAllowed)

@@ -102,7 +102,7 @@ def test_login_sets_a_strict_httponly_cookie_and_goes_on(app, tokens):
 def test_the_cookie_is_secure_over_tls(app, tokens):
     client = app.test_client()
     client.get("/ui/login", base_url="https://localhost")
-    value = client.get_cookie("pkisvc_ui_csrf", domain="localhost", path="/ui").value
+    value = client.get_cookie("pkisvc_ui_csrf", domain="localhost", path="/ui/").value
     r = client.post("/ui/login", base_url="https://localhost",
                     data={"token": tokens["read"], "csrf": value})
     assert r.status_code == 303

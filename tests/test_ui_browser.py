@@ -17,7 +17,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import serve, stop
+from tests.conftest import run_cli, serve, stop
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -34,10 +34,14 @@ def need_chromium() -> None:
 
 @pytest.fixture
 def service(tmp_path):
-    """`pkisvc serve` on a free loopback port; yields (base url, admin token)."""
+    """`pkisvc serve` on a free loopback port; yields (base url, admin token, a token with
+    read and audit made by `pkisvc token create`)."""
     data = tmp_path / "pkisvc-data"
     p, url = serve(data, workers=1)
-    yield url, (data / "admin.token").read_text().strip()
+    made = run_cli("token", "create", "oncall", "--scope", "read", "--scope", "audit",
+                   env={"PKISVC_DATA_DIR": str(data)})
+    assert made.returncode == 0, made.stderr
+    yield url, (data / "admin.token").read_text().strip(), made.stdout.strip()
     stop(p)
 
 
@@ -127,10 +131,10 @@ class Visit:
 
 
 def test_an_operator_sees_versions_expiry_and_minions_behind(service, browser, tmp_path):
-    url, token = service
+    url, token, reader = service
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    v = Visit(browser, url, shots, [token])
+    v = Visit(browser, url, shots, [token, reader])
     api = requests.Session()
     api.headers["Authorization"] = f"Bearer {token}"
 
@@ -160,9 +164,27 @@ def test_an_operator_sees_versions_expiry_and_minions_behind(service, browser, t
     # The only complaint so far is the 401 itself (reading the log empties it).
     assert [e for e in browser.get_log("browser") if "401" not in e["message"]] == []
 
-    browser.find_element(By.ID, "token").send_keys(token)
+    # The first-start admin token holds `secrets`: the form refuses it and says why.
+    field = browser.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(token)
+    browser.find_element(By.ID, "login").click()
+    wait(browser).until(EC.text_to_be_present_in_element((By.ID, "error"), "secrets"))
+    assert v.text("#error").startswith("token 'admin' holds the 'secrets' scope")
+    assert browser.get_cookie("pkisvc_ui") is None
+    v.check()
+    v.shot("login-secrets-refused")
+    browser.get_log("browser")  # its 403, as above
+
+    field = browser.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(reader)
     browser.find_element(By.ID, "login").click()
     wait(browser).until(EC.presence_of_element_located((By.ID, "minions")))
+    # The browser holds a session id, never the token (HttpOnly: no script reads it).
+    session = browser.get_cookie("pkisvc_ui")
+    assert session["value"].startswith("pkui_") and session["value"] != reader
+    assert session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/ui/"
     assert browser.current_url.endswith("/ui/minions")  # back where we were going
     v.check()
     assert v.minion_rows() == {"k8s-master-1": False, "k8s-node-1": False,
@@ -230,6 +252,14 @@ def test_an_operator_sees_versions_expiry_and_minions_behind(service, browser, t
 
     browser.find_element(By.CSS_SELECTOR, ".who button").click()
     wait(browser).until(EC.url_contains("/ui/login"))
+    assert browser.get_cookie("pkisvc_ui") is None
     v.open("/ui/")
     assert "/ui/login" in browser.current_url
+    # The session id copied before logging out opens nothing, on the pages or the API.
+    r = requests.get(f"{url}/ui/", cookies={"pkisvc_ui": session["value"]},
+                     allow_redirects=False, timeout=30)
+    assert r.status_code == 302 and "/ui/login" in r.headers["Location"]
+    r = requests.get(f"{url}/v1/audit", timeout=30,
+                     headers={"Authorization": f"Bearer {session['value']}"})
+    assert r.status_code == 401
     print(f"\nscreenshots: {shots} (overview: {overview})")

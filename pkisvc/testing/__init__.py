@@ -16,6 +16,6 @@ import pytest
 # Plain `assert`s in the suite report their values like the tests' own.
 pytest.register_assert_rewrite("pkisvc.testing.backend")
 
-from pkisvc.testing.backend import BackendContract, fake_generation  # noqa: E402
+from pkisvc.testing.backend import BackendContract, fake_generation, fake_session  # noqa: E402
 
-__all__ = ["BackendContract", "fake_generation"]
+__all__ = ["BackendContract", "fake_generation", "fake_session"]

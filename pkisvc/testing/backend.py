@@ -1,6 +1,8 @@
 """The contract every backend passes, as abstract tests a backend only feeds a fixture to."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,9 +14,19 @@ from pkisvc.model import (
     GenerationRecord,
     ItemRecord,
     MinionState,
+    SessionRecord,
     StoredGeneration,
     TokenRecord,
 )
+
+
+def fake_session(seed: str, opened_by: str = "t1") -> SessionRecord:
+    """Return a session record under the sha256 of seed, opened by the token so named."""
+    start = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    return SessionRecord(sha256=hashlib.sha256(seed.encode()).hexdigest(), name=opened_by,
+                         token_sha256=hashlib.sha256(opened_by.encode()).hexdigest(),
+                         scopes=("read", "audit"), created=start,
+                         expires=start + timedelta(hours=8), seen=start)
 
 NOON = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -127,6 +139,42 @@ class BackendContract:
         assert backend.tokens() == []
         with pytest.raises(NotFound):
             backend.revoke_token("ops")
+
+    # --- the operator pages' sessions --------------------------------------------------
+
+    def test_sessions_add_find_touch_end(self, backend: Backend) -> None:
+        a, b = fake_session("a"), fake_session("b", opened_by="t2")
+        assert backend.sessions() == [] and backend.session(a.sha256) is None
+        backend.add_session(a)
+        backend.add_session(b)
+        assert backend.session(a.sha256) == a
+        c = fake_session("c")  # the same times as a: only the order tells which came first
+        backend.add_session(c)
+        assert [s.sha256 for s in backend.sessions()] == [a.sha256, b.sha256, c.sha256]
+        with pytest.raises(Conflict):
+            backend.add_session(dataclasses.replace(b, name="someone else"))
+        later = a.seen + timedelta(minutes=5)
+        assert backend.touch_session(a.sha256, later) is True
+        assert backend.session(a.sha256) == dataclasses.replace(a, seen=later)
+        assert [s.sha256 for s in backend.sessions()] == [a.sha256, b.sha256, c.sha256]
+        backend.end_sessions([a.sha256, fake_session("never").sha256])
+        assert backend.session(a.sha256) is None
+        assert backend.touch_session(a.sha256, later) is False  # an ended one stays ended
+        assert backend.session(a.sha256) is None
+        assert backend.sessions() == [b, c]
+        backend.end_sessions([])
+        assert backend.sessions() == [b, c]
+        assert backend.latest() is None and backend.audit() == []  # sessions are not history
+
+    @pytest.mark.parametrize("digest", ["../x", "A" * 64, "a" * 63, "", "a" * 63 + "\n"])
+    def test_sessions_are_kept_under_a_hash_only(self, backend: Backend, digest: str) -> None:
+        with pytest.raises(PkiError):
+            backend.session(digest)
+        with pytest.raises(PkiError):
+            backend.add_session(dataclasses.replace(fake_session("x"), sha256=digest))
+        with pytest.raises(PkiError):
+            backend.end_sessions([digest])
+        assert backend.sessions() == []
 
     def test_ping(self, backend: Backend) -> None:
         backend.ping()
