@@ -7,7 +7,10 @@ suite a backend must pass.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Collection, Protocol, runtime_checkable
 
@@ -42,10 +45,13 @@ class Backend(Protocol):
         Raises: NotFound (no such version, or an empty store), BackendUnavailable.
         """
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         """Store gen as version `expected + 1` (1 when expected is None) and return it.
 
         Atomic: readers see all of it or nothing.  gen.record.version must equal that number.
+        `event` is the change's audit event: it is committed with the generation (one commit
+        point, never one without the other) and listed by `audit()` from then on.
         Raises: VersionConflict when the latest version is not `expected`;
         BackendUnavailable.
         """
@@ -57,13 +63,15 @@ class Backend(Protocol):
         """
 
     def append_audit(self, event: AuditEvent) -> None:
-        """Append one audit event durably.
+        """Append one audit event durably (events that are not changes: those go with
+        their generation, through `write(..., event=)`).
 
         Raises: BackendUnavailable.
         """
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
-        """Return up to limit events at or after since, newest first.
+        """Return up to limit events at or after since, newest first: the change events
+        committed with generations and the appended ones, merged by time.
 
         Raises: BackendUnavailable.
         """
@@ -174,6 +182,30 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
         if not valid_file_name(name) or name == reserved:
             raise InvalidRequest(f"not a storable file name: {name!r}")
     return version
+
+
+def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
+                  since: datetime | None, limit: int) -> list[AuditEvent]:
+    """Merge two newest-first streams of events (the change events read from generations,
+    newest version first, and the appended ones) into up to `limit` events at or after
+    `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
+    """
+    # Times have whole seconds.  Within one second an appended event (a delivery, a key read,
+    # a token made) is taken as later than a change: what follows a change is most often
+    # about it, or about the version it left behind.
+    def bounded(events: Iterable[AuditEvent], rank: int
+                ) -> Iterator[tuple[tuple[datetime, int], AuditEvent]]:
+        for e in events:
+            t = e.time
+            if since is not None and t < since:
+                if rank == 0:
+                    return  # versions are made in time order: the rest is older still
+                continue
+            yield (t, rank), e
+
+    merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
+                         key=lambda p: p[0], reverse=True)
+    return [e for _, e in itertools.islice(merged, max(limit, 0))]
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")

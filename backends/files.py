@@ -1,8 +1,9 @@
 """The default backend: a versioned directory tree on local disk.
 
-    <data_dir>/generations/000001/{record.json, ca.crt, ca.key, ...}   immutable, 0700/0600
+    <data_dir>/generations/000001/{record.json, event.json, ca.crt, ...} immutable, 0700/0600
     <data_dir>/current          the latest version, replaced atomically
-    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync
+    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync (events that are
+                                not changes; stores older than event.json have theirs here)
     <data_dir>/tokens.json      hashed API tokens
     <data_dir>/minions.jsonl    minions' delivery states: one JSON line per change, the last
                                 line of a minion wins; compacted (rewritten whole, renamed)
@@ -13,7 +14,8 @@
 A generation is staged in tmp/, fsynced, and renamed into generations/ while the writer holds
 an exclusive `flock` on <data_dir>/.lock, so readers see a whole generation or none.  A crash
 after that rename but before `current` moved leaves a whole generation ahead of `current`;
-the next writer (or a new process) rolls `current` forward to it.
+the next writer (or a new process) rolls `current` forward to it.  A change's audit event is
+`event.json` in its generation's directory: the rename commits version and event together.
 
 A minion's delivery state is one appended, fsynced line written under an exclusive `flock` on
 <data_dir>/.minions.lock (so a state is replaced only if it is still the one the writer read,
@@ -37,8 +39,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_minion, checked_version
-from pkisvc.errors import BackendUnavailable, Conflict, NotFound, VersionConflict
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
+from pkisvc.errors import (
+    BackendUnavailable,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    VersionConflict,
+)
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
@@ -51,6 +59,7 @@ from pkisvc.model import (
 from pkisvc.settings import Settings
 
 RECORD = "record.json"
+EVENT = "event.json"  # the change's audit event, committed with its generation
 _GEN_DIR = re.compile(r"[0-9]{6,}")
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 T = TypeVar("T")
@@ -70,6 +79,7 @@ class FilesBackend:
         self._tokens = self.root / "tokens.json"
         self._cache: dict[int, StoredGeneration] = {}
         self._records: dict[int, GenerationRecord] = {}
+        self._events: dict[int, AuditEvent | None] = {}  # None: a generation without event.json
         self._recovered = False
         self._sessions = self.root / "sessions.json"
         self._lists: dict[Path, tuple[tuple[int, int, int], list[Any]]] = {}
@@ -202,7 +212,7 @@ class FilesBackend:
             try:
                 files = {}
                 for entry in os.scandir(d):
-                    if entry.name != RECORD and valid_file_name(entry.name):
+                    if entry.name not in (RECORD, EVENT) and valid_file_name(entry.name):
                         files[entry.name] = Path(entry.path).read_bytes()
                 record = GenerationRecord.from_dict(json.loads((d / RECORD).read_bytes()))
             except FileNotFoundError:
@@ -212,8 +222,11 @@ class FilesBackend:
         self._records[v] = record
         return gen
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RECORD)
+        if EVENT in gen.files:
+            raise InvalidRequest(f"not a storable file name: {EVENT!r}")
         with self._io(f"write version {version}"), self._locked():
             current = self._read_current()
             if current != expected:
@@ -223,6 +236,8 @@ class FilesBackend:
             stage.mkdir(mode=0o700)
             os.chmod(stage, 0o700)
             files = {**gen.files, RECORD: json.dumps(gen.record.to_dict(), indent=1).encode()}
+            if event is not None:
+                files[EVENT] = json.dumps(event.to_dict(), separators=(",", ":")).encode()
             for name, data in files.items():
                 _write_file(stage / name, data, sync=False)
             # fsync every file and the directory at once: ext4 commits them in one journal
@@ -238,6 +253,7 @@ class FilesBackend:
             self._set_current(version)
         self._cache[version] = gen
         self._records[version] = gen.record
+        self._events[version] = event
         return version
 
     def versions(self) -> list[GenerationRecord]:
@@ -268,19 +284,24 @@ class FilesBackend:
             try:
                 lines = self._audit.read_bytes().splitlines()
             except FileNotFoundError:
-                return []
-        out: list[AuditEvent] = []
-        for raw in reversed(lines):
-            if len(out) >= limit:
-                break
-            try:
-                event = AuditEvent.from_dict(json.loads(raw))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash mid-append
-            if since is not None and event.time < since:
-                continue
-            out.append(event)
-        return out
+                lines = []
+            latest = self.latest() or 0
+            return merged_events(self._change_events(latest), _appended(lines), since, limit)
+
+    def _change_events(self, latest: int) -> Iterator[AuditEvent]:
+        """The change events of generations, newest first (read once each, then cached)."""
+        for v in range(latest, 0, -1):
+            if v in self._events:
+                event = self._events[v]
+            else:
+                try:
+                    raw = (self._gen_dir(v) / EVENT).read_bytes()
+                    event = AuditEvent.from_dict(json.loads(raw))
+                except FileNotFoundError:
+                    event = None  # written before event.json: its event is in audit.jsonl
+                self._events[v] = event
+            if event is not None:
+                yield event
 
     # --- health ------------------------------------------------------------------------
 
@@ -513,3 +534,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _appended(lines: list[bytes]) -> Iterator[AuditEvent]:
+    for raw in reversed(lines):
+        try:
+            yield AuditEvent.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a crash mid-append

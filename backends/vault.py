@@ -1,25 +1,38 @@
-"""The Vault / OpenBao backend: one KV v2 secret per cluster, one KV version per generation.
+"""The Vault / OpenBao backend: a few KV v2 secrets per version, one commit point each.
 
-    <mount>/data/<prefix>/<cluster>/material            KV version N = pkisvc version N
-    <mount>/data/<prefix>/<cluster>/audit/<day>/<key>   one secret per audit event
-    <mount>/data/<prefix>/<cluster>/tokens              the hashed API tokens, one list
-    <mount>/data/<prefix>/<cluster>/minions/<id>        one minion's delivery state
-    <mount>/data/<prefix>/<cluster>/sessions            the operator pages' sessions, one list
+    <mount>/data/<prefix>/<cluster>/versions/<n>/material-<nonce>  the files (keys), base64
+    <mount>/data/<prefix>/<cluster>/versions/<n>/record           record + change event: the
+                                                                   commit, created with cas=0
+    <mount>/data/<prefix>/<cluster>/head                          {"version": n}, moved after
+    <mount>/data/<prefix>/<cluster>/audit/<day>/<key>             one secret per appended event
+    <mount>/data/<prefix>/<cluster>/tokens                        the hashed API tokens
+    <mount>/data/<prefix>/<cluster>/sessions                      the operator pages' sessions
+    <mount>/data/<prefix>/<cluster>/minions/<id>                  one minion's delivery state
 
-A generation is written as one KV version with `cas=<the version it builds on>`, so Vault
-itself refuses a stale writer and every replica stays gapless.  The version payload holds the
-whole generation: `{"pkisvc": 1, "record": {...}, "files": {name: base64}}` (per-version facts
-cannot live in `custom_metadata`, which is per secret).  Before the first write the secret's
-`max_versions` is set explicitly (KV v2 keeps 10 and purges older ones silently otherwise) and
-`cas_required` is switched on.
+KV cannot write two secrets in one transaction, so a version has one commit point: its
+`record` secret, created with `cas=0` (Vault refuses a second one, so one writer wins each
+number).  The writer first writes the files to a `material-<nonce>` secret of its own, then
+the record naming that nonce, with the change's audit event inside it.  Material that no record
+names is invisible (a writer killed in between, or one that lost the race) and is deleted by
+the writer that commits that version.  Every secret holds one KV version, so no `max_versions`
+can drop history, and records (history, events) can be read by a policy that cannot read
+`material-*`.
+
+`head` says the latest version; it is moved (cas, never backwards) after the commit, so a
+reader asks one small secret.  The records are the truth: a writer killed between its commit
+and `head` leaves `head` one behind, and the next writer (whose record create then conflicts)
+or the next process (once, at its first `latest()`) finds the committed records past `head`
+and moves it on.
+
+A store in the first layout (one `material` secret, KV version N = pkisvc version N, events
+under audit/) is read as it is: its versions are read from `material` and the next write adds
+version N+1 in this layout, so an upgrade needs no migration step.
 
 Versions never change once written, so they are cached in memory; `latest()` always asks
-Vault, through the `subkeys` endpoint (the version number without the payload).
-
-Every Vault call goes through `vault_client.VaultClient.call()`: the nodes of `vault.addr`
-with fail-over, the token kept alive, every failure as `NotFound`, `VersionConflict`,
-`BackendUnavailable` or `PermissionDenied` (messages name paths, never tokens or payloads).
-hvac builds the requests; `vault_http` carries them on one kept-alive connection per thread.
+Vault.  Every Vault call goes through `vault_client.VaultClient.call()`: the nodes of
+`vault.addr` with fail-over, the token kept alive, every failure as `NotFound`,
+`VersionConflict`, `BackendUnavailable` (`AnswerLost` when a request may have landed) or
+`PermissionDenied` (messages name paths, never tokens or payloads).
 """
 from __future__ import annotations
 
@@ -32,14 +45,15 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_minion, checked_version
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
+    AnswerLost,
     BackendUnavailable,
     Conflict,
     NotFound,
@@ -66,16 +80,16 @@ class _Listed(Protocol):
 
 T = TypeVar("T", bound=_Listed)  # a record kept in a list secret (tokens, sessions)
 
-FORMAT = 1
+FORMAT = 2  # the per-version layout; 1 is the first layout's payload (read only)
 RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
-UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list under cas
+UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 
 
 class VaultBackend:
-    """Generations as versions of one KV v2 secret in Vault or OpenBao."""
+    """Generations as per-version KV v2 secrets in Vault or OpenBao."""
 
     name = "vault"
 
@@ -88,8 +102,11 @@ class VaultBackend:
                                  secret_id=secret_id, ca_cert=ca_cert, timeout=timeout)
         self.mount = mount
         self.base = f"{prefix}/{cluster}"
+        # Only the first layout's single secret had a KV history to cap; kept for settings.
         self.max_versions = max_versions
-        self._material = f"{self.base}/material"
+        self._versions = f"{self.base}/versions"
+        self._head_path = f"{self.base}/head"
+        self._material = f"{self.base}/material"  # the first layout (read only)
         self._audit_dir = f"{self.base}/audit"
         self._tokens_path = f"{self.base}/tokens"
         self._minions_dir = f"{self.base}/minions"
@@ -97,10 +114,13 @@ class VaultBackend:
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
         self._records: dict[int, GenerationRecord] = {}
+        self._nonces: dict[int, str | None] = {}  # None: a version of the first layout
+        # Each version's change event (None: written before events moved into the version).
+        self._changes: dict[int, AuditEvent | None] = {}
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
-        self._metadata_checked = False
-        self._subkeys_path = f"{mount}/subkeys/{self._material}"
-        self._subkeys = True  # until a policy refuses it
+        self._healed = False
+        self._head_seen: tuple[int, int] | None = None  # the last head read or written
+        self._first_layout_top: int | None = None  # read once, when a write needs it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -148,29 +168,11 @@ class VaultBackend:
             return []
         return [str(k) for k in self.vault.dig(resp, self._meta(path), "data", "keys")]
 
-    def _metadata(self) -> dict[str, Any] | None:
-        try:
-            resp = self.vault.call(self._meta(self._material),
-                                   lambda: self.vault.kv.read_secret_metadata(
-                                       self._material, mount_point=self.mount))
-        except NotFound:
-            return None
-        data: dict[str, Any] = self.vault.dig(resp, self._meta(self._material), "data")
-        return data
+    def _record_path(self, version: int) -> str:
+        return f"{self._versions}/{version}/record"
 
-    def _ensure_metadata(self, *, first: bool) -> None:
-        """Set max_versions and cas_required on the material secret where they differ."""
-        if self._metadata_checked and not first:
-            return
-        meta = self._metadata()
-        if (meta is None or meta.get("max_versions") != self.max_versions
-                or not meta.get("cas_required")):
-            self.vault.call(self._meta(self._material), lambda: self.vault.kv.update_metadata(
-                self._material, max_versions=self.max_versions, cas_required=True,
-                mount_point=self.mount))
-            log.info("set max_versions=%d on %s", self.max_versions,
-                     self._meta(self._material))
-        self._metadata_checked = True
+    def _material_path(self, version: int, nonce: str) -> str:
+        return f"{self._versions}/{version}/material-{nonce}"
 
     def _remember(self, gen: StoredGeneration) -> None:
         with self._lock:
@@ -178,7 +180,6 @@ class VaultBackend:
             self._cache.move_to_end(gen.version)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-            self._records[gen.version] = gen.record
 
     def _cached(self, version: int) -> StoredGeneration | None:
         with self._lock:
@@ -187,68 +188,133 @@ class VaultBackend:
                 self._cache.move_to_end(version)
             return gen
 
-    def _decode(self, resp: Mapping[str, Any], version: int) -> StoredGeneration:
-        where = f"{self._data(self._material)} version {version}"
+    def _note(self, version: int, record: GenerationRecord, event: AuditEvent | None,
+              nonce: str | None) -> None:
+        with self._lock:
+            self._records[version] = record
+            self._changes[version] = event
+            self._nonces[version] = nonce
+
+    def _unreadable(self, where: str) -> BackendUnavailable:
+        return BackendUnavailable(f"vault at {self.addr}: {where} is not a pkisvc generation")
+
+    # --- generations -------------------------------------------------------------------
+
+    def _head(self) -> tuple[int, int] | None:
+        """(the version `head` names, head's own KV version), or None before the first."""
+        try:
+            resp = self._read(self._head_path)
+        except NotFound:
+            return None
+        where = self._data(self._head_path)
+        head = (int(self.vault.dig(resp, where, "data", "data", "version")),
+                int(self.vault.dig(resp, where, "data", "metadata", "version")))
+        self._head_seen = head
+        return head
+
+    def latest(self) -> int | None:
+        # Asked on every hot read, never cached (another replica may have written since):
+        # one read of a small secret.
+        head = self._head()
+        top = head[0] if head is not None else self._first_layout_latest()
+        if not self._healed:
+            top = self._heal(top)
+            self._healed = True
+        return top or None
+
+    def _heal(self, top: int, level: int = logging.WARNING) -> int:
+        """Move `head` past the committed records beyond it (a writer killed after its
+        commit, or one about to move it); return the latest version."""
+        v = top
+        while self._record(v + 1, first_layout=False) is not None:
+            v += 1
+        if v > top:
+            log.log(level, "%s was behind: versions %d..%d were committed; moving it",
+                    self._data(self._head_path), top + 1, v)
+            self._advance_head(v)
+        return v
+
+    def _advance_head(self, version: int) -> None:
+        # First with the head last seen (by this process, usually its own last move): one
+        # write; a conflict means someone moved it since, so read it and decide again.
+        head = self._head_seen
+        for _ in range(UPDATE_ATTEMPTS):
+            if head is not None and head[0] >= version:
+                return  # never backwards: a later writer moved it already
+            try:
+                kv = self._write(self._head_path, {"version": version},
+                                 cas=head[1] if head is not None else 0)
+            except VersionConflict:
+                head = self._head()
+                continue
+            self._head_seen = (version, kv)
+            return
+        raise VersionConflict(f"{self._data(self._head_path)}: too many concurrent writers")
+
+    def _first_layout_latest(self) -> int:
+        """The latest version of a store in the first layout (0: none)."""
+        try:
+            resp = self.vault.call(self._meta(self._material),
+                                   lambda: self.vault.kv.read_secret_metadata(
+                                       self._material, mount_point=self.mount))
+        except NotFound:
+            return 0
+        return int(self.vault.dig(resp, self._meta(self._material), "data",
+                                  "current_version"))
+
+    def _record(self, version: int, *, first_layout: bool = True) -> GenerationRecord | None:
+        """Return a version's record (read once), or None when there is no such version."""
+        with self._lock:
+            rec = self._records.get(version)
+        if rec is not None:
+            return rec
+        try:
+            resp = self._read(self._record_path(version))
+        except NotFound:
+            if not first_layout:
+                return None
+            try:
+                return self._read_first_layout(version).record
+            except NotFound:
+                return None
+        where = self._data(self._record_path(version))
         try:
             payload = resp["data"]["data"]
             if payload.get("pkisvc") != FORMAT:
                 raise ValueError("unknown payload format")
+            rec = GenerationRecord.from_dict(payload["record"])
+            event = AuditEvent.from_dict(payload["event"]) if payload.get("event") else None
+            nonce = str(payload["material"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise self._unreadable(where) from None
+        if rec.version != version:
+            raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
+                                     f"{rec.version}")
+        self._note(version, rec, event, nonce)
+        return rec
+
+    def _read_first_layout(self, version: int) -> StoredGeneration:
+        where = f"{self._data(self._material)} version {version}"
+        try:
+            resp = self._read(self._material, version)
+        except NotFound:
+            raise NotFound(f"no version {version}") from None
+        try:
+            payload = resp["data"]["data"]
+            if payload.get("pkisvc") != 1:
+                raise ValueError("unknown payload format")
             record = GenerationRecord.from_dict(payload["record"])
-            files = {str(n): base64.b64decode(b, validate=True)
-                     for n, b in payload["files"].items()}
+            files = _files(payload["files"])
+            event = AuditEvent.from_dict(payload["event"]) if payload.get("event") else None
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
-            raise BackendUnavailable(f"vault at {self.addr}: {where} is not a pkisvc "
-                                     "generation") from None
+            raise self._unreadable(where) from None
         if record.version != version:
             raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
                                      f"{record.version}")
-        return StoredGeneration(record, files)
-
-    # --- generations -------------------------------------------------------------------
-
-    def latest(self) -> int | None:
-        # Asked on every hot read, never cached (another replica may have written since).
-        # KV v2's subkeys endpoint gives the latest version's number without its payload
-        # (the whole generation, base64): the answer is a few hundred bytes whatever the
-        # history, and the generation itself is read once per version into the cache.
-        # A policy without `read` on <mount>/subkeys/ falls back to reading the data.
-        if self._subkeys:
-            try:
-                return self._latest_by_subkeys()
-            except PermissionDenied:
-                version = self._latest_by_data()  # raises too when the token is the problem
-                log.info("no read permission on %s; reading the latest data version instead "
-                         "(grant it to make each check cheaper)", self._subkeys_path)
-                self._subkeys = False
-                return version
-        return self._latest_by_data()
-
-    def _latest_by_subkeys(self) -> int | None:
-        where = self._subkeys_path
-        try:
-            resp = self.vault.call(where, lambda: self.vault.get(
-                f"/v1/{urllib.parse.quote(where)}?depth=1"))
-        except NotFound:
-            return self._latest_from_metadata()
-        return int(self.vault.dig(resp, where, "data", "metadata", "version"))
-
-    def _latest_by_data(self) -> int | None:
-        # One read of the latest data version: unlike the metadata (which lists every version)
-        # its size does not grow with the history, and it fills the cache when another
-        # replica wrote that version.
-        try:
-            resp = self._read(self._material)
-        except NotFound:
-            return self._latest_from_metadata()
-        version = int(self.vault.dig(resp, self._data(self._material),
-                                     "data", "metadata", "version"))
-        if self._cached(version) is None:
-            self._remember(self._decode(resp, version))
-        return version
-
-    def _latest_from_metadata(self) -> int | None:
-        meta = self._metadata()  # no secret yet, or its latest version was deleted
-        return (int(meta["current_version"]) or None) if meta else None
+        self._note(version, record, event, None)
+        gen = StoredGeneration(record, files)
+        self._remember(gen)
+        return gen
 
     def read(self, version: int | None = None) -> StoredGeneration:
         if version is None:
@@ -261,49 +327,106 @@ class VaultBackend:
         gen = self._cached(version)
         if gen is not None:
             return gen
+        record = self._record(version, first_layout=False)
+        if record is None:
+            return self._read_first_layout(version)
+        nonce = self._nonces[version]
+        assert nonce is not None
+        path = self._material_path(version, nonce)
         try:
-            resp = self._read(self._material, version)
+            resp = self._read(path)
         except NotFound:
-            raise NotFound(f"no version {version}") from None
-        gen = self._decode(resp, version)
+            raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)}, named by "
+                                     f"version {version}'s record, is missing") from None
+        try:
+            files = _files(resp["data"]["data"]["files"])
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+            raise self._unreadable(self._data(path)) from None
+        gen = StoredGeneration(record, files)
         self._remember(gen)
         return gen
 
-    def write(self, gen: StoredGeneration, *, expected: int | None) -> int:
+    def write(self, gen: StoredGeneration, *, expected: int | None,
+              event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RESERVED)
-        payload = {
-            "pkisvc": FORMAT,
-            "record": gen.record.to_dict(),
-            "files": {n: base64.b64encode(b).decode("ascii") for n, b in gen.files.items()},
-        }
-        self._ensure_metadata(first=expected is None)
+        if self._head_seen is None:
+            # Before `head` exists, a first-layout store's versions have no records for the
+            # cas=0 create to meet: check the writer built on its latest.
+            top = self.latest()
+            if top != expected:
+                raise VersionConflict(f"the store is at version {top}, the writer built on "
+                                      f"{expected}")
+        else:
+            if self._first_layout_top is None:
+                self._first_layout_top = self._first_layout_latest()
+            if version <= self._first_layout_top:
+                raise VersionConflict(f"version {version} exists (first layout)")
+        nonce = secrets.token_hex(8)
+        material = self._material_path(version, nonce)
+        self._write(material, {"pkisvc": FORMAT, "files": {
+            n: base64.b64encode(b).decode("ascii") for n, b in gen.files.items()}}, cas=0)
+        record = {"pkisvc": FORMAT, "record": gen.record.to_dict(),
+                  "event": event.to_dict() if event is not None else None, "material": nonce}
         try:
-            written = self._write(self._material, payload, cas=expected or 0)
+            self._write(self._record_path(version), record, cas=0)  # the commit point
         except VersionConflict:
-            raise VersionConflict(
-                f"{self._data(self._material)} moved past version {expected or 0}: "
-                "another writer was first") from None
-        if written != version:  # cas makes this impossible; never report a wrong number
-            raise BackendUnavailable(f"vault at {self.addr}: wrote KV version {written} for "
-                                     f"pkisvc version {version}")
+            self._forget(material)
+            # head may be behind (a writer killed after its commit, or about to move it)
+            self._heal(expected or 0, logging.INFO)
+            raise VersionConflict(f"{self._data(self._record_path(version))} exists: another "
+                                  "writer was first") from None
+        except AnswerLost as lost:
+            if not self._committed(version, nonce, lost):
+                raise
+        self._note(version, gen.record, event, nonce)
         self._remember(gen)
+        self._after_commit(version, nonce)
         return version
 
+    def _committed(self, version: int, nonce: str, lost: AnswerLost) -> bool:
+        """After a lost answer: whether our record is the one committed (False: none is)."""
+        log.warning("%s; reading the record back", lost.message)
+        try:
+            resp = self._read(self._record_path(version))
+        except NotFound:
+            return False
+        except BackendUnavailable:
+            raise lost from None
+        if self.vault.dig(resp, self._data(self._record_path(version)),
+                          "data", "data").get("material") != nonce:
+            self._forget(self._material_path(version, nonce))
+            raise VersionConflict(f"{self._data(self._record_path(version))} exists: "
+                                  "another writer was first") from None
+        return True
+
+    def _after_commit(self, version: int, nonce: str) -> None:
+        """Move head; delete material of this version that no record names.  The version is
+        committed whatever happens here: a failure is logged (a later writer heals head)."""
+        try:
+            self._advance_head(version)
+            keep = {"record", f"material-{nonce}"}
+            for key in self._list(f"{self._versions}/{version}"):
+                if key not in keep and key.startswith("material-"):
+                    self._forget(f"{self._versions}/{version}/{key}")
+        except (BackendUnavailable, VersionConflict) as e:
+            log.error("version %d is committed; moving %s or clearing leftovers after it "
+                      "failed: %s", version, self._data(self._head_path), e.message)
+
+    def _forget(self, path: str) -> None:
+        """Delete material no record names (best effort: it is invisible anyway)."""
+        try:
+            kv = self.vault.kv
+            self.vault.call(self._meta(path), lambda: kv.delete_metadata_and_all_versions(
+                path, mount_point=self.mount))
+        except (BackendUnavailable, NotFound) as e:
+            log.info("could not delete uncommitted %s: %s", self._meta(path), e.message)
+
     def versions(self) -> list[GenerationRecord]:
-        meta = self._metadata()
-        if meta is None:
-            return []
-        live = sorted(int(v) for v, info in (meta.get("versions") or {}).items()
-                      if not info.get("destroyed") and not info.get("deletion_time"))
         out = []
-        for v in live:
-            rec = self._records.get(v)
-            if rec is None:
-                try:
-                    rec = self.read(v).record
-                except NotFound:
-                    continue  # deleted between the metadata read and this one
-            out.append(rec)
+        for v in range(1, (self.latest() or 0) + 1):
+            rec = self._record(v)
+            if rec is not None:  # a first-layout version deleted by hand
+                out.append(rec)
         return out
 
     # --- audit -------------------------------------------------------------------------
@@ -325,25 +448,35 @@ class VaultBackend:
         raise BackendUnavailable(f"vault at {self.addr}: cannot find a free audit key")
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
+        latest = self.latest() or 0
+        return merged_events(self._change_events(latest), self._appended(since), since, limit)
+
+    def _change_events(self, latest: int) -> Iterator[AuditEvent]:
+        """The change events kept in the versions, newest first (each read once)."""
+        for v in range(latest, 0, -1):
+            if self._record(v) is not None:
+                event = self._changes.get(v)
+                if event is not None:
+                    yield event
+
+    def _appended(self, since: datetime | None) -> Iterator[AuditEvent]:
+        """The appended events (not changes), newest first, down to since's second."""
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         floor = since.astimezone(UTC).strftime("%Y%m%d%H%M%S") if since else ""
-        out: list[AuditEvent] = []
         days = sorted((d.rstrip("/") for d in self._list(self._audit_dir) if d.endswith("/")),
                       reverse=True)
         for day in days:
-            if len(out) >= limit or day < floor[:8]:
-                break
+            if day < floor[:8]:
+                return
             keys = sorted((k for k in self._list(f"{self._audit_dir}/{day}")
                            if not k.endswith("/")), reverse=True)
             for k in keys:
-                if len(out) >= limit or day + k[:6] < floor[:14]:
-                    return out
+                if day + k[:6] < floor[:14]:
+                    return
                 event = self._event(f"{day}/{k}")
-                if event is None or (since is not None and event.time < since):
-                    continue
-                out.append(event)
-        return out
+                if event is not None:
+                    yield event
 
     def _event(self, key: str) -> AuditEvent | None:
         cached = self._events.get(key)
@@ -515,3 +648,6 @@ class VaultBackend:
         name = self.vault.dig(resp, where, "data").get("display_name")
         return str(name) if name else None
 
+
+def _files(encoded: Mapping[str, str]) -> dict[str, bytes]:
+    return {str(n): base64.b64decode(b, validate=True) for n, b in encoded.items()}

@@ -25,6 +25,7 @@ import hvac.exceptions
 
 from pkisvc.backends.vault_http import Adapter, NoAnswer, NotSent, TransportError
 from pkisvc.errors import (
+    AnswerLost,
     BackendUnavailable,
     ConfigError,
     NotFound,
@@ -136,9 +137,9 @@ class VaultClient:
         if isinstance(e, NotSent):
             return _Unreached(f"vault at {self.addr}: cannot connect ({where}): {e}")
         if isinstance(e, NoAnswer):
-            return BackendUnavailable(f"vault at {self.addr}: {e} ({where})")
+            return AnswerLost(f"vault at {self.addr}: {e} ({where})")
         if isinstance(e, TransportError):
-            return BackendUnavailable(f"vault at {self.addr}: {where}: {e}")
+            return AnswerLost(f"vault at {self.addr}: {where}: {e}")
         if isinstance(e, hvac.exceptions.VaultDown):  # sealed: it served nothing
             return _Unreached(f"vault at {self.addr}: {where}: sealed")
         if isinstance(e, hvac.exceptions.InvalidPath):

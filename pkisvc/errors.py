@@ -72,6 +72,11 @@ class BackendUnavailable(PkiError):
     status, code = 503, "backend_unavailable"
 
 
+class AnswerLost(BackendUnavailable):
+    """The request may have reached the backend, but its answer did not come back: a write
+    may have happened (the store reads back before it answers)."""
+
+
 class PermissionDenied(BackendUnavailable):
     """The backend refused us: a policy problem, not an outage."""
 

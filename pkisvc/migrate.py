@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pkisvc.backends.base import Backend
 from pkisvc.errors import Conflict, NotFound
+from pkisvc.model import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,23 @@ def migrate(source: Backend, target: Backend) -> Copied:
         raise Conflict(f"{target!r} is not empty (it holds {what}); refusing to migrate "
                        "into it")
     records = source.versions()
+    events = list(reversed(source.audit(limit=ALL)))  # oldest first, so order is kept
+    # Each version's change event goes with it (one commit point); the rest are appended.
+    change: dict[int, AuditEvent] = {}
+    for event in events:
+        rec = records[event.version - 1] if event.version and event.version <= len(records) \
+            else None
+        if (rec is not None and rec.version == event.version and event.version not in change
+                and event.action == rec.operation and event.time == rec.created_at):
+            change[event.version] = event
     for rec in records:
         gen = source.read(rec.version)
-        target.write(gen, expected=rec.version - 1 or None)
+        target.write(gen, expected=rec.version - 1 or None, event=change.get(rec.version))
         log.info("copied version %d", rec.version)
-    events = list(reversed(source.audit(limit=ALL)))  # oldest first, so order is kept
+    taken = {id(e) for e in change.values()}
     for event in events:
-        target.append_audit(event)
+        if id(event) not in taken:
+            target.append_audit(event)
     tokens = source.tokens()
     for token in tokens:
         target.put_token(token)

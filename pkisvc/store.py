@@ -4,7 +4,10 @@ The store is the only part of pkisvc that reads the clock or talks to a backend.
 is planned (`pkisvc.changes`) on top of the latest generation, checked with `pki.check_set`,
 and written with `expected=<the version it built on>`; a concurrent writer makes that write
 conflict, and the change is planned again on the new latest (with the keys it made already)
-and tried again (a bounded number of times).  Every change appends one audit event.
+and tried again (a bounded number of times).  Every change's audit event is written with its
+generation, in the same commit (`Backend.write(..., event=)`): a version never exists without
+it.  When the backend's answer to a write is lost (a connection cut after the request was
+sent), the store reads back before it answers: a committed change is reported as done.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
     AlreadyInitialised,
+    AnswerLost,
     BackendUnavailable,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     PkiError,
     Unauthorized,
     VersionConflict,
@@ -52,7 +57,7 @@ from pkisvc.tokens import new_token
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
-AUDIT_PATIENCE = 15.0  # seconds a written change keeps trying to append its audit event
+SETTLE_PATIENCE = 15.0  # seconds a write whose answer was lost keeps asking what became of it
 STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
@@ -268,7 +273,7 @@ class CertStore:
                 return
             self._minions[minion] = new
             if change:
-                _append_once(self.backend, AuditEvent(
+                self.backend.append_audit(AuditEvent(
                     time=now, actor=actor, action="pillar", version=version, items=items,
                     remote_addr=remote_addr, minion=minion, role=role))
             return
@@ -418,8 +423,14 @@ class CertStore:
             gen = changes.generation(draft, version=(parent or 0) + 1, parent=parent,
                                      created_at=self.now(), actor=actor, operation=operation,
                                      reason=reason, base=base.record if base else None)
+            event = AuditEvent(time=gen.record.created_at, actor=actor, action=operation,
+                               version=gen.version, items=items, reason=reason,
+                               remote_addr=remote_addr)
             try:
-                version = self.backend.write(gen, expected=parent)
+                try:
+                    version = self.backend.write(gen, expected=parent, event=event)
+                except AnswerLost as e:
+                    version = _settle(self.backend, gen, parent, event, e)
             except VersionConflict:
                 if expect_empty:
                     raise AlreadyInitialised("the store was initialised meanwhile") from None
@@ -428,37 +439,47 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             log.info("version %d written: %s by %s", version, operation, actor)
-            _append_once(self.backend, AuditEvent(
-                time=gen.record.created_at, actor=actor, action=operation, version=version,
-                items=items, reason=reason, remote_addr=remote_addr))
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
 
 
-def _append_once(backend: Backend, event: AuditEvent) -> None:
-    """Append a written change's audit event, riding out a short outage.
+def _settle(backend: Backend, gen: StoredGeneration, parent: int | None, event: AuditEvent,
+            failure: AnswerLost) -> int:
+    """Find out what became of a write whose answer did not come (it may have committed).
 
-    The generation exists already: giving up at once would leave a change nobody audited
-    and answer 503 for a change that happened (a leader election takes a few seconds).
+    Reads the version back: ours (same record) is done; another's is a VersionConflict (the
+    change is planned again); none yet, the write is sent again — the backend's check-and-set
+    makes a second landing impossible.  Gives up with the failure after SETTLE_PATIENCE.
     """
-    deadline = time.monotonic() + AUDIT_PATIENCE
+    mine = gen.record.to_dict()
+    cause: BackendUnavailable = failure
+    deadline = time.monotonic() + SETTLE_PATIENCE
     delay = 0.05
-    retry = False
     while True:
+        log.warning("version %d: %s; reading back what became of the write", gen.version,
+                    cause.message)
         try:
-            # A failed append may have landed (the answer was lost): never write it twice.
-            if retry and event in backend.audit(since=event.time,
-                                                limit=10_000):
-                return
-            retry = True
-            backend.append_audit(event)
-            return
+            try:
+                found = backend.read(gen.version)
+            except NotFound:
+                try:
+                    return backend.write(gen, expected=parent, event=event)
+                except VersionConflict:  # it met a version: ours (it landed meanwhile) or not
+                    try:
+                        found = backend.read(gen.version)
+                    except NotFound:
+                        raise VersionConflict(f"the store moved past {parent}") from None
+            if found.record.to_dict() != mine:
+                raise VersionConflict(f"version {gen.version} was written by another writer")
+            log.info("version %d was committed (its answer was lost)", gen.version)
+            return gen.version
+        except PermissionDenied:
+            raise
         except BackendUnavailable as e:
-            if time.monotonic() + delay > deadline:
-                log.error("version %s was written but its audit event was not: %s",
-                          event.version, e.message)
-                raise
-            log.warning("audit event of version %s: %s; trying again", event.version,
-                        e.message)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            cause = e
+        if time.monotonic() + delay > deadline:
+            log.error("version %d: cannot tell whether it was written: %s", gen.version,
+                      cause.message)
+            raise cause
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -11,6 +11,7 @@ from pkisvc import pki
 from pkisvc.changes import parse_files
 from pkisvc.errors import (
     AlreadyInitialised,
+    AnswerLost,
     BackendUnavailable,
     Conflict,
     InvalidMaterial,
@@ -340,3 +341,42 @@ def test_import_refuses_a_ca_whose_issuer_cannot_be_parsed(store, tmp_path):
     with pytest.raises(InvalidMaterial, match=r"^ca\.crt: not a valid PEM certificate$"):
         store.import_files(files, actor="test")
     assert (store.latest(), len(store.audit(limit=10**6))) == before
+
+
+class _LostWriteAnswers:
+    """A backend whose writes land but whose answers are lost (a connection cut), and whose
+    reads fail a few times after (the node is being replaced)."""
+
+    def __init__(self, backend, lost, reads_failing_after=0):
+        self._backend, self.lost, self.after = backend, lost, reads_failing_after
+        self.failed_reads = 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def write(self, gen, *, expected, event=None):
+        version = self._backend.write(gen, expected=expected, event=event)
+        if self.lost:
+            self.lost -= 1
+            self.failed_reads = self.after
+            raise AnswerLost("vault at http://127.0.0.1:1: connection lost")
+        return version
+
+    def read(self, version=None):
+        if self.failed_reads:
+            self.failed_reads -= 1
+            raise BackendUnavailable("vault at http://127.0.0.1:1: cannot connect")
+        return self._backend.read(version)
+
+
+def test_a_committed_change_whose_answer_was_lost_is_reported_done_with_one_event(tmp_path):
+    from pkisvc.backends.files import FilesBackend
+    backend = _LostWriteAnswers(FilesBackend(tmp_path / "data"), lost=0)
+    s = CertStore(backend, make_settings(tmp_path / "data"))
+    s.init(actor="test")
+    backend.lost, backend.after = 1, 2
+    record = s.rotate_leaf("server", actor="test", reason="answer lost")
+    assert (record.version, s.latest()) == (2, 2)
+    assert s.read(2).record == record
+    assert [(e.action, e.reason) for e in s.audit() if e.version == 2] == [
+        ("rotate-server", "answer lost")]

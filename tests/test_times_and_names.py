@@ -104,8 +104,8 @@ def test_a_changed_store_writes_z_times_to_disk_and_reads_them_back(tmp_path):
     assert on_disk["created_at"] == format_time(rec.created_at)
     assert RFC3339_Z.fullmatch(on_disk["created_at"])
     assert RFC3339_Z.fullmatch(on_disk["items"]["server"]["not_after"])
-    lines = (tmp_path / "data" / "audit.jsonl").read_text().splitlines()
-    assert RFC3339_Z.fullmatch(json.loads(lines[-1])["time"])
+    event = json.loads((tmp_path / "data/generations/000001/event.json").read_text())
+    assert RFC3339_Z.fullmatch(event["time"])  # the change's event, committed with it
     assert store.audit()[0].time == rec.created_at
     assert store.audit(since=rec.created_at)[0].version == 1
     assert store.audit(since=rec.created_at + timedelta(seconds=1)) == []

@@ -2,10 +2,12 @@
 import base64
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,7 +20,7 @@ from pkisvc.backends.files import FilesBackend
 from pkisvc.backends.vault import VaultBackend
 from pkisvc.cli import main
 from pkisvc.errors import BackendUnavailable, ConfigError, PermissionDenied, VersionConflict
-from pkisvc.model import StoredGeneration, TokenRecord
+from pkisvc.model import AuditEvent, StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
 from pkisvc.testing import fake_generation
 from pkisvc.testing.backend import NOON
@@ -67,27 +69,38 @@ def next_generation(gen, version):
     return StoredGeneration(record, gen.files)
 
 
-def test_kv_version_n_is_pkisvc_version_n_byte_for_byte(openbao, tmp_path):
+def test_each_version_is_a_record_with_its_event_and_a_material_secret(openbao, tmp_path):
     store, settings = vault_store(openbao, tmp_path)
     store.init(actor="t")
     for i in range(24):
         [store.rotate_ca, lambda **kw: store.rotate_leaf("server", **kw),
-         lambda **kw: store.rotate_leaf("kubecfg", **kw)][i % 3](actor="t")
-    path = f"pkisvc/{settings.cluster}/material"
+         lambda **kw: store.rotate_leaf("kubecfg", **kw)][i % 3](actor="t", reason=f"r{i}")
+    base = f"pkisvc/{settings.cluster}"
     kv = openbao.client().secrets.kv.v2
-    meta = kv.read_secret_metadata(path)["data"]
-    assert sorted(int(v) for v in meta["versions"]) == list(range(1, 26))
-    assert meta["current_version"] == 25
-    assert (meta["max_versions"], meta["cas_required"]) == (1000, True)
+    assert kv.read_secret_version(f"{base}/head", raise_on_deleted_version=True)[
+        "data"]["data"] == {"version": 25}
+    assert sorted(int(k.rstrip("/")) for k in kv.list_secrets(f"{base}/versions")[
+        "data"]["keys"]) == list(range(1, 26))
     fresh = CertStore(load_backend(settings), settings)  # nothing cached
+    events = {e.version: e for e in fresh.audit(limit=100)}
     for n in range(1, 26):
-        raw = kv.read_secret_version(path, version=n, raise_on_deleted_version=True)
-        payload = raw["data"]["data"]
-        files = {k: base64.b64decode(v) for k, v in payload["files"].items()}
+        listed = kv.list_secrets(f"{base}/versions/{n}")["data"]["keys"]
+        assert len(listed) == 2 and "record" in listed  # one material, one record
+        record = kv.read_secret_version(f"{base}/versions/{n}/record",
+                                        raise_on_deleted_version=True)["data"]
+        assert record["metadata"]["version"] == 1  # written once, never updated
+        payload = record["data"]
+        material = kv.read_secret_version(f"{base}/versions/{n}/material-"
+                                          f"{payload['material']}",
+                                          raise_on_deleted_version=True)["data"]["data"]
+        files = {k: base64.b64decode(v) for k, v in material["files"].items()}
         gen = fresh.read(n)
-        assert payload["record"]["version"] == n == gen.version
-        assert files == dict(gen.files)
         assert payload["record"] == gen.record.to_dict()
+        assert files == dict(gen.files)
+        assert "ca.key" not in json.dumps(payload)  # the record holds no key
+        assert payload["event"] == events[n].to_dict()
+        assert (events[n].action, events[n].reason) == (
+            gen.record.operation, "" if n == 1 else f"r{n - 2}")
         assert_whole(fresh, n)
 
 
@@ -105,32 +118,82 @@ def test_replicas_see_each_others_writes_and_conflict(openbao):
     assert [r.version for r in a.versions()] == [1, 2]
 
 
-def test_latest_asks_for_the_version_number_only_and_falls_back_without_subkeys(openbao):
+def test_history_and_events_are_read_without_reading_any_key(openbao):
     cluster = openbao.settings_overrides()["cluster"]
     writer = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
-    writer.write(fake_generation(1), expected=None)
-    # A token that may read the version number but not the material: latest() still answers,
-    # so it never moves the generation itself.
-    numbers_only = token_with(openbao, """
-path "secret/subkeys/pkisvc/{cluster}/*" {{
+    for v in (1, 2):
+        writer.write(fake_generation(v, f"n{v}"), expected=v - 1 or None, event=AuditEvent(
+            time=datetime(2026, 12, 4, 12, 0, v, tzinfo=UTC), actor="t", action="rotate-ca",
+            version=v))
+    # A token that may read records and head, not the material secrets (keys).
+    records_only = token_with(openbao, """
+path "secret/data/pkisvc/{cluster}/head" {{
   capabilities = ["read"]
 }}
-""", cluster, f"subkeys-{cluster}")
-    counter = VaultBackend(openbao.addr, cluster=cluster, token=numbers_only)
-    assert counter.latest() == 1
-    with pytest.raises(PermissionDenied):
-        counter.read()
-    # A policy written before pkisvc used subkeys: the same answers, through the data.
-    old_policy = VaultBackend(openbao.addr, cluster=cluster, token=token_with(
-        openbao, READ_ONLY_POLICY, cluster, f"ro-{cluster}"))
-    assert old_policy.latest() == 1
-    writer.write(fake_generation(2, "second"), expected=1)
-    assert counter.latest() == old_policy.latest() == 2  # no version is cached for later
-    assert old_policy.read().record.reason == "second"
-    # The latest version deleted by hand: both fall back to the metadata's current_version.
-    openbao.client().secrets.kv.v2.delete_latest_version_of_secret(
-        f"pkisvc/{cluster}/material", mount_point="secret")
-    assert writer.latest() == old_policy.latest() == 2
+path "secret/data/pkisvc/{cluster}/versions/+/record" {{
+  capabilities = ["read"]
+}}
+path "secret/metadata/pkisvc/{cluster}/*" {{
+  capabilities = ["list"]
+}}
+""", cluster, f"records-{cluster}")
+    auditor = VaultBackend(openbao.addr, cluster=cluster, token=records_only)
+    assert auditor.latest() == 2
+    assert [(r.version, r.reason) for r in auditor.versions()] == [(1, "n1"), (2, "n2")]
+    assert [e.version for e in auditor.audit()] == [2, 1]
+    with pytest.raises(PermissionDenied, match=r"versions/2/material-[0-9a-f]{16}$"):
+        auditor.read()
+
+
+def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_moves_it(
+        openbao):
+    cluster = openbao.settings_overrides()["cluster"]
+    a = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    a.write(fake_generation(1), expected=None)
+    a._after_commit = lambda version, nonce: None  # killed between commit and head
+    a.write(fake_generation(2, "committed"), expected=1)
+    kv = openbao.client().secrets.kv.v2
+    assert kv.read_secret_version(f"pkisvc/{cluster}/head", raise_on_deleted_version=True)[
+        "data"]["data"] == {"version": 1}
+    del a._after_commit
+    b = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    assert b.latest() == 2  # a new process looks past head once
+    assert b.read().record.reason == "committed"
+    a._after_commit = lambda version, nonce: None
+    a.write(fake_generation(3, "committed too"), expected=2)
+    del a._after_commit
+    assert b.latest() == 2  # head is behind again
+    with pytest.raises(VersionConflict):  # the next writer's record conflicts ...
+        b.write(fake_generation(3, "stale"), expected=2)
+    assert b.latest() == a.latest() == 3  # ... and moves head on for everyone
+    assert b.read(3).record.reason == "committed too"
+    b.write(fake_generation(4), expected=3)
+    assert a.latest() == 4
+
+
+def test_a_first_layout_store_is_read_as_it_is_and_written_on_in_the_new_one(openbao):
+    cluster = openbao.settings_overrides()["cluster"]
+    kv = openbao.client().secrets.kv.v2
+    old = f"pkisvc/{cluster}/material"
+    kv.update_metadata(old, max_versions=1000, cas_required=True)
+    for v in (1, 2):
+        gen = fake_generation(v, f"old{v}")
+        kv.create_or_update_secret(old, cas=v - 1, secret={
+            "pkisvc": 1, "record": gen.record.to_dict(),
+            "files": {n: base64.b64encode(b).decode() for n, b in gen.files.items()}})
+    backend = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    assert backend.latest() == 2
+    assert dict(backend.read(1).files) == dict(fake_generation(1, "old1").files)
+    with pytest.raises(VersionConflict):
+        backend.write(fake_generation(2, "stale"), expected=1)
+    backend.write(fake_generation(3, "new"), expected=2)
+    fresh = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    assert fresh.latest() == 3
+    assert [r.reason for r in fresh.versions()] == ["old1", "old2", "new"]
+    assert fresh.read(2).record.reason == "old2"
+    with pytest.raises(VersionConflict):  # a stale writer meets the first layout's versions
+        fresh.write(fake_generation(2, "stale"), expected=1)
+    assert kv.read_secret_metadata(old)["data"]["current_version"] == 2  # left as it was
 
 
 def test_a_standby_that_redirects_to_the_active_node_is_followed(openbao):
@@ -212,7 +275,8 @@ def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_pat
     backend.ping()
     with pytest.raises(PermissionDenied) as e:
         backend.write(next_generation(backend.read(1), 2), expected=1)
-    assert str(e.value) == f"permission denied on secret/data/pkisvc/{cluster}/material"
+    assert re.fullmatch(f"permission denied on secret/data/pkisvc/{cluster}/versions/2/"
+                        "material-[0-9a-f]{16}", str(e.value))
     with pytest.raises(PermissionDenied, match=f"on secret/data/pkisvc/{cluster}/tokens"):
         backend.put_token(TokenRecord("x", "a" * 64, ("read",), NOON))
     # An operator sees one line, not a traceback, and never the token.
@@ -224,7 +288,8 @@ def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_pat
                                          "token_file": str(token_file)}}))
     r = run_cli("--config", str(cfg), "rotate", "ca")
     assert r.returncode == 1
-    assert r.stderr == f"error: permission denied on secret/data/pkisvc/{cluster}/material\n"
+    assert re.fullmatch(f"error: permission denied on secret/data/pkisvc/{cluster}/versions/2/"
+                        "material-[0-9a-f]{16}\n", r.stderr)
     assert ro not in r.stdout + r.stderr
     assert store.latest() == 1
 
@@ -313,9 +378,9 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
         assert dict(vault.read(v).files) == dict(files.read(v).files)
     assert vault.audit() == files.audit()
     assert vault.tokens() == files.tokens()
-    kv_versions = openbao.client().secrets.kv.v2.read_secret_metadata(
-        f"pkisvc/{overrides['cluster']}/material")["data"]["versions"]
-    assert sorted(int(v) for v in kv_versions) == [1, 2, 3, 4]
+    listed = openbao.client().secrets.kv.v2.list_secrets(
+        f"pkisvc/{overrides['cluster']}/versions")["data"]["keys"]
+    assert sorted(int(v.rstrip("/")) for v in listed) == [1, 2, 3, 4]
     listed = json.loads(cli("versions", "-o", "json", env={"PKISVC_BACKEND": "vault"}).output)
     assert [v["version"] for v in listed] == [4, 3, 2, 1]
 
@@ -414,3 +479,27 @@ def test_an_operator_session_over_vault(openbao, tmp_path):
     dest = tmp_path / "backup.tar.gz"
     assert cli("backup", "--to", str(dest)).startswith("backup of 4 versions")
     assert not (tmp_path / "data" / "generations").exists()  # nothing went to the files backend
+
+
+@pytest.mark.slow
+def test_more_versions_than_any_max_versions_are_all_kept(openbao, tmp_path):
+    """Issue 17, acceptance 5: 1,100 versions (ECDSA rollbacks, to keep it quick)."""
+    store, settings = vault_store(openbao, tmp_path, key_type="ecdsa-p256")
+    store.init(actor="t")
+    store.rotate_leaf("server", actor="t", reason="two")
+    started = time.monotonic()
+    for n in range(3, 1101):
+        assert store.rollback(1 + n % 2, actor="t").version == n
+    writing = time.monotonic() - started
+    fresh = CertStore(load_backend(settings), settings)  # nothing cached
+    assert [r.version for r in fresh.versions()] == list(range(1100, 0, -1))
+    second = fresh.read(2).record.items["server"].fingerprint
+    for n in range(1, 1101):
+        gen = fresh.read(n)
+        assert gen.version == n and gen.files["server.key"]
+    assert fresh.rollback(2, actor="t").version == 1101
+    assert fresh.read().record.items["server"].fingerprint == second
+    assert_whole(fresh, 1101)
+    assert len(fresh.audit(limit=2000)) == 1101
+    print(f"\n1,100 versions on OpenBao: {writing:.1f}s of writes "
+          f"({writing / 1098 * 1000:.1f} ms a rollback)")

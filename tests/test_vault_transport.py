@@ -29,6 +29,7 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.accepted = 0
         self.cut_answers = 0  # answers to drop (closing the connection instead)
+        self.cut_after: bytes | None = None  # drop the answer to the next request naming this
         self._clients: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -57,20 +58,27 @@ class Relay:
             with self._lock:
                 self.accepted += 1
                 self._clients.append(client)
-            threading.Thread(target=self._pump, args=(client, upstream, False),
+            marked = threading.Event()  # this connection's next answer is to be cut
+            threading.Thread(target=self._pump, args=(client, upstream, False, marked),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True),
+            threading.Thread(target=self._pump, args=(upstream, client, True, marked),
                              daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool,
+              marked: threading.Event) -> None:
         try:
             while data := src.recv(65536):
                 if answers:
                     with self._lock:
-                        cut = self.cut_answers > 0
-                        self.cut_answers -= cut
+                        cut = self.cut_answers > 0 or marked.is_set()
+                        self.cut_answers -= self.cut_answers > 0
                     if cut:
                         break  # OpenBao answered; the backend never sees it
+                else:
+                    with self._lock:
+                        if self.cut_after is not None and self.cut_after in data:
+                            self.cut_after = None
+                            marked.set()
                 dst.sendall(data)
         except OSError:
             pass
@@ -134,20 +142,26 @@ def test_a_connection_closed_while_idle_is_replaced_for_writes_and_reads(openbao
     assert relay.accepted == 3
 
 
-def test_a_connection_cut_mid_request_is_backend_unavailable_and_a_write_is_not_resent(
+def test_a_commit_whose_answer_was_cut_is_read_back_and_a_write_is_not_resent(
         openbao, relay):
     backend = through(relay, openbao)
     backend.write(fake_generation(1), expected=None)
-    relay.cut_answers = 1
-    with pytest.raises(BackendUnavailable, match="connection lost") as e:
-        backend.write(fake_generation(2, "cut"), expected=1)
-    assert str(e.value).startswith(f"vault at {relay.url()}: secret/data/pkisvc/")
-    # OpenBao took the write once (sent again, cas would have refused it as a conflict).
+    relay.cut_after = b"/versions/2/record"  # OpenBao commits version 2; the answer is lost
+    assert backend.write(fake_generation(2, "cut"), expected=1) == 2
+    assert relay.cut_after is None  # the cut did happen
+    # OpenBao took the write once (sent again, cas=0 would have refused it as a conflict).
     kv = openbao.client().secrets.kv.v2
-    path = f"{backend.base}/material"
-    assert kv.read_secret_metadata(path)["data"]["current_version"] == 2
+    record = kv.read_secret_version(f"{backend.base}/versions/2/record",
+                                    raise_on_deleted_version=True)["data"]
+    assert record["metadata"]["version"] == 1
     assert backend.latest() == 2
     assert backend.read(2).record.reason == "cut"
+    # Material written with its answer lost is not committed: the write fails, nothing shows.
+    relay.cut_after = b"/versions/3/material-"
+    with pytest.raises(BackendUnavailable, match="connection lost") as e:
+        backend.write(fake_generation(3, "cut"), expected=2)
+    assert str(e.value).startswith(f"vault at {relay.url()}: secret/data/pkisvc/")
+    assert backend.latest() == 2
     # A read cut once is sent again on a fresh connection; cut twice, it is unavailable.
     relay.cut_answers = 1
     assert backend.latest() == 2
@@ -155,6 +169,22 @@ def test_a_connection_cut_mid_request_is_backend_unavailable_and_a_write_is_not_
     with pytest.raises(BackendUnavailable, match="connection lost"):
         backend.latest()
     assert backend.latest() == 2
+
+
+def test_a_change_committed_behind_a_cut_answer_is_acknowledged_with_one_event(
+        openbao, relay, tmp_path):
+    from pkisvc.store import CertStore
+    from tests.conftest import make_settings
+    backend = through(relay, openbao)
+    store = CertStore(backend, make_settings(tmp_path / "data"))
+    store.init(actor="t")
+    for n, path in enumerate((b"/versions/2/record", b"/versions/3/material-"), start=2):
+        relay.cut_after = path
+        record = store.rotate_leaf("server", actor="t", reason=f"cut {n}")
+        assert relay.cut_after is None
+        assert (record.version, store.latest()) == (n, n)
+    events = [(e.version, e.reason) for e in store.audit()]
+    assert events == [(3, "cut 3"), (2, "cut 2"), (1, "")]
 
 
 def test_a_standby_redirecting_every_method_leads_reads_writes_and_lists_to_the_active(

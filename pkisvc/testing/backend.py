@@ -129,6 +129,33 @@ class BackendContract:
         backend.append_audit(e)
         assert backend.audit() == [e]
 
+    def test_a_change_event_is_committed_with_its_generation(self, backend: Backend) -> None:
+        base = NOON
+
+        def at(minutes: int) -> datetime:
+            return base + timedelta(minutes=minutes)
+
+        for v in range(1, 5):
+            change = AuditEvent(time=at(2 * v), actor="a", action="rotate-ca", version=v,
+                                items=("ca",), reason=f"n{v}", remote_addr="127.0.0.1")
+            assert backend.write(fake_generation(v), expected=v - 1 or None,
+                                 event=change) == v
+            backend.append_audit(AuditEvent(time=at(2 * v + 1), actor="s", action="pillar",
+                                            version=v, minion=f"m{v}"))
+        stale = AuditEvent(time=at(20), actor="a", action="rotate-ca", version=4)
+        with pytest.raises(VersionConflict):  # a refused write leaves no event
+            backend.write(fake_generation(4, "stale"), expected=3, event=stale)
+        events = backend.audit()
+        assert [(e.action, e.version) for e in events] == [
+            ("pillar", 4), ("rotate-ca", 4), ("pillar", 3), ("rotate-ca", 3),
+            ("pillar", 2), ("rotate-ca", 2), ("pillar", 1), ("rotate-ca", 1)]
+        assert events[1] == AuditEvent(time=at(8), actor="a", action="rotate-ca", version=4,
+                                       items=("ca",), reason="n4", remote_addr="127.0.0.1")
+        assert [e.time for e in backend.audit(limit=3)] == [at(9), at(8), at(7)]
+        assert [e.time for e in backend.audit(since=base + timedelta(minutes=5))] == [
+            at(9), at(8), at(7), at(6), at(5)]
+        assert backend.audit(since=base + timedelta(minutes=5), limit=2) == events[:2]
+
     def test_tokens(self, backend: Backend) -> None:
         t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)
         backend.put_token(t)
