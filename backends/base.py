@@ -16,8 +16,10 @@ from typing import Collection, Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
+    MINION_ID,
     AuditEvent,
     GenerationRecord,
+    MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
@@ -128,6 +130,43 @@ class Backend(Protocol):
 
         Raises: NotFound; BackendUnavailable.
         """
+
+    def minion(self, minion: str) -> MinionState | None:
+        """Return one minion's delivery state, or None when it never received a pillar.
+
+        Raises: InvalidRequest (not a minion id); BackendUnavailable.
+        """
+
+    def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        """Replace a minion's delivery state, if it is still `expected` (None: no state yet).
+
+        Durable on return; one small write whatever the number of minions.
+        Raises: VersionConflict when the stored state is not `expected`; InvalidRequest (not a
+        minion id); BackendUnavailable.
+        """
+
+    def minions(self) -> list[MinionState]:
+        """Return every minion's delivery state, by minion id.
+
+        Raises: BackendUnavailable.
+        """
+
+    def identity(self) -> str | None:
+        """Return the name the backend knows its caller by (Vault: the token's display
+        name), or None when it knows none.
+
+        Raises: BackendUnavailable.
+        """
+
+
+def checked_minion(minion: str) -> str:
+    """Return minion when it is a minion id a backend may use as a file or secret name.
+
+    Raises: InvalidRequest.
+    """
+    if not isinstance(minion, str) or not MINION_ID.fullmatch(minion):
+        raise InvalidRequest(f"not a minion id: {str(minion)[:64]!r}")
+    return minion
 
 
 def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) -> int:

@@ -5,6 +5,9 @@
     <data_dir>/audit.jsonl      one JSON event per line, appended with fsync (events that are
                                 not changes; stores older than event.json have theirs here)
     <data_dir>/tokens.json      hashed API tokens
+    <data_dir>/minions.jsonl    minions' delivery states: one JSON line per change, the last
+                                line of a minion wins; compacted (rewritten whole, renamed)
+                                once it holds more than twice as many lines as minions
     <data_dir>/sessions.json    the operator pages' sessions, kept under their ids' hashes
     <data_dir>/tmp/             staging; whatever is left here after a crash is debris
 
@@ -13,6 +16,11 @@ an exclusive `flock` on <data_dir>/.lock, so readers see a whole generation or n
 after that rename but before `current` moved leaves a whole generation ahead of `current`;
 the next writer (or a new process) rolls `current` forward to it.  A change's audit event is
 `event.json` in its generation's directory: the rename commits version and event together.
+
+A minion's delivery state is one appended, fsynced line written under an exclusive `flock` on
+<data_dir>/.minions.lock (so a state is replaced only if it is still the one the writer read,
+and a compaction never drops a line).  Readers keep what they read and read only the lines
+appended since; a line torn by a crash is skipped.
 """
 from __future__ import annotations
 
@@ -25,12 +33,13 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_version, merged_events
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
@@ -41,6 +50,7 @@ from pkisvc.errors import (
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
+    MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
@@ -51,6 +61,7 @@ from pkisvc.settings import Settings
 RECORD = "record.json"
 EVENT = "event.json"  # the change's audit event, committed with its generation
 _GEN_DIR = re.compile(r"[0-9]{6,}")
+COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 T = TypeVar("T")
 
 
@@ -74,6 +85,9 @@ class FilesBackend:
         self._lists: dict[Path, tuple[tuple[int, int, int], list[Any]]] = {}
         self._current_cache: tuple[tuple[int, int], int] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._minions = self.root / "minions.jsonl"
+        self._table = _MinionTable()
+        self._table_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
@@ -263,16 +277,7 @@ class FilesBackend:
         line = (json.dumps(event.to_dict(), separators=(",", ":")) + "\n").encode()
         with self._io("append to the audit log"):
             self._ensure_dirs()
-            # One write() on an O_APPEND descriptor: concurrent writers never interleave.
-            fd = os.open(self._audit, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = b"\n" + line  # close a line torn by a crash; it is skipped on read
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _append_line(self._audit, line)
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         with self._io("read the audit log"):
@@ -394,6 +399,112 @@ class FilesBackend:
             if len(kept) == len(tokens):
                 raise NotFound(f"no token named {name!r}")
             self._save_tokens(kept)
+
+    # --- minions' delivery states ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _minions_locked(self) -> Iterator[None]:
+        self._ensure_dirs()
+        fd = os.open(self.root / ".minions.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_minions(self) -> dict[str, MinionState]:
+        """Bring the table up to date with the file: only the lines appended since last time."""
+        with self._table_lock:
+            t = self._table
+            try:
+                fd = os.open(self._minions, os.O_RDONLY)
+            except FileNotFoundError:
+                self._table = _MinionTable()
+                return self._table.states
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != t.inode or st.st_size < t.offset:  # compacted: read it whole
+                    t = self._table = _MinionTable(inode=st.st_ino)
+                if st.st_size > t.offset:
+                    data = os.pread(fd, st.st_size - t.offset, t.offset)
+                    end = data.rfind(b"\n") + 1  # a line still being written: next time
+                    for raw in data[:end].splitlines():
+                        t.lines += 1
+                        try:
+                            state = MinionState.from_dict(json.loads(raw))
+                        except (ValueError, KeyError, TypeError):
+                            continue  # a line torn by a crash mid-append
+                        t.states[state.minion] = state
+                    t.offset += end
+            finally:
+                os.close(fd)
+            return t.states
+
+    def minion(self, minion: str) -> MinionState | None:
+        checked_minion(minion)
+        with self._io("read minion states"):
+            return self._read_minions().get(minion)
+
+    def minions(self) -> list[MinionState]:
+        with self._io("read minion states"):
+            states = self._read_minions()
+            with self._table_lock:
+                return [states[m] for m in sorted(states)]
+
+    def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        checked_minion(state.minion)
+        line = (json.dumps(state.to_dict(), separators=(",", ":")) + "\n").encode()
+        with self._io("write a minion state"), self._minions_locked():
+            held = self._read_minions().get(state.minion)
+            if held != expected:
+                raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
+            new = not self._minions.exists()
+            _append_line(self._minions, line)
+            if new:
+                _fsync_dir(self.root)
+            states = self._read_minions()
+            if self._table.lines > 2 * len(states) + COMPACT_SLACK:
+                self._compact_minions(states)
+
+    def _compact_minions(self, states: dict[str, MinionState]) -> None:
+        """Rewrite the state file with one line per minion (under the minions lock)."""
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".minions-table."):  # a compaction a crash cut short
+                os.unlink(entry.path)
+        with self._table_lock:
+            data = b"".join((json.dumps(states[m].to_dict(), separators=(",", ":")) + "\n"
+                             ).encode() for m in sorted(states))
+        tmp = self.root / f".minions-table.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_file(tmp, data)
+        os.replace(tmp, self._minions)
+        _fsync_dir(self.root)
+
+    def identity(self) -> str | None:
+        return None
+
+
+class _MinionTable:
+    """What a process has read of minions.jsonl: which file, how far, and the states."""
+
+    def __init__(self, inode: int | None = None) -> None:
+        self.inode = inode
+        self.offset = 0
+        self.lines = 0
+        self.states: dict[str, MinionState] = {}
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one line durably (fsync); a line a crash left torn is closed first."""
+    # One write() on an O_APPEND descriptor: concurrent writers never interleave.
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # close a line torn by a crash; it is skipped on read
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes, *, sync: bool = True) -> None:

@@ -7,6 +7,7 @@
     <mount>/data/<prefix>/<cluster>/audit/<day>/<key>             one secret per appended event
     <mount>/data/<prefix>/<cluster>/tokens                        the hashed API tokens
     <mount>/data/<prefix>/<cluster>/sessions                      the operator pages' sessions
+    <mount>/data/<prefix>/<cluster>/minions/<id>                  one minion's delivery state
 
 KV cannot write two secrets in one transaction, so a version has one commit point: its
 `record` secret, created with `cas=0` (Vault refuses a second one, so one writer wins each
@@ -45,21 +46,25 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_version, merged_events
+from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     AnswerLost,
     BackendUnavailable,
     Conflict,
     NotFound,
+    PermissionDenied,
     VersionConflict,
 )
 from pkisvc.model import (
+    MINION_ID,
     AuditEvent,
     GenerationRecord,
+    MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
@@ -80,6 +85,7 @@ RESERVED = "record.json"  # the files backend's record; refused here too, so bac
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
+MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 
 
 class VaultBackend:
@@ -103,6 +109,7 @@ class VaultBackend:
         self._material = f"{self.base}/material"  # the first layout (read only)
         self._audit_dir = f"{self.base}/audit"
         self._tokens_path = f"{self.base}/tokens"
+        self._minions_dir = f"{self.base}/minions"
         self._sessions_path = f"{self.base}/sessions"
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
@@ -597,6 +604,49 @@ class VaultBackend:
             return kept
         self._update_tokens(remove)
 
+    # --- minions' delivery states ----------------------------------------------------------
+
+    def _read_minion(self, minion: str) -> tuple[int, MinionState | None]:
+        """Return (KV version, state) of one minion's secret; (0, None) when there is none."""
+        path = f"{self._minions_dir}/{checked_minion(minion)}"
+        try:
+            resp = self._read(path)
+        except NotFound:
+            return 0, None
+        try:
+            return (int(resp["data"]["metadata"]["version"]),
+                    MinionState.from_dict(resp["data"]["data"]["state"]))
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)} is not a "
+                                     "minion state") from None
+
+    def minion(self, minion: str) -> MinionState | None:
+        return self._read_minion(minion)[1]
+
+    def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        version, held = self._read_minion(state.minion)
+        if held != expected:
+            raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
+        self._write(f"{self._minions_dir}/{state.minion}", {"state": state.to_dict()},
+                    cas=version)
+
+    def minions(self) -> list[MinionState]:
+        names = sorted(k for k in self._list(self._minions_dir) if MINION_ID.fullmatch(k))
+        if not names:
+            return []
+        with ThreadPoolExecutor(max_workers=MINION_READERS,
+                                thread_name_prefix="pkisvc-minions") as pool:
+            states = list(pool.map(lambda m: self._read_minion(m)[1], names))
+        return [s for s in states if s is not None]
+
+    def identity(self) -> str | None:
+        where = "auth/token/lookup-self"
+        try:
+            resp = self.vault.call(where, lambda: self.vault.get(f"/v1/{where}"))
+        except PermissionDenied:
+            return None  # a policy without the default one: we cannot tell
+        name = self.vault.dig(resp, where, "data").get("display_name")
+        return str(name) if name else None
 
 
 def _files(encoded: Mapping[str, str]) -> dict[str, bytes]:

@@ -1,6 +1,6 @@
 """One answer for each hot read: `GET /v1/certs/<item>` and `GET /v1/pillar/<minion>`.
 
-`cert` and `pillar` decide the status, the ETag, the body and the delivery record; the WSGI
+`cert` and `pillar` decide the status, the ETag, the body and the delivery state; the WSGI
 fast path (`pkisvc.fastpath`) and the Flask views (`pkisvc.api`) both call them, so the two
 cannot disagree.  Refusals and failures are raised (`PkiError` or anything else) and become
 JSON in one place, Flask's error handlers: the fast path hands what it met to Flask in the
@@ -104,8 +104,9 @@ def cert(store: CertStore, bodies: Bodies, ask: Ask, item: str) -> Answer:
 def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
     """`GET /v1/pillar/<minion>?role=<role>`: the role's host files (scope `secrets`).
 
-    ETag is the version; a matching `If-None-Match` is a 304.  Audited either way, after the
-    body is made: the minion holds this version (a 304 means from the master's cache).
+    ETag is the version; a matching `If-None-Match` is a 304.  Either way, after the body is
+    made, the minion's delivery state says it holds this version (a 304: from the master's
+    cache); only a change of version or role is written and audited.
     """
     principal = auth.allowed(store, ask.authorization, "secrets")
     if not MINION_ID.fullmatch(minion):
@@ -121,9 +122,8 @@ def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
     etag = f'"{version}"'
     unchanged = none_match(ask.if_none_match, str(version))
     body = b"" if unchanged else bodies.pillar(version, role)
-    store.record_delivery(actor=principal.name, action="pillar", version=version,
-                          items=() if unchanged else tuple(names), minion=minion, role=role,
-                          remote_addr=ask.remote_addr)
+    store.record_pillar(actor=principal.name, minion=minion, role=role, version=version,
+                        items=() if unchanged else tuple(names), remote_addr=ask.remote_addr)
     if unchanged:
         return Answer(304, b"", (("ETag", etag),))
     return Answer(200, body, (JSON, ("ETag", etag)))

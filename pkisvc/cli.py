@@ -45,8 +45,10 @@ OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json
 @dataclass
 class Context:
     config: str | None
+    given_actor: str | None = None
     _settings: Settings | None = None
     _store: CertStore | None = None
+    _actor: str | None = None
 
     @property
     def settings(self) -> Settings:
@@ -61,12 +63,29 @@ class Context:
         return self._store
 
 
-def actor() -> str:
+    @property
+    def actor(self) -> str:
+        """Who the events of this command name: `--actor` (or PKISVC_ACTOR), else the Vault
+        token's display name (`vault:<name>`), else the Unix user (`cli:<user>`)."""
+        if self._actor is None:
+            who = self.store.backend.identity() if self.given_actor is None else None
+            self._actor = self.given_actor or (f"vault:{who}" if who else unix_actor())
+        return self._actor
+
+
+def unix_actor() -> str:
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"cli:{user}"
+
+
+def actor_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not (0 < len(value) <= 128 and value.isprintable()
+                                  and value.strip() == value):
+        raise click.BadParameter("must be 1 to 128 printable characters, no outer spaces")
+    return value
 
 
 class Group(click.Group):
@@ -86,14 +105,17 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.group(cls=Group)
 @click.option("--config", "-c", type=click.Path(dir_okay=False), envvar="PKISVC_CONFIG",
               help="Settings YAML (default: $PKISVC_CONFIG).")
+@click.option("--actor", envvar="PKISVC_ACTOR", callback=actor_name,
+              help="Who you are, as audit events name you (default: $PKISVC_ACTOR, else the "
+                   "Vault token's display name, else cli:<unix user>).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(__version__, prog_name="pkisvc")
 @click.pass_context
-def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, config: str | None, actor: str | None, verbose: bool) -> None:
     """Versioned certificates for Salt-managed Kubernetes clusters."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(config)
+    ctx.obj = Context(config, actor)
 
 
 # --- output ---------------------------------------------------------------------------
@@ -175,7 +197,8 @@ def serve(c: Context, bind: str | None, workers: int | None, self_tls: bool) -> 
         if token_file.exists():
             click.echo(f"admin token: {token_file}", err=True)
     if self_tls:
-        cert, key = self_signed_tls(CertStore(load_backend(settings), settings), settings)
+        cert, key = self_signed_tls(CertStore(load_backend(settings), settings), settings,
+                                    c.actor)
         env["PKISVC_TLS__CERT"], env["PKISVC_TLS__KEY"] = str(cert), str(key)
         click.echo(f"serving HTTPS with {cert} (trust {cert.parent / 'ca.crt'})", err=True)
     click.echo(f"pkisvc serving on {settings.bind} ({settings.backend} backend)", err=True)
@@ -192,9 +215,9 @@ def serving_hosts(bind: str) -> tuple[str, ...]:
     return (host,)
 
 
-def self_signed_tls(store: CertStore, settings: Settings) -> tuple[Path, Path]:
+def self_signed_tls(store: CertStore, settings: Settings, actor: str) -> tuple[Path, Path]:
     """Write <data_dir>/tls/{tls.crt,tls.key,ca.crt} (0600) for `serve --self-tls`."""
-    cert, key, trust = store.issue_serving_cert(serving_hosts(settings.bind), actor=actor())
+    cert, key, trust = store.issue_serving_cert(serving_hosts(settings.bind), actor=actor)
     out = settings.data_dir / "tls"
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
@@ -214,7 +237,7 @@ def self_signed_tls(store: CertStore, settings: Settings) -> tuple[Path, Path]:
 @pass_ctx
 def init(c: Context, key_type: str | None, reason: str) -> None:
     """Make the first generation: CA, server and kubecfg."""
-    done(c.store.init(actor=actor(), reason=reason, key_type=key_type))
+    done(c.store.init(actor=c.actor, reason=reason, key_type=key_type))
 
 
 @main.group()
@@ -231,7 +254,7 @@ def rotate() -> None:
 def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New CA and new leaves, in one generation (or --staged, in three)."""
     change = c.store.start_rotation if staged else c.store.rotate_ca
-    done(change(actor=actor(), reason=reason, key_type=key_type), c.store)
+    done(change(actor=c.actor, reason=reason, key_type=key_type), c.store)
 
 
 @main.group()
@@ -254,7 +277,7 @@ def rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.continue_rotation(actor=actor(), reason=reason), c.store)
+    done(c.store.continue_rotation(actor=c.actor, reason=reason), c.store)
 
 
 @rotation.command("finish")
@@ -262,7 +285,7 @@ def rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_finish(c: Context, reason: str) -> None:
     """Phase 3: trust only the new CA."""
-    done(c.store.finish_rotation(actor=actor(), reason=reason), c.store)
+    done(c.store.finish_rotation(actor=c.actor, reason=reason), c.store)
 
 
 @rotation.command("abort")
@@ -270,7 +293,7 @@ def rotation_finish(c: Context, reason: str) -> None:
 @pass_ctx
 def rotation_abort(c: Context, reason: str) -> None:
     """Drop the new CA (phase 1 only; later, use rollback)."""
-    done(c.store.abort_rotation(actor=actor(), reason=reason))
+    done(c.store.abort_rotation(actor=c.actor, reason=reason))
 
 
 @rotate.command("sa")
@@ -283,7 +306,7 @@ def rotation_abort(c: Context, reason: str) -> None:
 def rotate_sa(c: Context, key_type: str | None, staged: bool, reason: str) -> None:
     """New service-account key: --staged, or at once (a compromised key: every token signed
     by the old key stops verifying)."""
-    record = c.store.sa_step("start" if staged else "immediate", actor=actor(), reason=reason,
+    record = c.store.sa_step("start" if staged else "immediate", actor=c.actor, reason=reason,
                              key_type=key_type)
     if not staged:
         click.echo(f"warning: {changes.SA_IMMEDIATE_WARNING}", err=True)
@@ -311,7 +334,7 @@ def sa_rotation_status(c: Context, fmt: str) -> None:
 @pass_ctx
 def sa_rotation_continue(c: Context, reason: str) -> None:
     """Phase 2: the new key signs (masters must hold the new sa.pub by now)."""
-    done(c.store.sa_step("continue", actor=actor(), reason=reason))
+    done(c.store.sa_step("continue", actor=c.actor, reason=reason))
 
 
 @sa_rotation.command("finish")
@@ -320,7 +343,7 @@ def sa_rotation_continue(c: Context, reason: str) -> None:
 @pass_ctx
 def sa_rotation_finish(c: Context, force: bool, reason: str) -> None:
     """Phase 3: sa.pub holds the new key alone (after `sa.overlap`)."""
-    done(c.store.sa_step("finish", actor=actor(), reason=reason, force=force))
+    done(c.store.sa_step("finish", actor=c.actor, reason=reason, force=force))
 
 
 @sa_rotation.command("abort")
@@ -328,7 +351,7 @@ def sa_rotation_finish(c: Context, force: bool, reason: str) -> None:
 @pass_ctx
 def sa_rotation_abort(c: Context, reason: str) -> None:
     """Unpublish the new key (phase 1 only)."""
-    done(c.store.sa_step("abort", actor=actor(), reason=reason))
+    done(c.store.sa_step("abort", actor=c.actor, reason=reason))
 
 
 @rotate.command("server")
@@ -350,7 +373,7 @@ def rotate_server(c: Context, add: tuple[str, ...], remove: tuple[str, ...],
     names = [n.strip() for w in whole for n in w.split(",") if n.strip()]
     if whole and not names:
         raise click.UsageError("--sans needs at least one name")
-    done(c.store.rotate_leaf("server", actor=actor(), reason=reason, add_sans=add,
+    done(c.store.rotate_leaf("server", actor=c.actor, reason=reason, add_sans=add,
                              remove_sans=remove, sans=names or None), c.store)
 
 
@@ -359,7 +382,7 @@ def rotate_server(c: Context, add: tuple[str, ...], remove: tuple[str, ...],
 @pass_ctx
 def rotate_kubecfg(c: Context, reason: str) -> None:
     """New kubecfg (super-user) pair from the current CA, with the current one's subject."""
-    done(c.store.rotate_leaf("kubecfg", actor=actor(), reason=reason), c.store)
+    done(c.store.rotate_leaf("kubecfg", actor=c.actor, reason=reason), c.store)
 
 
 @main.command()
@@ -412,7 +435,7 @@ def versions(c: Context, fmt: str) -> None:
 @pass_ctx
 def rollback(c: Context, version: int, reason: str) -> None:
     """Make a new generation that copies VERSION."""
-    done(c.store.rollback(version, actor=actor(), reason=reason), c.store)
+    done(c.store.rollback(version, actor=c.actor, reason=reason), c.store)
 
 
 class _Time(click.ParamType):
@@ -490,7 +513,7 @@ def import_(c: Context, from_dir: str | None, from_pillar: str | None, key: str 
     sa_files = read_sa_files(from_dir, sa_key, sa_pub)
     if sa_from_server_key and sa_files and not sa_key:
         sa_files = {}  # the flag names the key to adopt; a sa.key beside it is not asked for
-    done(c.store.import_files(files, actor=actor(), reason=reason or f"imported from {source}",
+    done(c.store.import_files(files, actor=c.actor, reason=reason or f"imported from {source}",
                               sa_from_server_key=sa_from_server_key, sa_files=sa_files),
          c.store)
 
@@ -522,6 +545,9 @@ def read_sa_files(from_dir: str | None, sa_key: str | None, sa_pub: str | None
 def export_pillar(c: Context, key: str, version: int | None) -> None:
     """Print a legacy static pillar (the pasted way), private keys included, no CA key."""
     gen = c.store.read(version)
+    # Audited before a key is printed: no event, no export.
+    c.store.record_delivery(actor=c.actor, action="export-pillar", version=gen.version,
+                            items=LEAVES, reason=f"static pillar under {key}")
     # the seed's static pillar: certificates only (sa.key/sa.pub reach masters from pkisvc)
     seed = tuple(n for n in HOST_FILES if n not in SA_FILES)
     node: Any = {k: v.decode() for k, v in c.store.host_files(gen, seed).items()}
@@ -536,6 +562,9 @@ def export_pillar(c: Context, key: str, version: int | None) -> None:
 @pass_ctx
 def backup(c: Context, dest: str) -> None:
     """Write every generation (CA keys included), the audit trail and tokens to a tarball."""
+    # Audited before any key is read: no event, no export (the tarball holds the event too).
+    c.store.record_delivery(actor=c.actor, action="backup", version=c.store.latest(),
+                            items=ITEMS, reason=f"every version to {Path(dest).absolute()}")
     count = write_backup(c.store, Path(dest))
     click.echo(f"backup of {count} versions written to {Path(dest)}")
 
@@ -546,7 +575,7 @@ def backup(c: Context, dest: str) -> None:
 @pass_ctx
 def renew(c: Context, dry_run: bool, fmt: str) -> None:
     """Re-issue the leaves inside `renew_before`; do nothing when nothing is due."""
-    report, record = c.store.renew(actor=actor(), dry_run=dry_run)
+    report, record = c.store.renew(actor=c.actor, dry_run=dry_run)
     if report["ca_warning"]:
         click.echo(f"warning: {report['ca_warning']}", err=True)
     blocked = report.get("blocked")
@@ -583,7 +612,7 @@ def token() -> None:
 @pass_ctx
 def token_create(c: Context, name: str, scopes: tuple[str, ...]) -> None:
     """Make a token and print it, alone, this once (only its hash is kept)."""
-    click.echo(c.store.create_token(name, list(scopes), actor=actor()))
+    click.echo(c.store.create_token(name, list(scopes), actor=c.actor))
 
 
 @token.command("list")
@@ -605,7 +634,7 @@ def token_list(c: Context, fmt: str) -> None:
 @pass_ctx
 def token_revoke(c: Context, name: str) -> None:
     """Revoke a token at once, for every worker and replica."""
-    c.store.revoke_token(name, actor=actor())
+    c.store.revoke_token(name, actor=c.actor)
     click.echo(f"token {name} revoked")
 
 
@@ -625,7 +654,7 @@ def kubeconfig_(c: Context, server: str, version: int | None, tls_server_name: s
                            cert_pem=files["kubecfg.crt"], key_pem=files["kubecfg.key"],
                            cluster=c.settings.cluster, user=c.settings.kubecfg.common_name,
                            tls_server_name=tls_server_name)
-    store.record_delivery(actor=actor(), action="kubeconfig", version=gen.version,
+    store.record_delivery(actor=c.actor, action="kubeconfig", version=gen.version,
                           items=("kubecfg",))
     click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
 
@@ -712,7 +741,12 @@ def formula_path() -> None:
 @pass_ctx
 def migrate(c: Context, dest: str) -> None:
     """Copy the files store (every version, audit trail, tokens) into an empty backend."""
-    copied = copy_store(load_backend(c.settings, "files"), load_backend(c.settings, dest))
+    source, target = load_backend(c.settings, "files"), load_backend(c.settings, dest)
+    copied = copy_store(source, target)
+    # After the copy (a refused migration copied nothing): the same event in both trails.
+    for store in (CertStore(source, c.settings), CertStore(target, c.settings)):
+        store.record_delivery(actor=c.actor, action="migrate", version=copied.versions,
+                              items=ITEMS, reason=f"every version from files to {dest}")
     click.echo(f"migrated {copied.versions} versions, {copied.events} audit events and "
                f"{copied.tokens} tokens to {dest}; set `backend: {dest}` to use it")
 

@@ -297,3 +297,32 @@ class TokenRecord:
     def from_dict(cls, d: Mapping[str, Any]) -> TokenRecord:
         return cls(name=d["name"], sha256=d["sha256"], scopes=tuple(d["scopes"]),
                    created_at=parse_time(d["created_at"]) if d.get("created_at") else None)
+
+
+@dataclass(frozen=True)
+class MinionState:
+    """What one minion holds: its role, the version, when it got it, when it last asked.
+
+    Times are timezone-aware datetimes (UTC, whole seconds; RFC 3339 only in `to_dict` and
+    `from_dict`).  `received` is when the minion first had this version (or this role);
+    `asked` is its latest pillar request as stored (at most one touch interval old while it
+    keeps asking).
+    """
+
+    minion: str
+    role: str | None
+    version: int
+    received: datetime
+    asked: datetime
+
+    def __post_init__(self) -> None:
+        _instants(self, "received", "asked")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"minion": self.minion, "role": self.role, "version": self.version,
+                "received": format_time(self.received), "asked": format_time(self.asked)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MinionState:
+        return cls(minion=str(d["minion"]), role=d.get("role"), version=int(d["version"]),
+                   received=parse_time(str(d["received"])), asked=parse_time(str(d["asked"])))

@@ -55,6 +55,11 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    touch_interval: int  # seconds: how stale a minion's stored "last asked" may grow
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     cert: str | None
     key: str | None
@@ -98,6 +103,7 @@ class Settings:
     auto_init: bool
     access_log: bool
     log_level: str
+    delivery: DeliverySettings = DeliverySettings(touch_interval=600)
     source: str | None = None
     sa_overlap: int = 7 * 86400  # seconds phase 3 of a service-account rotation waits
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
@@ -381,6 +387,7 @@ _SCHEMA: dict[str, _Field] = {
     "ui.session_idle": _Field("1h", _duration(0, 30 * 86400), text=True),
     "log_level": _Field("info", _log_level, text=True),
     "sa.overlap": _Field("7d", parse_duration, text=True),
+    "delivery.touch_interval": _Field("10m", parse_duration, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -424,7 +431,7 @@ def one_line(text: str) -> str:
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "PKISVC_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in ("PKISVC_CONFIG", "PKISVC_ACTOR"):
             continue
         key = name[len(ENV_PREFIX):].lower().replace("__", ".")
         field = _SCHEMA.get(key)
@@ -465,6 +472,7 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
+        delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
         source=source, sa_overlap=v["sa.overlap"],
         ui=UISettings(session_ttl=v["ui.session_ttl"], session_idle=v["ui.session_idle"]),
     )

@@ -11,11 +11,12 @@ sent), the store reads back before it answers: a committed change is reported as
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from pkisvc import changes, pki, sessions
@@ -46,6 +47,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
 SETTLE_PATIENCE = 15.0  # seconds a write whose answer was lost keeps asking what became of it
+STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
 def utcnow() -> datetime:
@@ -72,6 +75,10 @@ class CertStore:
         self.backend = backend
         self.settings = settings
         self._clock = clock
+        # Each minion's state as this process last read or wrote it, with its `asked` parsed:
+        # an unchanged pillar answer is decided here, with no backend read.
+        self._minions: dict[str, MinionState] = {}
+        self._touch = timedelta(seconds=settings.delivery.touch_interval)
 
     def now(self) -> datetime:
         return self._clock()
@@ -238,12 +245,60 @@ class CertStore:
         self.backend.revoke_token(name)
         self._audit(actor, "token-revoke", reason=name, remote_addr=remote_addr)
 
-    def record_delivery(self, *, actor: str, action: str, version: int,
+    def record_delivery(self, *, actor: str, action: str, version: int | None,
                         items: tuple[str, ...], minion: str | None = None,
-                        role: str | None = None, remote_addr: str | None = None) -> None:
-        """Audit that key material left the service."""
+                        role: str | None = None, remote_addr: str | None = None,
+                        reason: str = "") -> None:
+        """Audit that key material left the service (a key read, a kubeconfig, an export)."""
         self._audit(actor, action, version=version, items=items, minion=minion, role=role,
-                    remote_addr=remote_addr)
+                    remote_addr=remote_addr, reason=reason)
+
+    def record_pillar(self, *, actor: str, minion: str, role: str, version: int,
+                      items: tuple[str, ...], remote_addr: str | None = None) -> None:
+        """Note that minion holds version for role (a pillar answer, a 304 included).
+
+        Writes only when the minion's version or role changed (its state, then one `pillar`
+        audit event) or its stored "last asked" is older than `delivery.touch_interval` (its
+        state alone).  An unchanged answer is decided from what this process saw last; a view
+        another process made stale costs a conflict and a read, never a missed change.
+        """
+        now = self.now()
+        seen = self._minions.get(minion)
+        if (seen is not None and seen.version == version and seen.role == role
+                and now < seen.asked + self._touch):
+            return
+        held = seen if seen is not None else self.backend.minion(minion)
+        for _ in range(STATE_ATTEMPTS):
+            change = held is None or held.version != version or held.role != role
+            if held is not None and not change:
+                if now < held.asked + self._touch:  # another process touched it meanwhile
+                    self._minions[minion] = held
+                    return
+                new = dataclasses.replace(held, asked=now)
+            else:
+                new = MinionState(minion, role, version, received=now, asked=now)
+            try:
+                self.backend.put_minion(new, expected=held)
+            except VersionConflict:
+                held = self.backend.minion(minion)
+                continue
+            except BackendUnavailable as e:
+                if change:
+                    raise
+                log.warning("minion %s: last asked not stored: %s", minion, e.message)
+                return
+            self._minions[minion] = new
+            if change:
+                self.backend.append_audit(AuditEvent(
+                    time=now, actor=actor, action="pillar", version=version, items=items,
+                    remote_addr=remote_addr, minion=minion, role=role))
+            return
+        log.info("minion %s: its state kept changing under us; left to the other writers",
+                 minion)
+
+    def minions(self) -> list[MinionState]:
+        """Every minion's delivery state, by minion id."""
+        return self.backend.minions()
 
     def issue_serving_cert(self, hosts: tuple[str, ...], *, actor: str, days: int = 90
                            ) -> tuple[bytes, bytes, bytes]:

@@ -34,9 +34,9 @@ from pkisvc.model import (
     ITEMS,
     KEY_FILES,
     OPERATIONS,
-    AuditEvent,
     GenerationRecord,
     ItemRecord,
+    MinionState,
     format_time,
     visible,
 )
@@ -53,8 +53,8 @@ CSRF_COOKIE = "pkisvc_ui_csrf"
 HISTORY_PAGE = 25
 MINIONS_PAGE = 200
 AUDIT_PAGE = 100
-# The minions and audit pages look at this many of the newest audit events, no more, so they
-# stay cheap however long the trail grows (docs/decisions.md).
+# The audit page looks at this many of the newest audit events, no more, so it stays cheap
+# however long the trail grows (docs/decisions.md).
 AUDIT_WINDOW = 20_000
 WARN_DAYS, CRITICAL_DAYS = 30, 7
 DELIVERY_ACTIONS = ("pillar", "key", "kubeconfig")
@@ -202,12 +202,13 @@ def lifetimes(record: GenerationRecord, now: datetime) -> list[Lifetime]:
 
 @dataclass(frozen=True)
 class Minion:
-    """What a minion last received through the pillar."""
+    """A minion's delivery state, against the current version."""
 
     minion: str
     role: str | None
     version: int
-    time: datetime
+    time: datetime  # when it first held this version
+    asked: datetime  # its last pillar request, as stored (within delivery.touch_interval)
     behind: int  # versions behind the current one (0 = current)
     changed: bool  # the files it holds differ from what its pillar holds now
 
@@ -226,24 +227,27 @@ def _held(record: GenerationRecord | None, files: Iterable[str]) -> tuple[Any, .
                  if f in _FILE_ITEM else f for f in sorted(files))
 
 
-def minion_table(events: Iterable[AuditEvent], current: GenerationRecord,
-                 records: Mapping[int, GenerationRecord]) -> list[Minion]:
-    """Each minion's newest pillar delivery in events (newest first); stale ones first.
+def minion_table(states: Iterable[MinionState], current: GenerationRecord,
+                 records: Mapping[int, GenerationRecord],
+                 roles: Mapping[str, tuple[str, ...]]) -> list[Minion]:
+    """Each minion's delivery state against current; stale ones first.
 
     records maps versions to their records: a minion behind the current version whose files
-    (the delivery's `items`) are the same now is behind but not `changed`.
+    (its role's) are the same now is behind but not `changed`; a role no longer configured
+    counts as changed.
     """
-    seen: dict[str, Minion] = {}
-    for e in events:
-        if e.action != "pillar" or not e.minion or e.version is None or e.minion in seen:
-            continue
-        behind = max(0, current.version - e.version)
-        changed = False
-        if behind:
-            then = _held(records.get(e.version), e.items)
-            changed = then is None or then != _held(current, e.items)
-        seen[e.minion] = Minion(e.minion, e.role, e.version, e.time, behind, changed)
-    return sorted(seen.values(), key=lambda m: (not m.changed, m.behind == 0, m.minion))
+    rows = []
+    verdicts: dict[tuple[int, str | None], bool] = {}  # (version, role) -> changed: few of them
+    for s in states:
+        behind = max(0, current.version - s.version)
+        changed = verdicts.get((s.version, s.role))
+        if changed is None:
+            files = roles.get(s.role or "")
+            then = _held(records.get(s.version), files or ())
+            changed = verdicts[s.version, s.role] = bool(behind) and (
+                files is None or then is None or then != _held(current, files))
+        rows.append(Minion(s.minion, s.role, s.version, s.received, s.asked, behind, changed))
+    return sorted(rows, key=lambda m: (not m.changed, m.behind == 0, m.minion))
 
 
 def _page_number() -> int:
@@ -330,10 +334,9 @@ def history() -> Response:
 @bp.get("/minions")
 @page("read", "audit")
 def minions() -> Response:
-    events = store().audit(limit=AUDIT_WINDOW)
     current = store().read().record
     records = {r.version: r for r in store().versions()}
-    table = minion_table(events, current, records)
+    table = minion_table(store().minions(), current, records, store().settings.roles)
     only_behind = request.args.get("behind") == "1"
     shown = [m for m in table if m.behind] if only_behind else table
     number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
@@ -342,8 +345,7 @@ def minions() -> Response:
                    changed=sum(1 for m in table if m.changed), only_behind=only_behind,
                    rows=shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE],
                    page=number, pages=_pages(len(shown), MINIONS_PAGE),
-                   window=AUDIT_WINDOW, truncated=len(events) >= AUDIT_WINDOW,
-                   oldest=events[-1].time if events else None)
+                   touch=store().settings.delivery.touch_interval)
 
 
 @bp.get("/audit")

@@ -31,6 +31,7 @@ class Ledger:
     acked: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (op, reason)
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     pillar_200: int = 0
+    delivered: set[tuple[str, int, str]] = field(default_factory=set)  # (minion, version, role)
     texts: list[str] = field(default_factory=list)  # bodies that must hold no key
     duplicate_acks: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +95,8 @@ def read(url: str, headers: dict[str, str], name: str, ledger: Ledger, minion: s
         ledger.statuses[r.status_code] += 1
         if name.startswith("pillar") and r.status_code == 200:
             ledger.pillar_200 += 1
+            doc = r.json()
+            ledger.delivered.add((minion, doc["version"], doc["role"]))
         if name != "pillar-master":  # the master's pillar carries keys by design
             ledger.texts.append(r.text)
     return r.status_code

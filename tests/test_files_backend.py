@@ -140,3 +140,36 @@ def test_sigkill_mid_rotation_twenty_times(tmp_path):
         pki.check_set(parse_files(gen.files))
         assert gen.record.version == r.version
     assert set(acked) <= {r.version for r in store.versions()}
+
+
+def _state(minion, version):
+    from pkisvc.model import MinionState, parse_time
+    t = parse_time("2026-11-29T12:00:00Z")
+    return MinionState(minion, "node", version, t, t)
+
+
+def test_minion_states_stay_compact_and_every_process_sees_them(tmp_path):
+    from pkisvc.backends.files import COMPACT_SLACK
+    writer, reader = FilesBackend(tmp_path / "data"), FilesBackend(tmp_path / "data")
+    held = {}
+    for i in range(COMPACT_SLACK + 300):  # 50 minions, each changing many times
+        m = f"k8s-node-{i % 50}"
+        new = _state(m, i + 1)
+        writer.put_minion(new, expected=held.get(m))
+        held[m] = new
+        if i % 97 == 0:  # the other process reads along, compactions included
+            assert reader.minion(m) == new
+    lines = (tmp_path / "data" / "minions.jsonl").read_bytes().splitlines()
+    assert len(lines) <= 2 * 50 + COMPACT_SLACK
+    assert {s.minion: s for s in reader.minions()} == held
+    assert {s.minion: s for s in FilesBackend(tmp_path / "data").minions()} == held
+    assert mode(tmp_path / "data" / "minions.jsonl") == 0o600
+
+
+def test_torn_minion_state_line_is_skipped(tmp_path):
+    b = FilesBackend(tmp_path / "data")
+    b.put_minion(_state("a", 1), expected=None)
+    with open(tmp_path / "data" / "minions.jsonl", "ab") as f:
+        f.write(b'{"minion":"b","role":"node","vers')  # a crash mid-append
+    b.put_minion(_state("c", 1), expected=None)
+    assert [s.minion for s in FilesBackend(tmp_path / "data").minions()] == ["a", "c"]

@@ -184,6 +184,11 @@ def test_minion_ids_and_roles_refuse_a_trailing_newline(service, path):
         r = client.get(path, headers=h)
         assert r.status_code in (400, 404), path
         assert set(r.get_json()) >= {"error", "message"}
-    events = FilesBackend(settings.data_dir).audit(limit=1000)
-    assert len(events) == before + 2  # the two reads without the newline, nothing else
+    backend = FilesBackend(settings.data_dir)
+    events = backend.audit(limit=1000)
+    # The two reads without the newline: one delivery state, one event (the second read
+    # changed nothing), and nothing for the refused ones.
+    assert len(events) == before + 1
     assert all("\n" not in (e.minion or "") + (e.role or "") for e in events)
+    assert [(s.minion, s.role) for s in backend.minions()] == [
+        ("k8s-node-1", path.split("role=")[1].replace("%0A", ""))]

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from pkisvc.app import create_app
-from pkisvc.model import AuditEvent, parse_time
+from pkisvc.model import MinionState, parse_time
 from pkisvc.ui import lifetimes, minion_table
 from tests.conftest import make_settings
 
@@ -225,28 +225,27 @@ T0 = parse_time("2026-11-29T12:00:00Z")
 
 
 def test_minion_table_flags_minions_behind_the_current_version():
-    node, master = ("ca.crt",), ("ca.crt", "server.cert", "server.key")
+    roles = {"node": ("ca.crt",), "master": ("ca.crt", "server.cert", "server.key")}
 
-    def ev(minion, version, t, items=node, action="pillar"):
-        return AuditEvent(time=T0 + timedelta(minutes=int(t[1:] or 0)), actor="salt",
-                          action=action, version=version,
-                          minion=minion, role="node", items=items)
+    def st(minion, version, t, role="node"):
+        t = T0 + timedelta(minutes=int(t[1:] or 0))
+        return MinionState(minion, role, version, received=t, asked=t)
     # v2 re-issued the server pair only; v3 rotated the CA.
     records = {1: _record(1), 2: _record(2, server="s2"),
                3: _record(3, ca="c3", server="s3", kubecfg="k3", trust=("c3",))}
-    newest_first = [ev("a", 3, "t4"), ev(None, 3, "t3", action="rotate-ca"),
-                    ev("b", 2, "t2"), ev("a", 2, "t1"), ev("c", 1, "t0")]
-    table = minion_table(newest_first, records[3], records)
+    table = minion_table([st("a", 3, "t4"), st("b", 2, "t2"), st("c", 1, "t0")], records[3],
+                         records, roles)
     assert [(m.minion, m.version, m.behind, m.changed) for m in table] == [
         ("b", 2, 1, True), ("c", 1, 2, True), ("a", 3, 0, False)]
     assert table[2].time == T0 + timedelta(minutes=4)
     # Against version 2, a node that fetched version 1 holds the same ca.crt; a master not.
-    table = minion_table([ev("n", 1, "t1"), ev("m", 1, "t0", items=master)],
-                         records[2], records)
+    table = minion_table([st("n", 1, "t1"), st("m", 1, "t0", role="master")],
+                         records[2], records, roles)
     assert [(m.minion, m.behind, m.changed) for m in table] == [("m", 1, True),
                                                                 ("n", 1, False)]
-    # A version the table has no record of counts as changed.
-    assert minion_table([ev("x", 7, "t")], _record(9), records)[0].changed
+    # A version the table has no record of counts as changed, and so does a role now unknown.
+    assert minion_table([st("x", 7, "t")], _record(9), records, roles)[0].changed
+    assert minion_table([st("y", 1, "t", role="gone")], records[2], records, roles)[0].changed
 
 
 def test_minions_page_after_a_rotation(app, store, tokens):

@@ -13,6 +13,7 @@ from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
     ItemRecord,
+    MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
@@ -204,3 +205,54 @@ class BackendContract:
 
     def test_ping(self, backend: Backend) -> None:
         backend.ping()
+
+    # --- minions' delivery states ----------------------------------------------------------
+
+    def test_minion_state_round_trip(self, backend: Backend) -> None:
+        assert backend.minion("k8s-node-1") is None
+        assert backend.minions() == []
+        first = MinionState("k8s-node-1", "node", 3, NOON, NOON)
+        backend.put_minion(first, expected=None)
+        assert backend.minion("k8s-node-1") == first
+        touched = MinionState("k8s-node-1", "node", 3, first.received, NOON + timedelta(minutes=10))
+        backend.put_minion(touched, expected=first)
+        assert backend.minion("k8s-node-1") == touched
+        assert backend.minions() == [touched]
+
+    def test_minion_state_is_replaced_only_if_unchanged(self, backend: Backend) -> None:
+        five = timedelta(minutes=5)
+        a = MinionState("m-1", "master", 1, NOON, NOON)
+        b = MinionState("m-1", "master", 2, NOON + five, NOON + five)
+        backend.put_minion(a, expected=None)
+        with pytest.raises(VersionConflict):
+            backend.put_minion(b, expected=None)  # someone wrote it first
+        backend.put_minion(b, expected=a)
+        with pytest.raises(VersionConflict):
+            backend.put_minion(a, expected=a)  # a stale view
+        assert backend.minion("m-1") == b
+
+    def test_every_minion_listed_by_id(self, backend: Backend) -> None:
+        names = [f"k8s-node-{i:03d}" for i in range(40, 0, -1)] + ["k8s-master-1"]
+        for i, m in enumerate(names):
+            backend.put_minion(MinionState(m, "node", i + 1, NOON, NOON), expected=None)
+        for v in (2, 3):  # later changes replace, never add
+            old = backend.minion("k8s-node-007")
+            assert old is not None
+            backend.put_minion(MinionState(old.minion, old.role, 100 + v, old.received,
+                                           old.asked), expected=old)
+        listed = backend.minions()
+        assert [s.minion for s in listed] == sorted(names)
+        assert {s.minion: s.version for s in listed}["k8s-node-007"] == 103
+        assert backend.latest() is None and backend.audit() == []  # states are not history
+
+    @pytest.mark.parametrize("minion", ["../x", "a/b", "", ".hidden", "nul\x00"])
+    def test_path_like_minion_ids_are_refused(self, backend: Backend, minion: str) -> None:
+        with pytest.raises(PkiError):
+            backend.put_minion(MinionState(minion, "node", 1, NOON, NOON), expected=None)
+        with pytest.raises(PkiError):
+            backend.minion(minion)
+        assert backend.minions() == []
+
+    def test_identity_is_a_name_or_none(self, backend: Backend) -> None:
+        who = backend.identity()
+        assert who is None or (isinstance(who, str) and who)

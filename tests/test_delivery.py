@@ -1,0 +1,180 @@
+"""Delivery state per minion (issue 17): a pillar answer writes only when what a minion holds
+changes, and "last asked" at most once per `delivery.touch_interval`."""
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pkisvc.app import create_app
+from pkisvc.store import CertStore
+
+MINIONS = [f"k8s-master-{i}" if i < 3 else f"k8s-node-{i}" for i in range(100)]
+
+
+def role(minion: str) -> str:
+    return "master" if "master" in minion else "node"
+
+
+def footprint(backend: Any, data_dir: Path) -> dict[str, int]:
+    """What the backend holds, as sizes: every file in the data dir, or every KV secret under
+    the cluster's prefix with its current version (a write moves either)."""
+    if backend.name == "files":
+        return {str(p.relative_to(data_dir)): p.stat().st_size
+                for p in data_dir.rglob("*") if p.is_file()}
+    kv = backend.vault.kv
+    out: dict[str, int] = {}
+    todo = [backend.base]
+    while todo:
+        path = todo.pop()
+        for key in kv.list_secrets(path, mount_point=backend.mount)["data"]["keys"]:
+            if key.endswith("/"):
+                todo.append(f"{path}/{key.rstrip('/')}")
+            else:
+                meta = kv.read_secret_metadata(f"{path}/{key}", mount_point=backend.mount)
+                out[f"{path}/{key}"] = meta["data"]["current_version"]
+    return out
+
+
+class Fleet:
+    """The real app (fast path included) and a Salt master refreshing 100 minions."""
+
+    def __init__(self, backend: Any, settings: Any) -> None:
+        self.backend, self.settings = backend, settings
+        self.app = create_app(settings, backend=backend)
+        self.store: CertStore = self.app.extensions["pkisvc"]
+        token = self.store.create_token("salt", ["secrets", "admin"], actor="test")
+        self.h = {"Authorization": f"Bearer {token}"}
+        self.client = self.app.test_client()
+        self.flask = 0
+
+        def seen() -> None:
+            self.flask += 1
+        self.app.before_request(seen)
+
+    def refresh(self, etag: str | None = None) -> set[int]:
+        """Every minion asks once; half of them with the master's cached ETag."""
+        statuses = set()
+        for i, m in enumerate(MINIONS):
+            h = {**self.h, "If-None-Match": etag} if etag and i % 2 else self.h
+            r = self.client.get(f"/v1/pillar/{m}?role={role(m)}", headers=h)
+            statuses.add(r.status_code)
+        return statuses
+
+    def pillar_events(self) -> list[dict[str, Any]]:
+        r = self.client.get("/v1/audit?limit=10000", headers=self.h)
+        assert r.status_code == 200
+        return [e for e in r.get_json()["events"] if e["action"] == "pillar"]
+
+    def page(self, query: str = "") -> str:
+        r = self.client.get(f"/ui/minions{query}", headers=self.h)
+        assert r.status_code == 200
+        return r.text
+
+
+def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once(
+        backend, settings):
+    fleet = Fleet(backend, settings)
+    assert fleet.refresh() == {200}  # each minion's first delivery: its state, one event
+    assert len(fleet.pillar_events()) == 100
+    before = footprint(backend, settings.data_dir)
+    flask_before = fleet.flask
+
+    for _ in range(10):  # 1,000 pillar requests, no version change
+        assert fleet.refresh('"1"') == {200, 304}
+    assert fleet.flask == flask_before  # the WSGI fast path answered every one
+    assert footprint(backend, settings.data_dir) == before  # not a byte, not a secret
+    assert len(fleet.pillar_events()) == 100
+
+    assert "<strong>0</strong> behind" in fleet.page()
+    r = fleet.client.post("/v1/ca/rotate", headers=fleet.h)
+    assert r.status_code == 201
+    page = fleet.page()
+    assert "100 minions" in page and "<strong>100</strong> behind" in page
+    assert len(re.findall(r'data-minion="[^"]+" class="behind changed"', page)) == 100
+
+    for _ in range(3):  # the rotation reaches every minion on the first refresh
+        assert fleet.refresh('"1"') == {200}
+    moved = [e for e in fleet.pillar_events() if e["version"] == 2]
+    assert sorted(e["minion"] for e in moved) == sorted(MINIONS)  # once each
+    assert all(e["role"] == role(e["minion"]) and e["actor"] == "salt" for e in moved)
+    after = footprint(backend, settings.data_dir)
+    if backend.name == "files":  # one appended state line per minion, nothing else
+        grew = {k for k in after if after[k] != before.get(k)}
+        assert {k for k in grew if not k.startswith("generations/")} <= {
+            "minions.jsonl", "audit.jsonl", "current"}
+        lines = (settings.data_dir / "minions.jsonl").read_bytes().splitlines()
+        assert len(lines) == 200
+    else:  # one new version of each minion's secret; no new minion secret
+        minions = {k for k in after if "/minions/" in k}
+        assert minions == {k for k in before if "/minions/" in k}
+        assert all(after[k] == before[k] + 1 for k in minions)
+    page = fleet.page()
+    assert "<strong>0</strong> behind" in page
+    rows = re.findall(r'<tr data-minion="([^"]+)" >\s*<td>[^<]*</td><td>[^<]*</td><td>(\d+)</td>',
+                      page)
+    assert sorted(rows) == sorted((m, "2") for m in MINIONS)
+
+
+def test_last_asked_is_stored_at_most_once_per_touch_interval(backend, settings):
+    clock = [datetime(2026, 12, 1, 12, 0, tzinfo=UTC)]
+    worker_a = CertStore(backend, settings, clock=lambda: clock[0])
+    worker_b = CertStore(backend, settings, clock=lambda: clock[0])
+
+    def ask(worker: CertStore, version: int, role: str = "node", minutes: int = 0) -> None:
+        clock[0] += timedelta(minutes=minutes)
+        worker.record_pillar(actor="salt", minion="k8s-node-1", role=role, version=version,
+                             items=("ca.crt",))
+
+    def held() -> tuple[Any, ...]:
+        s = backend.minion("k8s-node-1")
+        return s.version, s.role, f"{s.received:%H:%M}", f"{s.asked:%H:%M}"
+
+    ask(worker_a, 1)
+    ask(worker_b, 1, minutes=1)  # B reads the state once, finds it fresh, writes nothing
+    assert held() == (1, "node", "12:00", "12:00")
+    ask(worker_a, 1, minutes=8)
+    assert held() == (1, "node", "12:00", "12:00")  # 9 minutes: not yet
+    ask(worker_b, 1, minutes=2)
+    assert held() == (1, "node", "12:00", "12:11")  # past 10 minutes: touched
+    ask(worker_a, 1, minutes=1)  # A's view is stale; the stored touch is fresh
+    assert held() == (1, "node", "12:00", "12:11")
+    ask(worker_a, 2, minutes=1)  # a new version: state and one event
+    ask(worker_b, 2, minutes=1)  # B's view says 1: a conflict, a read, no second event
+    assert held() == (2, "node", "12:13", "12:13")
+    ask(worker_b, 2, role="master", minutes=1)  # a new role is a change too
+    assert held() == (2, "master", "12:15", "12:15")
+    events = [(e.version, e.role) for e in backend.audit() if e.action == "pillar"]
+    assert events == [(2, "master"), (2, "node"), (1, "node")]
+
+
+@pytest.mark.parametrize("interval, seconds", [("10m", 600), ("90s", 90), ("1h", 3600)])
+def test_touch_interval_setting(tmp_path, interval, seconds):
+    from tests.conftest import make_settings
+    s = make_settings(tmp_path, **{"delivery.touch_interval": interval})
+    assert s.delivery.touch_interval == seconds
+    assert make_settings(tmp_path).delivery.touch_interval == 600
+
+
+def test_minions_page_lists_five_thousand_minions_in_pages(settings):
+    from pkisvc.backends.files import FilesBackend
+    from pkisvc.model import MinionState
+    from pkisvc.ui import MINIONS_PAGE
+    backend = FilesBackend(settings.data_dir)
+    fleet = Fleet(backend, settings)
+    fleet.store.rotate_leaf("server", actor="test")  # version 2; nodes on 1 hold the same files
+    old = datetime(2020, 1, 1, tzinfo=UTC)  # however old: no window of events hides a minion
+    for i in range(5000):
+        backend.put_minion(MinionState(f"k8s-node-{i:04d}", "node", 1 + i % 2, old, old),
+                           expected=None)
+    page = fleet.page()
+    assert "5000 minions" in page and "<strong>2500</strong> behind" in page
+    assert "<strong>0</strong> of them" in page
+    assert f"page 1 of {5000 // MINIONS_PAGE}" in page
+    seen = set()
+    for n in range(1, 5000 // MINIONS_PAGE + 1):
+        seen |= set(re.findall(r'<tr data-minion="([^"]+)"', fleet.page(f"?page={n}")))
+    assert len(seen) == 5000
