@@ -251,9 +251,9 @@ def paged(tmp_path_factory: pytest.TempPathFactory) -> Service:
     service = Service(tmp_path_factory.mktemp("paged") / "data")
     for i in range(30):
         service.store.rotate_leaf("kubecfg", actor="test", reason=f"r{i}")
-    for i in range(210):
-        service.store.record_delivery(actor="salt", action="pillar", version=1,
-                                      items=("ca.crt",), minion=f"m{i}", role="node")
+    for i in range(210):  # the minions page reads each minion's delivery state
+        service.store.record_pillar(actor="salt", version=1, items=("ca.crt",),
+                                    minion=f"m{i}", role="node")
     return service
 
 
