@@ -110,13 +110,19 @@ def init() -> tuple[dict[str, Any], int]:
                                 key_type=key_type(data), remote_addr=request.remote_addr))
 
 
+def rotation_mode(data: dict[str, Any]) -> str:
+    """A rotation body's `mode`: immediate (the default) or staged."""
+    mode = data.get("mode", "immediate")
+    if mode not in ("immediate", "staged"):
+        raise InvalidRequest("mode must be 'immediate' or 'staged'")
+    return str(mode)
+
+
 @bp.post("/ca/rotate")
 @requires("admin")
 def rotate_ca() -> tuple[dict[str, Any], int]:
     data = body(reason=str, mode=str, key_type=str)
-    mode = data.get("mode", "immediate")
-    if mode not in ("immediate", "staged"):
-        raise InvalidRequest("mode must be 'immediate' or 'staged'")
+    mode = rotation_mode(data)
     change = store().start_rotation if mode == "staged" else store().rotate_ca
     return created(change(actor=g.actor, reason=data.get("reason", ""), key_type=key_type(data),
                           remote_addr=request.remote_addr))
@@ -146,9 +152,7 @@ def rotation() -> dict[str, Any]:
 @requires("admin")
 def rotate_sa() -> tuple[dict[str, Any], int]:
     data = body(reason=str, mode=str, key_type=str)
-    mode = data.get("mode", "immediate")
-    if mode not in ("immediate", "staged"):
-        raise InvalidRequest("mode must be 'immediate' or 'staged'")
+    mode = rotation_mode(data)
     answer, status = created(store().sa_step(
         "start" if mode == "staged" else "immediate", actor=g.actor,
         reason=data.get("reason", ""), key_type=key_type(data), remote_addr=request.remote_addr))

@@ -257,6 +257,12 @@ def rotate_ca(c: Context, key_type: str | None, staged: bool, reason: str) -> No
     done(change(actor=c.actor, reason=reason, key_type=key_type), c.store)
 
 
+def field_rows(state: dict[str, Any]) -> list[list[Any]]:
+    """A state mapping as a FIELD/VALUE table (lists joined, None blank)."""
+    return [["FIELD", "VALUE"], *([k, ", ".join(v) if isinstance(v, list) else
+                                   "" if v is None else v] for k, v in state.items())]
+
+
 @main.group()
 def rotation() -> None:
     """Drive a staged CA rotation: status, continue, finish, abort."""
@@ -268,8 +274,7 @@ def rotation() -> None:
 def rotation_status(c: Context, fmt: str) -> None:
     """Show the open staged rotation, if any."""
     state = c.store.rotation()
-    emit(fmt, state, lambda: [["FIELD", "VALUE"], *([k, "" if v is None else v]
-                                                    for k, v in state.items())])
+    emit(fmt, state, lambda: field_rows(state))
 
 
 @rotation.command("continue")
@@ -324,9 +329,7 @@ def sa_rotation() -> None:
 def sa_rotation_status(c: Context, fmt: str) -> None:
     """Show the service-account key and its open rotation, if any."""
     state = c.store.sa_rotation()
-    emit(fmt, state, lambda: [["FIELD", "VALUE"], *(
-        [k, ", ".join(v) if isinstance(v, list) else "" if v is None else v]
-        for k, v in state.items())])
+    emit(fmt, state, lambda: field_rows(state))
 
 
 @sa_rotation.command("continue")
