@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# pkisvc's setup in Vault or OpenBao, done once by an administrator (README, "The Vault /
+# OpenBao backend").  The three policies beside this script are written for cluster "prod",
+# mount "secret", prefix "pkisvc"; this script renders them for yours.
+#
+#   CLUSTER=prod docs/vault/setup.sh render service|auditor|admin   # print one policy
+#   CLUSTER=prod docs/vault/setup.sh apply                          # mount, policies, AppRole
+#   CLUSTER=prod docs/vault/setup.sh secret-id FILE                 # a new secret ID, 0600
+#
+# Environment: CLUSTER (required), MOUNT (secret), PREFIX (pkisvc): pkisvc's `cluster`,
+# `vault.mount`, `vault.prefix`.  BAO: the command line (bao; `vault` for HashiCorp Vault),
+# which reads BAO_ADDR/VAULT_ADDR and BAO_TOKEN/VAULT_TOKEN as usual.  For `apply`:
+# CIDRS (comma-separated) binds secret IDs and their tokens to the service's addresses;
+# TOKEN_TTL (1h), TOKEN_MAX_TTL (24h), SECRET_ID_TTL (2160h = 90 days).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BAO="${BAO:-bao}"
+MOUNT="${MOUNT:-secret}"
+PREFIX="${PREFIX:-pkisvc}"
+CLUSTER="${CLUSTER:-}"
+name_re='^[A-Za-z0-9._-]+$'
+for v in CLUSTER MOUNT PREFIX; do
+    if ! [[ "${!v}" =~ $name_re ]] || [[ "${!v}" == *..* ]]; then
+        echo "setup.sh: $v must be a plain name (letters, digits, '.', '_', '-')" >&2
+        exit 2
+    fi
+done
+role="pkisvc-$CLUSTER"
+
+render() {  # render service|auditor|admin: the policy for this cluster, mount and prefix
+    local file="$here/pkisvc-$1.hcl"
+    [ -f "$file" ] || { echo "setup.sh: no policy named $1 (service, auditor, admin)" >&2; exit 2; }
+    echo "# pkisvc-$1.hcl rendered for cluster $CLUSTER, mount $MOUNT, prefix $PREFIX"
+    sed -E -e "/^path \"/ s#^path \"secret/([a-z]+)/pkisvc/prod#path \"$MOUNT/\\1/$PREFIX/$CLUSTER#" \
+           -e "/^path \"/ s#pkisvc-prod#$role#g" "$file"
+}
+
+apply() {
+    # The KV v2 mount (an existing one is checked, never changed).
+    local mounts
+    mounts="$("$BAO" secrets list -format=json)"
+    if ! grep -q "\"$MOUNT/\"" <<<"$mounts"; then
+        "$BAO" secrets enable -path="$MOUNT" kv-v2
+    fi
+    local config
+    config="$("$BAO" read -format=json "$MOUNT/config")"
+    if grep -Eq '"delete_version_after": *"[1-9]' <<<"$config"; then
+        echo "setup.sh: $MOUNT has delete_version_after set: it would delete pkisvc's history;" \
+             "give pkisvc a mount without it" >&2
+        exit 1
+    fi
+    # The policies: pkisvc-CLUSTER (the service), -auditor, -admin (break-glass).
+    render service | "$BAO" policy write "$role" -
+    render auditor | "$BAO" policy write "$role-auditor" -
+    render admin | "$BAO" policy write "$role-admin" -
+    # AppRole: reusable secret IDs (every worker, CLI run and restart logs in), bound to CIDRS.
+    if ! "$BAO" auth list -format=json | grep -q '"approle/"'; then
+        "$BAO" auth enable approle
+    fi
+    local bind=()
+    if [ -n "${CIDRS:-}" ]; then
+        bind=("secret_id_bound_cidrs=$CIDRS" "token_bound_cidrs=$CIDRS")
+    fi
+    "$BAO" write "auth/approle/role/$role" token_policies="$role" \
+        token_ttl="${TOKEN_TTL:-1h}" token_max_ttl="${TOKEN_MAX_TTL:-24h}" \
+        secret_id_ttl="${SECRET_ID_TTL:-2160h}" secret_id_num_uses=0 \
+        token_type=service "${bind[@]}" >/dev/null
+    echo "role_id: $("$BAO" read -field=role_id "auth/approle/role/$role/role-id")"
+    if [ "$("$BAO" audit list -format=json 2>/dev/null || echo '{}')" = "{}" ]; then
+        echo "setup.sh: no audit device is enabled: declare one in the server's" \
+             "configuration (OpenBao 2.x) or run \`vault audit enable file …\` (Vault)" >&2
+    fi
+}
+
+secret_id() {  # secret-id FILE: a new secret ID for the role, written 0600 (never printed)
+    local file="$1"
+    (umask 077 && "$BAO" write -f -field=secret_id "auth/approle/role/$role/secret-id" \
+        > "$file.tmp")
+    mv "$file.tmp" "$file"
+    echo "secret ID written to $file"
+}
+
+case "${1:-}" in
+    render) render "${2:-}" ;;
+    apply) apply ;;
+    secret-id) secret_id "${2:?usage: setup.sh secret-id FILE}" ;;
+    *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+esac
