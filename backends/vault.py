@@ -15,11 +15,12 @@ KV cannot write two secrets in one transaction, so a version has one commit poin
 number).  The writer first writes the private keys to a `material-<nonce>` secret of its own,
 then the record naming that nonce, with the certificates and the change's audit event.
 Material no record names is invisible (a writer killed in between, or one that lost the race)
-and is deleted by the writer that commits that version when its policy lets it delete (the shipped one,
-docs/vault/pkisvc-service.hcl, does not: it creates records and material and never changes or
-deletes them; a process checks once, before its first write, that its token may do every step
-of one).  Every secret holds one KV version, so no `max_versions` can drop history, and
-records (history, events, certificates) can be read by a policy that cannot read
+and is deleted by the writer that commits that version when its policy lets it delete (the
+shipped one, docs/vault/pkisvc-service.hcl, does not: it creates records and material and never
+changes or deletes them).  Before its first write of each kind, a process asks Vault whether
+its token may do every step of that write, so a refusal comes before anything is written.
+Every secret holds one KV version, so no `max_versions` can drop history, and records
+(history, events, certificates) can be read by a policy that cannot read
 `material-*` (docs/vault/pkisvc-auditor.hcl).  Records of layout 2 have no certificates:
 their material holds every file.
 
@@ -99,6 +100,8 @@ class VaultBackend:
     """Generations as per-version KV v2 secrets in Vault or OpenBao."""
 
     name = "vault"
+    # KV's created_time is the write's: a migrated version's original time is its record's.
+    sets_stored_time = False
 
     def __init__(self, addr: str, *, cluster: str, mount: str = "secret",
                  prefix: str = "pkisvc", token: str | None = None,
@@ -133,6 +136,7 @@ class VaultBackend:
         # Whether the token may delete uncommitted material; None until the capabilities a
         # version write needs were checked (once per process, before its first write).
         self._may_delete: bool | None = None
+        self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
 
     @classmethod
@@ -418,34 +422,48 @@ class VaultBackend:
         return version
 
     def _check_writes(self, version: int, nonce: str) -> None:
-        """Before this process's first version write: ask Vault (capabilities-self) whether
-        the token may do every step of one, and refuse before writing anything when it may
-        not.  A commit whose `head` cannot move would be a version no reader is shown."""
+        """Before this process's first version write: check that the token may do every step
+        of one (a commit whose `head` cannot move would be a version no reader is shown), and
+        learn whether it may delete material no record names."""
         if self._may_delete is not None:
             return
-        need = {self._data(self._material_path(version, nonce)): ("create",),
-                self._data(self._record_path(version)): ("create", "read"),
-                self._data(self._head_path): ("create", "read", "update")}
         cleanup = self._meta(self._material_path(version, nonce))
+        held = self._require("a version", {
+            self._data(self._material_path(version, nonce)): ("create",),
+            self._data(self._record_path(version)): ("create", "read"),
+            self._data(self._head_path): ("create", "read", "update")}, also=(cleanup,))
+        self._may_delete = held is not None and _has(held, cleanup, "delete")
+
+    def _check_audited(self, kind: str, path: str) -> None:
+        """Before this process's first change of `kind` (a secret written, then its event
+        appended by the store): check that the token may do both, so a refusal writes nothing."""
+        if kind in self._checked:
+            return
+        day = datetime.now(UTC).strftime("%Y%m%d")
+        self._require(kind, {self._data(path): ("create", "read", "update"),
+                             self._data(f"{self._audit_dir}/{day}/probe"): ("create",)})
+        self._checked.add(kind)
+
+    def _require(self, what: str, need: Mapping[str, tuple[str, ...]],
+                 also: tuple[str, ...] = ()) -> dict[str, list[str]] | None:
+        """Ask Vault (capabilities-self) what the token may do on the paths `what` writes;
+        PermissionDenied naming the first capability missing.  Return every path's
+        capabilities, or None when Vault will not tell (a token without the default policy:
+        the writes then find out one by one)."""
         where = "sys/capabilities-self"
         try:
             resp = self.vault.call(where, lambda: self.vault.post(
-                f"/v1/{where}", {"paths": [*need, cleanup]}))
+                f"/v1/{where}", {"paths": [*need, *also]}))
         except PermissionDenied:
-            log.info("cannot ask vault for the token's capabilities (%s refused)", where)
-            self._may_delete = False
-            return
-        held = self.vault.dig(resp, where, "data")
-
-        def has(path: str, cap: str) -> bool:
-            caps = held.get(path) or ()
-            return "root" in caps or cap in caps
+            log.info("cannot check the token's capabilities for %s (%s refused)", what, where)
+            return None
+        held: dict[str, list[str]] = self.vault.dig(resp, where, "data")
         for path, caps in need.items():
             for cap in caps:
-                if not has(path, cap):
+                if not _has(held, path, cap):
                     raise PermissionDenied(f"permission denied on {path}: the token's policy "
                                            f"lacks {cap!r}")
-        self._may_delete = has(cleanup, "delete")
+        return held
 
     def _exists(self, path: str) -> bool:
         try:
@@ -659,6 +677,7 @@ class VaultBackend:
         return self._load_list(self._tokens_path, "tokens", TokenRecord.from_dict)
 
     def _update_tokens(self, change: Callable[[list[TokenRecord]], list[TokenRecord]]) -> None:
+        self._check_audited("tokens", self._tokens_path)  # each change is audited
         self._update_list(self._tokens_path, "tokens", TokenRecord.from_dict, change)
 
     def tokens(self) -> list[TokenRecord]:
@@ -699,6 +718,7 @@ class VaultBackend:
         return self._read_minion(minion)[1]
 
     def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        self._check_audited("minions", f"{self._minions_dir}/{state.minion}")
         version, held = self._read_minion(state.minion)
         if held != expected:
             raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
@@ -726,6 +746,11 @@ class VaultBackend:
             return None  # a policy without the default one: we cannot tell
         name = self.vault.dig(resp, where, "data").get("display_name")
         return str(name) if name else None
+
+
+def _has(held: Mapping[str, Any], path: str, cap: str) -> bool:
+    caps = held.get(path) or ()
+    return "root" in caps or cap in caps
 
 
 def _encoded(files: Mapping[str, bytes]) -> dict[str, str]:

@@ -135,7 +135,7 @@ class OpenBao:
 class PersistentOpenBao(OpenBao):
     """A non-dev `bao server` on raft storage: initialised once, restartable, unsealed by us."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, extra_config: str = "") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.tls = False
@@ -158,7 +158,7 @@ listener "tcp" {{
 }}
 api_addr     = "{self.addr}"
 cluster_addr = "http://{cluster}"
-""")
+{extra_config}""")
         self.start()
         init = hvac.Client(url=self.addr).sys.initialize(secret_shares=1, secret_threshold=1)
         self.token, self._unseal_key = init["root_token"], init["keys"][0]

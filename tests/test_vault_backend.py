@@ -57,7 +57,8 @@ def next_generation(gen, version):
     return StoredGeneration(record, gen.files)
 
 
-def test_each_version_is_a_record_with_its_event_and_certificates_and_a_key_secret(openbao, tmp_path):
+def test_each_version_is_a_record_with_its_event_and_certificates_and_a_key_secret(
+        openbao, tmp_path):
     store, settings = vault_store(openbao, tmp_path)
     store.init(actor="t")
     for i in range(24):
@@ -99,7 +100,8 @@ def test_each_version_is_a_record_with_its_event_and_certificates_and_a_key_secr
 
 def test_replicas_see_each_others_writes_and_conflict(openbao):
     cluster = openbao.settings_overrides()["cluster"]
-    a, b = (VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster)) for _ in "ab")
+    token = openbao.service_token(cluster)
+    a, b = (VaultBackend(openbao.addr, cluster=cluster, token=token) for _ in "ab")
     a.write(fake_generation(1), expected=None)
     assert a.read(1).version == 1  # cached in a from now on
     assert b.latest() == 1
@@ -356,6 +358,9 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
     r = cli("migrate", "--to", "vault")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("migrated 4 versions, 4 audit events and 1 tokens to vault")
+    assert r.output.splitlines()[1] == (
+        "each version keeps its original time in its record (what `pkisvc versions` shows); "
+        "vault's own creation time of each secret is the migration's: it cannot be set")
 
     vault = VaultBackend(openbao.addr, cluster=overrides["cluster"],
                          token=overrides["vault.token"])

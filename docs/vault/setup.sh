@@ -41,7 +41,8 @@ apply() {
     local mounts
     mounts="$("$BAO" secrets list -format=json)"
     if ! grep -q "\"$MOUNT/\"" <<<"$mounts"; then
-        "$BAO" secrets enable -path="$MOUNT" kv-v2
+        "$BAO" secrets enable -path="$MOUNT" kv-v2 >/dev/null
+        echo "enabled KV v2 at $MOUNT/"
     fi
     local config
     config="$("$BAO" read -format=json "$MOUNT/config")"
@@ -51,12 +52,17 @@ apply() {
         exit 1
     fi
     # The policies: pkisvc-CLUSTER (the service), -auditor, -admin (break-glass).
-    render service | "$BAO" policy write "$role" -
-    render auditor | "$BAO" policy write "$role-auditor" -
-    render admin | "$BAO" policy write "$role-admin" -
+    local kind
+    for kind in service auditor admin; do
+        local name="$role-$kind"
+        [ "$kind" = service ] && name="$role"
+        render "$kind" | "$BAO" policy write "$name" - >/dev/null
+        echo "policy $name written"
+    done
     # AppRole: reusable secret IDs (every worker, CLI run and restart logs in), bound to CIDRS.
     if ! "$BAO" auth list -format=json | grep -q '"approle/"'; then
-        "$BAO" auth enable approle
+        "$BAO" auth enable approle >/dev/null
+        echo "enabled AppRole at approle/"
     fi
     local bind=()
     if [ -n "${CIDRS:-}" ]; then
@@ -66,6 +72,7 @@ apply() {
         token_ttl="${TOKEN_TTL:-1h}" token_max_ttl="${TOKEN_MAX_TTL:-24h}" \
         secret_id_ttl="${SECRET_ID_TTL:-2160h}" secret_id_num_uses=0 \
         token_type=service "${bind[@]}" >/dev/null
+    echo "AppRole role $role written"
     echo "role_id: $("$BAO" read -field=role_id "auth/approle/role/$role/role-id")"
     if [ "$("$BAO" audit list -format=json 2>/dev/null || echo '{}')" = "{}" ]; then
         echo "setup.sh: no audit device is enabled: declare one in the server's" \
