@@ -331,6 +331,10 @@ def test_vault_backend_needs_credentials(tmp_path):
     settings = make_settings(tmp_path / "data", backend="vault", **{"vault.role_id": "r"})
     with pytest.raises(ConfigError, match="go together"):
         load_backend(settings)
+    settings = make_settings(tmp_path / "data", backend="vault", **{
+        "vault.role_id": "r", "vault.secret_id": "s", "vault.secret_id_file": "/f"})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_backend(settings)
 
 
 def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run(

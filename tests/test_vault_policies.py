@@ -112,7 +112,8 @@ def test_the_service_policy_is_all_it_needs_each_grant_removed_refuses_cleanly(
     no token without its event)."""
     root = openbao.client()
     rules = blocks(policy("service", "CLUSTER"))
-    assert len(rules) == 10 and sum(len(c) for _, c in rules) == 21
+    grants = sum(len(c) for _, c in rules)
+    assert len(rules) >= 10 and grants >= 21  # every block parsed
     # The whole policy does everything.
     cluster = openbao.settings_overrides()["cluster"]
     first_layout_store(root, cluster, first_layout_generation)
@@ -155,7 +156,7 @@ def test_the_service_policy_is_all_it_needs_each_grant_removed_refuses_cleanly(
                 assert [e.version for e in check.audit(limit=100)
                         if e.action == record.operation].count(record.version) == 1
             refusals[(pattern, cap)] = f"{what}: {message}"
-    assert len(refusals) == 21
+    assert len(refusals) == grants
     print("\n" + "\n".join(f"{cap:>6} {p.split('CLUSTER/')[-1]:<28} {m}"
                            for (p, cap), m in refusals.items()))
 
