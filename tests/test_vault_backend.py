@@ -301,15 +301,17 @@ def test_approle_and_short_lived_tokens_with_a_prefix_policy_are_renewed(openbao
              for r in ("r1", "r2")]
     renewing, relogging = (VaultBackend(openbao.addr, cluster=cluster, role_id=role_id,
                                         secret_id=secret_id) for role_id, secret_id in creds)
-    # A plain token with a short TTL (as an agent or an operator hands out) is renewed too.
-    short = root.auth.token.create(policies=[f"pkisvc-{cluster}"], ttl="2s",
-                                   explicit_max_ttl="5m")["auth"]["client_token"]
-    static = VaultBackend(openbao.addr, cluster=cluster, token=short)
     s = CertStore(renewing, settings)
     s.init(actor="approle")
     s.rotate_leaf("server", actor="approle")
     renewing.put_token(TokenRecord("ops", "b" * 64, ("read",), NOON))
     assert [e.action for e in s.audit()] == ["rotate-server", "init"]
+    # A plain token with a short TTL (as an agent or an operator hands out) is renewed too;
+    # made here, just before its first use (on a loaded machine the writes above can outlast
+    # its 2 s).
+    short = root.auth.token.create(policies=[f"pkisvc-{cluster}"], ttl="2s",
+                                   explicit_max_ttl="5m")["auth"]["client_token"]
+    static = VaultBackend(openbao.addr, cluster=cluster, token=short)
     deadline = time.monotonic() + 5  # 2.5 TTLs of the renewing backend's token
     while time.monotonic() < deadline:
         assert renewing.latest() == 2
