@@ -198,19 +198,21 @@ class CertStore:
         return gone
 
     def check_chain(self) -> dict[str, Any]:
-        """Prune by `audit.keep`, then verify; keep the outcome for health and metrics."""
-        try:
-            self.prune_audit(actor="pkisvc:retention")
-        except PkiError as e:
-            log.warning("audit retention: %s", e.message)
+        """Verify the chain, keep the outcome for health and metrics; then, if it held,
+        prune by `audit.keep` (a broken chain keeps every period: the evidence)."""
         try:
             status = self.verify().to_dict()
         except PkiError as e:
             status = {"ok": False, "first_break": f"cannot check: {e.message}"}
         status["checked_at"] = self.now()
+        self.chain_status = status
         if not status["ok"]:
             log.error("audit chain: %s", status["first_break"])
-        self.chain_status = status
+            return status
+        try:
+            self.prune_audit(actor="pkisvc:retention")
+        except PkiError as e:
+            log.warning("audit retention: %s", e.message)
         return status
 
     def watch_chain(self) -> None:
