@@ -79,7 +79,8 @@ class OpenBao:
         """Settings keys for a vault backend on its own, fresh cluster name."""
         return {"backend": "vault", "cluster": f"c{uuid.uuid4().hex[:12]}",
                 "vault.addr": self.addr, "vault.token": self.token,
-                "vault.ca_cert": self.ca_cert, **extra}
+                "vault.ca_cert": self.ca_cert,
+                "chain_key_file": str(self.workdir / "chain.key"), **extra}
 
     def _state(self) -> str:
         # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'.

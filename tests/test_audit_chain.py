@@ -98,7 +98,7 @@ def period_files(data: Path) -> list[Path]:
 
 
 def test_an_untouched_store_verifies(files_store):
-    store, _, settings, env = files_store
+    _store, _, settings, env = files_store
     report = assert_holds(settings, env)
     assert report["versions"] == 5 and report["periods"] == 4
     assert report["events"] == 8
@@ -134,12 +134,12 @@ def test_a_back_dated_event_is_named(files_store):
     forged = json.loads(lines[1])
     forged["event"]["actor"] = "intruder"
     forged["seq"] = len(lines)  # after the close: an event landing in a closed period
-    first.write_text("\n".join(lines + [json.dumps(forged)]) + "\n")
+    first.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
     assert_named(settings, env, f"events of {first.stem}", "altered or inserted")
 
 
 def test_a_version_written_around_pkisvc_is_named(files_store):
-    store, _, settings, env = files_store
+    _store, _, settings, env = files_store
     gens = settings.data_dir / "generations"
     shutil.copytree(gens / "000005", gens / "000006")
     record = json.loads((gens / "000006" / "record.json").read_text())
@@ -164,7 +164,7 @@ def test_purging_the_oldest_periods_within_audit_keep_is_named(files_store):
 
 
 def test_retention_prunes_whole_periods_and_the_chain_holds(files_store):
-    store, clock, settings, env = files_store
+    store, clock, settings, _env = files_store
     days = [f.stem for f in period_files(settings.data_dir)]
     clock.now += 28 * DAY  # now - audit.keep (30d) falls on the third day
     assert store.prune_audit(actor="pkisvc:retention") == days[:2]
@@ -172,7 +172,7 @@ def test_retention_prunes_whole_periods_and_the_chain_holds(files_store):
     assert left[:-1] == days[2:]  # and the prune's own event opened the period of its day
     clock.now += 300 * DAY
     assert store.prune_audit(actor="pkisvc:retention") == days[2:]  # never the newest
-    assert [f.stem for f in period_files(settings.data_dir)][0] == left[-1]
+    assert next(f.stem for f in period_files(settings.data_dir)) == left[-1]
     report = store.verify()
     assert report.ok, report.breaks
     assert any("pruned (audit.keep)" in n for n in report.notes)
@@ -241,7 +241,7 @@ def periods_of(openbao: Any, base: str) -> list[str]:
 
 @pytest.mark.vault
 def test_vault_an_untouched_store_verifies(openbao, vault_store):
-    store, settings, env, base = vault_store
+    _store, settings, env, _base = vault_store
     report = assert_holds(settings, env)
     assert report["versions"] == 4 and report["periods"] == 3 and report["events"] == 6
 
@@ -271,7 +271,7 @@ def test_vault_a_back_dated_event_is_named(openbao, vault_store):
 
 @pytest.mark.vault
 def test_vault_a_version_written_around_pkisvc_is_named(openbao, vault_store):
-    store, settings, env, base = vault_store
+    _store, settings, env, base = vault_store
     payload = kv_get(openbao, f"{base}/versions/4/record")
     material = kv_get(openbao, f"{base}/versions/4/material-{payload['material']}")
     bao(openbao, "kv", "put", f"{base}/versions/5/material-{payload['material']}", "-",
