@@ -338,9 +338,9 @@ class FilesBackend:
         with self._io("append to the audit log"), self._events_locked():
             entries = _PeriodFiles(self._events_dir)
             tail = entries.tail()
-            key, _ = self.chain_key.for_write(chained=tail is not None,
-                                              unchained=self.latest() or 0)
-            periods.append(entries, key, event, self._read_current())
+            after = self.latest()
+            key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
+            periods.append(entries, key, event, after)
 
     @contextlib.contextmanager
     def _events_locked(self) -> Iterator[None]:

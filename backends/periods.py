@@ -36,8 +36,19 @@ def append(entries: Entries, key: bytes, event: AuditEvent, after_version: int |
     """Append event at the chain's tail (in its own period, or the newest if that is later);
     return its entry.
 
-    Raises: BackendUnavailable after ATTEMPTS lost races (or what the primitives raise).
+    Raises: InvalidRequest (text that cannot be stored as sent); BackendUnavailable after
+    ATTEMPTS lost races (or what the primitives raise).
     """
+    chain.canonical(event.to_dict())  # text it cannot store as sent: refused, nothing written
+    try:
+        return _append(entries, key, event, after_version)
+    except (KeyError, TypeError, ValueError):
+        raise BackendUnavailable("the audit chain's last entry is not a chain entry (see "
+                                 "`pkisvc verify`); event not written") from None
+
+
+def _append(entries: Entries, key: bytes, event: AuditEvent, after_version: int | None
+            ) -> Entry:
     day = chain.period_of(event.time)
     tail = entries.tail()
     for _ in range(ATTEMPTS):

@@ -468,15 +468,10 @@ class VaultBackend:
     def append_audit(self, event: AuditEvent) -> None:
         entries = _EventSecrets(self)
         tail = entries.tail()
-        key, _ = self.chain_key.for_write(chained=tail is not None,
-                                          unchained=self.latest() or 0)
+        # The latest version this process knows (no read when it has seen one).
         after = self._head_seen[0] if self._head_seen is not None else self.latest()
-        try:
-            entry = periods.append(entries, key, event, after)
-        except (KeyError, TypeError):
-            raise BackendUnavailable(f"vault at {self.addr}: the tail of "
-                                     f"{self._data(self._events_dir)} is not a chain entry"
-                                     ) from None
+        key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
+        entry = periods.append(entries, key, event, after)
         self._remember_event(f"{entry['period']}/{entry['seq']:09d}",
                              (appended_order(event, after, entry["period"], entry["seq"]),
                               event))

@@ -223,7 +223,10 @@ class CertStore:
 
         def run() -> None:
             while True:
-                self.check_chain()
+                try:
+                    self.check_chain()
+                except Exception:  # a bug must not end the watch silently
+                    log.exception("audit chain: the check failed")
                 if not interval:
                     return
                 time.sleep(interval)

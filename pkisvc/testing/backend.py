@@ -214,6 +214,18 @@ class BackendContract:
                               prunable_before=names[0])
         assert "purged range" in (purged.breaks or [""])[0]
 
+    def test_text_that_cannot_be_stored_as_sent_is_refused(self, backend: Backend) -> None:
+        # OpenBao would keep U+FFFD for a lone surrogate: the digest of what is read back
+        # would not be the one linked.  Refused before anything is written.
+        gen = fake_generation(1)
+        bad = StoredGeneration(dataclasses.replace(gen.record, reason="\ud800"), gen.files)
+        with pytest.raises(PkiError):
+            backend.write(bad, expected=None)
+        with pytest.raises(PkiError):
+            backend.append_audit(AuditEvent(time=NOON, actor="\udc80", action="key-read"))
+        assert backend.latest() is None and backend.audit() == []
+        assert backend.chain_periods() == []
+
     def test_events_of_one_second_keep_their_order(self, backend: Backend) -> None:
         def change(v: int) -> None:
             backend.write(fake_generation(v), expected=v - 1 or None,
