@@ -564,7 +564,7 @@ class VaultBackend:
                 old = self._read(self._material, v)  # the first layout
                 return chain.StoredVersion(v, old["data"]["data"]["record"],
                                            old["data"]["data"].get("event"))
-            except (NotFound, KeyError, TypeError):
+            except (NotFound, PermissionDenied, KeyError, TypeError):
                 return chain.StoredVersion(v, None, problems=(
                     "its record is missing (deleted, destroyed or never committed)",))
         data = resp.get("data", {})
