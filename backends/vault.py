@@ -795,7 +795,8 @@ class _EventSecrets:
     def tail(self) -> Mapping[str, Any] | None:
         if self.b._tail is not None:
             return self.b._tail
-        periods_ = self.b._periods()
+        # A day's name, nothing else: a stray secret under events/ is the walk's to name.
+        periods_ = [p for p in self.b._periods() if len(p) == 8 and p.isdigit()]
         if not periods_:
             return None
         names = [n for n in self.b._entry_names(periods_[-1]) if n.isdigit()]
