@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Collection, Protocol, runtime_checkable
 
+from pkisvc.chain import ChainKey, StoredPeriod, StoredVersion
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
     MINION_ID,
@@ -32,6 +33,7 @@ class Backend(Protocol):
     """A versioned store of generations, an audit trail and hashed API tokens."""
 
     name: str
+    chain_key: ChainKey  # links what the backend writes (pkisvc.chain)
 
     def latest(self) -> int | None:
         """Return the newest version, or None for an empty store.
@@ -74,6 +76,29 @@ class Backend(Protocol):
         committed with generations and the appended ones, merged by time.
 
         Raises: BackendUnavailable.
+        """
+
+    def chain_versions(self) -> list[StoredVersion]:
+        """Return every version as stored, read afresh (no cache), oldest first, for
+        `pkisvc verify`: record, event and chain link as read back, the digests of its files
+        (None when this token cannot read them), what the backend saw wrong itself.  A
+        missing number has `record=None`.
+
+        Raises: BackendUnavailable.
+        """
+
+    def chain_periods(self) -> list[StoredPeriod]:
+        """Return every period of appended events as stored, read afresh, oldest first,
+        each entry under the name it is stored by (its number).
+
+        Raises: BackendUnavailable.
+        """
+
+    def prune_periods(self, before: str) -> list[str]:
+        """Remove the appended events of whole periods older than `before` (never the
+        newest period); return the periods removed, oldest first.
+
+        Raises: PermissionDenied, BackendUnavailable.
         """
 
     def ping(self) -> None:
@@ -184,27 +209,41 @@ def checked_version(gen: StoredGeneration, expected: int | None, reserved: str) 
     return version
 
 
-def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
+# An appended event's place among change events: (time, the latest version its writer knew,
+# 1, period, number); a change event's is (time, its version, 0, "", 0).  Within one second an
+# event written after version n lists above n's change event and below n+1's.  Events from
+# before the chain knew no version: taken as later than any change of their second.
+Order = tuple[datetime, int, int, str, int]
+UNORDERED = 2**62
+
+
+def change_order(e: AuditEvent) -> Order:
+    return (e.time, e.version or 0, 0, "", 0)
+
+
+def appended_order(e: AuditEvent, after_version: int | None, period: str = "",
+                   seq: int = 0) -> Order:
+    return (e.time, UNORDERED if after_version is None else after_version, 1, period, seq)
+
+
+def merged_events(changes: Iterable[AuditEvent], appended: Iterable[tuple[Order, AuditEvent]],
                   since: datetime | None, limit: int) -> list[AuditEvent]:
     """Merge two newest-first streams of events (the change events read from generations,
-    newest version first, and the appended ones) into up to `limit` events at or after
-    `since`, newest first.  Both streams are read lazily: only as far as the answer needs.
+    newest version first, and the appended ones with their `Order`) into up to `limit`
+    events at or after `since`, newest first.  Both streams are read lazily: only as far as
+    the answer needs.
     """
-    # Times have whole seconds.  Within one second an appended event (a delivery, a key read,
-    # a token made) is taken as later than a change: what follows a change is most often
-    # about it, or about the version it left behind.
-    def bounded(events: Iterable[AuditEvent], rank: int
-                ) -> Iterator[tuple[tuple[datetime, int], AuditEvent]]:
-        for e in events:
-            t = e.time
-            if since is not None and t < since:
-                if rank == 0:
+    def bounded(events: Iterable[tuple[Order, AuditEvent]], versions: bool
+                ) -> Iterator[tuple[Order, AuditEvent]]:
+        for order, e in events:
+            if since is not None and e.time < since:
+                if versions:
                     return  # versions are made in time order: the rest is older still
                 continue
-            yield (t, rank), e
+            yield order, e
 
-    merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
-                         key=lambda p: p[0], reverse=True)
+    merged = heapq.merge(bounded(((change_order(e), e) for e in changes), True),
+                         bounded(appended, False), key=lambda p: p[0], reverse=True)
     return [e for _, e in itertools.islice(merged, max(limit, 0))]
 
 

@@ -1,9 +1,11 @@
 """The default backend: a versioned directory tree on local disk.
 
-    <data_dir>/generations/000001/{record.json, event.json, ca.crt, ...} immutable, 0700/0600
+    <data_dir>/generations/000001/{record.json, event.json, chain.json, ca.crt, ...}
+                                immutable, 0700/0600; chain.json is the version's chain link
     <data_dir>/current          the latest version, replaced atomically
-    <data_dir>/audit.jsonl      one JSON event per line, appended with fsync (events that are
-                                not changes; stores older than event.json have theirs here)
+    <data_dir>/events/<day>.jsonl  appended events (not changes), one chain entry a line
+                                (`pkisvc.chain`), appended with fsync under .events.lock
+    <data_dir>/audit.jsonl      appended events of stores older than the chain (read only)
     <data_dir>/tokens.json      hashed API tokens
     <data_dir>/minions.jsonl    minions' delivery states: one JSON line per change, the last
                                 line of a minion wins; compacted (rewritten whole, renamed)
@@ -28,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -39,7 +42,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
+from pkisvc import chain
+from pkisvc.backends import periods
+from pkisvc.backends.base import (
+    Order,
+    appended_order,
+    checked_digest,
+    checked_minion,
+    checked_version,
+    merged_events,
+)
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
@@ -60,6 +72,9 @@ from pkisvc.settings import Settings
 
 RECORD = "record.json"
 EVENT = "event.json"  # the change's audit event, committed with its generation
+CHAIN = "chain.json"  # the version's link in the audit chain
+NOT_FILES = (RECORD, EVENT, CHAIN)
+_PERIOD_FILE = re.compile(r"([0-9]{8})\.jsonl")
 _GEN_DIR = re.compile(r"[0-9]{6,}")
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 T = TypeVar("T")
@@ -70,8 +85,12 @@ class FilesBackend:
 
     name = "files"
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str],
+                 chain_key: chain.ChainKey | None = None) -> None:
         self.root = Path(root)
+        self.chain_key = chain_key or chain.ChainKey(self.root / "chain.key")
+        self._events_dir = self.root / "events"
+        self._links: dict[int, dict[str, Any] | None] = {}
         self._gens = self.root / "generations"
         self._tmp = self.root / "tmp"
         self._current = self.root / "current"
@@ -91,7 +110,7 @@ class FilesBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
-        return cls(settings.data_dir)
+        return cls(settings.data_dir, chain.ChainKey(settings.chain_key_path))
 
     def __repr__(self) -> str:
         return f"FilesBackend({str(self.root)!r})"
@@ -212,7 +231,7 @@ class FilesBackend:
             try:
                 files = {}
                 for entry in os.scandir(d):
-                    if entry.name not in (RECORD, EVENT) and valid_file_name(entry.name):
+                    if entry.name not in NOT_FILES and valid_file_name(entry.name):
                         files[entry.name] = Path(entry.path).read_bytes()
                 record = GenerationRecord.from_dict(json.loads((d / RECORD).read_bytes()))
             except FileNotFoundError:
@@ -225,19 +244,28 @@ class FilesBackend:
     def write(self, gen: StoredGeneration, *, expected: int | None,
               event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RECORD)
-        if EVENT in gen.files:
-            raise InvalidRequest(f"not a storable file name: {EVENT!r}")
+        for reserved in (EVENT, CHAIN):
+            if reserved in gen.files:
+                raise InvalidRequest(f"not a storable file name: {reserved!r}")
         with self._io(f"write version {version}"), self._locked():
             current = self._read_current()
             if current != expected:
                 raise VersionConflict(
                     f"the store is at version {current}, the writer built on {expected}")
+            record = gen.record.to_dict()
+            stored_event = event.to_dict() if event is not None else None
+            prev = self._link(expected) if expected else None
+            key, unchained = self.chain_key.for_write(chained=prev is not None,
+                                                      unchained=expected or 0)
+            link = chain.link_version(key, record, stored_event, chain.file_digests(gen.files),
+                                      prev["mac"] if prev else None, unchained)
             stage = self._tmp / f"{version:06d}.{os.getpid()}.{secrets.token_hex(4)}"
             stage.mkdir(mode=0o700)
             os.chmod(stage, 0o700)
-            files = {**gen.files, RECORD: json.dumps(gen.record.to_dict(), indent=1).encode()}
-            if event is not None:
-                files[EVENT] = json.dumps(event.to_dict(), separators=(",", ":")).encode()
+            files = {**gen.files, RECORD: json.dumps(record, indent=1).encode(),
+                     CHAIN: json.dumps(link, separators=(",", ":")).encode()}
+            if stored_event is not None:
+                files[EVENT] = json.dumps(stored_event, separators=(",", ":")).encode()
             for name, data in files.items():
                 _write_file(stage / name, data, sync=False)
             # fsync every file and the directory at once: ext4 commits them in one journal
@@ -254,7 +282,40 @@ class FilesBackend:
         self._cache[version] = gen
         self._records[version] = gen.record
         self._events[version] = event
+        self._links[version] = link
         return version
+
+    def _link(self, version: int) -> dict[str, Any] | None:
+        """A version's chain link (None: written before the chain)."""
+        if version not in self._links:
+            try:
+                self._links[version] = json.loads((self._gen_dir(version) / CHAIN).read_bytes())
+            except FileNotFoundError:
+                self._links[version] = None
+        return self._links[version]
+
+    def chain_versions(self) -> list[chain.StoredVersion]:
+        out = []
+        with self._io("read versions"):
+            for v in self._dir_versions():
+                out.append(self._stored_version(v))
+        return out
+
+    def _stored_version(self, v: int) -> chain.StoredVersion:
+        d = self._gen_dir(v)
+        found: dict[str, Any] = {}
+        digests = {}
+        for entry in os.scandir(d):
+            data = Path(entry.path).read_bytes()
+            if entry.name in NOT_FILES:
+                try:
+                    found[entry.name] = json.loads(data)
+                except ValueError:
+                    found[entry.name] = {"unreadable": entry.name}
+            elif valid_file_name(entry.name):
+                digests[entry.name] = hashlib.sha256(data).hexdigest()
+        return chain.StoredVersion(v, found.get(RECORD), found.get(EVENT), found.get(CHAIN),
+                                   digests)
 
     def versions(self) -> list[GenerationRecord]:
         latest = self.latest()
@@ -274,19 +335,70 @@ class FilesBackend:
     # --- audit -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:
-        line = (json.dumps(event.to_dict(), separators=(",", ":")) + "\n").encode()
-        with self._io("append to the audit log"):
-            self._ensure_dirs()
-            _append_line(self._audit, line)
+        with self._io("append to the audit log"), self._events_locked():
+            entries = _PeriodFiles(self._events_dir)
+            tail = entries.tail()
+            after = self.latest()
+            key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
+            periods.append(entries, key, event, after)
+
+    @contextlib.contextmanager
+    def _events_locked(self) -> Iterator[None]:
+        self._ensure_dirs()
+        self._events_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.root / ".events.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         with self._io("read the audit log"):
-            try:
-                lines = self._audit.read_bytes().splitlines()
-            except FileNotFoundError:
-                lines = []
             latest = self.latest() or 0
-            return merged_events(self._change_events(latest), _appended(lines), since, limit)
+            return merged_events(self._change_events(latest), self._appended(since), since,
+                                 limit)
+
+    def _appended(self, since: datetime | None) -> Iterator[tuple[Order, AuditEvent]]:
+        """Appended events, newest first: the chained periods, then the log from before."""
+        floor = chain.period_of(since) if since is not None else ""
+        for period in reversed(_period_names(self._events_dir)):
+            if period < floor:
+                return  # a period holds no event of a later day than its own
+            lines = (self._events_dir / f"{period}.jsonl").read_bytes().splitlines()
+            for raw in reversed(lines):
+                entry = _parsed(raw)
+                if entry is not None and entry.get("kind") == "event":
+                    try:
+                        e = AuditEvent.from_dict(entry["event"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    yield appended_order(e, entry.get("v"), period, entry["seq"]), e
+        try:
+            lines = self._audit.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for e in _appended(lines):
+            yield appended_order(e, None), e
+
+    def chain_periods(self) -> list[chain.StoredPeriod]:
+        with self._io("read the audit log"):
+            out = []
+            for period in _period_names(self._events_dir):
+                lines = (self._events_dir / f"{period}.jsonl").read_bytes().splitlines()
+                entries = [e for e in map(_parsed, lines) if e is not None]
+                out.append(chain.StoredPeriod(period, [(str(i), e)
+                                                       for i, e in enumerate(entries)]))
+            return out
+
+    def prune_periods(self, before: str) -> list[str]:
+        with self._io("prune the audit log"), self._events_locked():
+            gone = [p for p in _period_names(self._events_dir)[:-1] if p < before]
+            for p in gone:
+                os.unlink(self._events_dir / f"{p}.jsonl")
+            if gone:
+                _fsync_dir(self._events_dir)
+            return gone
 
     def _change_events(self, latest: int) -> Iterator[AuditEvent]:
         """The change events of generations, newest first (read once each, then cached)."""
@@ -481,6 +593,70 @@ class FilesBackend:
 
     def identity(self) -> str | None:
         return None
+
+
+class _PeriodFiles:
+    """`periods.Entries` over events/<day>.jsonl; used with .events.lock held, so every
+    create lands (no other writer can take the number)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def tail(self) -> dict[str, Any] | None:
+        names = _period_names(self.root)
+        return _last_entry(self.root / f"{names[-1]}.jsonl") if names else None
+
+    def entry(self, period: str, seq: int) -> dict[str, Any] | None:
+        try:
+            lines = (self.root / f"{period}.jsonl").read_bytes().splitlines()
+        except FileNotFoundError:
+            return None
+        entries = [e for e in map(_parsed, lines) if e is not None]
+        return entries[seq] if seq < len(entries) else None
+
+    def create(self, period: str, seq: int, entry: Any) -> bool:
+        path = self.root / f"{period}.jsonl"
+        new = not path.exists()
+        _append_line(path, (json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+                            + "\n").encode())
+        if new:
+            _fsync_dir(self.root)
+        return True
+
+
+def _period_names(root: Path) -> list[str]:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(m.group(1) for m in map(_PERIOD_FILE.fullmatch, names) if m)
+
+
+def _parsed(raw: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None  # a line torn by a crash mid-append
+    return entry if isinstance(entry, dict) else None
+
+
+def _last_entry(path: Path, span: int = 65536) -> dict[str, Any] | None:
+    """The last whole entry of a period file (reads only its end)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        while True:
+            start = max(0, size - span)
+            f.seek(start)
+            lines = f.read(size - start).splitlines()
+            if start > 0:
+                lines = lines[1:]  # maybe cut
+            for raw in reversed(lines):
+                entry = _parsed(raw)
+                if entry is not None:
+                    return entry
+            if start == 0:
+                return None
+            span *= 4
 
 
 class _MinionTable:

@@ -2,10 +2,13 @@
 
     <mount>/data/<prefix>/<cluster>/versions/<n>/material-<nonce>  the private keys, base64
     <mount>/data/<prefix>/<cluster>/versions/<n>/record           record + change event +
-                                                                   certificates: the commit,
-                                                                   created with cas=0
+                                                                   certificates + chain link:
+                                                                   the commit, cas=0
     <mount>/data/<prefix>/<cluster>/head                          {"version": n}, moved after
-    <mount>/data/<prefix>/<cluster>/audit/<day>/<key>             one secret per appended event
+    <mount>/data/<prefix>/<cluster>/events/<day>/<seq>            one chain entry per appended
+                                                                   event (pkisvc.chain), cas=0
+    <mount>/data/<prefix>/<cluster>/audit/<day>/<key>             appended events from before
+                                                                   the chain (read only)
     <mount>/data/<prefix>/<cluster>/tokens                        the hashed API tokens
     <mount>/data/<prefix>/<cluster>/sessions                      the operator pages' sessions
     <mount>/data/<prefix>/<cluster>/minions/<id>                  one minion's delivery state
@@ -48,7 +51,6 @@ import dataclasses
 import logging
 import secrets
 import threading
-import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -56,7 +58,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from pkisvc.backends.base import checked_digest, checked_minion, checked_version, merged_events
+from pkisvc import chain
+from pkisvc.backends import periods
+from pkisvc.backends.base import (
+    Order,
+    appended_order,
+    checked_digest,
+    checked_minion,
+    checked_version,
+    merged_events,
+)
 from pkisvc.backends.vault_client import VaultClient
 from pkisvc.errors import (
     AnswerLost,
@@ -108,7 +119,8 @@ class VaultBackend:
                  token_file: str | None = None, role_id: str | None = None,
                  secret_id: str | None = None, ca_cert: str | None = None,
                  timeout: float = 5.0, max_versions: int = 1000,
-                 secret_id_file: str | None = None) -> None:
+                 secret_id_file: str | None = None,
+                 chain_key: chain.ChainKey | None = None) -> None:
         self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
                                  secret_id=secret_id, ca_cert=ca_cert, timeout=timeout,
                                  secret_id_file=secret_id_file)
@@ -119,7 +131,12 @@ class VaultBackend:
         self._versions = f"{self.base}/versions"
         self._head_path = f"{self.base}/head"
         self._material = f"{self.base}/material"  # the first layout (read only)
-        self._audit_dir = f"{self.base}/audit"
+        self._audit_dir = f"{self.base}/audit"  # appended events from before the chain
+        self._events_dir = f"{self.base}/events"
+        # None: a key kept in memory only — for tests and tools; from_settings gives a file.
+        self.chain_key = chain_key or chain.ChainKey(None)
+        self._links: dict[int, dict[str, Any] | None] = {}
+        self._tail: Mapping[str, Any] | None = None  # the event chain's last entry seen
         self._tokens_path = f"{self.base}/tokens"
         self._minions_dir = f"{self.base}/minions"
         self._sessions_path = f"{self.base}/sessions"
@@ -129,7 +146,7 @@ class VaultBackend:
         self._nonces: dict[int, str | None] = {}  # None: a version of the first layout
         # Each version's change event (None: written before events moved into the version).
         self._changes: dict[int, AuditEvent | None] = {}
-        self._events: OrderedDict[str, AuditEvent] = OrderedDict()
+        self._events: OrderedDict[str, tuple[Order, AuditEvent]] = OrderedDict()
         self._healed = False
         self._head_seen: tuple[int, int] | None = None  # the last head read or written
         self._public: OrderedDict[int, dict[str, bytes]] = OrderedDict()  # records' files
@@ -145,7 +162,8 @@ class VaultBackend:
         return cls(v.addr, cluster=settings.cluster, mount=v.mount, prefix=v.prefix,
                    token=v.token, token_file=v.token_file, role_id=v.role_id,
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
-                   max_versions=v.max_versions, secret_id_file=v.secret_id_file)
+                   max_versions=v.max_versions, secret_id_file=v.secret_id_file,
+                   chain_key=chain.ChainKey(settings.chain_key_path))
 
     @property
     def addr(self) -> str:
@@ -206,11 +224,12 @@ class VaultBackend:
             return gen
 
     def _note(self, version: int, record: GenerationRecord, event: AuditEvent | None,
-              nonce: str | None) -> None:
+              nonce: str | None, link: dict[str, Any] | None = None) -> None:
         with self._lock:
             self._records[version] = record
             self._changes[version] = event
             self._nonces[version] = nonce
+            self._links[version] = link
 
     def _unreadable(self, where: str) -> BackendUnavailable:
         return BackendUnavailable(f"vault at {self.addr}: {where} is not a pkisvc generation")
@@ -303,12 +322,13 @@ class VaultBackend:
             event = AuditEvent.from_dict(payload["event"]) if payload.get("event") else None
             nonce = str(payload["material"])
             public = _files(payload.get("files") or {})
+            link = payload.get("chain")
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
             raise self._unreadable(where) from None
         if rec.version != version:
             raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
                                      f"{rec.version}")
-        self._note(version, rec, event, nonce)
+        self._note(version, rec, event, nonce, link if isinstance(link, dict) else None)
         with self._lock:
             self._public[version] = public
             while len(self._public) > CACHE_SIZE:
@@ -391,15 +411,22 @@ class VaultBackend:
                 self._first_layout_top = self._first_layout_latest()
             if version <= self._first_layout_top:
                 raise VersionConflict(f"version {version} exists (first layout)")
+        stored_record = gen.record.to_dict()
+        stored_event = event.to_dict() if event is not None else None
+        prev = self._link(expected) if expected else None
+        key, unchained = self.chain_key.for_write(chained=prev is not None,
+                                                  unchained=expected or 0)
+        link = chain.link_version(key, stored_record, stored_event,
+                                  chain.file_digests(gen.files),
+                                  prev["mac"] if prev else None, unchained)
         nonce = secrets.token_hex(8)
         material = self._material_path(version, nonce)
         self._check_writes(version, nonce)
         keys = {n: b for n, b in gen.files.items() if not n.endswith(PUBLIC)}
         public = {n: b for n, b in gen.files.items() if n.endswith(PUBLIC)}
         self._write(material, {"pkisvc": FORMAT, "files": _encoded(keys)}, cas=0)
-        record = {"pkisvc": FORMAT, "record": gen.record.to_dict(),
-                  "event": event.to_dict() if event is not None else None, "material": nonce,
-                  "files": _encoded(public)}
+        record = {"pkisvc": FORMAT, "record": stored_record, "event": stored_event,
+                  "material": nonce, "files": _encoded(public), "chain": link}
         try:
             # The commit point.  A policy that may create records but not update them (the
             # shipped one) answers "permission denied" where the record exists.
@@ -416,7 +443,7 @@ class VaultBackend:
         except AnswerLost as lost:
             if not self._committed(version, nonce, lost):
                 raise
-        self._note(version, gen.record, event, nonce)
+        self._note(version, gen.record, event, nonce, link)
         self._remember(gen)
         self._after_commit(version, nonce)
         return version
@@ -441,7 +468,7 @@ class VaultBackend:
             return
         day = datetime.now(UTC).strftime("%Y%m%d")
         self._require(kind, {self._data(path): ("create", "read", "update"),
-                             self._data(f"{self._audit_dir}/{day}/probe"): ("create",)})
+                             self._data(f"{self._events_dir}/{day}/probe"): ("create",)})
         self._checked.add(kind)
 
     def _require(self, what: str, need: Mapping[str, tuple[str, ...]],
@@ -471,6 +498,12 @@ class VaultBackend:
         except NotFound:
             return False
         return True
+
+    def _link(self, version: int) -> dict[str, Any] | None:
+        """A version's chain link (None: written before the chain, or no such version)."""
+        self._record(version)
+        with self._lock:
+            return self._links.get(version)
 
     def _committed(self, version: int, nonce: str, lost: AnswerLost) -> bool:
         """After a lost answer: whether our record is the one committed (False: none is)."""
@@ -525,20 +558,15 @@ class VaultBackend:
     # --- audit -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:
-        when = event.time
-        day = when.strftime("%Y%m%d")
-        # Key order is time order: the event's second, then a nanosecond tie-breaker for
-        # events within one second, then randomness so two writers never collide.
-        for _ in range(3):
-            key = (f"{day}/{when.strftime('%H%M%S')}-{time.time_ns():020d}-"
-                   f"{secrets.token_hex(4)}")
-            try:
-                self._write(f"{self._audit_dir}/{key}", {"event": event.to_dict()}, cas=0)
-            except VersionConflict:
-                continue
-            self._remember_event(key, event)
-            return
-        raise BackendUnavailable(f"vault at {self.addr}: cannot find a free audit key")
+        entries = _EventSecrets(self)
+        tail = entries.tail()
+        # The latest version this process knows (no read when it has seen one).
+        after = self._head_seen[0] if self._head_seen is not None else self.latest()
+        key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
+        entry = periods.append(entries, key, event, after)
+        self._remember_event(f"{entry['period']}/{entry['seq']:09d}",
+                             (appended_order(event, after, entry["period"], entry["seq"]),
+                              event))
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         latest = self.latest() or 0
@@ -552,29 +580,136 @@ class VaultBackend:
                 if event is not None:
                     yield event
 
-    def _appended(self, since: datetime | None) -> Iterator[AuditEvent]:
-        """The appended events (not changes), newest first, down to since's second."""
-        if since is not None and since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)
-        floor = since.astimezone(UTC).strftime("%Y%m%d%H%M%S") if since else ""
+    def _periods(self) -> list[str]:
+        return sorted(d.rstrip("/") for d in self._list(self._events_dir) if d.endswith("/"))
+
+    def _entry_names(self, period: str) -> list[str]:
+        return sorted(k for k in self._list(f"{self._events_dir}/{period}")
+                      if not k.endswith("/"))
+
+    def _appended(self, since: datetime | None) -> Iterator[tuple[Order, AuditEvent]]:
+        """The appended events, newest first, down to since's period: the chained ones,
+        then those from before the chain."""
+        floor = chain.period_of(since) if since is not None else ""
+        for period in reversed(self._periods()):
+            if period < floor:
+                return  # a period holds no event of a later day than its own
+            for name in reversed(self._entry_names(period)):
+                found = self._chained_event(period, name)
+                if found is not None:
+                    yield found
+        yield from self._unchained(floor)
+
+    def _chained_event(self, period: str, name: str) -> tuple[Order, AuditEvent] | None:
+        key = f"{period}/{name}"
+        with self._lock:
+            cached = self._events.get(key)
+        if cached is not None:
+            return cached
+        entry = self._stored_entry(f"{self._events_dir}/{key}")
+        if entry is None or entry.get("kind") != "event":
+            return None
+        try:
+            event = AuditEvent.from_dict(entry["event"])
+            found = (appended_order(event, entry.get("v"), period, int(entry["seq"])), event)
+        except (KeyError, TypeError, ValueError):
+            log.warning("skipping unreadable audit event %s", key)
+            return None
+        self._remember_event(key, found)
+        return found
+
+    def _stored_entry(self, path: str) -> dict[str, Any] | None:
+        try:
+            resp = self._read(path)
+        except NotFound:
+            return None
+        entry = resp.get("data", {}).get("data", {}).get("entry")
+        return entry if isinstance(entry, dict) else None
+
+    def _unchained(self, floor: str) -> Iterator[tuple[Order, AuditEvent]]:
+        """The appended events written before the chain, newest first."""
         days = sorted((d.rstrip("/") for d in self._list(self._audit_dir) if d.endswith("/")),
                       reverse=True)
         for day in days:
-            if day < floor[:8]:
+            if day < floor:
                 return
             keys = sorted((k for k in self._list(f"{self._audit_dir}/{day}")
                            if not k.endswith("/")), reverse=True)
             for k in keys:
-                if day + k[:6] < floor[:14]:
-                    return
                 event = self._event(f"{day}/{k}")
                 if event is not None:
-                    yield event
+                    yield appended_order(event, None), event
+
+    def chain_versions(self) -> list[chain.StoredVersion]:
+        top = self.latest() or 0
+        while self._stored_version(top + 1).record is not None:  # committed past head
+            top += 1
+        return [self._stored_version(v) for v in range(1, top + 1)]
+
+    def _stored_version(self, v: int) -> chain.StoredVersion:
+        """Version v as stored, read afresh (the record and, if this token may, material)."""
+        path = self._record_path(v)
+        try:
+            resp = self._read(path)
+        except NotFound:
+            try:
+                old = self._read(self._material, v)  # the first layout
+                return chain.StoredVersion(v, old["data"]["data"]["record"],
+                                           old["data"]["data"].get("event"))
+            except (NotFound, PermissionDenied, KeyError, TypeError):
+                return chain.StoredVersion(v, None, problems=(
+                    "its record is missing (deleted, destroyed or never committed)",))
+        data = resp.get("data", {})
+        payload, kv = data.get("data") or {}, data.get("metadata", {}).get("version")
+        problems = []
+        if kv != 1:
+            problems.append(f"its record was rewritten (KV version {kv} of "
+                            f"{self._data(path)}; pkisvc writes each record once)")
+        digests: dict[str, str] | None = None
+        nonce = payload.get("material")
+        try:
+            material = self._read(self._material_path(v, str(nonce)))
+            # Format 3 keeps the certificates in the record, the keys in material.
+            digests = chain.file_digests({**_files(payload.get("files") or {}),
+                                          **_files(material["data"]["data"]["files"])})
+            if material["data"]["metadata"].get("version") != 1:
+                problems.append("its material was rewritten")
+        except PermissionDenied:
+            digests = None
+        except NotFound:
+            problems.append("its material is missing (deleted or destroyed)")
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+            problems.append("its material is unreadable")
+        return chain.StoredVersion(v, payload.get("record"), payload.get("event"),
+                                   payload.get("chain"), digests, tuple(problems))
+
+    def chain_periods(self) -> list[chain.StoredPeriod]:
+        out = []
+        for period in self._periods():
+            names = sorted(self._entry_names(period),
+                           key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+            out.append(chain.StoredPeriod(period, [
+                (n, self._stored_entry(f"{self._events_dir}/{period}/{n}")) for n in names]))
+        return out
+
+    def prune_periods(self, before: str) -> list[str]:
+        gone = [p for p in self._periods()[:-1] if p < before]
+        for period in gone:
+            for name in self._entry_names(period):
+                self._delete(f"{self._events_dir}/{period}/{name}")
+        return gone
+
+    def _delete(self, path: str) -> None:
+        kv = self.vault.kv
+        self.vault.call(self._meta(path), lambda: kv.delete_metadata_and_all_versions(
+            path, mount_point=self.mount))
 
     def _event(self, key: str) -> AuditEvent | None:
-        cached = self._events.get(key)
+        """An event from before the chain (under audit/), read once."""
+        with self._lock:
+            cached = self._events.get(f"audit/{key}")
         if cached is not None:
-            return cached
+            return cached[1]
         try:
             resp = self._read(f"{self._audit_dir}/{key}")
             event = AuditEvent.from_dict(resp["data"]["data"]["event"])
@@ -583,10 +718,10 @@ class VaultBackend:
         except (KeyError, TypeError, ValueError):
             log.warning("skipping unreadable audit event %s", key)
             return None
-        self._remember_event(key, event)
+        self._remember_event(f"audit/{key}", (appended_order(event, None), event))
         return event
 
-    def _remember_event(self, key: str, event: AuditEvent) -> None:
+    def _remember_event(self, key: str, event: tuple[Order, AuditEvent]) -> None:
         with self._lock:
             self._events[key] = event
             while len(self._events) > EVENT_CACHE_SIZE:
@@ -755,6 +890,41 @@ def _has(held: Mapping[str, Any], path: str, cap: str) -> bool:
 
 def _encoded(files: Mapping[str, bytes]) -> dict[str, str]:
     return {n: base64.b64encode(b).decode("ascii") for n, b in files.items()}
+
+
+class _EventSecrets:
+    """`periods.Entries` over events/<day>/<seq> secrets, each created with cas=0."""
+
+    def __init__(self, backend: VaultBackend) -> None:
+        self.b = backend
+
+    def _path(self, period: str, seq: int) -> str:
+        return f"{self.b._events_dir}/{period}/{seq:09d}"
+
+    def tail(self) -> Mapping[str, Any] | None:
+        if self.b._tail is not None:
+            return self.b._tail
+        # A day's name, nothing else: a stray secret under events/ is the walk's to name.
+        periods_ = [p for p in self.b._periods() if len(p) == 8 and p.isdigit()]
+        if not periods_:
+            return None
+        names = [n for n in self.b._entry_names(periods_[-1]) if n.isdigit()]
+        if not names:
+            return None
+        return self.b._stored_entry(f"{self.b._events_dir}/{periods_[-1]}/"
+                                    f"{max(names, key=int)}")
+
+    def entry(self, period: str, seq: int) -> Mapping[str, Any] | None:
+        return self.b._stored_entry(self._path(period, seq))
+
+    def create(self, period: str, seq: int, entry: Mapping[str, Any]) -> bool:
+        try:
+            self.b._write(self._path(period, seq), {"entry": dict(entry)}, cas=0)
+        except VersionConflict:
+            self.b._tail = None
+            return False
+        self.b._tail = entry
+        return True
 
 
 def _files(encoded: Mapping[str, str]) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from pkisvc import answers, changes
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
-from pkisvc.model import KEY_TYPES, TRUST_FILE, parse_time
+from pkisvc.model import KEY_TYPES, TRUST_FILE, format_time, parse_time
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -83,7 +83,18 @@ def health() -> tuple[dict[str, Any], int]:
         version = store().latest()
     except BackendUnavailable:
         return {"status": "degraded", "backend": "down", "version": None}, 503
-    return {"status": "ok", "backend": "ok", "version": version}, 200
+    # The audit chain as last checked (at start, then every audit.verify_interval): a break
+    # is shown, never a 503 — one bad write must not take every replica out of service.
+    return {"status": "ok", "backend": "ok", "version": version,
+            "audit_chain": chain_summary(store().chain_status)}, 200
+
+
+def chain_summary(status: dict[str, Any] | None) -> dict[str, Any]:
+    """The audit chain's last check as health shows it."""
+    if status is None:
+        return {"ok": None, "checked_at": None, "first_break": None}
+    return {"ok": status["ok"], "checked_at": format_time(status["checked_at"]),
+            "first_break": status["first_break"]}
 
 
 @bp.get("/ca")

@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     store = CertStore(backend or load_backend(settings), settings)
     if settings.auto_init:
         bootstrap(store)
+    store.watch_chain()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -489,6 +489,21 @@ def audit(c: Context, since: datetime | None, limit: int, fmt: str) -> None:
            e.reason] for e in events)])
 
 
+@main.command()
+@OUTPUT
+@pass_ctx
+def verify(c: Context, fmt: str) -> None:
+    """Walk the audit chain; name the first break (exit 1 on any)."""
+    report = c.store.verify().to_dict()
+    emit(fmt, report, lambda: [
+        ["FIELD", "VALUE"], ["ok", "yes" if report["ok"] else "NO"],
+        ["first break", report["first_break"] or "-"], ["versions", report["versions"]],
+        ["events", report["events"]], ["periods", report["periods"]],
+        *(["break", b] for b in report["breaks"][1:]), *(["note", n] for n in report["notes"])])
+    if not report["ok"]:
+        sys.exit(1)
+
+
 @main.command("check-expiration")
 @OUTPUT
 @pass_ctx

@@ -47,6 +47,7 @@ class StoreCollector:
 
     def collect(self) -> Iterator[Metric]:
         cluster = self.store.settings.cluster
+        yield from self._chain(cluster)
         up = GaugeMetricFamily("pkisvc_backend_up", "1 when the backend answers.",
                                labels=["cluster"])
         try:
@@ -104,6 +105,21 @@ class StoreCollector:
         for op, n in sorted(Tally(r.operation for r in history).items()):
             ops.add_metric([cluster, op], n)
         yield ops
+
+
+    def _chain(self, cluster: str) -> Iterator[Metric]:
+        status = self.store.chain_status
+        if status is None:
+            return  # not checked yet
+        ok = GaugeMetricFamily("pkisvc_audit_chain_ok",
+                               "1 when the audit chain held at its last check, 0 on a break.",
+                               labels=["cluster"])
+        ok.add_metric([cluster], 1 if status["ok"] else 0)
+        yield ok
+        at = GaugeMetricFamily("pkisvc_audit_chain_checked_timestamp_seconds",
+                               "When the audit chain was last checked.", labels=["cluster"])
+        at.add_metric([cluster], status["checked_at"].timestamp())
+        yield at
 
 
 def render(store: CertStore) -> bytes:

@@ -48,6 +48,10 @@ _ITEM_P = {"name": "item", "in": "path", "required": True,
 _STR = {"type": "string"}
 _NSTR = {"type": ["string", "null"]}
 _NINT = {"type": ["integer", "null"]}
+# The audit chain as last checked (null before the first check ends); a break keeps it 200.
+_AUDIT_CHAIN = {"type": "object", "required": ["ok", "checked_at", "first_break"],
+                "properties": {"ok": {"type": ["boolean", "null"]}, "checked_at": _NSTR,
+                               "first_break": _NSTR}}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error", "message"],
@@ -105,7 +109,8 @@ def document() -> dict[str, Any]:
         "/v1/health": {"get": _op("Service and backend health", None, {
             "200": _json({"type": "object", "required": ["status", "backend", "version"],
                           "properties": {"status": {"enum": ["ok"]}, "backend": {"enum": ["ok"]},
-                                         "version": _NINT}}, "Healthy"),
+                                         "version": _NINT,
+                                         "audit_chain": _AUDIT_CHAIN}}, "Healthy"),
             "503": _json({"type": "object", "required": ["status", "backend"],
                           "properties": {"status": {"enum": ["degraded"]},
                                          "backend": {"enum": ["down"]}}}, "Backend down")},

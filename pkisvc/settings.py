@@ -61,6 +61,12 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    keep: int  # seconds appended events are kept (whole periods; 0: for ever)
+    verify_interval: int  # seconds between checks of the audit chain (0: at start only)
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     cert: str | None
     key: str | None
@@ -108,6 +114,13 @@ class Settings:
     source: str | None = None
     sa_overlap: int = 7 * 86400  # seconds phase 3 of a service-account rotation waits
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
+    audit: AuditSettings = AuditSettings(keep=365 * 86400, verify_interval=3600)
+    chain_key_file: Path | None = None  # None: <data_dir>/chain.key
+
+    @property
+    def chain_key_path(self) -> Path:
+        """The chain key's file (`chain_key_file`, else `<data_dir>/chain.key`)."""
+        return self.chain_key_file or self.data_dir / "chain.key"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -390,6 +403,9 @@ _SCHEMA: dict[str, _Field] = {
     "log_level": _Field("info", _log_level, text=True),
     "sa.overlap": _Field("7d", parse_duration, text=True),
     "delivery.touch_interval": _Field("10m", parse_duration, text=True),
+    "audit.keep": _Field("365d", _duration(0, 100 * 366 * 86400), text=True),
+    "audit.verify_interval": _Field("1h", _duration(0, 366 * 86400), text=True),
+    "chain_key_file": _Field(None, _opt_str, text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -478,4 +494,7 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
         source=source, sa_overlap=v["sa.overlap"],
         ui=UISettings(session_ttl=v["ui.session_ttl"], session_idle=v["ui.session_idle"]),
+        audit=AuditSettings(keep=v["audit.keep"], verify_interval=v["audit.verify_interval"]),
+        chain_key_file=(Path(v["chain_key_file"]).expanduser().absolute()
+                        if v["chain_key_file"] else None),
     )

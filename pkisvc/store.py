@@ -15,11 +15,12 @@ import dataclasses
 import functools
 import logging
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from pkisvc import changes, pki, sessions
+from pkisvc import chain, changes, pki, sessions
 from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
@@ -79,6 +80,8 @@ class CertStore:
         # an unchanged pillar answer is decided here, with no backend read.
         self._minions: dict[str, MinionState] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
+        self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
+        self._watch: threading.Thread | None = None
 
     def now(self) -> datetime:
         return self._clock()
@@ -157,6 +160,78 @@ class CertStore:
             changes.sa_overlap_left(state, self.now(), self.settings.sa_overlap)
             if state["phase"] == 2 else None)
         return state
+
+    # --- the audit chain (pkisvc.chain) ------------------------------------------------
+
+    def verify(self) -> chain.Report:
+        """Walk the audit chain as stored; every break, the first first."""
+        if not self.backend.chain_key.exists():
+            report = chain.Report()
+            stored = self.backend.chain_versions()
+            report.versions = len(stored)
+            if any(v.link is not None for v in stored) or self.backend.chain_periods():
+                report.breaks.append(f"the chain key ({self.backend.chain_key.path}) is "
+                                     "missing while the store is chained")
+            else:
+                report.notes.append("no chain key yet: nothing is chained")
+            return report
+        key, unchained = self.backend.chain_key.load()
+        return chain.verify(key, unchained, self.backend.chain_versions(),
+                            self.backend.chain_periods(),
+                            prunable_before=self._prune_floor())
+
+    def _prune_floor(self) -> str | None:
+        keep = self.settings.audit.keep
+        return chain.period_of(self.now() - timedelta(seconds=keep)) if keep else None
+
+    def prune_audit(self, *, actor: str) -> list[str]:
+        """Drop the appended events of periods older than `audit.keep` (whole periods; the
+        checkpoint of the oldest kept one says what came before); audited when any went."""
+        floor = self._prune_floor()
+        if floor is None:
+            return []
+        gone = self.backend.prune_periods(floor)
+        if gone:
+            log.info("audit events of %s..%s pruned (audit.keep)", gone[0], gone[-1])
+            self._audit(actor, "audit-prune",
+                        reason=f"events of {gone[0]}..{gone[-1]} removed by audit.keep")
+        return gone
+
+    def check_chain(self) -> dict[str, Any]:
+        """Verify the chain, keep the outcome for health and metrics; then, if it held,
+        prune by `audit.keep` (a broken chain keeps every period: the evidence)."""
+        try:
+            status = self.verify().to_dict()
+        except PkiError as e:
+            status = {"ok": False, "first_break": f"cannot check: {e.message}"}
+        status["checked_at"] = self.now()
+        self.chain_status = status
+        if not status["ok"]:
+            log.error("audit chain: %s", status["first_break"])
+            return status
+        try:
+            self.prune_audit(actor="pkisvc:retention")
+        except PkiError as e:
+            log.warning("audit retention: %s", e.message)
+        return status
+
+    def watch_chain(self) -> None:
+        """Check the chain now, in the background, and every `audit.verify_interval`."""
+        if self._watch is not None:
+            return
+        interval = self.settings.audit.verify_interval
+
+        def run() -> None:
+            while True:
+                try:
+                    self.check_chain()
+                except Exception:  # a bug must not end the watch silently
+                    log.exception("audit chain: the check failed")
+                if not interval:
+                    return
+                time.sleep(interval)
+        self._watch = threading.Thread(target=run, name="pkisvc-chain", daemon=True)
+        self._watch.start()
 
     # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
 

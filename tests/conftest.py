@@ -179,7 +179,10 @@ def service_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     from pkisvc.backends.vault import VaultBackend
     openbao = request.getfixturevalue("openbao")
     over = openbao.settings_overrides()
+    from pkisvc.chain import ChainKey
     env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": over["cluster"],
-           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": over["vault.token"]}
+           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": over["vault.token"],
+           "PKISVC_CHAIN_KEY_FILE": over["chain_key_file"]}  # one key for every replica
     return env, over, lambda: VaultBackend(openbao.addr, cluster=over["cluster"],
-                                           token=over["vault.token"])
+                                           token=over["vault.token"],
+                                           chain_key=ChainKey(over["chain_key_file"]))

@@ -101,11 +101,12 @@ class OpenBao:
 
     def settings_overrides(self, **extra: Any) -> dict[str, Any]:
         """Settings keys for a vault backend on its own, fresh cluster name (or extra's),
-        with a token of the shipped service policy for it: never the root token."""
+        with a token of the shipped service policy for it (never the root token) and the
+        session's one chain key."""
         cluster = extra.get("cluster") or f"c{uuid.uuid4().hex[:12]}"
         return {"backend": "vault", "cluster": cluster, "vault.addr": self.addr,
                 "vault.token": self.service_token(cluster), "vault.ca_cert": self.ca_cert,
-                **extra}
+                "chain_key_file": str(self.workdir / "chain.key"), **extra}
 
     def _state(self) -> str:
         # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'.

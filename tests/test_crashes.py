@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, clean_env, wait_for
+from pkisvc.store import CertStore
+from tests.conftest import REPO, clean_env, make_settings, wait_for
 from tests.storm import Ledger, change, change_events, check_history, serve
 
 ROUNDS = 20
@@ -114,6 +115,9 @@ def test_sigkill_mid_storm_never_loses_or_tears_a_generation(tmp_path, service_s
         # Every version present has exactly one change event, acknowledged or not (issue 17).
         assert [v for v in range(1, latest + 1) if events[v] != 1] == [], events
         assert set(events) == set(range(1, latest + 1))
+        # Kills leave the audit chain whole: nothing committed half, nothing linked twice.
+        report = CertStore(backend, make_settings(data, **overrides)).verify()
+        assert report.ok, report.breaks
     print(f"\ncrashes ({backend.name}): {rounds} kills, {len(ledger.acked)} acknowledged of "
           f"{latest} versions, "
           f"{seen['lost']} requests cut off, {seen['debris']} staging leftovers, "

@@ -97,10 +97,15 @@ def test_unusable_data_dir_is_backend_unavailable_and_writes_nothing(tmp_path):
 
 def test_torn_audit_line_is_skipped(store, settings):
     store.init(actor="t")
-    with open(settings.data_dir / "audit.jsonl", "ab") as f:
-        f.write(b'{"time": "2026-')
+    store.create_token("a", ["read"], actor="t")
+    (day,) = (settings.data_dir / "events").glob("*.jsonl")
+    with open(day, "ab") as f:
+        f.write(b'{"period": "2026')  # a crash mid-append
+    store.create_token("b", ["read"], actor="t")
     store.rotate_ca(actor="t")
-    assert [e.version for e in store.audit()] == [2, 1]
+    assert [(e.action, e.version) for e in store.audit()] == [
+        ("rotate-ca", 2), ("token-create", None), ("token-create", None), ("init", 1)]
+    assert store.verify().ok  # never acknowledged, so no link was lost
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +24,7 @@ from werkzeug.test import Client
 
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
-from pkisvc.model import REASON_MAX, SANS_MAX, AuditEvent, StoredGeneration
+from pkisvc.model import REASON_MAX, SANS_MAX, AuditEvent
 from tests.conftest import make_settings, run_cli
 
 # What the review sent, and its relatives: a lone surrogate, C0 (LF, ESC, an OSC title), C1,
@@ -189,17 +190,25 @@ POISON = "\ud800 line1\nFAKE-ROW 99 rotate-ca\x1b]0;pwned\x07 \u202eevil"
 
 
 def poison(data_dir: Path) -> None:
-    """Write a generation and audit events holding POISON straight into the files backend."""
+    """Write a generation and audit events holding POISON as a version before the chain did
+    (pkisvc now refuses to link text it could not store as sent): by hand, in its layout."""
     backend = FilesBackend(data_dir)
     latest = backend.latest()
     gen = backend.read(latest)
     record = dataclasses.replace(gen.record, version=latest + 1, parent=latest,
                                  reason=POISON, actor=POISON)
-    backend.write(StoredGeneration(record, gen.files), expected=latest)
-    backend.append_audit(AuditEvent(time=record.created_at, actor=POISON, action="rollback",
-                                    version=latest + 1, reason=POISON))
-    backend.append_audit(AuditEvent(time=record.created_at, actor="salt", action="pillar",
-                                    version=latest + 1, minion=POISON, role="master"))
+    old, new = (data_dir / "generations" / f"{v:06d}" for v in (latest, latest + 1))
+    shutil.copytree(old, new)
+    for name in ("chain.json", "event.json"):
+        (new / name).unlink(missing_ok=True)
+    (new / "record.json").write_text(json.dumps(record.to_dict()))
+    (data_dir / "current").write_text(f"{latest + 1}\n")
+    events = [AuditEvent(time=record.created_at, actor=POISON, action="rollback",
+                         version=latest + 1, reason=POISON),
+              AuditEvent(time=record.created_at, actor="salt", action="pillar",
+                         version=latest + 1, minion=POISON, role="master")]
+    with open(data_dir / "audit.jsonl", "a") as f:
+        f.writelines(json.dumps(e.to_dict()) + "\n" for e in events)
 
 
 def escaped_in(text: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from pkisvc import chain
 from pkisvc.app import create_app
 from pkisvc.backends import load_backend
 from pkisvc.backends.files import FilesBackend
@@ -128,6 +129,11 @@ def test_history_and_events_are_read_without_reading_any_key(openbao):
     assert [e.version for e in auditor.audit()] == [2, 1]
     with pytest.raises(PermissionDenied, match=r"versions/2/material-[0-9a-f]{16}$"):
         auditor.read()
+    # ... and may walk the version chain (with the chain key), material unchecked
+    key, unchained = writer.chain_key.load()
+    report = chain.verify(key, unchained, auditor.chain_versions(), [], prunable_before=None)
+    assert report.ok and report.versions == 2, report.breaks
+    assert report.notes == ["material not checked (this token cannot read it)"]
 
 
 def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_moves_it(

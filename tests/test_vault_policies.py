@@ -20,7 +20,7 @@ import pytest
 from pkisvc.backends.files import FilesBackend
 from pkisvc.backends.vault import VaultBackend
 from pkisvc.errors import PermissionDenied
-from pkisvc.model import MinionState, SessionRecord
+from pkisvc.model import AuditEvent, MinionState, SessionRecord
 from pkisvc.store import CertStore
 from pkisvc.testing.backend import NOON
 from tests.conftest import REPO, make_settings, run_cli, serve, stop
@@ -81,6 +81,10 @@ def first_layout_store(root: Any, cluster: str, gen: Any) -> None:
     root.secrets.kv.v2.create_or_update_secret(f"pkisvc/{cluster}/material", cas=0, secret={
         "pkisvc": 1, "record": gen.record.to_dict(),
         "files": {n: base64.b64encode(b).decode() for n, b in gen.files.items()}})
+    # ... and an appended event of that time, under audit/ (before the chain's events/).
+    old = AuditEvent(NOON, "t", "token-create", reason="from before the chain")
+    root.secrets.kv.v2.create_or_update_secret(
+        f"pkisvc/{cluster}/audit/{NOON:%Y%m%d}/0001", cas=0, secret={"event": old.to_dict()})
 
 
 def operations(backend: VaultBackend, store: CertStore,

@@ -14,6 +14,9 @@ path "secret/data/pkisvc/prod/head" {
 path "secret/data/pkisvc/prod/versions/+/record" {
   capabilities = ["read"]
 }
+path "secret/data/pkisvc/prod/events/*" {
+  capabilities = ["read"]
+}
 path "secret/data/pkisvc/prod/audit/*" {
   capabilities = ["read"]
 }

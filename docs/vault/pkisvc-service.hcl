@@ -19,9 +19,13 @@ path "secret/data/pkisvc/prod/head" {
   capabilities = ["create", "read", "update"]
 }
 
-# Appended audit events (deliveries, tokens, exports): one secret each, created once.
-path "secret/data/pkisvc/prod/audit/*" {
+# Appended audit events (deliveries, tokens, exports): one chain entry each, created once.
+path "secret/data/pkisvc/prod/events/*" {
   capabilities = ["create", "read"]
+}
+# Appended events a pkisvc from before the chain wrote: read only.
+path "secret/data/pkisvc/prod/audit/*" {
+  capabilities = ["read"]
 }
 
 # The API tokens (sha256 only), the operator pages' sessions, each minion's delivery state:
@@ -44,7 +48,7 @@ path "secret/metadata/pkisvc/prod/material" {
   capabilities = ["read"]
 }
 
-# Listings (versions, audit days, minions).  Listing is the only metadata capability.
+# Listings (versions, event days, minions).  Listing is the only metadata capability.
 path "secret/metadata/pkisvc/prod/*" {
   capabilities = ["list"]
 }

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pkisvc import chain
 from pkisvc.backends.base import Backend
 from pkisvc.errors import Conflict, NotFound, PkiError, VersionConflict
 from pkisvc.model import (
@@ -155,6 +156,88 @@ class BackendContract:
         assert [e.time for e in backend.audit(since=base + timedelta(minutes=5))] == [
             at(9), at(8), at(7), at(6), at(5)]
         assert backend.audit(since=base + timedelta(minutes=5), limit=2) == events[:2]
+
+    # --- the audit chain (pkisvc.chain) ------------------------------------------------
+
+    def test_versions_are_chained_as_stored(self, backend: Backend) -> None:
+        for v in range(1, 4):
+            backend.write(fake_generation(v), expected=v - 1 or None,
+                          event=AuditEvent(time=NOON, actor="a", action="rotate-ca", version=v))
+        stored = backend.chain_versions()
+        assert [s.version for s in stored] == [1, 2, 3]
+        assert all(s.link is not None and not s.problems for s in stored)
+        assert stored[2].record == backend.read(3).record.to_dict()
+        assert stored[2].files in (None, chain.file_digests(fake_generation(3).files))
+        assert stored[1].link is not None and stored[2].link is not None
+        assert stored[2].link["prev"] == stored[1].link["mac"]
+        key, unchained = backend.chain_key.load()
+        report = chain.verify(key, unchained, stored, backend.chain_periods(),
+                              prunable_before=None)
+        assert report.ok, report.breaks
+        assert report.versions == 3
+
+    def test_appended_events_are_chained_per_period(self, backend: Backend) -> None:
+        days = [NOON + timedelta(days=d) for d in range(3)]
+        for t in days:
+            for minute in range(2):
+                backend.append_audit(AuditEvent(time=t + timedelta(minutes=minute),
+                                                actor="a", action="key-read"))
+        periods = backend.chain_periods()
+        assert [p.period for p in periods] == [chain.period_of(t) for t in days]
+        # a checkpoint, two events, and (but in the newest) a close naming the next
+        assert [[e["kind"] for _, e in p.entries if e] for p in periods] == [
+            ["open", "event", "event", "close"], ["open", "event", "event", "close"],
+            ["open", "event", "event"]]
+        key, unchained = backend.chain_key.load()
+        report = chain.verify(key, unchained, [], periods, prunable_before=None)
+        assert report.ok and report.events == 6 and report.periods == 3, report.breaks
+        # a late event (of an earlier day) goes into the newest period, never a closed one
+        backend.append_audit(AuditEvent(time=days[0], actor="late", action="key-read"))
+        assert len(backend.chain_periods()[-1].entries) == 4
+        assert backend.audit(limit=20)[0].actor == "late"  # listed in the chain's order
+
+    def test_pruning_drops_whole_old_periods_never_the_newest(self, backend: Backend) -> None:
+        days = [NOON + timedelta(days=d) for d in range(3)]
+        for t in days:
+            backend.append_audit(AuditEvent(time=t, actor="a", action="key-read"))
+        names = [chain.period_of(t) for t in days]
+        assert backend.prune_periods(names[2]) == names[:2]
+        assert backend.prune_periods("99999999") == []  # the newest period stays
+        assert [p.period for p in backend.chain_periods()] == names[2:]
+        assert [e.time for e in backend.audit()] == [days[2]]
+        key, unchained = backend.chain_key.load()
+        report = chain.verify(key, unchained, [], backend.chain_periods(),
+                              prunable_before=names[2])
+        assert report.ok, report.breaks
+        assert report.notes == [f"events up to {names[1]} were pruned (audit.keep)"]
+        purged = chain.verify(key, unchained, [], backend.chain_periods(),
+                              prunable_before=names[0])
+        assert "purged range" in (purged.breaks or [""])[0]
+
+    def test_text_that_cannot_be_stored_as_sent_is_refused(self, backend: Backend) -> None:
+        # OpenBao would keep U+FFFD for a lone surrogate: the digest of what is read back
+        # would not be the one linked.  Refused before anything is written.
+        gen = fake_generation(1)
+        bad = StoredGeneration(dataclasses.replace(gen.record, reason="\ud800"), gen.files)
+        with pytest.raises(PkiError):
+            backend.write(bad, expected=None)
+        with pytest.raises(PkiError):
+            backend.append_audit(AuditEvent(time=NOON, actor="\udc80", action="key-read"))
+        assert backend.latest() is None and backend.audit() == []
+        assert backend.chain_periods() == []
+
+    def test_events_of_one_second_keep_their_order(self, backend: Backend) -> None:
+        def change(v: int) -> None:
+            backend.write(fake_generation(v), expected=v - 1 or None,
+                          event=AuditEvent(time=NOON, actor="a", action="rotate-ca", version=v))
+        change(1)
+        backend.append_audit(AuditEvent(time=NOON, actor="a", action="token-create"))
+        change(2)
+        backend.append_audit(AuditEvent(time=NOON, actor="a", action="key-read", version=2))
+        backend.append_audit(AuditEvent(time=NOON, actor="b", action="key-read", version=2))
+        assert [(e.action, e.actor, e.version) for e in backend.audit()] == [
+            ("key-read", "b", 2), ("key-read", "a", 2), ("rotate-ca", "a", 2),
+            ("token-create", "a", None), ("rotate-ca", "a", 1)]
 
     def test_tokens(self, backend: Backend) -> None:
         t = TokenRecord("ops", "a" * 64, ("read", "admin"), NOON)

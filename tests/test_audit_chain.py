@@ -1,0 +1,319 @@
+"""The audit chain (issue 17, acceptance 2): tampering done with the backend's own tools and the
+service's storage token is named by `pkisvc verify`, shows in `/v1/health` and in the metric.
+
+Files: a text editor's work (`sed`, a copied directory, a removed file) in data_dir.  Vault:
+`bao kv put`, `bao kv metadata put`, `bao kv metadata delete` with the token the service uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pkisvc.app import create_app
+from pkisvc.backends.files import FilesBackend
+from pkisvc.settings import Settings
+from pkisvc.store import CertStore
+from tests.conftest import make_settings, run_cli, wait_for
+
+DAY = timedelta(days=1)
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def events_over_days(store: CertStore, clock: Clock, days: int) -> None:
+    """One rotation and two appended events on each of `days` days, ending today."""
+    for _ in range(days):
+        store.rotate_leaf("server", actor="ops", reason="daily")
+        store.create_token(f"t{clock.now:%Y%m%d}", ["read"], actor="ops")
+        store.record_delivery(actor="ops", action="key-read", version=store.latest(),
+                              items=("server",))
+        clock.now += DAY
+
+
+def health_and_metric(settings: Settings) -> tuple[dict[str, Any], str]:
+    """A new service on the store (its check at start), once that check is done."""
+    client = create_app(settings).test_client()
+
+    def checked() -> dict[str, Any] | None:
+        r = client.get("/v1/health")
+        assert r.status_code == 200  # a break never takes the replica out of service
+        body: dict[str, Any] = r.json
+        return body if body["audit_chain"]["ok"] is not None else None
+    health = wait_for(checked, timeout=60, what="the chain check at start")
+    return health, client.get("/metrics").get_data(as_text=True)
+
+
+def assert_named(settings: Settings, env: dict[str, str], *words: str) -> None:
+    """`pkisvc verify` exits 1 naming the break (all words), as do health and the metric."""
+    r = run_cli("verify", "-o", "json", env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    first = json.loads(r.stdout)["first_break"]
+    assert all(w in first for w in words), first
+    health, metrics = health_and_metric(settings)
+    assert health["status"] == "ok" and health["audit_chain"]["ok"] is False
+    assert health["audit_chain"]["first_break"] == first
+    assert f'pkisvc_audit_chain_ok{{cluster="{settings.cluster}"}} 0.0' in metrics
+
+
+def assert_holds(settings: Settings, env: dict[str, str]) -> dict[str, Any]:
+    r = run_cli("verify", "-o", "json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    health, metrics = health_and_metric(settings)
+    assert health["audit_chain"] == {"ok": True, "first_break": None,
+                                     "checked_at": health["audit_chain"]["checked_at"]}
+    assert f'pkisvc_audit_chain_ok{{cluster="{settings.cluster}"}} 1.0' in metrics
+    report: dict[str, Any] = json.loads(r.stdout)
+    return report
+
+
+# --- files ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def files_store(tmp_path: Path) -> tuple[CertStore, Clock, Settings, dict[str, str]]:
+    data = tmp_path / "data"
+    settings = make_settings(data, **{"audit.keep": "30d"})
+    clock = Clock(datetime.now(UTC).replace(microsecond=0) - 3 * DAY)
+    store = CertStore(FilesBackend(data), settings, clock=clock)
+    store.init(actor="ops")
+    events_over_days(store, clock, 4)
+    env = {"PKISVC_DATA_DIR": str(data), "PKISVC_AUDIT__KEEP": "30d"}
+    return store, clock, settings, env
+
+
+def period_files(data: Path) -> list[Path]:
+    return sorted((data / "events").glob("*.jsonl"))
+
+
+def test_an_untouched_store_verifies(files_store):
+    _store, _, settings, env = files_store
+    report = assert_holds(settings, env)
+    assert report["versions"] == 5 and report["periods"] == 4
+    assert report["events"] == 8
+    assert oct(os.stat(settings.chain_key_path).st_mode & 0o777) == "0o600"
+
+
+def test_an_edited_change_event_is_named(files_store):
+    _, _, settings, env = files_store
+    event = settings.data_dir / "generations" / "000003" / "event.json"
+    event.write_text(event.read_text().replace('"actor":"ops"', '"actor":"nobody"'))
+    assert_named(settings, env, "version 3", "MAC")
+
+
+def test_edited_material_is_named(files_store):
+    _, _, settings, env = files_store
+    cert = settings.data_dir / "generations" / "000004" / "server.cert"
+    os.chmod(cert, 0o600)
+    cert.write_bytes(cert.read_bytes().replace(b"A", b"B", 1))
+    assert_named(settings, env, "version 4", "stored files differ")
+
+
+def test_an_edited_appended_event_is_named(files_store):
+    _, _, settings, env = files_store
+    day = period_files(settings.data_dir)[1]
+    day.write_text(day.read_text().replace('"action":"key-read"', '"action":"nothing"'))
+    assert_named(settings, env, f"events of {day.stem}", "altered")
+
+
+def test_a_back_dated_event_is_named(files_store):
+    _, _, settings, env = files_store
+    first = period_files(settings.data_dir)[0]
+    lines = first.read_text().splitlines()
+    forged = json.loads(lines[1])
+    forged["event"]["actor"] = "intruder"
+    forged["seq"] = len(lines)  # after the close: an event landing in a closed period
+    first.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
+    assert_named(settings, env, f"events of {first.stem}", "altered or inserted")
+
+
+def test_a_version_written_around_pkisvc_is_named(files_store):
+    _store, _, settings, env = files_store
+    gens = settings.data_dir / "generations"
+    shutil.copytree(gens / "000005", gens / "000006")
+    record = json.loads((gens / "000006" / "record.json").read_text())
+    record.update(version=6, parent=5, reason="slipped in")
+    (gens / "000006" / "record.json").write_text(json.dumps(record))
+    (settings.data_dir / "current").write_text("6\n")
+    assert FilesBackend(settings.data_dir).latest() == 6  # pkisvc would serve it
+    assert_named(settings, env, "version 6", "MAC")
+
+
+def test_a_purged_period_is_named(files_store):
+    _, _, settings, env = files_store
+    os.unlink(period_files(settings.data_dir)[2])
+    assert_named(settings, env, "does not follow the period before it")
+
+
+def test_purging_the_oldest_periods_within_audit_keep_is_named(files_store):
+    _, _, settings, env = files_store
+    for f in period_files(settings.data_dir)[:2]:
+        os.unlink(f)
+    assert_named(settings, env, "purged range")
+
+
+def test_retention_prunes_whole_periods_and_the_chain_holds(files_store):
+    store, clock, settings, _env = files_store
+    days = [f.stem for f in period_files(settings.data_dir)]
+    clock.now += 28 * DAY  # now - audit.keep (30d) falls on the third day
+    assert store.prune_audit(actor="pkisvc:retention") == days[:2]
+    left = [f.stem for f in period_files(settings.data_dir)]
+    assert left[:-1] == days[2:]  # and the prune's own event opened the period of its day
+    clock.now += 300 * DAY
+    assert store.prune_audit(actor="pkisvc:retention") == days[2:]  # never the newest
+    assert next(f.stem for f in period_files(settings.data_dir)) == left[-1]
+    report = store.verify()
+    assert report.ok, report.breaks
+    assert any("pruned (audit.keep)" in n for n in report.notes)
+    events = store.audit(limit=100)
+    pruned = [e for e in events if e.action == "audit-prune"]
+    assert [e.actor for e in pruned] == ["pkisvc:retention"] * 2
+    # version events are never pruned: every change still lists
+    assert [e.version for e in events if e.action in ("init", "rotate-server")] == [5, 4, 3, 2, 1]
+
+
+def test_events_of_one_second_list_in_the_order_they_happened(tmp_path):
+    settings = make_settings(tmp_path / "data")
+    clock = Clock(datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
+    store = CertStore(FilesBackend(tmp_path / "data"), settings, clock=clock)
+    store.init(actor="ops")
+    store.create_token("before", ["read"], actor="ops")
+    store.rotate_leaf("server", actor="ops")
+    store.record_delivery(actor="ops", action="key-read", version=2, items=("server",))
+    store.rotate_leaf("kubecfg", actor="ops")
+    assert [(e.action, e.version) for e in store.audit()] == [
+        ("rotate-kubecfg", 3), ("key-read", 2), ("rotate-server", 2), ("token-create", None),
+        ("init", 1)]
+
+
+# --- vault ---------------------------------------------------------------------------------
+
+def bao(openbao: Any, *args: str, stdin: str | None = None) -> str:
+    """Run the real `bao` CLI with the service's own token."""
+    from tests.openbao import bao_binary
+    r = subprocess.run([str(bao_binary()), *args], input=stdin, capture_output=True, text=True,
+                       env={"VAULT_ADDR": openbao.addr, "VAULT_TOKEN": openbao.token,
+                            "HOME": str(openbao.workdir), "PATH": "/usr/bin:/bin"},
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def vault_store(openbao, tmp_path):
+    over = openbao.settings_overrides(**{"chain_key_file": str(tmp_path / "chain.key"),
+                                         "data_dir": str(tmp_path / "data"),
+                                         "key_type": "ecdsa-p256", "audit.keep": "30d"})
+    settings = Settings.load(env={}, overrides=over)
+    from pkisvc.backends.vault import VaultBackend
+    clock = Clock(datetime.now(UTC).replace(microsecond=0) - 2 * DAY)
+    store = CertStore(VaultBackend.from_settings(settings), settings, clock=clock)
+    store.init(actor="ops")
+    events_over_days(store, clock, 3)
+    env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": settings.cluster,
+           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": openbao.token,
+           "PKISVC_CHAIN_KEY_FILE": str(tmp_path / "chain.key"),
+           "PKISVC_DATA_DIR": str(tmp_path / "data"), "PKISVC_AUDIT__KEEP": "30d"}
+    base = f"secret/pkisvc/{settings.cluster}"
+    return store, settings, env, base
+
+
+def kv_get(openbao: Any, path: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(bao(openbao, "kv", "get", "-format=json", path))
+    return data["data"]["data"]
+
+
+def periods_of(openbao: Any, base: str) -> list[str]:
+    return sorted(p.rstrip("/") for p in
+                  json.loads(bao(openbao, "kv", "list", "-format=json", f"{base}/events")))
+
+
+@pytest.mark.vault
+def test_vault_an_untouched_store_verifies(openbao, vault_store):
+    _store, settings, env, _base = vault_store
+    report = assert_holds(settings, env)
+    assert report["versions"] == 4 and report["periods"] == 3 and report["events"] == 6
+
+
+@pytest.mark.vault
+def test_vault_an_edited_event_is_named(openbao, vault_store):
+    _, settings, env, base = vault_store
+    day = periods_of(openbao, base)[1]
+    path = f"{base}/events/{day}/000000002"
+    entry = kv_get(openbao, path)
+    entry["entry"]["event"]["actor"] = "nobody"
+    bao(openbao, "kv", "put", path, "-", stdin=json.dumps(entry))
+    assert_named(settings, env, f"events of {day}", "altered")
+
+
+@pytest.mark.vault
+def test_vault_a_back_dated_event_is_named(openbao, vault_store):
+    _, settings, env, base = vault_store
+    first = periods_of(openbao, base)[0]
+    entry = kv_get(openbao, f"{base}/events/{first}/000000001")
+    earlier = "20200101"
+    entry["entry"].update(period=earlier, seq=0)
+    bao(openbao, "kv", "put", f"{base}/events/{earlier}/000000000", "-",
+        stdin=json.dumps(entry))
+    assert_named(settings, env, f"events of {earlier}", "altered or inserted")
+
+
+@pytest.mark.vault
+def test_vault_a_version_written_around_pkisvc_is_named(openbao, vault_store):
+    _store, settings, env, base = vault_store
+    payload = kv_get(openbao, f"{base}/versions/4/record")
+    material = kv_get(openbao, f"{base}/versions/4/material-{payload['material']}")
+    bao(openbao, "kv", "put", f"{base}/versions/5/material-{payload['material']}", "-",
+        stdin=json.dumps(material))
+    payload["record"].update(version=5, parent=4, reason="slipped in")
+    bao(openbao, "kv", "put", f"{base}/versions/5/record", "-", stdin=json.dumps(payload))
+    bao(openbao, "kv", "put", f"{base}/head", "version=5")
+    assert_named(settings, env, "version 5", "MAC")
+
+
+@pytest.mark.vault
+def test_vault_a_rewritten_record_is_named(openbao, vault_store):
+    """`kv metadata put -max-versions=1` then a write: the original record is purged."""
+    _, settings, env, base = vault_store
+    path = f"{base}/versions/2/record"
+    payload = kv_get(openbao, path)
+    payload["record"]["reason"] = "nothing to see"
+    bao(openbao, "kv", "metadata", "put", "-max-versions=1", path)
+    bao(openbao, "kv", "put", path, "-", stdin=json.dumps(payload))
+    assert_named(settings, env, "version 2", "rewritten")
+
+
+@pytest.mark.vault
+def test_vault_max_versions_one_then_a_rotation_loses_nothing(openbao, vault_store):
+    store, settings, env, base = vault_store
+    for path in (f"{base}/head", f"{base}/versions/1/record"):
+        bao(openbao, "kv", "metadata", "put", "-max-versions=1", path)
+    store.rotate_leaf("server", actor="ops")
+    report = assert_holds(settings, env)
+    assert report["versions"] == 5
+
+
+@pytest.mark.vault
+def test_vault_a_deleted_version_is_named(openbao, vault_store):
+    _, settings, env, base = vault_store
+    bao(openbao, "kv", "metadata", "delete", f"{base}/versions/2/record")
+    assert_named(settings, env, "version 2", "missing")
+
+
+@pytest.mark.vault
+def test_vault_a_purged_event_is_named(openbao, vault_store):
+    _, settings, env, base = vault_store
+    day = periods_of(openbao, base)[1]
+    bao(openbao, "kv", "metadata", "delete", f"{base}/events/{day}/000000001")
+    assert_named(settings, env, f"events of {day}", "missing")
