@@ -468,7 +468,8 @@ class VaultBackend:
             return
         day = datetime.now(UTC).strftime("%Y%m%d")
         self._require(kind, {self._data(path): ("create", "read", "update"),
-                             self._data(f"{self._events_dir}/{day}/probe"): ("create",)})
+                             self._data(f"{self._events_dir}/{day}/probe"): ("create",),
+                             self._meta(self._events_dir): ("list",)})  # the chain's tail
         self._checked.add(kind)
 
     def _require(self, what: str, need: Mapping[str, tuple[str, ...]],

@@ -490,11 +490,19 @@ def audit(c: Context, since: datetime | None, limit: int, fmt: str) -> None:
 
 
 @main.command()
+@click.option("--prune", is_flag=True,
+              help="Then, if the chain held, remove appended events older than audit.keep "
+                   "(whole days; audited). On Vault this needs a token that may delete them, "
+                   "e.g. the admin policy: the service's cannot.")
 @OUTPUT
 @pass_ctx
-def verify(c: Context, fmt: str) -> None:
+def verify(c: Context, prune: bool, fmt: str) -> None:
     """Walk the audit chain; name the first break (exit 1 on any)."""
     report = c.store.verify().to_dict()
+    if prune and report["ok"]:
+        gone = c.store.prune_audit(actor=c.actor)
+        report["notes"].append(f"pruned the events of {gone[0]}..{gone[-1]}" if gone
+                               else "nothing to prune")
     emit(fmt, report, lambda: [
         ["FIELD", "VALUE"], ["ok", "yes" if report["ok"] else "NO"],
         ["first break", report["first_break"] or "-"], ["versions", report["versions"]],

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 60
 SETTLE_PATIENCE = 15.0  # seconds a write whose answer was lost keeps asking what became of it
+CHAIN_RETRY = 30.0  # seconds before the chain is checked again when the store was away
 STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
@@ -81,6 +82,7 @@ class CertStore:
         self._minions: dict[str, MinionState] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
+        self._prune_refused = False  # the token may not delete old event days (said once)
         self._watch: threading.Thread | None = None
 
     def now(self) -> datetime:
@@ -197,11 +199,17 @@ class CertStore:
                         reason=f"events of {gone[0]}..{gone[-1]} removed by audit.keep")
         return gone
 
-    def check_chain(self) -> dict[str, Any]:
+    def check_chain(self) -> dict[str, Any] | None:
         """Verify the chain, keep the outcome for health and metrics; then, if it held,
-        prune by `audit.keep` (a broken chain keeps every period: the evidence)."""
+        prune by `audit.keep` (a broken chain keeps every period: the evidence).  None when
+        the backend could not be read (nothing decided)."""
         try:
             status = self.verify().to_dict()
+        except BackendUnavailable as e:
+            # Not a break: the store cannot be read now.  The last outcome stands, and the
+            # watch tries again soon (CHAIN_RETRY) rather than after a whole interval.
+            log.warning("audit chain: not checked now: %s", e.message)
+            return None
         except PkiError as e:
             status = {"ok": False, "first_break": f"cannot check: {e.message}"}
         status["checked_at"] = self.now()
@@ -211,6 +219,13 @@ class CertStore:
             return status
         try:
             self.prune_audit(actor="pkisvc:retention")
+        except PermissionDenied as e:
+            # The shipped Vault service policy deletes nothing: retention there is an
+            # operator's `pkisvc verify --prune` with the admin policy.  Said once.
+            if not self._prune_refused:
+                log.info("audit retention: %s (prune with `pkisvc verify --prune` and a "
+                         "token that may delete old event days)", e.message)
+            self._prune_refused = True
         except PkiError as e:
             log.warning("audit retention: %s", e.message)
         return status
@@ -223,10 +238,14 @@ class CertStore:
 
         def run() -> None:
             while True:
+                checked: dict[str, Any] | None = {}
                 try:
-                    self.check_chain()
+                    checked = self.check_chain()
                 except Exception:  # a bug must not end the watch silently
                     log.exception("audit chain: the check failed")
+                if checked is None:
+                    time.sleep(CHAIN_RETRY)  # the backend was away: soon, whatever interval
+                    continue
                 if not interval:
                     return
                 time.sleep(interval)

@@ -3,14 +3,25 @@ run from the installed package the way a third-party backend runs it."""
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from pkisvc.backends.files import FilesBackend
-from pkisvc.errors import BackendUnavailable, Conflict, NotFound, PkiError, VersionConflict
+from pkisvc.errors import (
+    BackendUnavailable,
+    Conflict,
+    NotFound,
+    PermissionDenied,
+    PkiError,
+    VersionConflict,
+)
+from pkisvc.model import AuditEvent
 from pkisvc.testing import BackendContract
+from pkisvc.testing.backend import NOON
 from tests.conftest import clean_env, vault_backend
+from tests.openbao import policy_token
 
 
 class TestFilesBackend(BackendContract):
@@ -24,6 +35,23 @@ class TestVaultBackend(BackendContract):
     @pytest.fixture
     def backend(self, openbao):
         return vault_backend(openbao)
+
+    def test_pruning_drops_whole_old_periods_never_the_newest(self, openbao) -> None:
+        # The shipped service policy deletes nothing: retention on Vault is the admin
+        # policy's (`pkisvc verify --prune`), so this one runs with it.
+        cluster = openbao.settings_overrides()["cluster"]
+        admin = vault_backend(openbao, cluster=cluster,
+                              **{"vault.token": policy_token(openbao.client(), "admin",
+                                                             cluster)})
+        super().test_pruning_drops_whole_old_periods_never_the_newest(admin)
+
+    def test_the_service_policy_may_not_prune(self, backend) -> None:
+        backend.append_audit(AuditEvent(time=NOON, actor="a", action="key-read"))
+        backend.append_audit(AuditEvent(time=NOON + timedelta(days=1), actor="a",
+                                        action="key-read"))
+        with pytest.raises(PermissionDenied):
+            backend.prune_periods("99999999")
+        assert len(backend.chain_periods()) == 2
 
 
 def test_errors_are_pkisvc_errors():

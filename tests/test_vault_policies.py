@@ -179,7 +179,7 @@ def test_the_service_policy_cannot_rewrite_purge_or_cap_history(openbao, tmp_pat
     material = f"{base}/versions/1/" + next(
         k for k in root_kv.list_secrets(f"{base}/versions/1")["data"]["keys"]
         if k.startswith("material-"))
-    event = f"{base}/audit/" + root_kv.list_secrets(f"{base}/audit")["data"]["keys"][0]
+    event = f"{base}/events/" + root_kv.list_secrets(f"{base}/events")["data"]["keys"][0]
     event += root_kv.list_secrets(event)["data"]["keys"][0]
     before = snapshot(openbao.client(), base)
     kv = openbao.client(token).secrets.kv.v2
