@@ -630,6 +630,14 @@ class VaultBackend:
         self._write(f"{self._minions_dir}/{state.minion}", {"state": state.to_dict()},
                     cas=version)
 
+    def forget_minion(self, minion: str) -> None:
+        path = f"{self._minions_dir}/{checked_minion(minion)}"
+        if self._read_minion(minion)[1] is None:
+            raise NotFound(f"no state of minion {minion}")
+        kv = self.vault.kv
+        self.vault.call(self._meta(path), lambda: kv.delete_metadata_and_all_versions(
+            path, mount_point=self.mount))
+
     def minions(self) -> list[MinionState]:
         names = sorted(k for k in self._list(self._minions_dir) if MINION_ID.fullmatch(k))
         if not names:

@@ -60,6 +60,12 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class HostsSettings:
+    silent_after: int  # seconds without a report after which a host is flagged silent ([Q])
+    expire_after: int  # seconds without any sign of it after which gates leave a host out
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     cert: str | None
     key: str | None
@@ -107,6 +113,7 @@ class Settings:
     source: str | None = None
     sa_overlap: int = 7 * 86400  # seconds phase 3 of a service-account rotation waits
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
+    hosts: HostsSettings = HostsSettings(silent_after=86400, expire_after=30 * 86400)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -388,6 +395,8 @@ _SCHEMA: dict[str, _Field] = {
     "log_level": _Field("info", _log_level, text=True),
     "sa.overlap": _Field("7d", parse_duration, text=True),
     "delivery.touch_interval": _Field("10m", parse_duration, text=True),
+    "hosts.silent_after": _Field("1d", _duration(60, 365 * 86400), text=True),
+    "hosts.expire_after": _Field("30d", _duration(3600, 3650 * 86400), text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -475,4 +484,6 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
         source=source, sa_overlap=v["sa.overlap"],
         ui=UISettings(session_ttl=v["ui.session_ttl"], session_idle=v["ui.session_idle"]),
+        hosts=HostsSettings(silent_after=v["hosts.silent_after"],
+                            expire_after=v["hosts.expire_after"]),
     )
