@@ -60,7 +60,8 @@ class Fleet:
 
     def report(self, minion: str, files: dict[str, str | None], claimed: str | None = None,
                headers: dict[str, str] | None = None, status: int = 200) -> dict[str, Any]:
-        r = self.client.post(f"/v1/hosts/{minion}/report", headers=self.reporter if headers is None else headers,
+        r = self.client.post(f"/v1/hosts/{minion}/report",
+                             headers=self.reporter if headers is None else headers,
                              json={"minion": claimed or minion, "files": files,
                                    "state": "kubernetes.cert.configured", "result": True})
         assert r.status_code == status, r.text
@@ -240,3 +241,14 @@ def test_the_table_names_state_versions_and_drift(fleet):
                               "DRIFT"]
     assert row.split()[:4] == ["k8s-node-1", "node", "drifted", "1"]
     assert row.endswith("ca.crt modified")
+
+
+def test_metrics_count_hosts_by_state(fleet):
+    fleet.apply("k8s-master-1", "master")
+    fleet.apply("k8s-node-1", "node", **{"ca.crt": "x\n"})
+    fleet.pillar("k8s-node-2", "node")
+    text = fleet.client.get("/metrics").get_data(as_text=True)
+    found = {line.split('state="')[1].split('"')[0]: float(line.split()[-1])
+             for line in text.splitlines() if line.startswith("pkisvc_hosts{")}
+    assert found == {"current": 1, "behind": 0, "drifted": 1, "silent": 0, "unreported": 1,
+                     "expired": 0}
