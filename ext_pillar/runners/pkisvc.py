@@ -86,9 +86,8 @@ def rotate(mode: str = "immediate", step: str | None = None, reason: str = "",
     if step is not None:
         if step not in STEPS:
             raise RotationError(f"step must be one of {', '.join(STEPS)}")
-        path, body = f"/v1/ca/rotate/{step}", {"reason": reason}
-        if force:
-            body["force"] = True
+        path = f"/v1/ca/rotate/{step}"
+        body: dict[str, Any] = {"reason": reason, **({"force": True} if force else {})}
         try:
             return _waiting(lambda: _call("POST", path, body, url, token_file, ca_cert,
                                           timeout), wait)
