@@ -374,10 +374,11 @@ class CertStore:
                           silent_after=self.settings.hosts.silent_after,
                           expire_after=self.settings.hosts.expire_after)
 
-    def hosts(self) -> list[dict[str, Any]]:
-        """Every known minion: delivered and installed versions, per-file drift, state."""
+    def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
+        """Every known minion (or those states, already read): delivered and installed
+        versions, per-file drift, state."""
         latest = self.latest()
-        states = self.backend.minions()
+        states = self.backend.minions() if states is None else states
         if latest is None:
             return []
         return [self._host_view(s, latest) for s in states]

@@ -252,3 +252,13 @@ def test_metrics_count_hosts_by_state(fleet):
              for line in text.splitlines() if line.startswith("pkisvc_hosts{")}
     assert found == {"current": 1, "behind": 0, "drifted": 1, "silent": 0, "unreported": 1,
                      "expired": 0}
+
+
+def test_the_minions_page_shows_what_each_host_installed(fleet):
+    fleet.apply("k8s-node-1", "node", **{"ca.crt": "x\n"})
+    fleet.apply("k8s-master-1", "master")
+    page = fleet.client.get("/ui/minions", headers=fleet.admin).get_data(as_text=True)
+    node = page.split('data-minion="k8s-node-1"')[1].split("</tr>")[0]
+    assert "drifted" in node and "ca.crt modified" in node
+    master = page.split('data-minion="k8s-master-1"')[1].split("</tr>")[0]
+    assert ">current</span> <span class=\"muted\">v1," in master
