@@ -188,11 +188,24 @@ def sa_rotation() -> dict[str, Any]:
 
 # What each host has installed ([Q]): reported by the Salt master, never by a minion.
 
+HOSTS_PAGE = 500  # hosts per answer unless ?limit= says otherwise (at most HOSTS_MAX)
+HOSTS_MAX = 5000
+
+
 @bp.get("/hosts")
 @requires("read")
 def hosts() -> dict[str, Any]:
+    """A page of hosts in minion-id order (after the id `after`, only `state` if given), the
+    counts by state of all of them, and `next`: the `after` of the next page (None: last)."""
+    limit = query_int("limit", 1, HOSTS_MAX) or HOSTS_PAGE
+    after = request.args.get("after", "")
+    only = request.args.get("state")
+    if only is not None and only not in hostjudge.STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(hostjudge.STATES)}")
     found = store().hosts()
-    return {"hosts": found, "counts": hostjudge.counts(found)}
+    shown = [h for h in found if h["minion"] > after and (only is None or h["state"] == only)]
+    return {"hosts": shown[:limit], "counts": hostjudge.counts(found), "total": len(found),
+            "next": shown[limit - 1]["minion"] if len(shown) > limit else None}
 
 
 @bp.post("/hosts/<minion>/report")

@@ -70,9 +70,9 @@ def last_seen(state: MinionState) -> datetime:
     return state.asked
 
 
-def view(state: MinionState, *, current: int, expected: Digests, now: datetime,
-         silent_after: int, expire_after: int) -> dict[str, Any]:
-    """One host as `GET /v1/hosts` shows it; expected: its role's current digests."""
+def facts(state: MinionState, *, current: int, expected: Digests) -> dict[str, Any]:
+    """What a host's record says against the current version (no clock: cacheable while
+    neither changes); expected: its role's current digests.  `label` adds the state."""
     inst: Installed | None = state.installed
     files: dict[str, dict[str, Any]] = {}
     for name, want in sorted(expected.items()):
@@ -80,29 +80,33 @@ def view(state: MinionState, *, current: int, expected: Digests, now: datetime,
         files[name] = {"sha256": held.sha256 if held else None,
                        "version": held.version if held else None, "expected": want,
                        "status": file_status(held, want) if inst is not None else "unknown"}
-    drift = [{"file": n, **f} for n, f in files.items() if f["status"] in DRIFT]
-    seen = last_seen(state)
-    if now - seen > timedelta(seconds=expire_after):
-        label = "expired"
-    elif inst is None:
-        label = "unreported"
-    elif now - inst.reported > timedelta(seconds=silent_after):
-        label = "silent"
-    elif drift:
-        label = "drifted"
-    elif any(f["status"] != "current" for f in files.values()):
-        label = "behind"
-    else:
-        label = "current"
     return {
-        "minion": state.minion, "role": state.role, "state": label, "current": current,
+        "minion": state.minion, "role": state.role, "state": "", "current": current,
         "delivered": {"version": state.version, "received": format_time(state.received),
                       "asked": format_time(state.asked)},
         "installed": None if inst is None else {
             "version": inst.version, "reported": format_time(inst.reported),
             "state": inst.state, "result": inst.result, "reporter": inst.reporter},
-        "files": files, "drift": drift, "last_seen": format_time(seen),
+        "files": files,
+        "drift": [{"file": n, **f} for n, f in files.items() if f["status"] in DRIFT],
+        "last_seen": format_time(last_seen(state)),
     }
+
+
+def label(found: Mapping[str, Any], state: MinionState, *, now: datetime, silent_after: int,
+          expire_after: int) -> str:
+    """A host's state now (the module's docstring); found: its `facts`."""
+    if now - last_seen(state) > timedelta(seconds=expire_after):
+        return "expired"
+    if state.installed is None:
+        return "unreported"
+    if now - state.installed.reported > timedelta(seconds=silent_after):
+        return "silent"
+    if found["drift"]:
+        return "drifted"
+    if any(f["status"] != "current" for f in found["files"].values()):
+        return "behind"
+    return "current"
 
 
 def counts(views: Iterable[Mapping[str, Any]]) -> dict[str, int]:

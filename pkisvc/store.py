@@ -89,6 +89,7 @@ class CertStore:
         # an unchanged pillar answer is decided here, with no backend read.
         self._minions: dict[str, MinionState] = {}
         self._file_digests: dict[int, dict[str, str]] = {}
+        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any]]] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
 
     def now(self) -> datetime:
@@ -368,11 +369,19 @@ class CertStore:
         raise VersionConflict(f"minion {minion}: its state kept changing; report again")
 
     def _host_view(self, state: MinionState, latest: int) -> dict[str, Any]:
-        table = self._digests(latest)
-        expected = {n: table[n] for n in self._role_files(state.role, table)}
-        return hosts.view(state, current=latest, expected=expected, now=self.now(),
-                          silent_after=self.settings.hosts.silent_after,
-                          expire_after=self.settings.hosts.expire_after)
+        # A host's facts change only with its state or the current version: kept while the
+        # backend hands back the same state object (the files backend's table does).
+        kept = self._host_facts.get(state.minion)
+        if kept is not None and kept[0] is state and kept[1] == latest:
+            found = kept[2]
+        else:
+            table = self._digests(latest)
+            expected = {n: table[n] for n in self._role_files(state.role, table)}
+            found = hosts.facts(state, current=latest, expected=expected)
+            self._host_facts[state.minion] = (state, latest, found)
+        return {**found, "state": hosts.label(
+            found, state, now=self.now(), silent_after=self.settings.hosts.silent_after,
+            expire_after=self.settings.hosts.expire_after)}
 
     def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
         """Every known minion (or those states, already read): delivered and installed
@@ -390,6 +399,7 @@ class CertStore:
         """
         self.backend.forget_minion(minion)
         self._minions.pop(minion, None)
+        self._host_facts.pop(minion, None)
         self._audit(actor, "host-forget", minion=minion, remote_addr=remote_addr)
 
     def _gate(self, step: str, affected: tuple[str, ...], force: bool, reason: str) -> str:

@@ -262,3 +262,16 @@ def test_the_minions_page_shows_what_each_host_installed(fleet):
     assert "drifted" in node and "ca.crt modified" in node
     master = page.split('data-minion="k8s-master-1"')[1].split("</tr>")[0]
     assert ">current</span> <span class=\"muted\">v1," in master
+
+
+def test_hosts_come_in_pages_with_counts_of_all(fleet):
+    for i in range(5):
+        fleet.apply(f"k8s-node-{i}", "node", **({"ca.crt": "x\n"} if i == 3 else {}))
+    r = fleet.client.get("/v1/hosts?limit=2", headers=fleet.admin).get_json()
+    assert [h["minion"] for h in r["hosts"]] == ["k8s-node-0", "k8s-node-1"]
+    assert r["total"] == 5 and r["counts"]["current"] == 4 and r["next"] == "k8s-node-1"
+    r = fleet.client.get("/v1/hosts?limit=2&after=k8s-node-3", headers=fleet.admin).get_json()
+    assert [h["minion"] for h in r["hosts"]] == ["k8s-node-4"] and r["next"] is None
+    r = fleet.client.get("/v1/hosts?state=drifted", headers=fleet.admin).get_json()
+    assert [h["minion"] for h in r["hosts"]] == ["k8s-node-3"]
+    assert fleet.client.get("/v1/hosts?state=bad", headers=fleet.admin).status_code == 400
