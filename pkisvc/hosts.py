@@ -14,7 +14,7 @@ its deliveries, never reported), `silent` (no report for `hosts.silent_after`), 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from pkisvc.model import Installed, InstalledFile, MinionState, format_time
@@ -93,20 +93,26 @@ def facts(state: MinionState, *, current: int, expected: Digests) -> dict[str, A
     }
 
 
-def label(found: Mapping[str, Any], state: MinionState, *, now: datetime, silent_after: int,
-          expire_after: int) -> str:
-    """A host's state now (the module's docstring); found: its `facts`."""
-    if now - last_seen(state) > timedelta(seconds=expire_after):
-        return "expired"
-    if state.installed is None:
-        return "unreported"
-    if now - state.installed.reported > timedelta(seconds=silent_after):
-        return "silent"
+def verdict(found: Mapping[str, Any]) -> str:
+    """What a reported host's files say, clock aside: drifted, behind or current."""
     if found["drift"]:
         return "drifted"
     if any(f["status"] != "current" for f in found["files"].values()):
         return "behind"
     return "current"
+
+
+def label(files_say: str, state: MinionState, *, silent_before: datetime,
+          expire_before: datetime) -> str:
+    """A host's state (the module's docstring); files_say: its `verdict`; the two times:
+    now less `hosts.silent_after` and less `hosts.expire_after`."""
+    if last_seen(state) < expire_before:
+        return "expired"
+    if state.installed is None:
+        return "unreported"
+    if state.installed.reported < silent_before:
+        return "silent"
+    return files_say
 
 
 def counts(views: Iterable[Mapping[str, Any]]) -> dict[str, int]:

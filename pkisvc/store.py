@@ -89,7 +89,7 @@ class CertStore:
         # an unchanged pillar answer is decided here, with no backend read.
         self._minions: dict[str, MinionState] = {}
         self._file_digests: dict[int, dict[str, str]] = {}
-        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any]]] = {}
+        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str]] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
 
     def now(self) -> datetime:
@@ -368,20 +368,24 @@ class CertStore:
             return self._host_view(new, latest)
         raise VersionConflict(f"minion {minion}: its state kept changing; report again")
 
-    def _host_view(self, state: MinionState, latest: int) -> dict[str, Any]:
+    def _host_view(self, state: MinionState, latest: int,
+                   now: datetime | None = None) -> dict[str, Any]:
         # A host's facts change only with its state or the current version: kept while the
         # backend hands back the same state object (the files backend's table does).
         kept = self._host_facts.get(state.minion)
         if kept is not None and kept[0] is state and kept[1] == latest:
-            found = kept[2]
+            found, files_say = kept[2], kept[3]
         else:
             table = self._digests(latest)
             expected = {n: table[n] for n in self._role_files(state.role, table)}
             found = hosts.facts(state, current=latest, expected=expected)
-            self._host_facts[state.minion] = (state, latest, found)
+            files_say = hosts.verdict(found)
+            self._host_facts[state.minion] = (state, latest, found, files_say)
+        now = now or self.now()
         return {**found, "state": hosts.label(
-            found, state, now=self.now(), silent_after=self.settings.hosts.silent_after,
-            expire_after=self.settings.hosts.expire_after)}
+            files_say, state,
+            silent_before=now - timedelta(seconds=self.settings.hosts.silent_after),
+            expire_before=now - timedelta(seconds=self.settings.hosts.expire_after))}
 
     def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
         """Every known minion (or those states, already read): delivered and installed
@@ -390,7 +394,8 @@ class CertStore:
         states = self.backend.minions() if states is None else states
         if latest is None:
             return []
-        return [self._host_view(s, latest) for s in states]
+        now = self.now()
+        return [self._host_view(s, latest, now) for s in states]
 
     def forget_host(self, minion: str, *, actor: str, remote_addr: str | None = None) -> None:
         """Drop a minion's delivery state and reports (a decommissioned host; audited).
