@@ -24,8 +24,15 @@ ROLE_FILES = {"master": ("ca.crt", "server.cert", "server.key", "kubecfg.crt", "
 def cluster():
     # Short root: Salt's IPC socket paths must stay under 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="k8s-hosts-", dir="/tmp"))
+    # A host that lies: its view names another minion (what a minion setting its own `id`
+    # grain would make kubernetes.cert.view say).
+    states = base / "states" / "k8stest"
+    states.mkdir(parents=True)
+    (states / "liar.sls").write_text(
+        "kubernetes-cert-view:\n  test.show_notification:\n"
+        "    - text: '{minion: k8s-master-1, files: {ca.crt: {installed: false}}}'\n")
     service = Service(base / "svc").start()
-    world = Cluster(base, service, {m: {} for m in MINIONS})
+    world = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
     try:
         yield world.start()
     finally:
@@ -127,3 +134,13 @@ def test_continue_waits_for_a_master_that_was_down(cluster):
     assert ok, out
     assert {h["state"] for h in hosts(cluster).values()} == {"current"}
     assert step(cluster, "finish").status_code == 201
+
+
+def test_a_host_claiming_another_minions_id_is_refused(cluster):
+    before = hosts(cluster)["k8s-master-1"]
+    r = cluster.run("pkisvc.report", "minions=k8s-node-1", "sls=k8stest.liar")
+    out = json.loads(r.stdout)
+    assert out["reported"] == {}
+    assert "403" in out["failed"]["k8s-node-1"]
+    assert "reports only for itself" in out["failed"]["k8s-node-1"]
+    assert hosts(cluster)["k8s-master-1"] == before

@@ -20,6 +20,11 @@ given; the token must have the ``admin`` scope and is read from ``token_file`` (
 the master option ``pkisvc_admin_token_file``, else ``/etc/salt/pkisvc-admin.token``).  A
 refused or failed request raises, so the orchestration stops there.
 
+``report`` posts what minions installed (``kubernetes.cert.view``'s sha256 of each file) with
+a token of the ``report`` scope (master option ``pkisvc_report_token_file``, default
+``/etc/salt/pkisvc-report.token``); ``rotate``/``sa_rotate`` steps take ``wait=SECONDS`` to
+wait for pkisvc's gate (every host on the current phase).
+
 ``targets`` is the orchestration's check before anything changes: the targets come from the
 accepted minion keys (not from ``manage.up``, which silently leaves out a master that is
 down), every one must answer, and every named state must exist on every target.
