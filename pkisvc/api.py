@@ -188,7 +188,7 @@ def sa_rotation() -> dict[str, Any]:
 
 # What each host has installed ([Q]): reported by the Salt master, never by a minion.
 
-HOSTS_PAGE = 500  # hosts per answer unless ?limit= says otherwise (at most HOSTS_MAX)
+HOSTS_PAGE = 100  # hosts per answer unless ?limit= says otherwise (at most HOSTS_MAX)
 HOSTS_MAX = 5000
 
 
@@ -202,10 +202,8 @@ def hosts() -> dict[str, Any]:
     only = request.args.get("state")
     if only is not None and only not in hostjudge.STATES:
         raise InvalidRequest(f"state must be one of {', '.join(hostjudge.STATES)}")
-    found = store().hosts()
-    shown = [h for h in found if h["minion"] > after and (only is None or h["state"] == only)]
-    return {"hosts": shown[:limit], "counts": hostjudge.counts(found), "total": len(found),
-            "next": shown[limit - 1]["minion"] if len(shown) > limit else None}
+    page, counts, more = store().host_page(after=after, only=only, limit=limit)
+    return {"hosts": page, "counts": counts, "total": sum(counts.values()), "next": more}
 
 
 @bp.post("/hosts/<minion>/report")

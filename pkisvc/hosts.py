@@ -115,14 +115,6 @@ def label(files_say: str, state: MinionState, *, silent_before: datetime,
     return files_say
 
 
-def counts(views: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Hosts by state (every state named, 0 included)."""
-    out = dict.fromkeys(STATES, 0)
-    for v in views:
-        out[v["state"]] += 1
-    return out
-
-
 def behind(views: Iterable[Mapping[str, Any]], affected: Iterable[str]) -> list[dict[str, str]]:
     """Hosts a step must wait for: not expired, holding an affected file, and not holding the
     current bytes of every file of their role.  Each: minion, role, why (one line)."""

@@ -114,7 +114,7 @@ class StoreCollector:
                                    + ", ".join(hosts.STATES) + ".",
                                    labels=["cluster", "state"])
         try:
-            found = hosts.counts(self.store.hosts())
+            found = self.store.host_page(limit=0)[1]
         except BackendUnavailable:
             return family
         for state, n in found.items():

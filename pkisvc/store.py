@@ -368,34 +368,58 @@ class CertStore:
             return self._host_view(new, latest)
         raise VersionConflict(f"minion {minion}: its state kept changing; report again")
 
-    def _host_view(self, state: MinionState, latest: int,
-                   now: datetime | None = None) -> dict[str, Any]:
-        # A host's facts change only with its state or the current version: kept while the
-        # backend hands back the same state object (the files backend's table does).
+    def _host_facts_of(self, state: MinionState, latest: int) -> tuple[dict[str, Any], str]:
+        """A host's facts and verdict against latest.  They change only with its state or
+        the current version: kept while the backend hands back the same state object (the
+        files backend's table does), so a listing costs a comparison or two per host."""
         kept = self._host_facts.get(state.minion)
         if kept is not None and kept[0] is state and kept[1] == latest:
-            found, files_say = kept[2], kept[3]
-        else:
-            table = self._digests(latest)
-            expected = {n: table[n] for n in self._role_files(state.role, table)}
-            found = hosts.facts(state, current=latest, expected=expected)
-            files_say = hosts.verdict(found)
-            self._host_facts[state.minion] = (state, latest, found, files_say)
-        now = now or self.now()
-        return {**found, "state": hosts.label(
-            files_say, state,
-            silent_before=now - timedelta(seconds=self.settings.hosts.silent_after),
-            expire_before=now - timedelta(seconds=self.settings.hosts.expire_after))}
+            return kept[2], kept[3]
+        table = self._digests(latest)
+        expected = {n: table[n] for n in self._role_files(state.role, table)}
+        found = hosts.facts(state, current=latest, expected=expected)
+        files_say = hosts.verdict(found)
+        self._host_facts[state.minion] = (state, latest, found, files_say)
+        return found, files_say
+
+    def _cuts(self) -> dict[str, datetime]:
+        now = self.now()
+        return {"silent_before": now - timedelta(seconds=self.settings.hosts.silent_after),
+                "expire_before": now - timedelta(seconds=self.settings.hosts.expire_after)}
+
+    def _host_view(self, state: MinionState, latest: int) -> dict[str, Any]:
+        found, files_say = self._host_facts_of(state, latest)
+        return {**found, "state": hosts.label(files_say, state, **self._cuts())}
 
     def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
         """Every known minion (or those states, already read): delivered and installed
         versions, per-file drift, state."""
+        return self.host_page(states=states, limit=None)[0]
+
+    def host_page(self, *, after: str = "", only: str | None = None, limit: int | None,
+                  states: list[MinionState] | None = None
+                  ) -> tuple[list[dict[str, Any]], dict[str, int], str | None]:
+        """Hosts in minion-id order after `after` (those in state `only`, if given), at most
+        limit of them (None: all); the counts by state of every host; the `after` of the
+        next page (None: this is the last)."""
         latest = self.latest()
         states = self.backend.minions() if states is None else states
+        counts = dict.fromkeys(hosts.STATES, 0)
+        page: list[dict[str, Any]] = []
+        more = None
         if latest is None:
-            return []
-        now = self.now()
-        return [self._host_view(s, latest, now) for s in states]
+            return page, counts, more
+        cuts = self._cuts()
+        for s in states:
+            found, files_say = self._host_facts_of(s, latest)
+            state = hosts.label(files_say, s, **cuts)
+            counts[state] += 1
+            if s.minion > after and (only is None or state == only) and more is None:
+                if limit is not None and len(page) == limit:
+                    more = page[-1]["minion"] if page else after
+                else:
+                    page.append({**found, "state": state})
+        return page, counts, more
 
     def forget_host(self, minion: str, *, actor: str, remote_addr: str | None = None) -> None:
         """Drop a minion's delivery state and reports (a decommissioned host; audited).
