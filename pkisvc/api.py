@@ -7,6 +7,7 @@ from typing import Any, Callable
 from flask import Blueprint, Response, current_app, g, request
 
 from pkisvc import answers, changes
+from pkisvc import hosts as hostjudge
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
@@ -142,13 +143,18 @@ def rotate_ca() -> tuple[dict[str, Any], int]:
 @bp.post("/ca/rotate/<step>")
 @requires("admin")
 def rotation_step(step: str) -> tuple[dict[str, Any], int]:
-    steps = {"continue": store().continue_rotation, "finish": store().finish_rotation,
-             "abort": store().abort_rotation}
-    if step not in steps:
+    if step not in ("continue", "finish", "abort"):
         raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
-    data = body(reason=str)
-    return created(steps[step](actor=g.actor, reason=data.get("reason", ""),
-                               remote_addr=request.remote_addr))
+    data = body(reason=str, force=bool)
+    reason, force = data.get("reason", ""), bool(data.get("force"))
+    if step == "abort":
+        if force:
+            raise InvalidRequest("abort takes no 'force'")
+        return created(store().abort_rotation(actor=g.actor, reason=reason,
+                                              remote_addr=request.remote_addr))
+    change = store().continue_rotation if step == "continue" else store().finish_rotation
+    return created(change(actor=g.actor, reason=reason, force=force,
+                          remote_addr=request.remote_addr))
 
 
 @bp.get("/ca/rotation")
@@ -178,8 +184,8 @@ def sa_rotation_step(step: str) -> tuple[dict[str, Any], int]:
     if step not in ("continue", "finish", "abort"):
         raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
     data = body(reason=str, force=bool)
-    if data.get("force") and step != "finish":
-        raise InvalidRequest("only finish takes 'force'")
+    if data.get("force") and step == "abort":
+        raise InvalidRequest("abort takes no 'force'")
     return created(store().sa_step(step, actor=g.actor, reason=data.get("reason", ""),
                                    force=bool(data.get("force")),
                                    remote_addr=request.remote_addr))
@@ -189,6 +195,45 @@ def sa_rotation_step(step: str) -> tuple[dict[str, Any], int]:
 @requires("read")
 def sa_rotation() -> dict[str, Any]:
     return store().sa_rotation()
+
+
+# What each host has installed ([Q]): reported by the Salt master, never by a minion.
+
+HOSTS_PAGE = 100  # hosts per answer unless ?limit= says otherwise (at most HOSTS_MAX)
+HOSTS_MAX = 5000
+
+
+@bp.get("/hosts")
+@requires("read")
+def hosts() -> dict[str, Any]:
+    """A page of hosts in minion-id order (after the id `after`, only `state` if given), the
+    counts by state of all of them, and `next`: the `after` of the next page (None: last)."""
+    limit = query_int("limit", 1, HOSTS_MAX) or HOSTS_PAGE
+    after = request.args.get("after", "")
+    only = request.args.get("state")
+    if only is not None and only not in hostjudge.STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(hostjudge.STATES)}")
+    page, counts, more = store().host_page(after=after, only=only, limit=limit)
+    return {"hosts": page, "counts": counts, "total": sum(counts.values()), "next": more}
+
+
+@bp.post("/hosts/<minion>/report")
+@requires("report")
+def host_report(minion: str) -> dict[str, Any]:
+    data = body(minion=str, state=str, result=bool, files=dict)
+    for field in ("minion", "files"):
+        if field not in data:
+            raise InvalidRequest(f"field {field!r} is required")
+    return store().report_host(minion, claimed=data["minion"], state=data.get("state", ""),
+                               result=bool(data.get("result")), files=data["files"],
+                               actor=g.actor, remote_addr=request.remote_addr)
+
+
+@bp.delete("/hosts/<minion>")
+@requires("admin")
+def forget_host(minion: str) -> tuple[str, int]:
+    store().forget_host(minion, actor=g.actor, remote_addr=request.remote_addr)
+    return "", 204
 
 
 @bp.post("/certs/<item>/rotate")

@@ -2,7 +2,7 @@
 
 Tokens are never stored: settings and the backend keep their sha256, and every presented
 token is compared against every known hash in constant time.  `admin` implies `read` and
-`audit`, never `secrets`.
+`audit`, never `secrets` nor `report` (the Salt master's, for host reports).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pkisvc.tokens import hash_token
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 IMPLIES = {"admin": {"admin", "read", "audit"}, "read": {"read"}, "secrets": {"secrets"},
-           "audit": {"audit"}}
+           "audit": {"audit"}, "report": {"report"}}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from pkisvc import hosts
 from pkisvc.errors import BackendUnavailable, NotFound
 from pkisvc.store import CertStore
 
@@ -100,6 +101,7 @@ class StoreCollector:
         pair = (gen.record.extra.get("key_pairs") or {}).get("sa") or {}
         sa_keys.add_metric([cluster], len(pair.get("published", ())))
         yield sa_keys
+        yield self._hosts(cluster)
         ops = CounterMetricFamily("pkisvc_rotations", "Generations made, by operation.",
                                   labels=["cluster", "operation"])
         for op, n in sorted(Tally(r.operation for r in history).items()):
@@ -120,6 +122,19 @@ class StoreCollector:
                                "When the audit chain was last checked.", labels=["cluster"])
         at.add_metric([cluster], status["checked_at"].timestamp())
         yield at
+
+    def _hosts(self, cluster: str) -> Metric:
+        """Hosts by state ([Q]): counts only (a series per host would not scale)."""
+        family = GaugeMetricFamily("pkisvc_hosts", "Known hosts by installed state: "
+                                   + ", ".join(hosts.STATES) + ".",
+                                   labels=["cluster", "state"])
+        try:
+            found = self.store.host_page(limit=0)[1]
+        except BackendUnavailable:
+            return family
+        for state, n in found.items():
+            family.add_metric([cluster, state], n)
+        return family
 
 
 def render(store: CertStore) -> bytes:

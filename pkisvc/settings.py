@@ -67,6 +67,12 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class HostsSettings:
+    silent_after: int  # seconds without a report after which a host is flagged silent ([Q])
+    expire_after: int  # seconds without any sign of it after which gates leave a host out
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     cert: str | None
     key: str | None
@@ -116,6 +122,7 @@ class Settings:
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
     audit: AuditSettings = AuditSettings(keep=365 * 86400, verify_interval=3600)
     chain_key_file: Path | None = None  # None: <data_dir>/chain.key
+    hosts: HostsSettings = HostsSettings(silent_after=86400, expire_after=30 * 86400)
 
     @property
     def chain_key_path(self) -> Path:
@@ -406,6 +413,8 @@ _SCHEMA: dict[str, _Field] = {
     "audit.keep": _Field("365d", _duration(0, 100 * 366 * 86400), text=True),
     "audit.verify_interval": _Field("1h", _duration(0, 366 * 86400), text=True),
     "chain_key_file": _Field(None, _opt_str, text=True),
+    "hosts.silent_after": _Field("1d", _duration(60, 365 * 86400), text=True),
+    "hosts.expire_after": _Field("30d", _duration(3600, 3650 * 86400), text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -497,4 +506,6 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         audit=AuditSettings(keep=v["audit.keep"], verify_interval=v["audit.verify_interval"]),
         chain_key_file=(Path(v["chain_key_file"]).expanduser().absolute()
                         if v["chain_key_file"] else None),
+        hosts=HostsSettings(silent_after=v["hosts.silent_after"],
+                            expire_after=v["hosts.expire_after"]),
     )
