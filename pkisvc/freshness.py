@@ -149,6 +149,8 @@ class Kept(Generic[T]):
             self._reading = False
             self._keep(value, now, epoch)
             self._cond.notify_all()
+            if epoch != self._epoch:  # changed meanwhile: this caller asked before the change
+                return Seen(value)
             return Seen(self._value)  # type: ignore[arg-type]
 
     def _keep(self, value: T, at: float, epoch: int) -> None:
