@@ -56,7 +56,7 @@ class Kept(Generic[T]):
         # A value that only grows (a version number): a newer reading never lowers it.
         self._monotonic = monotonic
         self._clock = clock
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._value: T | None = None
         self._known = False
         self._confirmed = float("-inf")  # when the read that returned _value started
