@@ -8,6 +8,10 @@ and tried again (a bounded number of times).  Every change's audit event is writ
 generation, in the same commit (`Backend.write(..., event=)`): a version never exists without
 it.  When the backend's answer to a write is lost (a connection cut after the request was
 sent), the store reads back before it answers: a committed change is reported as done.
+
+Reads of the latest version and of the tokens list go through `pkisvc.freshness`: on the
+vault backend they are served from memory within `vault.version_ttl` of a read, and for up to
+`vault.stale_for` while Vault cannot be reached (marked stale); a change never plans on them.
 """
 from __future__ import annotations
 
