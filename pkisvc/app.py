@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, g, request
 from pkisvc import api, auth, errors, metrics, ui
 from pkisvc.answers import STALE, Bodies
 from pkisvc.backends import Backend, load_backend
-from pkisvc.errors import BackendUnavailable, Conflict, NotFound, PayloadTooLarge
+from pkisvc.errors import Conflict, NotFound, PayloadTooLarge, PkiError
 from pkisvc.fastpath import FastReads
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         store.read()  # held in memory from the start: served even if Vault goes away next
     except NotFound:
         pass  # an empty store (auto_init off): nothing to hold yet
-    except BackendUnavailable as e:
+    except PkiError as e:  # the requests that need it will say why
         log.warning("cannot read the latest version yet: %s", e.message)
     return app
 
