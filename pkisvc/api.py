@@ -11,7 +11,7 @@ from pkisvc import hosts as hostjudge
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
-from pkisvc.model import KEY_TYPES, TRUST_FILE, format_time, parse_time
+from pkisvc.model import KEY_TYPES, TRUST_FILE, StoredGeneration, format_time, parse_time
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -98,18 +98,25 @@ def chain_summary(status: dict[str, Any] | None) -> dict[str, Any]:
             "first_break": status["first_break"]}
 
 
+def trust() -> tuple[StoredGeneration, tuple[tuple[str, str], ...]]:
+    """The latest generation as served, and the stale marker when Vault is away."""
+    seen = store().latest_seen()
+    return store().read(seen.value), answers.stale_header(seen.stale)
+
+
 @bp.get("/ca")
-def ca() -> dict[str, Any]:
-    gen = store().read()
+def ca() -> tuple[dict[str, Any], int, list[tuple[str, str]]]:
+    gen, stale = trust()
     return {"version": gen.version, "pem": gen.files[TRUST_FILE].decode(),
-            "trust": list(gen.record.trust), "ca": gen.record.items["ca"].to_dict()}
+            "trust": list(gen.record.trust), "ca": gen.record.items["ca"].to_dict()}, 200, [
+        *stale]
 
 
 @bp.get("/ca.pem")
 def ca_pem() -> Response:
-    gen = store().read()
+    gen, stale = trust()
     return Response(gen.files[TRUST_FILE], mimetype="application/x-pem-file",
-                    headers={"ETag": f'"{gen.version}"'})
+                    headers=[("ETag", f'"{gen.version}"'), *stale])
 
 
 # --- changes -------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ REQUESTS = Counter("pkisvc_http_requests_total", "HTTP requests answered.",
 AUTH_REFUSED = Counter("pkisvc_auth_refused_total",
                        "Requests refused for a missing, unknown or insufficient token.",
                        ["endpoint", "status"], registry=None)
+STALE = Counter("pkisvc_stale_answers_total",
+                "Answers made from memory while the backend could not be reached "
+                "(marked with a PKISVC-Stale header).", ["endpoint"], registry=None)
 LATENCY = Histogram("pkisvc_http_request_duration_seconds", "Time to answer a request.",
                     ["endpoint"], registry=None,
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
@@ -145,6 +148,7 @@ def render(store: CertStore) -> bytes:
     else:
         registry.register(REQUESTS)
         registry.register(AUTH_REFUSED)
+        registry.register(STALE)
         registry.register(LATENCY)
     registry.register(StoreCollector(store))
     return generate_latest(registry)

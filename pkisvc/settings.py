@@ -53,6 +53,8 @@ class VaultSettings:
     ca_cert: str | None
     timeout: float
     max_versions: int
+    version_ttl: float = 0.5  # seconds a replica may serve a version without asking Vault
+    stale_for: int = 3600  # seconds answers held in memory outlive a Vault outage
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,19 @@ def _positive_float(key: str, v: Any) -> float:
         raise _fail(key, f"{v!r} is not a number") from None
     if not 0 < f <= 3600:
         raise _fail(key, "must be between 0 and 3600 seconds")
+    return f
+
+
+def _ttl(key: str, v: Any) -> float:
+    """Seconds, fractions allowed (`0.5`, `500ms`, `2s`); 0 is allowed."""
+    text = str(v).strip() if not isinstance(v, bool) else ""
+    scale = 0.001 if text.endswith("ms") else 1.0
+    try:
+        f = float(text.removesuffix("ms").removesuffix("s")) * scale
+    except ValueError:
+        raise _fail(key, f"{v!r} is not a number of seconds (0.5, 500ms, 2s)") from None
+    if not 0 <= f <= 60:
+        raise _fail(key, "must be between 0 and 60 seconds")
     return f
 
 
@@ -402,6 +417,8 @@ _SCHEMA: dict[str, _Field] = {
     "vault.ca_cert": _Field(None, _opt_str, text=True),
     "vault.timeout": _Field(5, _positive_float),
     "vault.max_versions": _Field(1000, _int(1, 1_000_000)),
+    "vault.version_ttl": _Field("500ms", _ttl, text=True),
+    "vault.stale_for": _Field("1h", _duration(0, 30 * 86400), text=True),
     "metrics_scope": _Field(None, _scope, text=True),
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
@@ -497,7 +514,8 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             role_id=v["vault.role_id"], secret_id=v["vault.secret_id"],
             secret_id_file=v["vault.secret_id_file"],
             mount=v["vault.mount"], prefix=v["vault.prefix"], ca_cert=v["vault.ca_cert"],
-            timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
+            timeout=v["vault.timeout"], max_versions=v["vault.max_versions"],
+            version_ttl=v["vault.version_ttl"], stale_for=v["vault.stale_for"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
         delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),

@@ -8,6 +8,10 @@ and tried again (a bounded number of times).  Every change's audit event is writ
 generation, in the same commit (`Backend.write(..., event=)`): a version never exists without
 it.  When the backend's answer to a write is lost (a connection cut after the request was
 sent), the store reads back before it answers: a committed change is reported as done.
+
+Reads of the latest version and of the tokens list go through `pkisvc.freshness`: on the
+vault backend they are served from memory within `vault.version_ttl` of a read, and for up to
+`vault.stale_for` while Vault cannot be reached (marked stale); a change never plans on them.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from pkisvc.errors import (
     Unauthorized,
     VersionConflict,
 )
+from pkisvc.freshness import Kept, Seen, Watcher
 from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
     ACTOR_MAX,
@@ -93,20 +98,51 @@ class CertStore:
         self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str]] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
-        self._watch: threading.Thread | None = None
+        self._chain_watch: threading.Thread | None = None
+
+        # The latest version and the tokens list as hot reads see them (pkisvc.freshness):
+        # on the vault backend within `vault.version_ttl` of a read, and served stale for up
+        # to `vault.stale_for` while Vault cannot be reached; elsewhere read every time.
+        remote = getattr(backend, "name", None) == "vault"
+        ttl = settings.vault.version_ttl if remote else 0.0
+        stale_for = settings.vault.stale_for if remote else 0.0
+        self._latest: Kept[int | None] = Kept(backend.latest, ttl=ttl, stale_for=stale_for,
+                                              monotonic=True)
+        self._tokens: Kept[list[TokenRecord]] = Kept(backend.tokens, ttl=ttl,
+                                                     stale_for=stale_for)
+        self._watcher: Watcher | None = None
+        if ttl > 0:
+            self._watcher = Watcher(ttl / 2)
+            self._watcher.watch(self._latest)
+            self._watcher.watch(self._tokens)
+        self._watching = False
 
     def now(self) -> datetime:
         return self._clock()
 
+    def watch(self) -> None:
+        """Re-read the hot values in the background (a serving process; see freshness)."""
+        self._watching = self._watcher is not None
+
     # --- reading -----------------------------------------------------------------------
 
     def latest(self) -> int | None:
-        return self.backend.latest()
+        """The latest version as hot reads see it (within `vault.version_ttl`)."""
+        return self.latest_seen().value
+
+    def latest_seen(self) -> Seen[int | None]:
+        """The latest version, and its age when it is served stale (the backend is down)."""
+        if self._watching:
+            self._watcher.ensure_running()  # type: ignore[union-attr]
+        return self._latest.get()
 
     def ping(self) -> None:
         self.backend.ping()
 
     def read(self, version: int | None = None) -> StoredGeneration:
+        """A version (the latest as `latest()` sees it by default)."""
+        if version is None:
+            version = self.latest()
         return self.backend.read(version)
 
     def versions(self) -> list[GenerationRecord]:
@@ -141,7 +177,13 @@ class CertStore:
         return self.backend.audit(since=since, limit=limit)
 
     def tokens(self) -> list[TokenRecord]:
-        return self.backend.tokens()
+        return self.tokens_seen().value
+
+    def tokens_seen(self) -> Seen[list[TokenRecord]]:
+        """The tokens kept by the backend (within `vault.version_ttl`; stale in an outage)."""
+        if self._watching:
+            self._watcher.ensure_running()  # type: ignore[union-attr]
+        return self._tokens.get()
 
     def expiration(self, version: int | None = None) -> list[dict[str, Any]]:
         """Rows for `check-expiration`: each certificate, its expiry and what is left."""
@@ -229,7 +271,7 @@ class CertStore:
 
     def watch_chain(self) -> None:
         """Check the chain now, in the background, and every `audit.verify_interval`."""
-        if self._watch is not None:
+        if self._chain_watch is not None:
             return
         interval = self.settings.audit.verify_interval
 
@@ -242,8 +284,8 @@ class CertStore:
                 if not interval:
                     return
                 time.sleep(interval)
-        self._watch = threading.Thread(target=run, name="pkisvc-chain", daemon=True)
-        self._watch.start()
+        self._chain_watch = threading.Thread(target=run, name="pkisvc-chain", daemon=True)
+        self._chain_watch.start()
 
     # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
 
@@ -322,14 +364,20 @@ class CertStore:
         """Make an API token; return it (the only time it is seen: only its hash is kept)."""
         token, record = new_token(name, scopes, now=self.now(),
                                   configured={t.name for t in self.settings.tokens})
-        self.backend.put_token(record)
+        try:
+            self.backend.put_token(record)
+        finally:
+            self._tokens.expire()
         self._audit(actor, "token-create", reason=f"{name}: {','.join(scopes)}",
                     remote_addr=remote_addr)
         return token
 
     def revoke_token(self, name: str, *, actor: str, remote_addr: str | None = None) -> None:
         """Revoke an API token made by create_token."""
-        self.backend.revoke_token(name)
+        try:
+            self.backend.revoke_token(name)
+        finally:
+            self._tokens.expire()
         self._audit(actor, "token-revoke", reason=name, remote_addr=remote_addr)
 
     def record_delivery(self, *, actor: str, action: str, version: int | None,
@@ -354,7 +402,15 @@ class CertStore:
         if (seen is not None and seen.version == version and seen.role == role
                 and now < seen.asked + self._touch):
             return
-        held = seen if seen is not None else self.backend.minion(minion)
+        revalidation = not items  # a 304: the minion holds it already, nothing leaves
+        try:
+            held = seen if seen is not None else self.backend.minion(minion)
+        except BackendUnavailable as e:
+            if not revalidation:
+                raise
+            log.warning("minion %s: delivery state not read (answered 304): %s", minion,
+                        e.message)
+            return
         for _ in range(STATE_ATTEMPTS):
             change = held is None or held.version != version or held.role != role
             if held is not None and not change:
@@ -373,9 +429,11 @@ class CertStore:
                 held = self.backend.minion(minion)
                 continue
             except BackendUnavailable as e:
-                if change:
+                if change and not revalidation:
                     raise
-                log.warning("minion %s: last asked not stored: %s", minion, e.message)
+                log.warning("minion %s: %s not stored: %s", minion,
+                            f"holding version {version}" if change else "last asked",
+                            e.message)
                 return
             self._minions[minion] = new
             if change:
@@ -699,7 +757,9 @@ class CertStore:
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
-            parent = self.backend.latest()
+            started = time.monotonic()
+            parent = self.backend.latest()  # never the kept view: a change builds on the latest
+            self._latest.learn(parent, at=started)
             if expect_empty and parent is not None:
                 raise AlreadyInitialised(f"the store is initialised (version {parent})")
             if parent is None and not (expect_empty or allow_empty):
@@ -727,6 +787,7 @@ class CertStore:
                 if attempt >= 1:  # back off, randomly, so racing writers spread out
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
+            self._latest.learn(version, at=started)  # this process serves its change at once
             log.info("version %d written: %s by %s", version, operation, actor)
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
