@@ -176,6 +176,13 @@ class Backend(Protocol):
         Raises: BackendUnavailable.
         """
 
+    def forget_minion(self, minion: str) -> None:
+        """Remove a minion's state (its deliveries and host reports) for good.
+
+        Raises: NotFound when there is none; InvalidRequest (not a minion id);
+        BackendUnavailable.
+        """
+
     def identity(self) -> str | None:
         """Return the name the backend knows its caller by (Vault: the token's display
         name), or None when it knows none.

@@ -9,7 +9,8 @@
     <data_dir>/tokens.json      hashed API tokens
     <data_dir>/minions.jsonl    minions' delivery states: one JSON line per change, the last
                                 line of a minion wins; compacted (rewritten whole, renamed)
-                                once it holds more than twice as many lines as minions
+                                once it holds more than twice as many lines as minions;
+                                `{"minion": id, "forgotten": true}` removes one
     <data_dir>/sessions.json    the operator pages' sessions, kept under their ids' hashes
     <data_dir>/tmp/             staging; whatever is left here after a crash is debris
 
@@ -76,6 +77,7 @@ CHAIN = "chain.json"  # the version's link in the audit chain
 NOT_FILES = (RECORD, EVENT, CHAIN)
 _PERIOD_FILE = re.compile(r"([0-9]{8})\.jsonl")
 _GEN_DIR = re.compile(r"[0-9]{6,}")
+FORGOTTEN = "forgotten"  # a minions.jsonl line that removes a minion (`hosts forget`)
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 T = TypeVar("T")
 
@@ -543,8 +545,12 @@ class FilesBackend:
                     for raw in data[:end].splitlines():
                         t.lines += 1
                         try:
-                            state = MinionState.from_dict(json.loads(raw))
-                        except (ValueError, KeyError, TypeError):
+                            d = json.loads(raw)
+                            if d.get(FORGOTTEN):
+                                t.states.pop(str(d["minion"]), None)
+                                continue
+                            state = MinionState.from_dict(d)
+                        except (ValueError, KeyError, TypeError, AttributeError):
                             continue  # a line torn by a crash mid-append
                         t.states[state.minion] = state
                     t.offset += end
@@ -577,6 +583,14 @@ class FilesBackend:
             states = self._read_minions()
             if self._table.lines > 2 * len(states) + COMPACT_SLACK:
                 self._compact_minions(states)
+
+    def forget_minion(self, minion: str) -> None:
+        checked_minion(minion)
+        line = (json.dumps({"minion": minion, FORGOTTEN: True}) + "\n").encode()
+        with self._io("write a minion state"), self._minions_locked():
+            if minion not in self._read_minions():
+                raise NotFound(f"no state of minion {minion}")
+            _append_line(self._minions, line)
 
     def _compact_minions(self, states: dict[str, MinionState]) -> None:
         """Rewrite the state file with one line per minion (under the minions lock)."""

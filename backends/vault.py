@@ -844,8 +844,11 @@ class VaultBackend:
         except NotFound:
             return 0, None
         try:
-            return (int(resp["data"]["metadata"]["version"]),
-                    MinionState.from_dict(resp["data"]["data"]["state"]))
+            kv_version = int(resp["data"]["metadata"]["version"])
+            state = resp["data"]["data"]["state"]
+            # A forgotten host leaves its secret holding no state (the service policy
+            # deletes nothing): as if there were none, and the next state replaces it.
+            return kv_version, None if state is None else MinionState.from_dict(state)
         except (KeyError, TypeError, ValueError):
             raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)} is not a "
                                      "minion state") from None
@@ -860,6 +863,15 @@ class VaultBackend:
             raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
         self._write(f"{self._minions_dir}/{state.minion}", {"state": state.to_dict()},
                     cas=version)
+
+    def forget_minion(self, minion: str) -> None:
+        """Empty the minion's secret (`{"state": null}`, under cas): the service policy may
+        update it but deletes nothing, and KV keeps the earlier states for an auditor."""
+        path = f"{self._minions_dir}/{checked_minion(minion)}"
+        version, held = self._read_minion(minion)
+        if held is None:
+            raise NotFound(f"no state of minion {minion}")
+        self._write(path, {"state": None}, cas=version)
 
     def minions(self) -> list[MinionState]:
         names = sorted(k for k in self._list(self._minions_dir) if MINION_ID.fullmatch(k))

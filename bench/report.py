@@ -80,6 +80,15 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                 small, big = k.removeprefix("growth_").split("_to_")
                 out.append([f"pillar burst: cost per minion, {big} ÷ {small} minions",
                             f"{v:.3f}", "", "", "≈ 1 (linear)"])
+    if "hosts" in doc:
+        h = doc["hosts"]
+        out.append([f"host reports: {h['hosts']} hosts, {h['concurrency']} at a time",
+                    f"{h['report_errors']} errors; report p50 / p99 {h['report_ms']['median']}"
+                    f" / {h['report_ms']['p99']} ms", "", "", "0 errors"])
+        for path, p in h["pages"].items():
+            out.append([f"`{path}` with {h['hosts']} hosts, p99 ms",
+                        f"{p['p99']} (p50 {p['median']}, {p['bytes']} bytes)", "", "",
+                        "p99 ≤ 50 ms" if path == "/v1/hosts" else ""])
     return out
 
 

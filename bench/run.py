@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hosts
 import pillar
 from servers import BIN, REPO, OpenBao, Pkisvc, cleanup, workdir
 from servers import http as call
@@ -30,6 +31,7 @@ from servers import http as call
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "3"))
 RESULTS = REPO / "bench" / "results"
+HOSTS = int(os.environ.get("BENCH_HOSTS", "5000"))  # host reports ([Q]): acceptance 5
 
 
 def median(xs: list[float]) -> float:
@@ -349,6 +351,12 @@ def main() -> None:
         doc["rotate"] = bench_rotate(root, bao)
         print("CA rotation ...", flush=True)
         doc["ca_rotation"] = bench_ca_rotation(root)
+        print("host reports ...", flush=True)
+        fleet = Pkisvc(root / "hosts", {"PKISVC_KEY_TYPE": "ecdsa-p256"}).start()
+        try:
+            doc["hosts"] = hosts.bench_hosts(fleet, HOSTS)
+        finally:
+            fleet.stop()
     finally:
         if vault is not None:
             vault.stop()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from pkisvc import auth
-from pkisvc.errors import InvalidRequest, NotFound
+from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
 from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, check_text
 from pkisvc.store import CertStore
 
@@ -25,6 +25,9 @@ from pkisvc.store import CertStore
 # Clients cannot set it (their headers arrive as HTTP_* keys).
 LEARNED = "pkisvc.hot_read.error"
 JSON = ("Content-Type", "application/json")
+# On an answer made from memory while the backend could not be reached: the seconds since
+# what it holds was last confirmed (docs/decisions.md, "Reads within a bound").
+STALE = "PKISVC-Stale"
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,11 @@ class Bodies:
 
 def cert(store: CertStore, bodies: Bodies, ask: Ask, item: str) -> Answer:
     """`GET /v1/certs/<item>[?version=N]`: the item's record and certificate (scope `read`)."""
-    auth.allowed(store, ask.authorization, "read")
-    version = query_int(ask.args, "version", 1, 10**9) or _latest(store)
-    return Answer(200, bodies.cert(version, item_name(item)), (JSON,))
+    principal = auth.allowed(store, ask.authorization, "read")
+    asked = query_int(ask.args, "version", 1, 10**9)
+    version, stale = (asked, None) if asked else _latest(store)
+    return Answer(200, bodies.cert(version, item_name(item)),
+                  (JSON, *stale_header(stale, principal.stale)))
 
 
 def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
@@ -118,24 +123,35 @@ def pillar(store: CertStore, bodies: Bodies, ask: Ask, minion: str) -> Answer:
     names = store.settings.roles.get(role)
     if names is None:
         raise NotFound(f"no role {role[:64]!r}")
-    version = _latest(store)
+    version, stale = _latest(store)
     etag = f'"{version}"'
     unchanged = none_match(ask.if_none_match, str(version))
+    if stale is not None and not unchanged:
+        # Key material leaves only with its delivery recorded: not while Vault is away.
+        raise BackendUnavailable(f"the backend cannot be reached (for {stale:.0f}s); only "
+                                 "revalidations of the version held are answered")
     body = b"" if unchanged else bodies.pillar(version, role)
     store.record_pillar(actor=principal.name, minion=minion, role=role, version=version,
                         items=() if unchanged else tuple(names), remote_addr=ask.remote_addr)
     if unchanged:
-        return Answer(304, b"", (("ETag", etag),))
+        return Answer(304, b"", (("ETag", etag), *stale_header(stale, principal.stale)))
     return Answer(200, body, (JSON, ("ETag", etag)))
 
 
 # --- parts -----------------------------------------------------------------------------------
 
-def _latest(store: CertStore) -> int:
-    version = store.latest()
-    if version is None:
+def _latest(store: CertStore) -> tuple[int, float | None]:
+    """The latest version and, when it is served from memory in an outage, its age."""
+    seen = store.latest_seen()
+    if seen.value is None:
         raise NotFound("the store is empty: run `pkisvc init`")
-    return version
+    return seen.value, seen.stale
+
+
+def stale_header(*ages: float | None) -> tuple[tuple[str, str], ...]:
+    """The stale marker for an answer made of parts of these ages (None: fresh)."""
+    known = [a for a in ages if a is not None]
+    return ((STALE, str(int(max(known)))),) if known else ()
 
 
 def item_name(item: str) -> str:

@@ -7,10 +7,11 @@ from typing import Any, Callable
 from flask import Blueprint, Response, current_app, g, request
 
 from pkisvc import answers, changes
+from pkisvc import hosts as hostjudge
 from pkisvc.answers import Answer, Ask, Bodies, item_name
 from pkisvc.auth import requires
 from pkisvc.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
-from pkisvc.model import KEY_TYPES, TRUST_FILE, format_time, parse_time
+from pkisvc.model import KEY_TYPES, TRUST_FILE, StoredGeneration, format_time, parse_time
 from pkisvc.store import CertStore
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -97,18 +98,25 @@ def chain_summary(status: dict[str, Any] | None) -> dict[str, Any]:
             "first_break": status["first_break"]}
 
 
+def trust() -> tuple[StoredGeneration, tuple[tuple[str, str], ...]]:
+    """The latest generation as served, and the stale marker when Vault is away."""
+    seen = store().latest_seen()
+    return store().read(seen.value), answers.stale_header(seen.stale)
+
+
 @bp.get("/ca")
-def ca() -> dict[str, Any]:
-    gen = store().read()
+def ca() -> tuple[dict[str, Any], int, list[tuple[str, str]]]:
+    gen, stale = trust()
     return {"version": gen.version, "pem": gen.files[TRUST_FILE].decode(),
-            "trust": list(gen.record.trust), "ca": gen.record.items["ca"].to_dict()}
+            "trust": list(gen.record.trust), "ca": gen.record.items["ca"].to_dict()}, 200, [
+        *stale]
 
 
 @bp.get("/ca.pem")
 def ca_pem() -> Response:
-    gen = store().read()
+    gen, stale = trust()
     return Response(gen.files[TRUST_FILE], mimetype="application/x-pem-file",
-                    headers={"ETag": f'"{gen.version}"'})
+                    headers=[("ETag", f'"{gen.version}"'), *stale])
 
 
 # --- changes -------------------------------------------------------------------------------
@@ -142,13 +150,18 @@ def rotate_ca() -> tuple[dict[str, Any], int]:
 @bp.post("/ca/rotate/<step>")
 @requires("admin")
 def rotation_step(step: str) -> tuple[dict[str, Any], int]:
-    steps = {"continue": store().continue_rotation, "finish": store().finish_rotation,
-             "abort": store().abort_rotation}
-    if step not in steps:
+    if step not in ("continue", "finish", "abort"):
         raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
-    data = body(reason=str)
-    return created(steps[step](actor=g.actor, reason=data.get("reason", ""),
-                               remote_addr=request.remote_addr))
+    data = body(reason=str, force=bool)
+    reason, force = data.get("reason", ""), bool(data.get("force"))
+    if step == "abort":
+        if force:
+            raise InvalidRequest("abort takes no 'force'")
+        return created(store().abort_rotation(actor=g.actor, reason=reason,
+                                              remote_addr=request.remote_addr))
+    change = store().continue_rotation if step == "continue" else store().finish_rotation
+    return created(change(actor=g.actor, reason=reason, force=force,
+                          remote_addr=request.remote_addr))
 
 
 @bp.get("/ca/rotation")
@@ -178,8 +191,8 @@ def sa_rotation_step(step: str) -> tuple[dict[str, Any], int]:
     if step not in ("continue", "finish", "abort"):
         raise NotFound(f"no step {step[:32]!r} (steps: continue, finish, abort)")
     data = body(reason=str, force=bool)
-    if data.get("force") and step != "finish":
-        raise InvalidRequest("only finish takes 'force'")
+    if data.get("force") and step == "abort":
+        raise InvalidRequest("abort takes no 'force'")
     return created(store().sa_step(step, actor=g.actor, reason=data.get("reason", ""),
                                    force=bool(data.get("force")),
                                    remote_addr=request.remote_addr))
@@ -189,6 +202,45 @@ def sa_rotation_step(step: str) -> tuple[dict[str, Any], int]:
 @requires("read")
 def sa_rotation() -> dict[str, Any]:
     return store().sa_rotation()
+
+
+# What each host has installed ([Q]): reported by the Salt master, never by a minion.
+
+HOSTS_PAGE = 100  # hosts per answer unless ?limit= says otherwise (at most HOSTS_MAX)
+HOSTS_MAX = 5000
+
+
+@bp.get("/hosts")
+@requires("read")
+def hosts() -> dict[str, Any]:
+    """A page of hosts in minion-id order (after the id `after`, only `state` if given), the
+    counts by state of all of them, and `next`: the `after` of the next page (None: last)."""
+    limit = query_int("limit", 1, HOSTS_MAX) or HOSTS_PAGE
+    after = request.args.get("after", "")
+    only = request.args.get("state")
+    if only is not None and only not in hostjudge.STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(hostjudge.STATES)}")
+    page, counts, more = store().host_page(after=after, only=only, limit=limit)
+    return {"hosts": page, "counts": counts, "total": sum(counts.values()), "next": more}
+
+
+@bp.post("/hosts/<minion>/report")
+@requires("report")
+def host_report(minion: str) -> dict[str, Any]:
+    data = body(minion=str, state=str, result=bool, files=dict)
+    for field in ("minion", "files"):
+        if field not in data:
+            raise InvalidRequest(f"field {field!r} is required")
+    return store().report_host(minion, claimed=data["minion"], state=data.get("state", ""),
+                               result=bool(data.get("result")), files=data["files"],
+                               actor=g.actor, remote_addr=request.remote_addr)
+
+
+@bp.delete("/hosts/<minion>")
+@requires("admin")
+def forget_host(minion: str) -> tuple[str, int]:
+    store().forget_host(minion, actor=g.actor, remote_addr=request.remote_addr)
+    return "", 204
 
 
 @bp.post("/certs/<item>/rotate")

@@ -9,9 +9,9 @@ from pathlib import Path
 from flask import Flask, Response, current_app, g, request
 
 from pkisvc import api, auth, errors, metrics, ui
-from pkisvc.answers import Bodies
+from pkisvc.answers import STALE, Bodies
 from pkisvc.backends import Backend, load_backend
-from pkisvc.errors import Conflict, PayloadTooLarge
+from pkisvc.errors import Conflict, NotFound, PayloadTooLarge, PkiError
 from pkisvc.fastpath import FastReads
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
@@ -41,6 +41,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.after_request(_count)
     errors.register(app)
     app.wsgi_app = FastReads(app.wsgi_app, store, bodies)  # type: ignore[method-assign]
+    store.watch()  # a serving process keeps its view of Vault fresh in the background
+    try:
+        store.read()  # held in memory from the start: served even if Vault goes away next
+    except NotFound:
+        pass  # an empty store (auto_init off): nothing to hold yet
+    except PkiError as e:  # the requests that need it will say why
+        log.warning("cannot read the latest version yet: %s", e.message)
     return app
 
 
@@ -107,6 +114,8 @@ def _count(response: Response) -> Response:
     endpoint = rule.rule if rule is not None else metrics.UNKNOWN_ENDPOINT
     status = str(response.status_code)
     metrics.REQUESTS.labels(metrics.method_label(request.method), endpoint, status).inc()
+    if STALE in response.headers:
+        metrics.STALE.labels(endpoint).inc()
     if response.status_code in (401, 403):
         metrics.AUTH_REFUSED.labels(endpoint, status).inc()
         auth.REFUSALS.note(status, endpoint, request.remote_addr)

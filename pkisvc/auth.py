@@ -2,7 +2,7 @@
 
 Tokens are never stored: settings and the backend keep their sha256, and every presented
 token is compared against every known hash in constant time.  `admin` implies `read` and
-`audit`, never `secrets`.
+`audit`, never `secrets` nor `report` (the Salt master's, for host reports).
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from pkisvc.tokens import hash_token
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 IMPLIES = {"admin": {"admin", "read", "audit"}, "read": {"read"}, "secrets": {"secrets"},
-           "audit": {"audit"}}
+           "audit": {"audit"}, "report": {"report"}}
 
 
 @dataclass(frozen=True)
 class Principal:
     name: str
     scopes: frozenset[str]
+    stale: float | None = None  # found in a tokens list served stale (Vault unreachable)
 
 
 def effective_scopes(scopes: tuple[str, ...] | list[str]) -> frozenset[str]:
@@ -112,18 +113,19 @@ def authenticate(store: CertStore, header: str | None) -> Principal:
     # each list every hash is compared, so timing tells nothing about which one matched.
     found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.settings.tokens])
     if found is None:
-        found = _match(digest, [(t.name, t.sha256, t.scopes) for t in store.tokens()])
+        kept = store.tokens_seen()  # within vault.version_ttl of a read (a revocation too)
+        found = _match(digest, [(t.name, t.sha256, t.scopes) for t in kept.value], kept.stale)
     if found is None:
         raise Unauthorized("unknown token")
     return found
 
 
-def _match(digest: bytes, candidates: list[tuple[str, str, tuple[str, ...]]]
-           ) -> Principal | None:
+def _match(digest: bytes, candidates: list[tuple[str, str, tuple[str, ...]]],
+           stale: float | None = None) -> Principal | None:
     found: Principal | None = None
     for name, sha, scopes in candidates:
         if hmac.compare_digest(digest, sha.encode()) and found is None:
-            found = Principal(name, effective_scopes(scopes))
+            found = Principal(name, effective_scopes(scopes), stale)
     return found
 
 

@@ -295,20 +295,28 @@ def rotation_status(c: Context, fmt: str) -> None:
     emit(fmt, state, lambda: field_rows(state))
 
 
+FORCE_HOSTS = click.option("--force", is_flag=True,
+                           help="Even while hosts have not installed the current phase "
+                                "(audited as forced).")
+
+
 @rotation.command("continue")
+@FORCE_HOSTS
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotation_continue(c: Context, reason: str) -> None:
-    """Phase 2: server and kubecfg from the new CA (hosts must trust both CAs by now)."""
-    done(c.store.continue_rotation(actor=c.actor, reason=reason), c.store)
+def rotation_continue(c: Context, force: bool, reason: str) -> None:
+    """Phase 2: server and kubecfg from the new CA (refused until every host has installed
+    phase 1, see `pkisvc hosts`)."""
+    done(c.store.continue_rotation(actor=c.actor, reason=reason, force=force), c.store)
 
 
 @rotation.command("finish")
+@FORCE_HOSTS
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def rotation_finish(c: Context, reason: str) -> None:
-    """Phase 3: trust only the new CA."""
-    done(c.store.finish_rotation(actor=c.actor, reason=reason), c.store)
+def rotation_finish(c: Context, force: bool, reason: str) -> None:
+    """Phase 3: trust only the new CA (refused until every host has installed phase 2)."""
+    done(c.store.finish_rotation(actor=c.actor, reason=reason, force=force), c.store)
 
 
 @rotation.command("abort")
@@ -351,15 +359,17 @@ def sa_rotation_status(c: Context, fmt: str) -> None:
 
 
 @sa_rotation.command("continue")
+@FORCE_HOSTS
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
-def sa_rotation_continue(c: Context, reason: str) -> None:
-    """Phase 2: the new key signs (masters must hold the new sa.pub by now)."""
-    done(c.store.sa_step("continue", actor=c.actor, reason=reason))
+def sa_rotation_continue(c: Context, force: bool, reason: str) -> None:
+    """Phase 2: the new key signs (refused until every master has installed the new sa.pub)."""
+    done(c.store.sa_step("continue", actor=c.actor, reason=reason, force=force))
 
 
 @sa_rotation.command("finish")
-@click.option("--force", is_flag=True, help="Before `sa.overlap` has passed (audited).")
+@click.option("--force", is_flag=True, help="Before `sa.overlap` has passed, or while hosts "
+              "have not installed phase 2 (audited as forced).")
 @click.option("--reason", default="", help="Why (recorded).")
 @pass_ctx
 def sa_rotation_finish(c: Context, force: bool, reason: str) -> None:
@@ -643,6 +653,33 @@ def renew(c: Context, dry_run: bool, fmt: str) -> None:
                    err=True)
 
 
+@main.group(invoke_without_command=True)
+@OUTPUT
+@click.pass_context
+def hosts(ctx: click.Context, fmt: str) -> None:
+    """What each host has installed, as the Salt master reported it (`hosts forget`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    c: Context = ctx.obj
+    found = c.store.hosts()
+    emit(fmt, found, lambda: [["MINION", "ROLE", "STATE", "DELIVERED", "INSTALLED",
+                               "REPORTED", "DRIFT"], *(
+        [h["minion"], h["role"] or "", h["state"], h["delivered"]["version"],
+         "" if not h["installed"] or h["installed"]["version"] is None
+         else h["installed"]["version"],
+         h["installed"]["reported"] if h["installed"] else "never",
+         ", ".join(f"{d['file']} {d['status']}" for d in h["drift"])] for h in found)])
+
+
+@hosts.command("forget")
+@click.argument("minion")
+@pass_ctx
+def hosts_forget(c: Context, minion: str) -> None:
+    """Forget a decommissioned host: its deliveries and reports (audited)."""
+    c.store.forget_host(minion, actor=c.actor)
+    click.echo(f"forgot {minion}")
+
+
 @main.group()
 def token() -> None:
     """API tokens kept (hashed) by the backend."""
@@ -652,7 +689,8 @@ def token() -> None:
 @click.argument("name")
 @click.option("--scope", "scopes", multiple=True, required=True,
               type=click.Choice(SCOPES),
-              help="Repeat for several; admin implies read and audit, not secrets.")
+              help="Repeat for several; admin implies read and audit, not secrets nor "
+                   "report.")
 @pass_ctx
 def token_create(c: Context, name: str, scopes: tuple[str, ...]) -> None:
     """Make a token and print it, alone, this once (only its hash is kept)."""

@@ -61,6 +61,13 @@ class AlreadyInitialised(Conflict):
     status, code = 409, "already_initialised"
 
 
+class HostsBehind(Conflict):
+    """A rotation step refused while hosts have not installed the current phase ([Q]);
+    `hosts` in the body names them (`force` overrides, audited)."""
+
+    status, code = 409, "hosts_behind"
+
+
 class PayloadTooLarge(PkiError):
     status, code = 413, "payload_too_large"
 

@@ -55,6 +55,8 @@ class FastReads:
             headers.append(("Content-Length", str(len(answer.body))))
         start_response(_STATUS[answer.status], headers)
         self._count[endpoint, answer.status].inc()
+        if any(name == answers.STALE for name, _ in answer.headers):
+            metrics.STALE.labels(endpoint).inc()
         self._time[endpoint].observe(time.perf_counter() - started)
         return [answer.body]
 

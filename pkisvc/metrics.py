@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from pkisvc import hosts
 from pkisvc.errors import BackendUnavailable, NotFound
 from pkisvc.store import CertStore
 
@@ -23,6 +24,9 @@ REQUESTS = Counter("pkisvc_http_requests_total", "HTTP requests answered.",
 AUTH_REFUSED = Counter("pkisvc_auth_refused_total",
                        "Requests refused for a missing, unknown or insufficient token.",
                        ["endpoint", "status"], registry=None)
+STALE = Counter("pkisvc_stale_answers_total",
+                "Answers made from memory while the backend could not be reached "
+                "(marked with a PKISVC-Stale header).", ["endpoint"], registry=None)
 LATENCY = Histogram("pkisvc_http_request_duration_seconds", "Time to answer a request.",
                     ["endpoint"], registry=None,
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
@@ -100,6 +104,7 @@ class StoreCollector:
         pair = (gen.record.extra.get("key_pairs") or {}).get("sa") or {}
         sa_keys.add_metric([cluster], len(pair.get("published", ())))
         yield sa_keys
+        yield self._hosts(cluster)
         ops = CounterMetricFamily("pkisvc_rotations", "Generations made, by operation.",
                                   labels=["cluster", "operation"])
         for op, n in sorted(Tally(r.operation for r in history).items()):
@@ -121,6 +126,19 @@ class StoreCollector:
         at.add_metric([cluster], status["checked_at"].timestamp())
         yield at
 
+    def _hosts(self, cluster: str) -> Metric:
+        """Hosts by state ([Q]): counts only (a series per host would not scale)."""
+        family = GaugeMetricFamily("pkisvc_hosts", "Known hosts by installed state: "
+                                   + ", ".join(hosts.STATES) + ".",
+                                   labels=["cluster", "state"])
+        try:
+            found = self.store.host_page(limit=0)[1]
+        except BackendUnavailable:
+            return family
+        for state, n in found.items():
+            family.add_metric([cluster, state], n)
+        return family
+
 
 def render(store: CertStore) -> bytes:
     """The text exposition of every pkisvc metric."""
@@ -130,6 +148,7 @@ def render(store: CertStore) -> bytes:
     else:
         registry.register(REQUESTS)
         registry.register(AUTH_REFUSED)
+        registry.register(STALE)
         registry.register(LATENCY)
     registry.register(StoreCollector(store))
     return generate_latest(registry)

@@ -30,7 +30,7 @@ OPERATIONS = (
     "ca-stage-trust", "ca-stage-switch", "ca-stage-finish", "ca-stage-abort",
     "sa-rotate", "sa-stage-publish", "sa-stage-switch", "sa-stage-finish", "sa-stage-abort",
 )
-SCOPES = ("read", "secrets", "audit", "admin")
+SCOPES = ("read", "secrets", "audit", "admin", "report")
 
 # A Salt minion id as the pillar endpoint accepts it; matched with fullmatch (a `$` would let a
 # trailing newline through).
@@ -300,6 +300,57 @@ class TokenRecord:
 
 
 @dataclass(frozen=True)
+class InstalledFile:
+    """One host file as a minion last reported it: its sha256 on disk (None: missing) and the
+    newest version whose file has exactly those bytes (None: none pkisvc knows)."""
+
+    sha256: str | None
+    version: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InstalledFile:
+        v = d.get("version")
+        return cls(sha256=d.get("sha256"), version=int(v) if v is not None else None)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What a minion last reported of its disk ([Q]), through the Salt master.
+
+    `version`: the newest version whose role files all equal what is on disk (None: none
+    does); `state`, `result`: the state run that reported and whether it succeeded;
+    `reporter`: the token that posted it (the master's).
+    """
+
+    reported: datetime
+    state: str
+    result: bool
+    files: Mapping[str, InstalledFile]
+    version: int | None
+    reporter: str
+
+    def __post_init__(self) -> None:
+        _instants(self, "reported")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reported": format_time(self.reported), "state": self.state,
+                "result": self.result, "version": self.version, "reporter": self.reporter,
+                "files": {n: f.to_dict() for n, f in sorted(self.files.items())}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Installed:
+        v = d.get("version")
+        return cls(reported=parse_time(str(d["reported"])), state=str(d.get("state", "")),
+                   result=bool(d.get("result")), version=int(v) if v is not None else None,
+                   reporter=str(d.get("reporter", "")),
+                   files={str(n): InstalledFile.from_dict(f)
+                          for n, f in (d.get("files") or {}).items()})
+
+
+@dataclass(frozen=True)
 class MinionState:
     """What one minion holds: its role, the version, when it got it, when it last asked.
 
@@ -314,15 +365,22 @@ class MinionState:
     version: int
     received: datetime
     asked: datetime
+    installed: Installed | None = None  # its last report of what is on disk ([Q])
 
     def __post_init__(self) -> None:
         _instants(self, "received", "asked")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"minion": self.minion, "role": self.role, "version": self.version,
-                "received": format_time(self.received), "asked": format_time(self.asked)}
+        d: dict[str, Any] = {
+            "minion": self.minion, "role": self.role, "version": self.version,
+            "received": format_time(self.received), "asked": format_time(self.asked)}
+        if self.installed is not None:
+            d["installed"] = self.installed.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MinionState:
+        installed = d.get("installed")
         return cls(minion=str(d["minion"]), role=d.get("role"), version=int(d["version"]),
-                   received=parse_time(str(d["received"])), asked=parse_time(str(d["asked"])))
+                   received=parse_time(str(d["received"])), asked=parse_time(str(d["asked"])),
+                   installed=Installed.from_dict(installed) if installed else None)

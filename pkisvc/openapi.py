@@ -46,6 +46,8 @@ _VERSION_Q = {"name": "version", "in": "query", "required": False,
 _ITEM_P = {"name": "item", "in": "path", "required": True,
            "schema": {"type": "string", "enum": list(ITEMS)}}
 _STR = {"type": "string"}
+_MINION_P = {"name": "minion", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]*$"}}
 _NSTR = {"type": ["string", "null"]}
 _NINT = {"type": ["integer", "null"]}
 # The audit chain as last checked (null before the first check ends); a break keeps it 200.
@@ -54,6 +56,16 @@ _AUDIT_CHAIN = {"type": "object", "required": ["ok", "checked_at", "first_break"
                                "first_break": _NSTR}}
 
 _SCHEMAS: dict[str, Any] = {
+    "Host": {"type": "object",
+             "required": ["minion", "role", "state", "delivered", "installed", "files", "drift"],
+             "properties": {"minion": _STR, "role": _NSTR,
+                            "state": {"enum": ["current", "behind", "drifted", "silent",
+                                               "unreported", "expired"]},
+                            "current": {"type": "integer"},
+                            "delivered": {"type": "object"},
+                            "installed": {"type": ["object", "null"]},
+                            "files": {"type": "object"}, "drift": {"type": "array"},
+                            "last_seen": _STR}},
     "Error": {"type": "object", "required": ["error", "message"],
               "properties": {"error": _STR, "message": _STR}},
     "ItemSummary": {
@@ -136,12 +148,15 @@ def document() -> dict[str, Any]:
                            "key_type": {"enum": list(KEY_TYPES)}}}, op_id="rotateCa")},
         "/v1/ca/rotate/{step}": {"post": _op(
             "Next phase of a staged rotation: continue (leaves from the new CA), finish "
-            "(trust only the new CA) or abort (phase 1 only)", "admin", {
+            "(trust only the new CA) or abort (phase 1 only); continue and finish are refused "
+            "(409 hosts_behind, naming them) while hosts have not installed the current phase, "
+            "unless force (audited)", "admin", {
                 **gen201, **_errors(400, 401, 403, 404, 409, 413, 503)},
             params=[{"name": "step", "in": "path", "required": True,
                      "schema": {"type": "string", "enum": ["continue", "finish", "abort"]}}],
             body={"type": "object", "additionalProperties": False,
-                  "properties": {"reason": _REASON}}, op_id="rotationStep")},
+                  "properties": {"reason": _REASON, "force": {"type": "boolean"}}},
+            op_id="rotationStep")},
         "/v1/ca/rotation": {"get": _op("The open staged rotation, if any", "read", {
             "200": _json({"type": "object", "required": ["open", "phase", "version", "next"],
                           "properties": {"open": {"type": "boolean"}, "phase": _NINT,
@@ -239,6 +254,38 @@ def document() -> dict[str, Any]:
                     {"name": "role", "in": "query", "required": True, "schema": _STR},
                     {"name": "If-None-Match", "in": "header", "required": False,
                      "schema": _STR}], op_id="getPillar")},
+        "/v1/hosts": {"get": _op(
+            "Every known minion: delivered and installed versions, per-file drift, state",
+            "read", {"200": _json({"type": "object", "required": ["hosts", "counts"],
+                                   "properties": {"hosts": {"type": "array",
+                                                            "items": _ref("Host")},
+                                                  "counts": {"type": "object"},
+                                                  "total": {"type": "integer"},
+                                                  "next": _NSTR}},
+                                  "A page of hosts, in minion-id order"),
+                     **_errors(400, 401, 403, 503)},
+            params=[{"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 5000}},
+                    {"name": "after", "in": "query", "required": False, "schema": _STR},
+                    {"name": "state", "in": "query", "required": False,
+                     "schema": {"enum": ["current", "behind", "drifted", "silent",
+                                         "unreported", "expired"]}}],
+            op_id="getHosts")},
+        "/v1/hosts/{minion}": {"delete": _op(
+            "Forget a decommissioned host (audited)", "admin", {
+                "204": {"description": "Forgotten"}, **_errors(400, 401, 403, 404, 503)},
+            params=[_MINION_P], op_id="forgetHost")},
+        "/v1/hosts/{minion}/report": {"post": _op(
+            "What a minion has installed, from the Salt master (the path names Salt's "
+            "authenticated minion id; a body naming another is refused)", "report", {
+                "200": _json(_ref("Host"), "The host as it now stands"),
+                **_errors(400, 401, 403, 409, 413, 503)},
+            params=[_MINION_P], body={
+                "type": "object", "additionalProperties": False, "required": ["minion", "files"],
+                "properties": {"minion": _STR, "state": _STR, "result": {"type": "boolean"},
+                               "files": {"type": "object", "additionalProperties": {
+                                   "type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"}}}},
+            op_id="reportHost")},
         "/v1/audit": {"get": _op("Audit events, newest first", "audit", {
             "200": _json({"type": "object", "required": ["events"], "properties": {
                 "events": {"type": "array", "items": _ref("AuditEvent")}}}, "Events"),

@@ -53,6 +53,8 @@ class VaultSettings:
     ca_cert: str | None
     timeout: float
     max_versions: int
+    version_ttl: float = 0.5  # seconds a replica may serve a version without asking Vault
+    stale_for: int = 3600  # seconds answers held in memory outlive a Vault outage
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class DeliverySettings:
 class AuditSettings:
     keep: int  # seconds appended events are kept (whole periods; 0: for ever)
     verify_interval: int  # seconds between checks of the audit chain (0: at start only)
+
+
+@dataclass(frozen=True)
+class HostsSettings:
+    silent_after: int  # seconds without a report after which a host is flagged silent ([Q])
+    expire_after: int  # seconds without any sign of it after which gates leave a host out
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class Settings:
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
     audit: AuditSettings = AuditSettings(keep=365 * 86400, verify_interval=3600)
     chain_key_file: Path | None = None  # None: <data_dir>/chain.key
+    hosts: HostsSettings = HostsSettings(silent_after=86400, expire_after=30 * 86400)
 
     @property
     def chain_key_path(self) -> Path:
@@ -201,6 +210,19 @@ def _positive_float(key: str, v: Any) -> float:
         raise _fail(key, f"{v!r} is not a number") from None
     if not 0 < f <= 3600:
         raise _fail(key, "must be between 0 and 3600 seconds")
+    return f
+
+
+def _ttl(key: str, v: Any) -> float:
+    """Seconds, fractions allowed (`0.5`, `500ms`, `2s`); 0 is allowed."""
+    text = str(v).strip() if not isinstance(v, bool) else ""
+    scale = 0.001 if text.endswith("ms") else 1.0
+    try:
+        f = float(text.removesuffix("ms").removesuffix("s")) * scale
+    except ValueError:
+        raise _fail(key, f"{v!r} is not a number of seconds (0.5, 500ms, 2s)") from None
+    if not 0 <= f <= 60:
+        raise _fail(key, "must be between 0 and 60 seconds")
     return f
 
 
@@ -395,6 +417,8 @@ _SCHEMA: dict[str, _Field] = {
     "vault.ca_cert": _Field(None, _opt_str, text=True),
     "vault.timeout": _Field(5, _positive_float),
     "vault.max_versions": _Field(1000, _int(1, 1_000_000)),
+    "vault.version_ttl": _Field("500ms", _ttl, text=True),
+    "vault.stale_for": _Field("1h", _duration(0, 30 * 86400), text=True),
     "metrics_scope": _Field(None, _scope, text=True),
     "auto_init": _Field(True, _bool),
     "access_log": _Field(False, _bool),
@@ -406,6 +430,8 @@ _SCHEMA: dict[str, _Field] = {
     "audit.keep": _Field("365d", _duration(0, 100 * 366 * 86400), text=True),
     "audit.verify_interval": _Field("1h", _duration(0, 366 * 86400), text=True),
     "chain_key_file": _Field(None, _opt_str, text=True),
+    "hosts.silent_after": _Field("1d", _duration(60, 365 * 86400), text=True),
+    "hosts.expire_after": _Field("30d", _duration(3600, 3650 * 86400), text=True),
 }
 _SECTIONS = {k.split(".")[0] for k in _SCHEMA if "." in k}
 
@@ -488,7 +514,8 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
             role_id=v["vault.role_id"], secret_id=v["vault.secret_id"],
             secret_id_file=v["vault.secret_id_file"],
             mount=v["vault.mount"], prefix=v["vault.prefix"], ca_cert=v["vault.ca_cert"],
-            timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
+            timeout=v["vault.timeout"], max_versions=v["vault.max_versions"],
+            version_ttl=v["vault.version_ttl"], stale_for=v["vault.stale_for"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],
         access_log=v["access_log"], log_level=v["log_level"],
         delivery=DeliverySettings(touch_interval=v["delivery.touch_interval"]),
@@ -497,4 +524,6 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         audit=AuditSettings(keep=v["audit.keep"], verify_interval=v["audit.verify_interval"]),
         chain_key_file=(Path(v["chain_key_file"]).expanduser().absolute()
                         if v["chain_key_file"] else None),
+        hosts=HostsSettings(silent_after=v["hosts.silent_after"],
+                            expire_after=v["hosts.expire_after"]),
     )

@@ -8,6 +8,10 @@ and tried again (a bounded number of times).  Every change's audit event is writ
 generation, in the same commit (`Backend.write(..., event=)`): a version never exists without
 it.  When the backend's answer to a write is lost (a connection cut after the request was
 sent), the store reads back before it answers: a committed change is reported as done.
+
+Reads of the latest version and of the tokens list go through `pkisvc.freshness`: on the
+vault backend they are served from memory within `vault.version_ttl` of a read, and for up to
+`vault.stale_for` while Vault cannot be reached (marked stale); a change never plans on them.
 """
 from __future__ import annotations
 
@@ -15,18 +19,22 @@ import dataclasses
 import functools
 import logging
 import random
+import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from pkisvc import chain, changes, pki, sessions
+from pkisvc import chain, changes, hosts, pki, sessions
 from pkisvc.backends.base import Backend
 from pkisvc.changes import Keys, Planner, Profiles
 from pkisvc.errors import (
     AlreadyInitialised,
     AnswerLost,
     BackendUnavailable,
+    Conflict,
+    Forbidden,
+    HostsBehind,
     InvalidMaterial,
     InvalidRequest,
     NotFound,
@@ -35,24 +43,29 @@ from pkisvc.errors import (
     Unauthorized,
     VersionConflict,
 )
+from pkisvc.freshness import Kept, Seen, Watcher
 from pkisvc.imports import check_import, kept_bytes
 from pkisvc.model import (
     ACTOR_MAX,
     CERT_FILES,
+    HOST_FILES,
     ITEMS,
     KEY_FILES,
     LEAVES,
+    MINION_ID,
     REASON_MAX,
     SA_FILES,
     TRUST_FILE,
     AuditEvent,
     GenerationRecord,
+    Installed,
     ItemRecord,
     MinionState,
     SessionRecord,
     StoredGeneration,
     TokenRecord,
     check_text,
+    valid_file_name,
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
@@ -62,6 +75,8 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 60
 SETTLE_PATIENCE = 15.0  # seconds a write whose answer was lost keeps asking what became of it
 CHAIN_RETRY = 30.0  # seconds before the chain is checked again when the store was away
+# Host files a staged CA rotation changes (its gates wait for hosts holding any of them).
+CA_HOST_FILES = tuple(n for n in HOST_FILES if n not in SA_FILES)
 STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
@@ -80,23 +95,56 @@ class CertStore:
         # Each minion's state as this process last read or wrote it, with its `asked` parsed:
         # an unchanged pillar answer is decided here, with no backend read.
         self._minions: dict[str, MinionState] = {}
+        self._file_digests: dict[int, dict[str, str]] = {}
+        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str]] = {}
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
         self._prune_refused = False  # the token may not delete old event days (said once)
-        self._watch: threading.Thread | None = None
+        self._chain_watch: threading.Thread | None = None
+
+        # The latest version and the tokens list as hot reads see them (pkisvc.freshness):
+        # on the vault backend within `vault.version_ttl` of a read, and served stale for up
+        # to `vault.stale_for` while Vault cannot be reached; elsewhere read every time.
+        remote = getattr(backend, "name", None) == "vault"
+        ttl = settings.vault.version_ttl if remote else 0.0
+        stale_for = settings.vault.stale_for if remote else 0.0
+        self._latest: Kept[int | None] = Kept(backend.latest, ttl=ttl, stale_for=stale_for,
+                                              monotonic=True)
+        self._tokens: Kept[list[TokenRecord]] = Kept(backend.tokens, ttl=ttl,
+                                                     stale_for=stale_for)
+        self._watcher: Watcher | None = None
+        if ttl > 0:
+            self._watcher = Watcher(ttl / 2)
+            self._watcher.watch(self._latest)
+            self._watcher.watch(self._tokens)
+        self._watching = False
 
     def now(self) -> datetime:
         return self._clock()
 
+    def watch(self) -> None:
+        """Re-read the hot values in the background (a serving process; see freshness)."""
+        self._watching = self._watcher is not None
+
     # --- reading -----------------------------------------------------------------------
 
     def latest(self) -> int | None:
-        return self.backend.latest()
+        """The latest version as hot reads see it (within `vault.version_ttl`)."""
+        return self.latest_seen().value
+
+    def latest_seen(self) -> Seen[int | None]:
+        """The latest version, and its age when it is served stale (the backend is down)."""
+        if self._watching:
+            self._watcher.ensure_running()  # type: ignore[union-attr]
+        return self._latest.get()
 
     def ping(self) -> None:
         self.backend.ping()
 
     def read(self, version: int | None = None) -> StoredGeneration:
+        """A version (the latest as `latest()` sees it by default)."""
+        if version is None:
+            version = self.latest()
         return self.backend.read(version)
 
     def versions(self) -> list[GenerationRecord]:
@@ -131,7 +179,13 @@ class CertStore:
         return self.backend.audit(since=since, limit=limit)
 
     def tokens(self) -> list[TokenRecord]:
-        return self.backend.tokens()
+        return self.tokens_seen().value
+
+    def tokens_seen(self) -> Seen[list[TokenRecord]]:
+        """The tokens kept by the backend (within `vault.version_ttl`; stale in an outage)."""
+        if self._watching:
+            self._watcher.ensure_running()  # type: ignore[union-attr]
+        return self._tokens.get()
 
     def expiration(self, version: int | None = None) -> list[dict[str, Any]]:
         """Rows for `check-expiration`: each certificate, its expiry and what is left."""
@@ -232,7 +286,7 @@ class CertStore:
 
     def watch_chain(self) -> None:
         """Check the chain now, in the background, and every `audit.verify_interval`."""
-        if self._watch is not None:
+        if self._chain_watch is not None:
             return
         interval = self.settings.audit.verify_interval
 
@@ -249,8 +303,8 @@ class CertStore:
                 if not interval:
                     return
                 time.sleep(interval)
-        self._watch = threading.Thread(target=run, name="pkisvc-chain", daemon=True)
-        self._watch.start()
+        self._chain_watch = threading.Thread(target=run, name="pkisvc-chain", daemon=True)
+        self._chain_watch.start()
 
     # --- the operator pages' sessions (`pkisvc.sessions` decides; only hashes are stored) --
 
@@ -329,14 +383,20 @@ class CertStore:
         """Make an API token; return it (the only time it is seen: only its hash is kept)."""
         token, record = new_token(name, scopes, now=self.now(),
                                   configured={t.name for t in self.settings.tokens})
-        self.backend.put_token(record)
+        try:
+            self.backend.put_token(record)
+        finally:
+            self._tokens.expire()
         self._audit(actor, "token-create", reason=f"{name}: {','.join(scopes)}",
                     remote_addr=remote_addr)
         return token
 
     def revoke_token(self, name: str, *, actor: str, remote_addr: str | None = None) -> None:
         """Revoke an API token made by create_token."""
-        self.backend.revoke_token(name)
+        try:
+            self.backend.revoke_token(name)
+        finally:
+            self._tokens.expire()
         self._audit(actor, "token-revoke", reason=name, remote_addr=remote_addr)
 
     def record_delivery(self, *, actor: str, action: str, version: int | None,
@@ -361,7 +421,15 @@ class CertStore:
         if (seen is not None and seen.version == version and seen.role == role
                 and now < seen.asked + self._touch):
             return
-        held = seen if seen is not None else self.backend.minion(minion)
+        revalidation = not items  # a 304: the minion holds it already, nothing leaves
+        try:
+            held = seen if seen is not None else self.backend.minion(minion)
+        except BackendUnavailable as e:
+            if not revalidation:
+                raise
+            log.warning("minion %s: delivery state not read (answered 304): %s", minion,
+                        e.message)
+            return
         for _ in range(STATE_ATTEMPTS):
             change = held is None or held.version != version or held.role != role
             if held is not None and not change:
@@ -369,6 +437,9 @@ class CertStore:
                     self._minions[minion] = held
                     return
                 new = dataclasses.replace(held, asked=now)
+            elif held is not None:  # its last report ([Q]) stays with it
+                new = dataclasses.replace(held, role=role, version=version, received=now,
+                                          asked=now)
             else:
                 new = MinionState(minion, role, version, received=now, asked=now)
             try:
@@ -377,9 +448,11 @@ class CertStore:
                 held = self.backend.minion(minion)
                 continue
             except BackendUnavailable as e:
-                if change:
+                if change and not revalidation:
                     raise
-                log.warning("minion %s: last asked not stored: %s", minion, e.message)
+                log.warning("minion %s: %s not stored: %s", minion,
+                            f"holding version {version}" if change else "last asked",
+                            e.message)
                 return
             self._minions[minion] = new
             if change:
@@ -393,6 +466,134 @@ class CertStore:
     def minions(self) -> list[MinionState]:
         """Every minion's delivery state, by minion id."""
         return self.backend.minions()
+
+    # --- hosts: what each minion has installed ([Q]; `pkisvc.hosts` judges) --------------
+
+    def _digests(self, version: int) -> dict[str, str]:
+        """sha256 of every host file of a version (generations never change: kept)."""
+        table = self._file_digests.get(version)
+        if table is None:
+            gen = self.read(version)
+            table = self._file_digests[version] = hosts.digests(
+                self.host_files(gen, [n for n in HOST_FILES if n in gen.files or n == "ca.crt"]))
+        return table
+
+    def _role_files(self, role: str | None, table: Mapping[str, str]) -> list[str]:
+        return [n for n in self.settings.roles.get(role or "", ()) if n in table]
+
+    def report_host(self, minion: str, *, claimed: str, state: str, result: bool,
+                    files: Mapping[str, str | None], actor: str,
+                    remote_addr: str | None = None) -> dict[str, Any]:
+        """Keep what the Salt master reports minion has installed; return its host view.
+
+        minion: Salt's authenticated id (the job return's); claimed: the id the host's own
+        state output names.  Raises: Forbidden when they differ; Conflict when pkisvc never
+        delivered to minion (its pillar comes first).
+        """
+        check_minion_report(minion, claimed, state, files)
+        latest = self.latest()
+        if latest is None:
+            raise NotFound("the store is empty: run `pkisvc init`")
+        held = self.backend.minion(minion)
+        for _ in range(STATE_ATTEMPTS):
+            if held is None:
+                raise Conflict(f"minion {minion}: pkisvc never delivered to it (its pillar "
+                               "comes before its report)")
+            names = self._role_files(held.role, self._digests(latest))
+            window = range(latest, max(0, latest - hosts.MATCH_WINDOW), -1)
+            matched, version = hosts.match(files, names,
+                                           ((v, self._digests(v)) for v in window))
+            installed = Installed(reported=self.now(), state=state, result=result,
+                                  files=matched, version=version, reporter=actor)
+            new = dataclasses.replace(held, installed=installed)
+            try:
+                self.backend.put_minion(new, expected=held)
+            except VersionConflict:
+                held = self.backend.minion(minion)
+                continue
+            self._minions[minion] = new
+            before = held.installed.version if held.installed else None
+            if version != before:
+                self._audit(actor, "host-installed", version=version, minion=minion,
+                            role=held.role, remote_addr=remote_addr,
+                            reason=f"{state}: {'ok' if result else 'failed'}")
+            return self._host_view(new, latest)
+        raise VersionConflict(f"minion {minion}: its state kept changing; report again")
+
+    def _host_facts_of(self, state: MinionState, latest: int) -> tuple[dict[str, Any], str]:
+        """A host's facts and verdict against latest.  They change only with its state or
+        the current version: kept while the backend hands back the same state object (the
+        files backend's table does), so a listing costs a comparison or two per host."""
+        kept = self._host_facts.get(state.minion)
+        if kept is not None and kept[0] is state and kept[1] == latest:
+            return kept[2], kept[3]
+        table = self._digests(latest)
+        expected = {n: table[n] for n in self._role_files(state.role, table)}
+        found = hosts.facts(state, current=latest, expected=expected)
+        files_say = hosts.verdict(found)
+        self._host_facts[state.minion] = (state, latest, found, files_say)
+        return found, files_say
+
+    def _cuts(self) -> dict[str, datetime]:
+        now = self.now()
+        return {"silent_before": now - timedelta(seconds=self.settings.hosts.silent_after),
+                "expire_before": now - timedelta(seconds=self.settings.hosts.expire_after)}
+
+    def _host_view(self, state: MinionState, latest: int) -> dict[str, Any]:
+        found, files_say = self._host_facts_of(state, latest)
+        return {**found, "state": hosts.label(files_say, state, **self._cuts())}
+
+    def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
+        """Every known minion (or those states, already read): delivered and installed
+        versions, per-file drift, state."""
+        return self.host_page(states=states, limit=None)[0]
+
+    def host_page(self, *, after: str = "", only: str | None = None, limit: int | None,
+                  states: list[MinionState] | None = None
+                  ) -> tuple[list[dict[str, Any]], dict[str, int], str | None]:
+        """Hosts in minion-id order after `after` (those in state `only`, if given), at most
+        limit of them (None: all); the counts by state of every host; the `after` of the
+        next page (None: this is the last)."""
+        latest = self.latest()
+        states = self.backend.minions() if states is None else states
+        counts = dict.fromkeys(hosts.STATES, 0)
+        page: list[dict[str, Any]] = []
+        more = None
+        if latest is None:
+            return page, counts, more
+        cuts = self._cuts()
+        for s in states:
+            found, files_say = self._host_facts_of(s, latest)
+            state = hosts.label(files_say, s, **cuts)
+            counts[state] += 1
+            if s.minion > after and (only is None or state == only) and more is None:
+                if limit is not None and len(page) == limit:
+                    more = page[-1]["minion"] if page else after
+                else:
+                    page.append({**found, "state": state})
+        return page, counts, more
+
+    def forget_host(self, minion: str, *, actor: str, remote_addr: str | None = None) -> None:
+        """Drop a minion's delivery state and reports (a decommissioned host; audited).
+
+        Raises: NotFound when pkisvc holds nothing of it.
+        """
+        self.backend.forget_minion(minion)
+        self._minions.pop(minion, None)
+        self._host_facts.pop(minion, None)
+        self._audit(actor, "host-forget", minion=minion, remote_addr=remote_addr)
+
+    def _gate(self, step: str, affected: tuple[str, ...], force: bool, reason: str) -> str:
+        """Refuse step while a host holding an affected file has not installed the current
+        version; with force, return the reason the change records (marked forced)."""
+        late = hosts.behind(self.hosts(), affected)
+        if not late:
+            return reason
+        if not force:
+            raise HostsBehind(hosts.refusal(step, late), hosts=late)
+        names = ", ".join(h["minion"] for h in late[:20])
+        return (f"forced past {len(late)} host(s) not on the current phase ({names})"
+                + (f": {reason}" if reason else ""))
 
     def issue_serving_cert(self, hosts: tuple[str, ...], *, actor: str, days: int = 90
                            ) -> tuple[bytes, bytes, bytes]:
@@ -473,15 +674,28 @@ class CertStore:
         """Phase 1: make the next CA and trust it beside the current one; leaves unchanged."""
         return self._step("start", actor, reason, remote_addr, key_type=key_type)
 
-    def continue_rotation(self, *, actor: str, reason: str = "",
+    def continue_rotation(self, *, actor: str, reason: str = "", force: bool = False,
                           remote_addr: str | None = None) -> GenerationRecord:
-        """Phase 2: re-issue server and kubecfg from the new CA; trust stays old + new."""
+        """Phase 2: re-issue server and kubecfg from the new CA; trust stays old + new.
+
+        Raises: HostsBehind while a host has not installed phase 1 (force: audited).
+        """
+        reason = self._ca_gate("continue", force, reason)
         return self._step("continue", actor, reason, remote_addr)
 
-    def finish_rotation(self, *, actor: str, reason: str = "",
+    def finish_rotation(self, *, actor: str, reason: str = "", force: bool = False,
                         remote_addr: str | None = None) -> GenerationRecord:
-        """Phase 3: trust only the new CA; the staged rotation is over."""
+        """Phase 3: trust only the new CA; the staged rotation is over.
+
+        Raises: HostsBehind while a host has not installed phase 2 (force: audited).
+        """
+        reason = self._ca_gate("finish", force, reason)
         return self._step("finish", actor, reason, remote_addr)
+
+    def _ca_gate(self, step: str, force: bool, reason: str) -> str:
+        if self.rotation().get("next") != step:
+            return reason  # out of order: the planner refuses it with its own words
+        return self._gate(f"rotation {step}", CA_HOST_FILES, force, reason)
 
     def abort_rotation(self, *, actor: str, reason: str = "",
                        remote_addr: str | None = None) -> GenerationRecord:
@@ -512,12 +726,17 @@ class CertStore:
             plan: Planner = functools.partial(changes.finish_sa_rotation, overlap=overlap,
                                               force=force)
             state = self.sa_rotation()
+            if state["phase"] == 2:
+                reason = self._gate("service-account rotation finish", SA_FILES, force, reason)
             if force and state["phase"] == 2 and state["overlap_left_seconds"]:
                 reason = (f"forced before sa.overlap ({state['overlap_left_seconds']}s left)"
                           + (f": {reason}" if reason else ""))
             operation = "sa-stage-finish"
         elif step in changes.SA_STEPS:
             operation, plan = changes.SA_STEPS[step]
+            if step == "continue" and self.sa_rotation()["phase"] == 1:
+                reason = self._gate("service-account rotation continue", SA_FILES, force,
+                                    reason)
         else:
             raise NotFound(f"no service-account rotation step {step!r}")
         return self._commit(operation, plan, actor, reason, key_type=key_type, items=("sa",),
@@ -557,7 +776,9 @@ class CertStore:
         keys = Keys(key_type)  # made the first time a planner asks; every retry reuses them
         profiles = profiles or Profiles.from_settings(self.settings)
         for attempt in range(MAX_ATTEMPTS):
-            parent = self.backend.latest()
+            started = time.monotonic()
+            parent = self.backend.latest()  # never the kept view: a change builds on the latest
+            self._latest.learn(parent, at=started)
             if expect_empty and parent is not None:
                 raise AlreadyInitialised(f"the store is initialised (version {parent})")
             if parent is None and not (expect_empty or allow_empty):
@@ -585,9 +806,35 @@ class CertStore:
                 if attempt >= 1:  # back off, randomly, so racing writers spread out
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
+            self._latest.learn(version, at=started)  # this process serves its change at once
             log.info("version %d written: %s by %s", version, operation, actor)
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+REPORT_FILES_MAX = 64
+
+
+def check_minion_report(minion: str, claimed: str, state: str,
+                        files: Mapping[str, str | None]) -> None:
+    """Refuse a report that is not one host's own, well-formed account of its files.
+
+    Raises: Forbidden (claimed is another minion); InvalidRequest.
+    """
+    if not MINION_ID.fullmatch(minion):
+        raise InvalidRequest("not a minion id")
+    if claimed != minion:
+        raise Forbidden(f"a report for minion {str(claimed)[:64]!r} came from minion {minion}: "
+                        "a minion reports only for itself")
+    check_text("state", state, 256)
+    if len(files) > REPORT_FILES_MAX:
+        raise InvalidRequest(f"a report names at most {REPORT_FILES_MAX} files")
+    for name, digest in files.items():
+        if not valid_file_name(name):
+            raise InvalidRequest(f"not a host file name: {name[:64]!r}")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise InvalidRequest(f"{name}: sha256 must be 64 lowercase hex digits or null")
 
 
 def sa_material(certs: pki.CertSet, from_server_key: bool,

@@ -336,7 +336,8 @@ def history() -> Response:
 def minions() -> Response:
     current = store().read().record
     records = {r.version: r for r in store().versions()}
-    table = minion_table(store().minions(), current, records, store().settings.roles)
+    states = store().minions()
+    table = minion_table(states, current, records, store().settings.roles)
     only_behind = request.args.get("behind") == "1"
     shown = [m for m in table if m.behind] if only_behind else table
     number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
@@ -345,7 +346,15 @@ def minions() -> Response:
                    changed=sum(1 for m in table if m.changed), only_behind=only_behind,
                    rows=shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE],
                    page=number, pages=_pages(len(shown), MINIONS_PAGE),
-                   touch=store().settings.delivery.touch_interval)
+                   touch=store().settings.delivery.touch_interval,
+                   installed=_installed(states, shown[(number - 1) * MINIONS_PAGE:
+                                                     number * MINIONS_PAGE]))
+
+
+def _installed(states: list[MinionState], rows: list[Minion]) -> dict[str, dict[str, Any]]:
+    """What the page's minions reported they installed ([Q]), by minion id."""
+    wanted = {m.minion for m in rows}
+    return {h["minion"]: h for h in store().hosts([s for s in states if s.minion in wanted])}
 
 
 @bp.get("/audit")

@@ -42,19 +42,22 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = base / "salt-master.token"
+        self.report_token_file = base / "salt-master-report.token"  # the master's reports ([Q])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
         env = clean_env(PKISVC_DATA_DIR=str(self.data), PKISVC_KEY_TYPE="ecdsa-p256")
         self.proc = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind",
                            f"127.0.0.1:{self.port}", "--workers", "2"], env, self.port)
-        if not self.token_file.exists():
-            token = subprocess.run(
-                [sys.executable, "-m", "pkisvc.cli", "token", "create", "salt-master",
-                 "--scope", "secrets"], capture_output=True, text=True, check=True,
-                env=clean_env(PKISVC_DATA_DIR=str(self.data))).stdout
-            self.token_file.write_text(token)
-            self.token_file.chmod(0o600)
+        for name, scope, path in (("salt-master", "secrets", self.token_file),
+                                  ("salt-master-reports", "report", self.report_token_file)):
+            if not path.exists():
+                token = subprocess.run(
+                    [sys.executable, "-m", "pkisvc.cli", "token", "create", name,
+                     "--scope", scope], capture_output=True, text=True, check=True,
+                    env=clean_env(PKISVC_DATA_DIR=str(self.data))).stdout
+                path.write_text(token)
+                path.chmod(0o600)
         return self
 
     def stop(self) -> None:
@@ -296,6 +299,7 @@ class Cluster:
             "auto_accept": True, "file_roots": {"base": [str(r) for r in self.file_roots]},
             "pillar_roots": {"base": [str(roots)]}, "ext_pillar": self.service.ext_pillar(),
             "worker_threads": 2, "log_level_logfile": "info",
+            "pkisvc_report_token_file": str(self.service.report_token_file),
         }))
         self.daemons.append(Daemon("master", self.master_dir, self.master_dir / "root").start())
         for minion_id, grains in self.minion_grains.items():

@@ -132,7 +132,7 @@ def test_alert_rules_pass_promtool():
                         str(REPO / "docs" / "prometheus" / "pkisvc-alerts.yaml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout
+    assert "SUCCESS: 9 rules found" in r.stdout
 
 
 def test_the_salt_schedule_example_runs_the_renewing_orchestration():

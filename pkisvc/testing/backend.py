@@ -13,6 +13,8 @@ from pkisvc.errors import Conflict, NotFound, PkiError, VersionConflict
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
+    Installed,
+    InstalledFile,
     ItemRecord,
     MinionState,
     SessionRecord,
@@ -301,6 +303,25 @@ class BackendContract:
         backend.put_minion(touched, expected=first)
         assert backend.minion("k8s-node-1") == touched
         assert backend.minions() == [touched]
+
+    def test_a_host_report_is_kept_and_a_forgotten_minion_is_gone(self, backend: Backend
+                                                                   ) -> None:
+        first = MinionState("k8s-master-1", "master", 2, NOON, NOON)
+        backend.put_minion(first, expected=None)
+        backend.put_minion(MinionState("k8s-node-1", "node", 2, NOON, NOON), expected=None)
+        reported = dataclasses.replace(first, installed=Installed(
+            reported=NOON + timedelta(minutes=1), state="kubernetes.cert.configured",
+            result=True, version=2, reporter="salt-master",
+            files={"ca.crt": InstalledFile("ab" * 32, 2), "server.key": InstalledFile(None, None)}))
+        backend.put_minion(reported, expected=first)
+        assert backend.minion("k8s-master-1") == reported
+        backend.forget_minion("k8s-master-1")
+        assert backend.minion("k8s-master-1") is None
+        assert [m.minion for m in backend.minions()] == ["k8s-node-1"]
+        with pytest.raises(NotFound):
+            backend.forget_minion("k8s-master-1")
+        backend.put_minion(first, expected=None)  # it asks again: known again
+        assert backend.minion("k8s-master-1") == first
 
     def test_minion_state_is_replaced_only_if_unchanged(self, backend: Backend) -> None:
         five = timedelta(minutes=5)

@@ -1,6 +1,7 @@
 {#- kubernetes.cert.view: what is installed, and whether it matches pillar.
 
-    Per file: subject, issuer, serial, SHA-256 fingerprint and expiry of each certificate, the
+    Per file: its sha256 on disk (what `salt-run pkisvc.report` sends pkisvc, [Q]); subject,
+    issuer, serial, SHA-256 fingerprint and expiry of each certificate, the
     pkisvc version it came from (when it equals pillar), and `matches_pillar`.  Files that are
     missing or changed by hand are listed first under `differs_from_pillar`.  Certificate PEM
     only with lookup `show_pem: True`; keys never (a key file is only compared with pillar).
@@ -36,6 +37,7 @@
 {%-     set data = salt['file.read'](read_path) %}
 {%-     set matches = (data == pfiles[source]) if source in pfiles else None %}
 {%-     do entry.update({'installed': True, 'matches_pillar': matches,
+                         'sha256': salt['file.get_hash'](read_path, 'sha256'),
                          'pkisvc_version': material.get('version') if matches else None}) %}
 {%-     if source in cert.key_files %}
 {%-       do entry.update({'kind': 'private key'}) %}
@@ -66,7 +68,7 @@
 {%-   endif %}
 {%-   do files.update({label: entry}) %}
 {%- endfor %}
-{%- set report = {'differs_from_pillar': differ,
+{%- set report = {'minion': grains.id, 'differs_from_pillar': differ,
                   'pillar': {'version': material.get('version'), 'role': material.get('role')},
                   'files': files} %}
 {%- if material.get('error') %}

@@ -13,7 +13,10 @@
        restart_states where configured changed something (`restart: always` to force them,
        e.g. after a failed run) — a master that fails or does not answer stops the run, the
        next masters stay untouched;
-    3. then all nodes the same way;
+    3. then all nodes the same way; then what every target installed is reported to pkisvc
+       (salt-run pkisvc.report, `report: false` to skip), and a staged rotation's next step
+       waits up to `gate_wait` seconds for every host to have installed the current phase
+       (pkisvc's gate, [Q]);
     4. then post_commands on post_target (the first master by default); after `sa-finish`
        also sa_post_commands (opt-in: legacy token secrets signed by the dropped key).
     The service-account key ([M]): `sa-staged` publishes the new key (1-3), then makes it the
@@ -66,6 +69,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - mode: {{ phase[3:] }}
 {%- else %}
     - step: {{ phase[3:] }}
+    - wait: {{ orch.gate_wait }}
 {%- endif %}
 {%- if phase == 'sa-finish' and orch.sa_force %}
     - force: true
@@ -77,6 +81,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - mode: {{ phase }}
 {%- else %}
     - step: {{ phase }}
+    - wait: {{ orch.gate_wait }}
 {%- endif %}
     - reason: {{ orch.reason | yaml_dquote }}
 {%- endif %}
@@ -146,6 +151,22 @@ kubernetes-cert-orch-{{ p }}-rotate:
 {%- set ns.prev = "salt: " ~ id ~ "-restart" %}
 {%- endif %}
 {%- endfor %}
+{%- if orch.report %}
+
+{#- What every target installed, to pkisvc ([Q]), in one job: the next phase's gate waits
+    for it. #}
+kubernetes-cert-orch-{{ p }}-report:
+  salt.runner:
+    - name: pkisvc.report
+    - minions: {{ (masters + nodes) | json }}
+    - after: kubernetes.cert.configured
+{%- for key in ('url', 'ca_cert') if key in orch.runner %}
+    - {{ key }}: {{ orch.runner[key] | json }}
+{%- endfor %}
+    - require:
+      - {{ ns.prev }}
+{%- set ns.prev = "salt: kubernetes-cert-orch-" ~ p ~ "-report" %}
+{%- endif %}
 {%- endfor %}
 
 {%- set post_target = orch.post_target or (masters | first) %}
