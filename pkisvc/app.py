@@ -39,7 +39,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.before_request(_limit_chunked_body)
     app.after_request(_count)
     errors.register(app)
-    app.wsgi_app = FastReads(app.wsgi_app, store, bodies)  # type: ignore[method-assign]
+    fast = FastReads(app.wsgi_app, store, bodies)
+    app.wsgi_app = fast  # type: ignore[method-assign]
+    app.serves_inline = fast.serves_inline  # type: ignore[attr-defined]  # see pkisvc.worker
     return app
 
 

@@ -158,6 +158,40 @@ def _error(status: str, message: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def _request_line(buf: bytearray) -> tuple[bytes, bytes]:
+    """(method, target) of the request at the start of buf; empty when malformed."""
+    line = bytes(buf[:buf.find(b"\r\n")])
+    method, _, rest = line.partition(b" ")
+    target, _, version = rest.partition(b" ")
+    return (method, target) if version.startswith(b"HTTP/1.") else (b"", b"")
+
+
+class _Capture:
+    """The socket gunicorn's request code writes to when an answer is made in the poller:
+    what it sends is kept (and sent after, without blocking); blocking modes are left alone;
+    anything else is the connection's socket."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.out = bytearray()
+
+    def sendall(self, data: bytes) -> None:
+        self.out += data
+
+    def send(self, data: bytes) -> int:
+        self.out += data
+        return len(data)
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class BufferedConn(TConn):
     """A connection whose next request is collected by the poller before a thread sees it."""
 
@@ -170,7 +204,8 @@ class BufferedConn(TConn):
         self.framing = Framing()
         self.state = READING
         self.deadline = 0.0
-        self.events = 0
+        self.listed = -1.0  # the deadline this connection has an entry in `reading` for
+        self.events = 0  # what the poller watches it for (0: not registered)
         self.sent_continue = False
         self.drained = 0
         self.data_ready = True  # gthread's wait-for-data step: the poller did the waiting
@@ -195,6 +230,7 @@ class BufferedThreadWorker(ThreadWorker):
         self.reading: deque[tuple[float, BufferedConn]] = deque()
         self.closing: deque[tuple[float, BufferedConn]] = deque()
         self._ssl_context: ssl.SSLContext | None = None
+        self._inline: Any = None  # the app's serves_inline(method, target), if it has one
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -230,31 +266,40 @@ class BufferedThreadWorker(ThreadWorker):
                 return
             state = HANDSHAKE
         self._start_reading(conn, state)
-        self._advance(conn)
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
-        """A kept-alive connection has bytes: collect its next request in the poller."""
-        self.poller.unregister(client)
+        """A kept-alive connection has bytes: collect its next request in the poller.
+
+        Its registration is kept for the rest of the request (same events: no system call)
+        and dropped once the request is whole, usually at once: one change to the poller a
+        request, as in `gthread`.
+        """
         self.keepalived_conns.remove(conn)
+        self.poller.modify(client, selectors.EVENT_READ, partial(self._on_event, conn))
+        conn.events = selectors.EVENT_READ
         self._start_reading(conn, READING)
-        self._advance(conn)
 
     def _start_reading(self, conn: BufferedConn, state: str) -> None:
+        """Begin collecting a request: read what is there, and watch for the rest."""
         conn.state = state
         conn.deadline = time.monotonic() + REQUEST_DEADLINE
         conn.sent_continue = False
         conn.framing = Framing()
-        self.reading.append((conn.deadline, conn))
-        conn.events = selectors.EVENT_READ
-        self.poller.register(conn.sock, conn.events, partial(self._on_event, conn))
+        self._advance(conn)
 
     def _on_event(self, conn: BufferedConn, _fileobj: Any) -> None:
         self._advance(conn)
 
     def _want(self, conn: BufferedConn, events: int) -> None:
-        if conn.events != events:
-            conn.events = events
+        """Wait for events on conn, within its deadline."""
+        if conn.listed != conn.deadline:
+            conn.listed = conn.deadline
+            self.reading.append((conn.deadline, conn))
+        if conn.events == 0:
+            self.poller.register(conn.sock, events, partial(self._on_event, conn))
+        elif conn.events != events:
             self.poller.modify(conn.sock, events, partial(self._on_event, conn))
+        conn.events = events
 
     def _advance(self, conn: BufferedConn) -> None:
         """Move conn on as far as its bytes allow without blocking."""
@@ -278,10 +323,12 @@ class BufferedThreadWorker(ThreadWorker):
             if not more:  # the client closed its side before the request was whole
                 return self._close_reading(conn)
             self._maybe_continue(conn)
-            return
-        self.poller.unregister(conn.sock)
-        conn.state = ""
-        self.enqueue_req(conn)
+            return self._want(conn, selectors.EVENT_READ)
+        self._unregister(conn)
+        if self._inline is not None and self._inline(*_request_line(conn.buf)):
+            self._serve_inline(conn)
+        else:
+            self.enqueue_req(conn)
 
     def _read(self, conn: BufferedConn) -> bool:
         """Read what is there; False once the client closed its side (a whole request sent
@@ -296,6 +343,10 @@ class BufferedThreadWorker(ThreadWorker):
             conn.buf += data
             if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY:
                 return True  # Framing refuses it
+            if len(data) < 65536 and not isinstance(conn.sock, ssl.SSLSocket):
+                # Short: the socket is drained (the poller reports whatever comes next; a TLS
+                # socket may hold decrypted bytes the poller cannot see, so it reads on).
+                return True
 
     def _maybe_continue(self, conn: BufferedConn) -> None:
         """Answer `Expect: 100-continue` once the head is in, so the client sends its body."""
@@ -327,10 +378,12 @@ class BufferedThreadWorker(ThreadWorker):
 
     def _unregister(self, conn: BufferedConn) -> None:
         conn.state = ""
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        if conn.events:
+            conn.events = 0
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
 
     def _drop(self, conn: BufferedConn) -> None:
         self.nr_conns -= 1
@@ -348,6 +401,7 @@ class BufferedThreadWorker(ThreadWorker):
         conn.state, conn.drained = CLOSING, 0
         conn.deadline = time.monotonic() + LINGER
         self.closing.append((conn.deadline, conn))
+        conn.events = selectors.EVENT_READ
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_closing, conn))
 
     def _on_closing(self, conn: Any, _fileobj: Any) -> None:
@@ -382,6 +436,43 @@ class BufferedThreadWorker(ThreadWorker):
             else:
                 self._close_reading(conn)
 
+    # --- answers made in the poller --------------------------------------------------------
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # The app names the requests whose answers need no network I/O (pkisvc: the hot cert
+        # reads on a local backend): those are answered in the poller, without a thread hop.
+        self._inline = getattr(self.wsgi, "serves_inline", None)
+
+    def _serve_inline(self, conn: BufferedConn) -> None:
+        """Answer conn's whole, buffered request in the poller with gunicorn's request code.
+
+        What it writes is kept in memory and sent without blocking; what does not fit in the
+        socket's buffer (a client that does not read) is sent by a pool thread, as any answer.
+        """
+        real = conn.sock
+        if conn.parser is None:
+            conn.parser = http.get_parser(self.cfg, real, conn.client)
+        capture = _Capture(real)
+        conn.sock = capture
+        try:
+            result = self.handle(conn)
+        finally:
+            conn.sock = real
+        out = memoryview(capture.out)
+        try:
+            sent = real.send(out) if out else 0
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            sent = 0
+        except OSError:
+            return self._after_request(conn, False)
+        if sent < len(out):
+            fs = self.tpool.submit(self._send_rest, conn, bytes(out[sent:]), result)
+            fs.add_done_callback(
+                lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+            return
+        self._after_request(conn, result, inline=True)
+
     # --- the pool thread's side ------------------------------------------------------------
 
     def handle_request(self, req: Any, conn: Any) -> bool:
@@ -389,10 +480,27 @@ class BufferedThreadWorker(ThreadWorker):
             req._expected_100_continue = False  # the poller has answered it already
         return bool(super().handle_request(req, conn))
 
+    def _send_rest(self, conn: Any, rest: bytes, keepalive: bool) -> bool:
+        """In a pool thread: the part of an answer made in the poller that did not fit."""
+        try:
+            conn.sock.settimeout(THREAD_IO_TIMEOUT)
+            conn.sock.sendall(rest)
+        except OSError:
+            return False
+        return keepalive
+
     def finish_request(self, conn: Any, fs: Any) -> None:
         """Back on the poller: keep the connection for its next request, or close it."""
         try:
             result = fs.result() if not fs.cancelled() else False
+        except Exception:
+            self.nr_conns -= 1
+            conn.close()
+            return
+        self._after_request(conn, result)
+
+    def _after_request(self, conn: Any, result: Any, inline: bool = False) -> None:
+        try:
             if not result:
                 self._linger(conn)
                 return
@@ -401,13 +509,16 @@ class BufferedThreadWorker(ThreadWorker):
             pending = conn.sock.pending() if isinstance(conn.sock, ssl.SSLSocket) else 0
             if ahead or pending:
                 conn.buf += ahead
-                self._start_reading(conn, READING)
-                self._advance(conn)
+                if inline:  # the next loop turn: no recursion, and other clients go between
+                    self.method_queue.defer(self._start_reading, conn, READING)
+                else:
+                    self._start_reading(conn, READING)
                 return
             conn.set_timeout()
             if not self.alive:
                 conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
             self.keepalived_conns.append(conn)
+            conn.events = selectors.EVENT_READ
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self.on_client_socket_readable, conn))
         except Exception:
