@@ -39,9 +39,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.before_request(_limit_chunked_body)
     app.after_request(_count)
     errors.register(app)
-    fast = FastReads(app.wsgi_app, store, bodies)
-    app.wsgi_app = fast  # type: ignore[method-assign]
-    app.serves_inline = fast.serves_inline  # type: ignore[attr-defined]  # see pkisvc.worker
+    app.wsgi_app = FastReads(app.wsgi_app, store, bodies)  # type: ignore[method-assign]
     return app
 
 

@@ -37,15 +37,6 @@ class FastReads:
         self._count = {(e, s): metrics.REQUESTS.labels("GET", e, str(s))
                        for e in (CERTS, PILLAR) for s in _STATUS}
         self._time = {e: metrics.LATENCY.labels(e) for e in (CERTS, PILLAR)}
-        self.local = getattr(store.backend, "name", "") == "files"
-        self._inline_targets = frozenset(f"/v1/certs/{i}".encode() for i in ITEMS)
-
-    def serves_inline(self, method: bytes, target: bytes) -> bool:
-        """Whether the answer to `method target` needs no network I/O: a cert read on the
-        files backend (its token check, version and body come from local files and memory).
-        pkisvc's worker answers those in its poller thread, without a hop to a pool thread
-        (`pkisvc.worker`); pillar reads write delivery states, and Vault is a network away."""
-        return self.local and method == b"GET" and target in self._inline_targets
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:

@@ -94,8 +94,13 @@ class Framing:
             self.body_start = head_end + 4
             if self.body_start > MAX_HEAD:
                 raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+            head = bytes(buf[:head_end])
+            lowered = head.lower()
+            if b"content-length" not in lowered and b"transfer-encoding" not in lowered:
+                self.end_at = self.body_start  # no body (most requests): no header walked
+                return self.end_at
             length: int | None = None
-            for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
+            for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"transfer-encoding":
@@ -158,40 +163,6 @@ def _error(status: str, message: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def _request_line(buf: bytearray) -> tuple[bytes, bytes]:
-    """(method, target) of the request at the start of buf; empty when malformed."""
-    line = bytes(buf[:buf.find(b"\r\n")])
-    method, _, rest = line.partition(b" ")
-    target, _, version = rest.partition(b" ")
-    return (method, target) if version.startswith(b"HTTP/1.") else (b"", b"")
-
-
-class _Capture:
-    """The socket gunicorn's request code writes to when an answer is made in the poller:
-    what it sends is kept (and sent after, without blocking); blocking modes are left alone;
-    anything else is the connection's socket."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self.out = bytearray()
-
-    def sendall(self, data: bytes) -> None:
-        self.out += data
-
-    def send(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-    def setblocking(self, flag: bool) -> None:
-        pass
-
-    def settimeout(self, value: float | None) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
 class BufferedConn(TConn):
     """A connection whose next request is collected by the poller before a thread sees it."""
 
@@ -230,7 +201,6 @@ class BufferedThreadWorker(ThreadWorker):
         self.reading: deque[tuple[float, BufferedConn]] = deque()
         self.closing: deque[tuple[float, BufferedConn]] = deque()
         self._ssl_context: ssl.SSLContext | None = None
-        self._inline: Any = None  # the app's serves_inline(method, target), if it has one
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -325,10 +295,7 @@ class BufferedThreadWorker(ThreadWorker):
             self._maybe_continue(conn)
             return self._want(conn, selectors.EVENT_READ)
         self._unregister(conn)
-        if self._inline is not None and self._inline(*_request_line(conn.buf)):
-            self._serve_inline(conn)
-        else:
-            self.enqueue_req(conn)
+        self.enqueue_req(conn)
 
     def _read(self, conn: BufferedConn) -> bool:
         """Read what is there; False once the client closed its side (a whole request sent
@@ -436,43 +403,6 @@ class BufferedThreadWorker(ThreadWorker):
             else:
                 self._close_reading(conn)
 
-    # --- answers made in the poller --------------------------------------------------------
-
-    def load_wsgi(self) -> None:
-        super().load_wsgi()
-        # The app names the requests whose answers need no network I/O (pkisvc: the hot cert
-        # reads on a local backend): those are answered in the poller, without a thread hop.
-        self._inline = getattr(self.wsgi, "serves_inline", None)
-
-    def _serve_inline(self, conn: BufferedConn) -> None:
-        """Answer conn's whole, buffered request in the poller with gunicorn's request code.
-
-        What it writes is kept in memory and sent without blocking; what does not fit in the
-        socket's buffer (a client that does not read) is sent by a pool thread, as any answer.
-        """
-        real = conn.sock
-        if conn.parser is None:
-            conn.parser = http.get_parser(self.cfg, real, conn.client)
-        capture = _Capture(real)
-        conn.sock = capture
-        try:
-            result = self.handle(conn)
-        finally:
-            conn.sock = real
-        out = memoryview(capture.out)
-        try:
-            sent = real.send(out) if out else 0
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            sent = 0
-        except OSError:
-            return self._after_request(conn, False)
-        if sent < len(out):
-            fs = self.tpool.submit(self._send_rest, conn, bytes(out[sent:]), result)
-            fs.add_done_callback(
-                lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
-            return
-        self._after_request(conn, result, inline=True)
-
     # --- the pool thread's side ------------------------------------------------------------
 
     def handle_request(self, req: Any, conn: Any) -> bool:
@@ -480,27 +410,10 @@ class BufferedThreadWorker(ThreadWorker):
             req._expected_100_continue = False  # the poller has answered it already
         return bool(super().handle_request(req, conn))
 
-    def _send_rest(self, conn: Any, rest: bytes, keepalive: bool) -> bool:
-        """In a pool thread: the part of an answer made in the poller that did not fit."""
-        try:
-            conn.sock.settimeout(THREAD_IO_TIMEOUT)
-            conn.sock.sendall(rest)
-        except OSError:
-            return False
-        return keepalive
-
     def finish_request(self, conn: Any, fs: Any) -> None:
         """Back on the poller: keep the connection for its next request, or close it."""
         try:
             result = fs.result() if not fs.cancelled() else False
-        except Exception:
-            self.nr_conns -= 1
-            conn.close()
-            return
-        self._after_request(conn, result)
-
-    def _after_request(self, conn: Any, result: Any, inline: bool = False) -> None:
-        try:
             if not result:
                 self._linger(conn)
                 return
@@ -509,10 +422,7 @@ class BufferedThreadWorker(ThreadWorker):
             pending = conn.sock.pending() if isinstance(conn.sock, ssl.SSLSocket) else 0
             if ahead or pending:
                 conn.buf += ahead
-                if inline:  # the next loop turn: no recursion, and other clients go between
-                    self.method_queue.defer(self._start_reading, conn, READING)
-                else:
-                    self._start_reading(conn, READING)
+                self._start_reading(conn, READING)
                 return
             conn.set_timeout()
             if not self.alive:

@@ -131,10 +131,10 @@ def test_fifty_slow_header_clients_do_not_slow_the_hot_reads(served):
     assert drip.answered == [] and drip.errors == []
 
 
-def test_cert_reads_answered_in_the_poller_keep_order_and_never_wait_for_a_reader(served):
-    """On the files backend the worker answers cert reads in its poller thread: pipelined
-    reads come back in order, and clients that pipeline reads and never read the answers
-    (their socket buffers full) hold no one else up."""
+def test_pipelined_reads_keep_order_and_a_client_that_never_reads_holds_no_one_up(served):
+    """The poller reads what a socket holds and leaves pipelined bytes for the next turn:
+    pipelined reads come back in order, and clients that pipeline reads and never read the
+    answers (their socket buffers full) hold no one else up."""
     url, token = served
     read_hot_paths(url, token, 1)
     one = (f"GET /v1/certs/server HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
