@@ -94,13 +94,8 @@ class Framing:
             self.body_start = head_end + 4
             if self.body_start > MAX_HEAD:
                 raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
-            head = bytes(buf[:head_end])
-            lowered = head.lower()
-            if b"content-length" not in lowered and b"transfer-encoding" not in lowered:
-                self.end_at = self.body_start  # no body (most requests): no header walked
-                return self.end_at
             length: int | None = None
-            for line in head.split(b"\r\n")[1:]:
+            for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"transfer-encoding":
@@ -175,8 +170,7 @@ class BufferedConn(TConn):
         self.framing = Framing()
         self.state = READING
         self.deadline = 0.0
-        self.listed = -1.0  # the deadline this connection has an entry in `reading` for
-        self.events = 0  # what the poller watches it for (0: not registered)
+        self.events = 0
         self.sent_continue = False
         self.drained = 0
         self.data_ready = True  # gthread's wait-for-data step: the poller did the waiting
@@ -236,40 +230,31 @@ class BufferedThreadWorker(ThreadWorker):
                 return
             state = HANDSHAKE
         self._start_reading(conn, state)
+        self._advance(conn)
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
-        """A kept-alive connection has bytes: collect its next request in the poller.
-
-        Its registration is kept for the rest of the request (same events: no system call)
-        and dropped once the request is whole, usually at once: one change to the poller a
-        request, as in `gthread`.
-        """
+        """A kept-alive connection has bytes: collect its next request in the poller."""
+        self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self.poller.modify(client, selectors.EVENT_READ, partial(self._on_event, conn))
-        conn.events = selectors.EVENT_READ
         self._start_reading(conn, READING)
+        self._advance(conn)
 
     def _start_reading(self, conn: BufferedConn, state: str) -> None:
-        """Begin collecting a request: read what is there, and watch for the rest."""
         conn.state = state
         conn.deadline = time.monotonic() + REQUEST_DEADLINE
         conn.sent_continue = False
         conn.framing = Framing()
-        self._advance(conn)
+        self.reading.append((conn.deadline, conn))
+        conn.events = selectors.EVENT_READ
+        self.poller.register(conn.sock, conn.events, partial(self._on_event, conn))
 
     def _on_event(self, conn: BufferedConn, _fileobj: Any) -> None:
         self._advance(conn)
 
     def _want(self, conn: BufferedConn, events: int) -> None:
-        """Wait for events on conn, within its deadline."""
-        if conn.listed != conn.deadline:
-            conn.listed = conn.deadline
-            self.reading.append((conn.deadline, conn))
-        if conn.events == 0:
-            self.poller.register(conn.sock, events, partial(self._on_event, conn))
-        elif conn.events != events:
+        if conn.events != events:
+            conn.events = events
             self.poller.modify(conn.sock, events, partial(self._on_event, conn))
-        conn.events = events
 
     def _advance(self, conn: BufferedConn) -> None:
         """Move conn on as far as its bytes allow without blocking."""
@@ -293,8 +278,9 @@ class BufferedThreadWorker(ThreadWorker):
             if not more:  # the client closed its side before the request was whole
                 return self._close_reading(conn)
             self._maybe_continue(conn)
-            return self._want(conn, selectors.EVENT_READ)
-        self._unregister(conn)
+            return
+        self.poller.unregister(conn.sock)
+        conn.state = ""
         self.enqueue_req(conn)
 
     def _read(self, conn: BufferedConn) -> bool:
@@ -310,10 +296,6 @@ class BufferedThreadWorker(ThreadWorker):
             conn.buf += data
             if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY:
                 return True  # Framing refuses it
-            if len(data) < 65536 and not isinstance(conn.sock, ssl.SSLSocket):
-                # Short: the socket is drained (the poller reports whatever comes next; a TLS
-                # socket may hold decrypted bytes the poller cannot see, so it reads on).
-                return True
 
     def _maybe_continue(self, conn: BufferedConn) -> None:
         """Answer `Expect: 100-continue` once the head is in, so the client sends its body."""
@@ -345,12 +327,10 @@ class BufferedThreadWorker(ThreadWorker):
 
     def _unregister(self, conn: BufferedConn) -> None:
         conn.state = ""
-        if conn.events:
-            conn.events = 0
-            try:
-                self.poller.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
 
     def _drop(self, conn: BufferedConn) -> None:
         self.nr_conns -= 1
@@ -368,7 +348,6 @@ class BufferedThreadWorker(ThreadWorker):
         conn.state, conn.drained = CLOSING, 0
         conn.deadline = time.monotonic() + LINGER
         self.closing.append((conn.deadline, conn))
-        conn.events = selectors.EVENT_READ
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_closing, conn))
 
     def _on_closing(self, conn: Any, _fileobj: Any) -> None:
@@ -423,12 +402,12 @@ class BufferedThreadWorker(ThreadWorker):
             if ahead or pending:
                 conn.buf += ahead
                 self._start_reading(conn, READING)
+                self._advance(conn)
                 return
             conn.set_timeout()
             if not self.alive:
                 conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
             self.keepalived_conns.append(conn)
-            conn.events = selectors.EVENT_READ
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self.on_client_socket_readable, conn))
         except Exception:
