@@ -1,8 +1,9 @@
 """The Vault / OpenBao backend: a few KV v2 secrets per version, one commit point each.
 
-    <mount>/data/<prefix>/<cluster>/versions/<n>/material-<nonce>  the files (keys), base64
-    <mount>/data/<prefix>/<cluster>/versions/<n>/record           record + change event: the
-                                                                   commit, created with cas=0
+    <mount>/data/<prefix>/<cluster>/versions/<n>/material-<nonce>  the private keys, base64
+    <mount>/data/<prefix>/<cluster>/versions/<n>/record           record + change event +
+                                                                   certificates: the commit,
+                                                                   created with cas=0
     <mount>/data/<prefix>/<cluster>/head                          {"version": n}, moved after
     <mount>/data/<prefix>/<cluster>/audit/<day>/<key>             one secret per appended event
     <mount>/data/<prefix>/<cluster>/tokens                        the hashed API tokens
@@ -11,12 +12,17 @@
 
 KV cannot write two secrets in one transaction, so a version has one commit point: its
 `record` secret, created with `cas=0` (Vault refuses a second one, so one writer wins each
-number).  The writer first writes the files to a `material-<nonce>` secret of its own, then
-the record naming that nonce, with the change's audit event inside it.  Material that no record
-names is invisible (a writer killed in between, or one that lost the race) and is deleted by
-the writer that commits that version.  Every secret holds one KV version, so no `max_versions`
-can drop history, and records (history, events) can be read by a policy that cannot read
-`material-*`.
+number).  The writer first writes the private keys to a `material-<nonce>` secret of its own,
+then the record naming that nonce, with the certificates and the change's audit event.
+Material no record names is invisible (a writer killed in between, or one that lost the race)
+and is deleted by the writer that commits that version when its policy lets it delete (the
+shipped one, docs/vault/pkisvc-service.hcl, does not: it creates records and material and never
+changes or deletes them).  Before its first write of each kind, a process asks Vault whether
+its token may do every step of that write, so a refusal comes before anything is written.
+Every secret holds one KV version, so no `max_versions` can drop history, and records
+(history, events, certificates) can be read by a policy that cannot read
+`material-*` (docs/vault/pkisvc-auditor.hcl).  Records of layout 2 have no certificates:
+their material holds every file.
 
 `head` says the latest version; it is moved (cas, never backwards) after the commit, so a
 reader asks one small secret.  The records are the truth: a writer killed between its commit
@@ -80,7 +86,9 @@ class _Listed(Protocol):
 
 T = TypeVar("T", bound=_Listed)  # a record kept in a list secret (tokens, sessions)
 
-FORMAT = 2  # the per-version layout; 1 is the first layout's payload (read only)
+FORMAT = 3  # records hold the public files; 2: every file in the material (read only)
+READABLE = (2, 3)  # the per-version layouts read; 1 is the first layout's payload
+PUBLIC = (".crt", ".cert", ".pub")  # files kept in the record; all others (keys) in material
 RESERVED = "record.json"  # the files backend's record; refused here too, so backends agree
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
@@ -92,14 +100,18 @@ class VaultBackend:
     """Generations as per-version KV v2 secrets in Vault or OpenBao."""
 
     name = "vault"
+    # KV's created_time is the write's: a migrated version's original time is its record's.
+    sets_stored_time = False
 
     def __init__(self, addr: str, *, cluster: str, mount: str = "secret",
                  prefix: str = "pkisvc", token: str | None = None,
                  token_file: str | None = None, role_id: str | None = None,
                  secret_id: str | None = None, ca_cert: str | None = None,
-                 timeout: float = 5.0, max_versions: int = 1000) -> None:
+                 timeout: float = 5.0, max_versions: int = 1000,
+                 secret_id_file: str | None = None) -> None:
         self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
-                                 secret_id=secret_id, ca_cert=ca_cert, timeout=timeout)
+                                 secret_id=secret_id, ca_cert=ca_cert, timeout=timeout,
+                                 secret_id_file=secret_id_file)
         self.mount = mount
         self.base = f"{prefix}/{cluster}"
         # Only the first layout's single secret had a KV history to cap; kept for settings.
@@ -120,6 +132,11 @@ class VaultBackend:
         self._events: OrderedDict[str, AuditEvent] = OrderedDict()
         self._healed = False
         self._head_seen: tuple[int, int] | None = None  # the last head read or written
+        self._public: OrderedDict[int, dict[str, bytes]] = OrderedDict()  # records' files
+        # Whether the token may delete uncommitted material; None until the capabilities a
+        # version write needs were checked (once per process, before its first write).
+        self._may_delete: bool | None = None
+        self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
 
     @classmethod
@@ -128,7 +145,7 @@ class VaultBackend:
         return cls(v.addr, cluster=settings.cluster, mount=v.mount, prefix=v.prefix,
                    token=v.token, token_file=v.token_file, role_id=v.role_id,
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
-                   max_versions=v.max_versions)
+                   max_versions=v.max_versions, secret_id_file=v.secret_id_file)
 
     @property
     def addr(self) -> str:
@@ -280,17 +297,22 @@ class VaultBackend:
         where = self._data(self._record_path(version))
         try:
             payload = resp["data"]["data"]
-            if payload.get("pkisvc") != FORMAT:
+            if payload.get("pkisvc") not in READABLE:
                 raise ValueError("unknown payload format")
             rec = GenerationRecord.from_dict(payload["record"])
             event = AuditEvent.from_dict(payload["event"]) if payload.get("event") else None
             nonce = str(payload["material"])
-        except (KeyError, TypeError, ValueError, AttributeError):
+            public = _files(payload.get("files") or {})
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
             raise self._unreadable(where) from None
         if rec.version != version:
             raise BackendUnavailable(f"vault at {self.addr}: {where} records version "
                                      f"{rec.version}")
         self._note(version, rec, event, nonce)
+        with self._lock:
+            self._public[version] = public
+            while len(self._public) > CACHE_SIZE:
+                self._public.popitem(last=False)
         return rec
 
     def _read_first_layout(self, version: int) -> StoredGeneration:
@@ -332,6 +354,14 @@ class VaultBackend:
             return self._read_first_layout(version)
         nonce = self._nonces[version]
         assert nonce is not None
+        with self._lock:
+            public = self._public.pop(version, None)
+        if public is None:  # the record was read long ago: read its files again
+            with self._lock:
+                self._records.pop(version, None)
+            record = self._record(version, first_layout=False) or record
+            with self._lock:
+                public = self._public.pop(version, {})
         path = self._material_path(version, nonce)
         try:
             resp = self._read(path)
@@ -339,10 +369,10 @@ class VaultBackend:
             raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)}, named by "
                                      f"version {version}'s record, is missing") from None
         try:
-            files = _files(resp["data"]["data"]["files"])
+            files = {**public, **_files(resp["data"]["data"]["files"])}
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
             raise self._unreadable(self._data(path)) from None
-        gen = StoredGeneration(record, files)
+        gen = StoredGeneration(record, dict(sorted(files.items())))
         self._remember(gen)
         return gen
 
@@ -363,13 +393,21 @@ class VaultBackend:
                 raise VersionConflict(f"version {version} exists (first layout)")
         nonce = secrets.token_hex(8)
         material = self._material_path(version, nonce)
-        self._write(material, {"pkisvc": FORMAT, "files": {
-            n: base64.b64encode(b).decode("ascii") for n, b in gen.files.items()}}, cas=0)
+        self._check_writes(version, nonce)
+        keys = {n: b for n, b in gen.files.items() if not n.endswith(PUBLIC)}
+        public = {n: b for n, b in gen.files.items() if n.endswith(PUBLIC)}
+        self._write(material, {"pkisvc": FORMAT, "files": _encoded(keys)}, cas=0)
         record = {"pkisvc": FORMAT, "record": gen.record.to_dict(),
-                  "event": event.to_dict() if event is not None else None, "material": nonce}
+                  "event": event.to_dict() if event is not None else None, "material": nonce,
+                  "files": _encoded(public)}
         try:
-            self._write(self._record_path(version), record, cas=0)  # the commit point
-        except VersionConflict:
+            # The commit point.  A policy that may create records but not update them (the
+            # shipped one) answers "permission denied" where the record exists.
+            self._write(self._record_path(version), record, cas=0)
+        except (VersionConflict, PermissionDenied) as e:
+            if isinstance(e, PermissionDenied) and not self._exists(self._record_path(version)):
+                self._may_delete = None  # the policy changed: check again next time
+                raise
             self._forget(material)
             # head may be behind (a writer killed after its commit, or about to move it)
             self._heal(expected or 0, logging.INFO)
@@ -382,6 +420,57 @@ class VaultBackend:
         self._remember(gen)
         self._after_commit(version, nonce)
         return version
+
+    def _check_writes(self, version: int, nonce: str) -> None:
+        """Before this process's first version write: check that the token may do every step
+        of one (a commit whose `head` cannot move would be a version no reader is shown), and
+        learn whether it may delete material no record names."""
+        if self._may_delete is not None:
+            return
+        cleanup = self._meta(self._material_path(version, nonce))
+        held = self._require("a version", {
+            self._data(self._material_path(version, nonce)): ("create",),
+            self._data(self._record_path(version)): ("create", "read"),
+            self._data(self._head_path): ("create", "read", "update")}, also=(cleanup,))
+        self._may_delete = held is not None and _has(held, cleanup, "delete")
+
+    def _check_audited(self, kind: str, path: str) -> None:
+        """Before this process's first change of `kind` (a secret written, then its event
+        appended by the store): check that the token may do both, so a refusal writes nothing."""
+        if kind in self._checked:
+            return
+        day = datetime.now(UTC).strftime("%Y%m%d")
+        self._require(kind, {self._data(path): ("create", "read", "update"),
+                             self._data(f"{self._audit_dir}/{day}/probe"): ("create",)})
+        self._checked.add(kind)
+
+    def _require(self, what: str, need: Mapping[str, tuple[str, ...]],
+                 also: tuple[str, ...] = ()) -> dict[str, list[str]] | None:
+        """Ask Vault (capabilities-self) what the token may do on the paths `what` writes;
+        PermissionDenied naming the first capability missing.  Return every path's
+        capabilities, or None when Vault will not tell (a token without the default policy:
+        the writes then find out one by one)."""
+        where = "sys/capabilities-self"
+        try:
+            resp = self.vault.call(where, lambda: self.vault.post(
+                f"/v1/{where}", {"paths": [*need, *also]}))
+        except PermissionDenied:
+            log.info("cannot check the token's capabilities for %s (%s refused)", what, where)
+            return None
+        held: dict[str, list[str]] = self.vault.dig(resp, where, "data")
+        for path, caps in need.items():
+            for cap in caps:
+                if not _has(held, path, cap):
+                    raise PermissionDenied(f"permission denied on {path}: the token's policy "
+                                           f"lacks {cap!r}")
+        return held
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self._read(path)
+        except NotFound:
+            return False
+        return True
 
     def _committed(self, version: int, nonce: str, lost: AnswerLost) -> bool:
         """After a lost answer: whether our record is the one committed (False: none is)."""
@@ -404,6 +493,8 @@ class VaultBackend:
         committed whatever happens here: a failure is logged (a later writer heals head)."""
         try:
             self._advance_head(version)
+            if not self._may_delete:
+                return  # leftovers of the race stay, unread (the shipped policy deletes nothing)
             keep = {"record", f"material-{nonce}"}
             for key in self._list(f"{self._versions}/{version}"):
                 if key not in keep and key.startswith("material-"):
@@ -414,6 +505,8 @@ class VaultBackend:
 
     def _forget(self, path: str) -> None:
         """Delete material no record names (best effort: it is invisible anyway)."""
+        if not self._may_delete:
+            return
         try:
             kv = self.vault.kv
             self.vault.call(self._meta(path), lambda: kv.delete_metadata_and_all_versions(
@@ -584,6 +677,7 @@ class VaultBackend:
         return self._load_list(self._tokens_path, "tokens", TokenRecord.from_dict)
 
     def _update_tokens(self, change: Callable[[list[TokenRecord]], list[TokenRecord]]) -> None:
+        self._check_audited("tokens", self._tokens_path)  # each change is audited
         self._update_list(self._tokens_path, "tokens", TokenRecord.from_dict, change)
 
     def tokens(self) -> list[TokenRecord]:
@@ -624,6 +718,7 @@ class VaultBackend:
         return self._read_minion(minion)[1]
 
     def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
+        self._check_audited("minions", f"{self._minions_dir}/{state.minion}")
         version, held = self._read_minion(state.minion)
         if held != expected:
             raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
@@ -639,6 +734,10 @@ class VaultBackend:
             states = list(pool.map(lambda m: self._read_minion(m)[1], names))
         return [s for s in states if s is not None]
 
+    def close(self) -> None:
+        """Revoke the token this backend logged in for (a CLI run's AppRole login)."""
+        self.vault.close()
+
     def identity(self) -> str | None:
         where = "auth/token/lookup-self"
         try:
@@ -647,6 +746,15 @@ class VaultBackend:
             return None  # a policy without the default one: we cannot tell
         name = self.vault.dig(resp, where, "data").get("display_name")
         return str(name) if name else None
+
+
+def _has(held: Mapping[str, Any], path: str, cap: str) -> bool:
+    caps = held.get(path) or ()
+    return "root" in caps or cap in caps
+
+
+def _encoded(files: Mapping[str, bytes]) -> dict[str, str]:
+    return {n: base64.b64encode(b).decode("ascii") for n, b in files.items()}
 
 
 def _files(encoded: Mapping[str, str]) -> dict[str, bytes]:

@@ -46,9 +46,13 @@ class VaultClient:
 
     def __init__(self, addr: str, *, token: str | None, token_file: str | None,
                  role_id: str | None, secret_id: str | None, ca_cert: str | None,
-                 timeout: float) -> None:
-        if bool(role_id) != bool(secret_id):
-            raise ConfigError("setting 'vault': vault.role_id and vault.secret_id go together")
+                 timeout: float, secret_id_file: str | None = None) -> None:
+        if secret_id and secret_id_file:
+            raise ConfigError("setting 'vault': vault.secret_id and vault.secret_id_file "
+                              "exclude each other")
+        if bool(role_id) != bool(secret_id or secret_id_file):
+            raise ConfigError("setting 'vault': vault.role_id and vault.secret_id (or "
+                              "vault.secret_id_file) go together")
         if not (token or token_file or role_id):
             raise ConfigError("setting 'vault': the vault backend needs vault.token, "
                               "vault.token_file, or vault.role_id and vault.secret_id")
@@ -57,7 +61,7 @@ class VaultClient:
             raise ConfigError("setting 'vault.addr': no address")
         self.addr = self.addrs[0]  # the node in use; error messages name it
         self._auth = _Auth(token=token, token_file=token_file, role_id=role_id,
-                           secret_id=secret_id)
+                           secret_id=secret_id, secret_id_file=secret_id_file)
         # token="" and verify keep hvac from reading VAULT_TOKEN, ~/.vault-token or the CA
         # variables behind our back (only settings.py reads the environment).
         self._client = hvac.Client(url=self.addr, token="", verify=ca_cert or True,
@@ -69,6 +73,24 @@ class VaultClient:
         """GET /v1/... through hvac's adapter (for the hot reads: no per-call URL building)."""
         doc: dict[str, Any] = self._client.adapter.get(url)
         return doc
+
+    def post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/... with a JSON body through hvac's adapter."""
+        doc: dict[str, Any] = self._client.adapter.post(url, json=body)
+        return doc
+
+    def close(self) -> None:
+        """Revoke the token this client logged in for (AppRole), so a short-lived process
+        (a CLI run) leaves no live token behind; a token it was given is left alone."""
+        token = self._auth.logged_in()
+        if token:
+            try:
+                self._client.adapter.post("/v1/auth/token/revoke-self")
+            except FAILURES as e:  # it expires with its TTL anyway
+                log.info("could not revoke the vault token: %s",
+                         self._translate(e, "auth/token/revoke-self").message)
+            self._auth.forget()
+        self._client.adapter.close()
 
     def dig(self, resp: Any, where: str, *keys: str) -> Any:
         """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
@@ -183,7 +205,7 @@ class _Auth:
     """
 
     def __init__(self, *, token: str | None, token_file: str | None, role_id: str | None,
-                 secret_id: str | None) -> None:
+                 secret_id: str | None, secret_id_file: str | None) -> None:
         # AppRole wins over a token file, which wins over a plain token (VAULT_TOKEN may
         # linger in an operator's shell while the config names a better source).
         self.kind = "approle" if role_id else "token_file" if token_file else "token"
@@ -191,6 +213,7 @@ class _Auth:
         self._token_file = token_file
         self._role_id = role_id
         self._secret_id = secret_id
+        self._secret_id_file = secret_id_file
         self._file_mtime: int | None = None
         self._current = ""  # the token in use
         self._lease = 0.0  # its TTL when we got it; 0 = it does not expire
@@ -198,6 +221,13 @@ class _Auth:
         self._renewable = False
         self.where = {"approle": "auth/approle/login", "token_file": token_file or "",
                       "token": "auth/token/lookup-self"}[self.kind]
+
+    def logged_in(self) -> str:
+        """The token this process logged in for (AppRole), or "" (none, or one it was given)."""
+        return self._current if self.kind == "approle" else ""
+
+    def forget(self) -> None:
+        self._current, self._expires = "", None
 
     def token_for(self, client: Any, *, force: bool) -> str:
         now = time.monotonic()
@@ -248,7 +278,11 @@ class _Auth:
         self._set(self._lease, bool(data.get("renewable")), now)
 
     def _login(self, client: Any, now: float) -> None:
-        auth = client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id,
+        secret_id = self._secret_id
+        if self._secret_id_file:  # read at each login: an operator may replace the file
+            with open(self._secret_id_file) as fh:
+                secret_id = fh.read().strip()
+        auth = client.auth.approle.login(role_id=self._role_id, secret_id=secret_id,
                                          use_token=False)["auth"]
         self._current = str(auth["client_token"])
         client.token = self._current

@@ -54,7 +54,17 @@ def bootstrap(store: CertStore) -> Path | None:
     if path.exists():
         return None
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    names = {t.name for t in store.tokens()}
+    held = store.tokens()
+    admins = sorted(t.name for t in held if "admin" in t.scopes)
+    if admins:
+        # A replica joining a shared store (Vault), or a data_dir whose admin.token was
+        # removed: the store has its admin token already; another would only add a secret.
+        if not path.exists():  # (it does when another worker wrote it meanwhile)
+            log.warning("the store has an admin token already (%s): none made for %s; copy "
+                        "admin.token from where it was made, or run `pkisvc token create "
+                        "NAME --scope admin --scope secrets`", ", ".join(admins), path)
+        return None
+    names = {t.name for t in held}
     name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, 10**6))) if n not in names)
     try:
         token = store.create_token(name, ["admin", "secrets"], actor="pkisvc:first-start")

@@ -1,6 +1,7 @@
 """The `pkisvc` command line: the same store as the service, used directly."""
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import logging
@@ -16,7 +17,7 @@ import click
 import yaml
 
 from pkisvc import __version__, changes, doctor, kubeconfig
-from pkisvc.backends import load_backend
+from pkisvc.backends import Backend, load_backend
 from pkisvc.backup import write as write_backup
 from pkisvc.errors import InvalidRequest, PkiError
 from pkisvc.imports import read_import_dir, read_import_pillar
@@ -49,6 +50,7 @@ class Context:
     _settings: Settings | None = None
     _store: CertStore | None = None
     _actor: str | None = None
+    _opened: list[Backend] = dataclasses.field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
@@ -59,8 +61,22 @@ class Context:
     @property
     def store(self) -> CertStore:
         if self._store is None:
-            self._store = CertStore(load_backend(self.settings), self.settings)
+            self._store = CertStore(self.backend(), self.settings)
         return self._store
+
+    def backend(self, kind: str | None = None, settings: Settings | None = None) -> Backend:
+        """A backend of these settings (of `kind`), closed when the command ends."""
+        backend = load_backend(settings or self.settings, kind)
+        self._opened.append(backend)
+        return backend
+
+    def close(self) -> None:
+        """Let go of the backends: the Vault tokens this run logged in for are revoked."""
+        for backend in self._opened:
+            close = getattr(backend, "close", None)  # an optional Backend method
+            if close is not None:
+                close()
+        self._opened.clear()
 
 
     @property
@@ -116,6 +132,7 @@ def main(ctx: click.Context, config: str | None, actor: str | None, verbose: boo
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = Context(config, actor)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # --- output ---------------------------------------------------------------------------
@@ -192,18 +209,19 @@ def serve(c: Context, bind: str | None, workers: int | None, self_tls: bool) -> 
     if settings.auto_init:
         from pkisvc.app import bootstrap
 
-        bootstrap(CertStore(load_backend(settings), settings))
+        bootstrap(CertStore(c.backend(settings=settings), settings))
         token_file = settings.data_dir / "admin.token"
         if token_file.exists():
             click.echo(f"admin token: {token_file}", err=True)
     if self_tls:
-        cert, key = self_signed_tls(CertStore(load_backend(settings), settings), settings,
+        cert, key = self_signed_tls(CertStore(c.backend(settings=settings), settings), settings,
                                     c.actor)
         env["PKISVC_TLS__CERT"], env["PKISVC_TLS__KEY"] = str(cert), str(key)
         click.echo(f"serving HTTPS with {cert} (trust {cert.parent / 'ca.crt'})", err=True)
     click.echo(f"pkisvc serving on {settings.bind} ({settings.backend} backend)", err=True)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:pkisvc.gunicorn_conf",
             "pkisvc.app:create_app()"]
+    c.close()  # the workers log in for themselves
     os.execve(sys.executable, argv, env)  # noqa: S606 - become gunicorn, same PID
 
 
@@ -744,7 +762,7 @@ def formula_path() -> None:
 @pass_ctx
 def migrate(c: Context, dest: str) -> None:
     """Copy the files store (every version, audit trail, tokens) into an empty backend."""
-    source, target = load_backend(c.settings, "files"), load_backend(c.settings, dest)
+    source, target = c.backend("files"), c.backend(dest)
     copied = copy_store(source, target)
     # After the copy (a refused migration copied nothing): the same event in both trails.
     for store in (CertStore(source, c.settings), CertStore(target, c.settings)):
@@ -752,6 +770,10 @@ def migrate(c: Context, dest: str) -> None:
                               items=ITEMS, reason=f"every version from files to {dest}")
     click.echo(f"migrated {copied.versions} versions, {copied.events} audit events and "
                f"{copied.tokens} tokens to {dest}; set `backend: {dest}` to use it")
+    if not getattr(target, "sets_stored_time", True):
+        click.echo(f"each version keeps its original time in its record (what `pkisvc "
+                   f"versions` shows); {dest}'s own creation time of each secret is the "
+                   f"migration's: it cannot be set")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class VaultSettings:
     token_file: str | None
     role_id: str | None
     secret_id: str | None
+    secret_id_file: str | None
     mount: str
     prefix: str
     ca_cert: str | None
@@ -375,6 +376,7 @@ _SCHEMA: dict[str, _Field] = {
     "vault.token_file": _Field(None, _opt_str, text=True),
     "vault.role_id": _Field(None, _opt_str, text=True),
     "vault.secret_id": _Field(None, _opt_str, text=True),
+    "vault.secret_id_file": _Field(None, _opt_str, text=True),
     "vault.mount": _Field("secret", _name, text=True),
     "vault.prefix": _Field("pkisvc", _name, text=True),
     "vault.ca_cert": _Field(None, _opt_str, text=True),
@@ -468,6 +470,7 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         vault=VaultSettings(
             addr=v["vault.addr"], token=v["vault.token"], token_file=v["vault.token_file"],
             role_id=v["vault.role_id"], secret_id=v["vault.secret_id"],
+            secret_id_file=v["vault.secret_id_file"],
             mount=v["vault.mount"], prefix=v["vault.prefix"], ca_cert=v["vault.ca_cert"],
             timeout=v["vault.timeout"], max_versions=v["vault.max_versions"]),
         metrics_scope=v["metrics_scope"], auto_init=v["auto_init"],

@@ -180,6 +180,6 @@ def service_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     openbao = request.getfixturevalue("openbao")
     over = openbao.settings_overrides()
     env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": over["cluster"],
-           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": openbao.token}
+           "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": over["vault.token"]}
     return env, over, lambda: VaultBackend(openbao.addr, cluster=over["cluster"],
-                                           token=openbao.token)
+                                           token=over["vault.token"])

@@ -12,9 +12,29 @@ import hvac
 import hvac.exceptions
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import REPO, free_port, wait_for
 
 ROOT_TOKEN = "root"  # a dev server's root token, never a real one
+SETUP = REPO / "docs" / "vault" / "setup.sh"  # renders the shipped policies
+
+
+def policy(name: str, cluster: str, *, mount: str = "secret", prefix: str = "pkisvc") -> str:
+    """The shipped policy `name` (service, auditor, admin), rendered by docs/vault/setup.sh."""
+    return subprocess.run(["bash", str(SETUP), "render", name], check=True, text=True,
+                          capture_output=True, timeout=30,
+                          env={"CLUSTER": cluster, "MOUNT": mount, "PREFIX": prefix,
+                               "PATH": "/usr/bin:/bin"}).stdout
+
+
+def policy_token(root: Any, name: str, cluster: str, *, text: str | None = None,
+                 **create: Any) -> str:
+    """A token holding only the shipped policy `name` for cluster (or the policy `text`),
+    and the default policy, as a Vault token of the service would."""
+    policy_name = f"pkisvc-{cluster}-{name}"
+    root.sys.create_or_update_policy(policy_name, text or policy(name, cluster))
+    token: str = root.auth.token.create(policies=[policy_name], ttl="2h",
+                                        **create)["auth"]["client_token"]
+    return token
 
 
 def bao_binary() -> Path:
@@ -75,11 +95,17 @@ class OpenBao:
         return hvac.Client(url=self.addr, token=token or self.token, timeout=5,
                            verify=self.verify)
 
+    def service_token(self, cluster: str, **create: Any) -> str:
+        """A token with exactly the shipped service policy (docs/vault) for cluster."""
+        return policy_token(self.client(), "service", cluster, **create)
+
     def settings_overrides(self, **extra: Any) -> dict[str, Any]:
-        """Settings keys for a vault backend on its own, fresh cluster name."""
-        return {"backend": "vault", "cluster": f"c{uuid.uuid4().hex[:12]}",
-                "vault.addr": self.addr, "vault.token": self.token,
-                "vault.ca_cert": self.ca_cert, **extra}
+        """Settings keys for a vault backend on its own, fresh cluster name (or extra's),
+        with a token of the shipped service policy for it: never the root token."""
+        cluster = extra.get("cluster") or f"c{uuid.uuid4().hex[:12]}"
+        return {"backend": "vault", "cluster": cluster, "vault.addr": self.addr,
+                "vault.token": self.service_token(cluster), "vault.ca_cert": self.ca_cert,
+                **extra}
 
     def _state(self) -> str:
         # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'.
@@ -109,7 +135,7 @@ class OpenBao:
 class PersistentOpenBao(OpenBao):
     """A non-dev `bao server` on raft storage: initialised once, restartable, unsealed by us."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, extra_config: str = "") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.tls = False
@@ -132,7 +158,7 @@ listener "tcp" {{
 }}
 api_addr     = "{self.addr}"
 cluster_addr = "http://{cluster}"
-""")
+{extra_config}""")
         self.start()
         init = hvac.Client(url=self.addr).sys.initialize(secret_shares=1, secret_threshold=1)
         self.token, self._unseal_key = init["root_token"], init["keys"][0]
@@ -267,6 +293,10 @@ disable_mlock = true
         live = [a for a, p in zip(self.addrs, self.procs, strict=True)
                 if p is not None and p.poll() is None]
         return hvac.Client(url=live[0], token=self.token, timeout=5)
+
+    def service_token(self, cluster: str) -> str:
+        """A token with exactly the shipped service policy (docs/vault) for cluster."""
+        return policy_token(self.client(), "service", cluster)
 
     def leader(self) -> int:
         """Index of the active node."""

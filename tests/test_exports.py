@@ -68,15 +68,14 @@ def test_a_bad_actor_is_a_usage_error(tmp_path, actor):
 def test_vault_token_display_name_is_the_actor_and_migrate_leaves_one_event(openbao,
                                                                             tmp_path):
     over = openbao.settings_overrides()
-    token = openbao.client().auth.token.create(policies=["root"], display_name="dana",
-                                               ttl="1h")["auth"]["client_token"]
+    token = openbao.service_token(over["cluster"], display_name="dana")
     vault = {"addr": openbao.addr, "token": token}
     files_cfg = config(tmp_path, cluster=over["cluster"], vault=vault)
     cli(files_cfg, "init")
     out = cli(files_cfg, "--actor", "erin", "migrate", "--to", "vault")
     assert out.startswith("migrated 1 versions")
     files = FilesBackend(tmp_path / "data")
-    target = VaultBackend(openbao.addr, cluster=over["cluster"], token=openbao.token)
+    target = VaultBackend(openbao.addr, cluster=over["cluster"], token=over["vault.token"])
     for backend in (files, target):
         assert exports(backend.audit()) == [("migrate", "erin")]
 

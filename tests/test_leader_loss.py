@@ -29,8 +29,9 @@ def test_rotations_survive_the_loss_of_the_raft_leader(raft, tmp_path):
     # The leader first: pkisvc is talking to the node that dies.
     order = [raft.addrs[leader], *(a for i, a in enumerate(raft.addrs) if i != leader)]
     data = tmp_path / "data"
+    token = raft.service_token("leader-loss")
     p, url = serve(data, 2, PKISVC_BACKEND="vault", PKISVC_CLUSTER="leader-loss",
-                   PKISVC_VAULT__ADDR=",".join(order), PKISVC_VAULT__TOKEN=raft.token,
+                   PKISVC_VAULT__ADDR=",".join(order), PKISVC_VAULT__TOKEN=token,
                    PKISVC_VAULT__TIMEOUT="3")
     h = {"Authorization": f"Bearer {(data / 'admin.token').read_text().strip()}"}
     ledger = Ledger()
@@ -73,7 +74,7 @@ def test_rotations_survive_the_loss_of_the_raft_leader(raft, tmp_path):
     assert all(s == 201 for t, s in answers if t > killed_at + window), "no recovery"
     assert last > killed_at + window
     survivors = ",".join(a for i, a in enumerate(raft.addrs) if i != leader)
-    backend = VaultBackend(survivors, cluster="leader-loss", token=raft.token)
+    backend = VaultBackend(survivors, cluster="leader-loss", token=token)
     records = check_history(backend, ledger.acked)
     reasons = collections.Counter(r.reason for r in records)
     assert max(reasons.values()) == 1, "a request made two versions"
@@ -82,7 +83,7 @@ def test_rotations_survive_the_loss_of_the_raft_leader(raft, tmp_path):
     assert max(events.values()) == 1
     # The old leader comes back as a follower, catches up, and serves the same history.
     raft.restart_node(leader)
-    rejoined = VaultBackend(raft.addrs[leader], cluster="leader-loss", token=raft.token)
+    rejoined = VaultBackend(raft.addrs[leader], cluster="leader-loss", token=token)
     wait_for(lambda: rejoined.latest() == len(records), 60, "the old leader to catch up")
     assert [r.version for r in rejoined.versions()] == [r.version for r in records]
     unacked = len(records) - 1 - len(ledger.acked)
@@ -103,6 +104,6 @@ def test_a_node_that_refuses_connections_is_skipped(openbao):
     backend = VaultBackend.from_settings(settings)
     assert CertStore(backend, settings).init(actor="test").version == 1
     assert backend.addr == openbao.addr  # and it stays there
-    alone = VaultBackend(dead, cluster="nowhere", token=openbao.token)
+    alone = VaultBackend(dead, cluster="nowhere", token=over["vault.token"])
     with pytest.raises(BackendUnavailable, match="cannot connect"):
         alone.latest()

@@ -157,15 +157,11 @@ def test_a_refused_login_writes_nothing(app, store, reader, tmp_path):
 @pytest.fixture(params=["files", pytest.param("vault", marks=pytest.mark.vault)])
 def shared(request, tmp_path):
     """Settings for two app instances (two workers, or two replicas) over one store; the
-    Vault one holds the README's minimal policy (no delete)."""
+    Vault one holds the shipped service policy (no delete)."""
     if request.param == "files":
         return make_settings(tmp_path / "data")
-    from tests.test_vault_backend import PREFIX_POLICY, token_with
     openbao = request.getfixturevalue("openbao")
-    over = openbao.settings_overrides()
-    over["vault.token"] = token_with(openbao, PREFIX_POLICY, over["cluster"],
-                                     f"prefix-{over['cluster']}")
-    return make_settings(tmp_path / "data", **over)
+    return make_settings(tmp_path / "data", **openbao.settings_overrides())
 
 
 def test_a_session_opened_on_one_worker_works_and_ends_on_another(shared):

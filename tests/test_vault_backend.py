@@ -25,23 +25,11 @@ from pkisvc.store import CertStore
 from pkisvc.testing import fake_generation
 from pkisvc.testing.backend import NOON
 from tests.conftest import REPO, make_settings, run_cli
-from tests.openbao import OpenBao, PersistentOpenBao
+from tests.openbao import OpenBao, PersistentOpenBao, policy, policy_token
 from tests.test_store import assert_whole
 
 pytestmark = pytest.mark.vault
 
-# What README.md tells operators to grant pkisvc: its own prefix, nothing else.
-PREFIX_POLICY = """
-path "secret/data/pkisvc/{cluster}/*" {{
-  capabilities = ["create", "read", "update"]
-}}
-path "secret/metadata/pkisvc/{cluster}/*" {{
-  capabilities = ["create", "read", "update", "list"]
-}}
-path "secret/subkeys/pkisvc/{cluster}/*" {{
-  capabilities = ["read"]
-}}
-"""
 READ_ONLY_POLICY = """
 path "secret/data/pkisvc/{cluster}/*" {{
   capabilities = ["read"]
@@ -69,7 +57,8 @@ def next_generation(gen, version):
     return StoredGeneration(record, gen.files)
 
 
-def test_each_version_is_a_record_with_its_event_and_a_material_secret(openbao, tmp_path):
+def test_each_version_is_a_record_with_its_event_and_certificates_and_a_key_secret(
+        openbao, tmp_path):
     store, settings = vault_store(openbao, tmp_path)
     store.init(actor="t")
     for i in range(24):
@@ -93,11 +82,16 @@ def test_each_version_is_a_record_with_its_event_and_a_material_secret(openbao, 
         material = kv.read_secret_version(f"{base}/versions/{n}/material-"
                                           f"{payload['material']}",
                                           raise_on_deleted_version=True)["data"]["data"]
-        files = {k: base64.b64decode(v) for k, v in material["files"].items()}
+        keys = {k: base64.b64decode(v) for k, v in material["files"].items()}
+        public = {k: base64.b64decode(v) for k, v in payload["files"].items()}
         gen = fresh.read(n)
         assert payload["record"] == gen.record.to_dict()
-        assert files == dict(gen.files)
-        assert "ca.key" not in json.dumps(payload)  # the record holds no key
+        assert {**keys, **public} == dict(gen.files)
+        # Keys only in the material; certificates in the record, for an auditor.
+        assert sorted(keys) == sorted(n for n in gen.files if n.endswith(".key"))
+        assert {"ca.crt", "server.cert", "kubecfg.crt", "trust.crt"} <= set(public)
+        assert "PRIVATE KEY" not in json.dumps(payload) + "".join(
+            b.decode() for b in public.values())
         assert payload["event"] == events[n].to_dict()
         assert (events[n].action, events[n].reason) == (
             gen.record.operation, "" if n == 1 else f"r{n - 2}")
@@ -106,7 +100,8 @@ def test_each_version_is_a_record_with_its_event_and_a_material_secret(openbao, 
 
 def test_replicas_see_each_others_writes_and_conflict(openbao):
     cluster = openbao.settings_overrides()["cluster"]
-    a, b = (VaultBackend(openbao.addr, cluster=cluster, token=openbao.token) for _ in "ab")
+    token = openbao.service_token(cluster)
+    a, b = (VaultBackend(openbao.addr, cluster=cluster, token=token) for _ in "ab")
     a.write(fake_generation(1), expected=None)
     assert a.read(1).version == 1  # cached in a from now on
     assert b.latest() == 1
@@ -120,23 +115,13 @@ def test_replicas_see_each_others_writes_and_conflict(openbao):
 
 def test_history_and_events_are_read_without_reading_any_key(openbao):
     cluster = openbao.settings_overrides()["cluster"]
-    writer = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    writer = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     for v in (1, 2):
         writer.write(fake_generation(v, f"n{v}"), expected=v - 1 or None, event=AuditEvent(
             time=datetime(2026, 12, 4, 12, 0, v, tzinfo=UTC), actor="t", action="rotate-ca",
             version=v))
-    # A token that may read records and head, not the material secrets (keys).
-    records_only = token_with(openbao, """
-path "secret/data/pkisvc/{cluster}/head" {{
-  capabilities = ["read"]
-}}
-path "secret/data/pkisvc/{cluster}/versions/+/record" {{
-  capabilities = ["read"]
-}}
-path "secret/metadata/pkisvc/{cluster}/*" {{
-  capabilities = ["list"]
-}}
-""", cluster, f"records-{cluster}")
+    # The shipped auditor policy: records, events and head, not the material secrets (keys).
+    records_only = policy_token(openbao.client(), "auditor", cluster)
     auditor = VaultBackend(openbao.addr, cluster=cluster, token=records_only)
     assert auditor.latest() == 2
     assert [(r.version, r.reason) for r in auditor.versions()] == [(1, "n1"), (2, "n2")]
@@ -148,7 +133,7 @@ path "secret/metadata/pkisvc/{cluster}/*" {{
 def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_moves_it(
         openbao):
     cluster = openbao.settings_overrides()["cluster"]
-    a = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    a = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     a.write(fake_generation(1), expected=None)
     a._after_commit = lambda version, nonce: None  # killed between commit and head
     a.write(fake_generation(2, "committed"), expected=1)
@@ -156,7 +141,7 @@ def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_mo
     assert kv.read_secret_version(f"pkisvc/{cluster}/head", raise_on_deleted_version=True)[
         "data"]["data"] == {"version": 1}
     del a._after_commit
-    b = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    b = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     assert b.latest() == 2  # a new process looks past head once
     assert b.read().record.reason == "committed"
     a._after_commit = lambda version, nonce: None
@@ -181,13 +166,13 @@ def test_a_first_layout_store_is_read_as_it_is_and_written_on_in_the_new_one(ope
         kv.create_or_update_secret(old, cas=v - 1, secret={
             "pkisvc": 1, "record": gen.record.to_dict(),
             "files": {n: base64.b64encode(b).decode() for n, b in gen.files.items()}})
-    backend = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    backend = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     assert backend.latest() == 2
     assert dict(backend.read(1).files) == dict(fake_generation(1, "old1").files)
     with pytest.raises(VersionConflict):
         backend.write(fake_generation(2, "stale"), expected=1)
     backend.write(fake_generation(3, "new"), expected=2)
-    fresh = VaultBackend(openbao.addr, cluster=cluster, token=openbao.token)
+    fresh = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     assert fresh.latest() == 3
     assert [r.reason for r in fresh.versions()] == ["old1", "old2", "new"]
     assert fresh.read(2).record.reason == "old2"
@@ -212,11 +197,12 @@ def test_a_standby_that_redirects_to_the_active_node_is_followed(openbao):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Standby)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
-        cluster = openbao.settings_overrides()["cluster"]
-        VaultBackend(active, cluster=cluster, token=openbao.token).write(
+        over = openbao.settings_overrides()
+        cluster, token = over["cluster"], over["vault.token"]
+        VaultBackend(active, cluster=cluster, token=token).write(
             fake_generation(1, "via the active node"), expected=None)
         standby = VaultBackend(f"http://127.0.0.1:{server.server_port}", cluster=cluster,
-                               token=openbao.token)
+                               token=token)
         assert standby.latest() == 1
         assert standby.read(1).record.reason == "via the active node"
     finally:
@@ -227,7 +213,8 @@ def test_a_standby_that_redirects_to_the_active_node_is_followed(openbao):
 def test_openbao_paused_or_stopped_is_backend_unavailable_within_the_timeout(tmp_path):
     server = OpenBao(tmp_path / "own-openbao")  # its own server: this test stops it
     try:
-        backend = VaultBackend(server.addr, cluster="outage", token=server.token, timeout=1)
+        backend = VaultBackend(server.addr, cluster="outage",
+                               token=server.service_token("outage"), timeout=1)
         backend.write(fake_generation(1), expected=None)
         gen2 = next_generation(backend.read(1), 2)
         client = create_app(make_settings(tmp_path / "data", backend="vault"),
@@ -276,7 +263,7 @@ def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_pat
     with pytest.raises(PermissionDenied) as e:
         backend.write(next_generation(backend.read(1), 2), expected=1)
     assert re.fullmatch(f"permission denied on secret/data/pkisvc/{cluster}/versions/2/"
-                        "material-[0-9a-f]{16}", str(e.value))
+                        "material-[0-9a-f]{16}: the token's policy lacks 'create'", str(e.value))
     with pytest.raises(PermissionDenied, match=f"on secret/data/pkisvc/{cluster}/tokens"):
         backend.put_token(TokenRecord("x", "a" * 64, ("read",), NOON))
     # An operator sees one line, not a traceback, and never the token.
@@ -289,7 +276,7 @@ def test_read_only_token_reads_but_writes_are_permission_denied(openbao, tmp_pat
     r = run_cli("--config", str(cfg), "rotate", "ca")
     assert r.returncode == 1
     assert re.fullmatch(f"error: permission denied on secret/data/pkisvc/{cluster}/versions/2/"
-                        "material-[0-9a-f]{16}\n", r.stderr)
+                        "material-[0-9a-f]{16}: the token's policy lacks 'create'\n", r.stderr)
     assert ro not in r.stdout + r.stderr
     assert store.latest() == 1
 
@@ -300,7 +287,7 @@ def test_approle_and_short_lived_tokens_with_a_prefix_policy_are_renewed(openbao
         root.sys.enable_auth_method("approle")
     _, settings = vault_store(openbao, tmp_path)
     cluster = settings.cluster
-    root.sys.create_or_update_policy(f"pkisvc-{cluster}", PREFIX_POLICY.format(cluster=cluster))
+    root.sys.create_or_update_policy(f"pkisvc-{cluster}", policy("service", cluster))
     approle = root.auth.approle
     # A one-use secret_id: once its token expires the backend could not log in again, so
     # working past the TTL proves the token was renewed.  The second role's max TTL ends its
@@ -344,6 +331,10 @@ def test_vault_backend_needs_credentials(tmp_path):
     settings = make_settings(tmp_path / "data", backend="vault", **{"vault.role_id": "r"})
     with pytest.raises(ConfigError, match="go together"):
         load_backend(settings)
+    settings = make_settings(tmp_path / "data", backend="vault", **{
+        "vault.role_id": "r", "vault.secret_id": "s", "vault.secret_id_file": "/f"})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_backend(settings)
 
 
 def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run(
@@ -355,7 +346,7 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
     cfg.write_text(json.dumps({
         "backend": "files", "data_dir": str(data), "key_type": "ecdsa-p256",
         "cluster": overrides["cluster"],
-        "vault": {"addr": openbao.addr, "token": openbao.token}}))
+        "vault": {"addr": openbao.addr, "token": overrides["vault.token"]}}))
 
     def cli(*args, env=None):
         return CliRunner().invoke(main, ["--config", str(cfg), *args], env=env,
@@ -371,8 +362,12 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
     r = cli("migrate", "--to", "vault")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("migrated 4 versions, 4 audit events and 1 tokens to vault")
+    assert r.output.splitlines()[1] == (
+        "each version keeps its original time in its record (what `pkisvc versions` shows); "
+        "vault's own creation time of each secret is the migration's: it cannot be set")
 
-    vault = VaultBackend(openbao.addr, cluster=overrides["cluster"], token=openbao.token)
+    vault = VaultBackend(openbao.addr, cluster=overrides["cluster"],
+                         token=overrides["vault.token"])
     assert [r.to_dict() for r in vault.versions()] == [r.to_dict() for r in files.versions()]
     for v in range(1, 5):
         assert dict(vault.read(v).files) == dict(files.read(v).files)
@@ -397,7 +392,8 @@ def test_tls_openbao_needs_its_ca_cert(tmp_path):
         store, settings = vault_store(server, tmp_path)
         store.init(actor="t")
         assert store.read().version == 1
-        untrusting = VaultBackend(server.addr, cluster=settings.cluster, token=server.token)
+        untrusting = VaultBackend(server.addr, cluster=settings.cluster,
+                                  token=settings.vault.token)
         with pytest.raises(BackendUnavailable, match="CERTIFICATE_VERIFY_FAILED|certificate"):
             untrusting.latest()
     finally:
@@ -429,7 +425,8 @@ def test_the_same_process_serves_again_when_a_persistent_openbao_comes_back(tmp_
     server = PersistentOpenBao(tmp_path / "persistent-openbao")
     try:
         settings = make_settings(tmp_path / "data", backend="vault", cluster="restart",
-                                 **{"vault.addr": server.addr, "vault.token": server.token,
+                                 **{"vault.addr": server.addr,
+                                    "vault.token": server.service_token("restart"),
                                     "vault.timeout": 2})
         client = create_app(settings).test_client()  # initialises version 1
         assert client.get("/v1/health").get_json()["version"] == 1
@@ -455,7 +452,8 @@ def test_an_operator_session_over_vault(openbao, tmp_path):
     cfg = tmp_path / "pkisvc.yaml"
     cfg.write_text(json.dumps({"backend": "vault", "cluster": overrides["cluster"],
                                "key_type": "ecdsa-p256", "data_dir": str(tmp_path / "data"),
-                               "vault": {"addr": openbao.addr, "token": openbao.token}}))
+                               "vault": {"addr": openbao.addr,
+                                         "token": overrides["vault.token"]}}))
 
     def cli(*args, code=0):
         r = CliRunner().invoke(main, ["--config", str(cfg), *args], catch_exceptions=False)

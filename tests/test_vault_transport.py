@@ -102,8 +102,8 @@ def relay(openbao):
 
 
 def through(relay: Relay, openbao: OpenBao, **kw: Any) -> VaultBackend:
-    return VaultBackend(relay.url(), cluster=openbao.settings_overrides()["cluster"],
-                        token=openbao.token, **kw)
+    over = openbao.settings_overrides()
+    return VaultBackend(relay.url(), cluster=over["cluster"], token=over["vault.token"], **kw)
 
 
 def event(n: int) -> AuditEvent:
@@ -212,9 +212,9 @@ def test_a_standby_redirecting_every_method_leads_reads_writes_and_lists_to_the_
     server = ThreadingHTTPServer(("127.0.0.1", 0), Standby)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
+        over = openbao.settings_overrides()
         backend = VaultBackend(f"http://127.0.0.1:{server.server_port}",
-                               cluster=openbao.settings_overrides()["cluster"],
-                               token=openbao.token)
+                               cluster=over["cluster"], token=over["vault.token"])
         backend.write(fake_generation(1, "via the standby"), expected=None)
         backend.append_audit(event(1))
         assert backend.latest() == 1
@@ -222,7 +222,7 @@ def test_a_standby_redirecting_every_method_leads_reads_writes_and_lists_to_the_
         assert [e.action for e in backend.audit()] == ["a1"]  # LIST, then GET
         assert {"GET", "POST", "LIST"} <= set(seen)
         assert backend.addr == f"http://127.0.0.1:{server.server_port}"  # no fail-over
-        direct = VaultBackend(active, cluster=backend.base.split("/")[1], token=openbao.token)
+        direct = VaultBackend(active, cluster=over["cluster"], token=over["vault.token"])
         assert direct.read(1).record.reason == "via the standby"
     finally:
         server.shutdown()
@@ -244,7 +244,8 @@ def test_tls_with_ca_cert_keeps_one_connection_and_a_failed_handshake_moves_on(t
 
     threading.Thread(target=refuse_handshakes, daemon=True).start()
     try:
-        backend = VaultBackend(relay.url("https"), cluster="tls", token=server.token,
+        token = server.service_token("tls")
+        backend = VaultBackend(relay.url("https"), cluster="tls", token=token,
                                ca_cert=server.ca_cert)
         backend.write(fake_generation(1), expected=None)
         for i in range(10):
@@ -253,11 +254,11 @@ def test_tls_with_ca_cert_keeps_one_connection_and_a_failed_handshake_moves_on(t
         assert relay.accepted == 1  # one TLS handshake for every call
         # Nothing is sent before the handshake: a node that fails it is passed over.
         dead = f"https://127.0.0.1:{hangup.getsockname()[1]}"
-        both = VaultBackend(f"{dead},{server.addr}", cluster="tls", token=server.token,
+        both = VaultBackend(f"{dead},{server.addr}", cluster="tls", token=token,
                             ca_cert=server.ca_cert)
         assert both.latest() == 1
         assert both.addr == server.addr
-        untrusting = VaultBackend(server.addr, cluster="tls", token=server.token)
+        untrusting = VaultBackend(server.addr, cluster="tls", token=token)
         with pytest.raises(BackendUnavailable, match="cannot connect.*CERTIFICATE_VERIFY"):
             untrusting.latest()
     finally:
