@@ -164,6 +164,7 @@ class Pkisvc:
     workers: int = 2
     port: int = field(default_factory=free_port)
     process: Process | None = None
+    bin: Path = BIN  # the venv whose pkisvc runs (bench/compare.py runs two)
 
     @property
     def url(self) -> str:
@@ -176,14 +177,14 @@ class Pkisvc:
 
     def start(self) -> Pkisvc:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.process = spawn([str(BIN / "pkisvc"), "serve", "--bind", f"127.0.0.1:{self.port}",
+        self.process = spawn([str(self.bin / "pkisvc"), "serve", "--bind", f"127.0.0.1:{self.port}",
                               "--workers", str(self.workers)], self.root / "pkisvc.log",
-                             env=self.env())
+                             env=self.env(), cwd=self.root)  # gunicorn imports from its cwd
         wait_for(lambda: http("GET", f"{self.url}/v1/health")[0] == 200, 120, "pkisvc")
         return self
 
     def token(self, name: str, *scopes: str) -> str:
-        argv = [str(BIN / "pkisvc"), "token", "create", name]
+        argv = [str(self.bin / "pkisvc"), "token", "create", name]
         for s in scopes:
             argv += ["--scope", s]
         return subprocess.run(argv, capture_output=True, text=True, env=self.env(),

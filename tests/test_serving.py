@@ -131,6 +131,49 @@ def test_fifty_slow_header_clients_do_not_slow_the_hot_reads(served):
     assert drip.answered == [] and drip.errors == []
 
 
+def test_pipelined_reads_keep_order_and_a_client_that_never_reads_holds_no_one_up(served):
+    """The poller reads what a socket holds and leaves pipelined bytes for the next turn:
+    pipelined reads come back in order, and clients that pipeline reads and never read the
+    answers (their socket buffers full) hold no one else up."""
+    url, token = served
+    read_hot_paths(url, token, 1)
+    one = (f"GET /v1/certs/server HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+           "\r\n").encode()
+    health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as s:
+        s.sendall(one + health + one + one)
+        f = s.makefile("rb")
+        bodies = []
+        for _ in range(4):
+            assert f.readline().startswith(b"HTTP/1.1 200"), "an answer out of order"
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            bodies.append(f.read(length))
+        assert b'"item": "server"' in bodies[0] and b'"status"' in bodies[1]
+        assert bodies[0] == bodies[2] == bodies[3]
+    hogs = []
+    try:
+        for _ in range(2):
+            hog = socket.create_connection(("127.0.0.1", port_of(url)), timeout=10)
+            hog.setblocking(False)
+            hogs.append(hog)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while sent < 4 * 1024 * 1024 and time.monotonic() < deadline:  # until they stall
+            for hog in hogs:
+                try:
+                    sent += hog.send(one * 64)
+                except BlockingIOError:
+                    pass
+        waits = read_hot_paths(url, token, 5)
+    finally:
+        for hog in hogs:
+            hog.close()
+    assert max(waits) < 1.0, f"slowest read {max(waits):.2f}s of {len(waits)}"
+
+
 def test_slow_post_bodies_to_the_login_form_do_not_slow_the_hot_reads(served):
     url, token = served
     head = (b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Type: "
