@@ -171,7 +171,8 @@ def test_view_flags_hand_edits_and_never_shows_a_key(local: Masterless):
     assert sorted(report["differs_from_pillar"]) == ["kubecfg.crt", "server.key"]
     assert report["files"]["server.key"] == {
         "path": str(root / "srv/kubernetes/server.key"), "installed": True,
-        "matches_pillar": False, "pkisvc_version": None, "kind": "private key"}
+        "matches_pillar": False, "pkisvc_version": None, "kind": "private key",
+        "sha256": hashlib.sha256((root / "srv/kubernetes/server.key").read_bytes()).hexdigest()}
     assert report["files"]["ca.crt"]["matches_pillar"] is True
 
 
@@ -455,6 +456,9 @@ def test_service_account_phases_reach_masters_only(cluster: Cluster):
         assert pki.key_fingerprint(key) == state()["fingerprint"]
         assert stat.S_IMODE((master / "sa.key").stat().st_mode) == 0o600
         assert not (node / "sa.key").exists() and not (node / "sa.pub").exists()
+        # The master reports what its minions installed ([Q]): the next step's gate.
+        r = cluster.run("pkisvc.report", "minions=k8s-master-1,k8s-node-1")
+        assert r.returncode == 0, r.stdout + r.stderr
 
     old = state()["fingerprint"]
     apply_and_check([old])

@@ -22,7 +22,8 @@ def test_two_services_on_one_openbao_stay_gapless(openbao, tmp_path):
     env = clean_env(
         PKISVC_BACKEND="vault", PKISVC_CLUSTER=overrides["cluster"],
         PKISVC_VAULT__ADDR=overrides["vault.addr"], PKISVC_VAULT__TOKEN=overrides["vault.token"],
-        PKISVC_KEY_TYPE="ecdsa-p256")
+        PKISVC_KEY_TYPE="ecdsa-p256",
+        PKISVC_CHAIN_KEY_FILE=overrides["chain_key_file"])  # one key for both replicas
     if overrides.get("vault.ca_cert"):
         env["PKISVC_VAULT__CA_CERT"] = overrides["vault.ca_cert"]
     services = []
