@@ -12,7 +12,7 @@ import itertools
 import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Collection, Protocol, runtime_checkable
+from typing import Any, Collection, Protocol, runtime_checkable
 
 from pkisvc.errors import InvalidRequest
 from pkisvc.model import (
@@ -203,9 +203,20 @@ def merged_events(changes: Iterable[AuditEvent], appended: Iterable[AuditEvent],
                 continue
             yield (t, rank), e
 
+    def once(events: Iterable[tuple[Any, AuditEvent]]) -> Iterator[AuditEvent]:
+        # An event written again under its id (a retry after a crash between an event and
+        # the state it accounts for) is listed once: its newest copy, the one that stuck.
+        ids: set[str] = set()
+        for _, e in events:
+            if e.id is not None:
+                if e.id in ids:
+                    continue
+                ids.add(e.id)
+            yield e
+
     merged = heapq.merge(bounded(changes, 0), bounded(appended, 1),
                          key=lambda p: p[0], reverse=True)
-    return [e for _, e in itertools.islice(merged, max(limit, 0))]
+    return list(itertools.islice(once(merged), max(limit, 0)))
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
