@@ -138,6 +138,7 @@ def write_pillar_roots(base: Path, hosts: Path) -> Path:
 def salt_env() -> dict[str, str]:
     env = clean_env(PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
+    env["SHELL"] = "/bin/sh"  # as under systemd: cmd.run states use /bin/sh, whatever ours is
     return env
 
 

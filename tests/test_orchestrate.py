@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def world():
         f">> {log}\n")
     # A restart state that, on master 1 only, stops master 2's salt-minion: a minion that
     # stops answering in the middle of a run.
-    # Its whole process group at once (the test writes its id: it runs in its own session).
+    # Its whole process group at once (the test writes its id: it runs in its own session);
+    # through Python, since the minion's /bin/sh may be dash, whose kill takes no process group.
     (states / "stop_peer.sls").write_text(
         "{%- if grains.id == 'k8s-master-1' %}\n"
-        f"k8stest-stop-peer:\n  cmd.run:\n    - name: kill -KILL -- -$(cat {base}/peer.pgid)\n"
+        f"k8stest-stop-peer:\n  cmd.run:\n    - name: {sys.executable} -c 'import os, signal; "
+        f"os.killpg(int(open(\"{base}/peer.pgid\").read()), signal.SIGKILL)'\n"
         "{%- else %}\nk8stest-stop-peer:\n  test.nop\n{%- endif %}\n")
     service = Service(base / "svc").start()
     cluster = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
