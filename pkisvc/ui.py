@@ -27,6 +27,7 @@ from flask import Blueprint, Response, current_app, g, redirect, render_template
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
+from pkisvc import changes
 from pkisvc.auth import Principal, authenticate, effective_scopes
 from pkisvc.errors import PkiError, Unauthorized
 from pkisvc.model import (
@@ -310,7 +311,7 @@ def overview() -> Response:
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
                    lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
-                   warnings=store().warnings(rec))
+                   warnings=store().warnings(rec), sa=changes.sa_state(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:
@@ -328,7 +329,8 @@ def history() -> Response:
     number = min(_page_number(), _pages(len(records), HISTORY_PAGE))
     rows = records[(number - 1) * HISTORY_PAGE: number * HISTORY_PAGE]
     return _render("history.html", title="History", rows=rows, page=number,
-                   pages=_pages(len(records), HISTORY_PAGE), total=len(records))
+                   pages=_pages(len(records), HISTORY_PAGE), total=len(records),
+                   sa={r.version: changes.sa_state(r) for r in rows})
 
 
 @bp.get("/minions")
