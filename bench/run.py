@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import listing
 import pillar
 from servers import BIN, REPO, OpenBao, Pkisvc, cleanup, workdir
 from servers import http as call
@@ -316,6 +317,8 @@ def main() -> None:
         doc["rotate"] = bench_rotate(root, bao)
         print("CA rotation ...", flush=True)
         doc["ca_rotation"] = bench_ca_rotation(root)
+        print("listings (minions page, versions) ...", flush=True)
+        doc["listing"] = listing.bench_listing(root, bao)
     finally:
         if vault is not None:
             vault.stop()
