@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"read_files": 1.0, "read_vault": 0.8, "rotate_ecdsa-p256": 1.0,
-           "rotate_rsa-2048": 1.1, "ca_rotation": 1.2, "compile": 1.0}
+TARGETS = {"read_files": 1.0, "read_vault": 1.0, "rotate_ecdsa-p256": 0.7,
+           "rotate_rsa-2048": 1.0, "ca_rotation": 1.5, "compile": 1.0}
 README_BEGIN = "<!-- bench:begin (generated from bench/results/latest.json by bench/report.py) -->"
 README_END = "<!-- bench:end -->"
 
@@ -34,9 +34,14 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                     f"{r['openbao_pki_issue_ms']:.2f} OpenBao pki/issue", f"{r['ratio']:.3f}",
                     f"≤ {TARGETS['rotate_' + kt]:.1f}"])
     for kt, r in doc.get("ca_rotation", {}).items():
-        out.append([f"CA rotation ({kt}) ms", f"{r['pkisvc_ms']:.2f}",
-                    f"{r['raw_crypto_ms']:.2f} raw cryptography", f"{r['ratio']:.3f}",
-                    f"≤ {TARGETS['ca_rotation']:.1f}"])
+        if "floor_ms" in r:
+            peer = (f"{r['floor_ms']:.2f} floor: raw cryptography {r['raw_crypto_ms']:.2f} + "
+                    f"durable write {r['durable_write_ms']:.2f} + empty request "
+                    f"{r['empty_request_ms']:.2f}")
+        else:  # results written before the floor had three parts
+            peer = f"{r['raw_crypto_ms']:.2f} raw cryptography"
+        out.append([f"CA rotation ({kt}) ms", f"{r['pkisvc_ms']:.2f}", peer,
+                    f"{r['ratio']:.3f}", f"≤ {TARGETS['ca_rotation']:.1f}"])
     mem = doc.get("memory")
     if mem:
         for side in ("pkisvc_files", "pkisvc_vault"):
