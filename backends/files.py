@@ -348,12 +348,8 @@ class FilesBackend:
     def _events_locked(self) -> Iterator[None]:
         self._ensure_dirs()
         self._events_dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.root / ".events.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self._flocked(".events.lock"):
             yield
-        finally:
-            os.close(fd)
 
     def audit(self, since: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         with self._io("read the audit log"):
@@ -518,8 +514,14 @@ class FilesBackend:
 
     @contextlib.contextmanager
     def _minions_locked(self) -> Iterator[None]:
+        with self._flocked(".minions.lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _flocked(self, name: str) -> Iterator[None]:
+        """Hold the exclusive lock file `name` under the data dir."""
         self._ensure_dirs()
-        fd = os.open(self.root / ".minions.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -191,8 +191,16 @@ class VaultBackend:
         return resp
 
     def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
-        resp = self.vault.call(self._data(path), lambda: self.vault.kv.create_or_update_secret(
-            path, secret=dict(data), cas=cas, mount_point=self.mount))
+        """Write under cas.  A create (cas=0) where another writer's secret already is raises
+        VersionConflict, also under a policy that may create but not update (the shipped
+        one): Vault answers that with "permission denied", so it is read back to tell."""
+        try:
+            resp = self.vault.call(self._data(path), lambda: self.vault.kv.create_or_update_secret(
+                path, secret=dict(data), cas=cas, mount_point=self.mount))
+        except PermissionDenied:
+            if cas == 0 and self._exists(path):
+                raise VersionConflict(f"{self._data(path)} exists") from None
+            raise
         return int(self.vault.dig(resp, self._data(path), "data", "version"))
 
     def _list(self, path: str) -> list[str]:
@@ -428,13 +436,11 @@ class VaultBackend:
         record = {"pkisvc": FORMAT, "record": stored_record, "event": stored_event,
                   "material": nonce, "files": _encoded(public), "chain": link}
         try:
-            # The commit point.  A policy that may create records but not update them (the
-            # shipped one) answers "permission denied" where the record exists.
-            self._write(self._record_path(version), record, cas=0)
-        except (VersionConflict, PermissionDenied) as e:
-            if isinstance(e, PermissionDenied) and not self._exists(self._record_path(version)):
-                self._may_delete = None  # the policy changed: check again next time
-                raise
+            self._write(self._record_path(version), record, cas=0)  # the commit point
+        except PermissionDenied:
+            self._may_delete = None  # the policy changed: check again next time
+            raise
+        except VersionConflict:
             self._forget(material)
             # head may be behind (a writer killed after its commit, or about to move it)
             self._heal(expected or 0, logging.INFO)
@@ -934,11 +940,7 @@ class _EventSecrets:
         path = self._path(period, seq)
         try:
             self.b._write(path, {"entry": dict(entry)}, cas=0)
-        except (VersionConflict, PermissionDenied) as e:
-            # A policy that may create entries but not update them (the shipped one) answers
-            # "permission denied" where another writer's entry is already there.
-            if isinstance(e, PermissionDenied) and not self.b._exists(path):
-                raise
+        except VersionConflict:
             self.b._tail = None
             return False
         self.b._tail = entry
