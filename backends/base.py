@@ -249,9 +249,20 @@ def merged_events(changes: Iterable[AuditEvent], appended: Iterable[tuple[Order,
                 continue
             yield order, e
 
+    def once(events: Iterable[tuple[Order, AuditEvent]]) -> Iterator[AuditEvent]:
+        # An event written again under its id (a retry after a crash between an event and
+        # the state it accounts for) is listed once: its newest copy, the one that stuck.
+        ids: set[str] = set()
+        for _, e in events:
+            if e.id is not None:
+                if e.id in ids:
+                    continue
+                ids.add(e.id)
+            yield e
+
     merged = heapq.merge(bounded(((change_order(e), e) for e in changes), True),
                          bounded(appended, False), key=lambda p: p[0], reverse=True)
-    return [e for _, e in itertools.islice(merged, max(limit, 0))]
+    return list(itertools.islice(once(merged), max(limit, 0)))
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")

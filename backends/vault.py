@@ -11,7 +11,9 @@
                                                                    the chain (read only)
     <mount>/data/<prefix>/<cluster>/tokens                        the hashed API tokens
     <mount>/data/<prefix>/<cluster>/sessions                      the operator pages' sessions
-    <mount>/data/<prefix>/<cluster>/minions/<id>                  one minion's delivery state
+    <mount>/data/<prefix>/<cluster>/minions/shards/<nn>           minions' delivery states: each
+                                                                   minion in the one of 64 its
+                                                                   id's sha256 picks
 
 KV cannot write two secrets in one transaction, so a version has one commit point: its
 `record` secret, created with `cas=0` (Vault refuses a second one, so one writer wins each
@@ -48,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import logging
 import secrets
 import threading
@@ -78,7 +81,6 @@ from pkisvc.errors import (
     VersionConflict,
 )
 from pkisvc.model import (
-    MINION_ID,
     AuditEvent,
     GenerationRecord,
     MinionState,
@@ -105,6 +107,7 @@ CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every 
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
+MINION_SHARDS = 64  # secrets the minions' states are spread over (fixed: changing it moves them)
 
 
 class VaultBackend:
@@ -155,6 +158,8 @@ class VaultBackend:
         self._may_delete: bool | None = None
         self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
+        self._shards: dict[str, tuple[int, dict[str, MinionState]]] = {}  # as last read
+        self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultBackend:
@@ -841,52 +846,90 @@ class VaultBackend:
         self._update_tokens(remove)
 
     # --- minions' delivery states ----------------------------------------------------------
+    # Kept in MINION_SHARDS secrets, each minion in the one its id hashes to: the minions
+    # page reads a few dozen secrets, not one per minion, and a state change still writes one
+    # small secret (under cas: two minions of one shard changing at once cost a retry).
 
-    def _read_minion(self, minion: str) -> tuple[int, MinionState | None]:
-        """Return (KV version, state) of one minion's secret; (0, None) when there is none."""
-        path = f"{self._minions_dir}/{checked_minion(minion)}"
+    def _shard(self, minion: str) -> str:
+        digest = hashlib.sha256(checked_minion(minion).encode()).digest()
+        return self._shard_path(int.from_bytes(digest[:4], "big") % MINION_SHARDS)
+
+    def _shard_path(self, n: int) -> str:
+        return f"{self._minions_dir}/shards/{n:02d}"
+
+    def _read_shard(self, path: str) -> tuple[int, dict[str, MinionState]]:
+        """Return (KV version, states) of one shard; (0, {}) when there is none.  A shard
+        read before at the same KV version is not parsed again."""
         try:
             resp = self._read(path)
         except NotFound:
-            return 0, None
+            return 0, {}
         try:
-            kv_version = int(resp["data"]["metadata"]["version"])
-            state = resp["data"]["data"]["state"]
-            # A forgotten host leaves its secret holding no state (the service policy
-            # deletes nothing): as if there were none, and the next state replaces it.
-            return kv_version, None if state is None else MinionState.from_dict(state)
-        except (KeyError, TypeError, ValueError):
+            version = int(resp["data"]["metadata"]["version"])
+            with self._lock:
+                cached = self._shards.get(path)
+            if cached is not None and cached[0] == version:
+                return cached
+            states = {m: MinionState.from_dict(d)
+                      for m, d in resp["data"]["data"]["states"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)} is not a "
-                                     "minion state") from None
+                                     "table of minion states") from None
+        with self._lock:
+            self._shards[path] = (version, states)
+        return version, states
 
     def minion(self, minion: str) -> MinionState | None:
-        return self._read_minion(minion)[1]
+        return self._read_shard(self._shard(minion))[1].get(minion)
 
     def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
-        self._check_audited("minions", f"{self._minions_dir}/{state.minion}")
-        version, held = self._read_minion(state.minion)
-        if held != expected:
-            raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
-        self._write(f"{self._minions_dir}/{state.minion}", {"state": state.to_dict()},
-                    cas=version)
+        path = self._shard(state.minion)
+        self._check_audited("minions", path)
+        for _ in range(UPDATE_ATTEMPTS):
+            version, states = self._read_shard(path)
+            if states.get(state.minion) != expected:
+                raise VersionConflict(f"minion {state.minion}: its state changed meanwhile")
+            new = {**states, state.minion: state}
+            try:
+                kv = self._write(path, {"states": {m: s.to_dict() for m, s in new.items()}},
+                                 cas=version)
+            except VersionConflict:
+                continue  # another minion of this shard changed: apply ours to theirs
+            with self._lock:
+                self._shards[path] = (kv, new)
+            return
+        raise VersionConflict(f"{self._data(path)}: too many concurrent writers")
 
     def forget_minion(self, minion: str) -> None:
-        """Empty the minion's secret (`{"state": null}`, under cas): the service policy may
-        update it but deletes nothing, and KV keeps the earlier states for an auditor."""
-        path = f"{self._minions_dir}/{checked_minion(minion)}"
-        version, held = self._read_minion(minion)
-        if held is None:
-            raise NotFound(f"no state of minion {minion}")
-        self._write(path, {"state": None}, cas=version)
+        """Take the minion out of its shard (under cas): the service policy deletes nothing,
+        and KV keeps the shard's earlier versions for an auditor."""
+        path = self._shard(checked_minion(minion))
+        for _ in range(UPDATE_ATTEMPTS):
+            version, states = self._read_shard(path)
+            if minion not in states:
+                raise NotFound(f"no state of minion {minion}")
+            rest = {m: st for m, st in states.items() if m != minion}
+            try:
+                kv = self._write(path, {"states": {m: st.to_dict() for m, st in rest.items()}},
+                                 cas=version)
+            except VersionConflict:
+                continue  # another minion of this shard changed: take ours out of theirs
+            with self._lock:
+                self._shards[path] = (kv, rest)
+            return
+        raise VersionConflict(f"{self._data(path)}: too many concurrent writers")
 
     def minions(self) -> list[MinionState]:
-        names = sorted(k for k in self._list(self._minions_dir) if MINION_ID.fullmatch(k))
-        if not names:
-            return []
-        with ThreadPoolExecutor(max_workers=MINION_READERS,
-                                thread_name_prefix="pkisvc-minions") as pool:
-            states = list(pool.map(lambda m: self._read_minion(m)[1], names))
-        return [s for s in states if s is not None]
+        paths = [self._shard_path(n) for n in range(MINION_SHARDS)]
+        with self._lock:
+            if self._readers is None:  # kept: each thread keeps its connection alive
+                self._readers = ThreadPoolExecutor(max_workers=MINION_READERS,
+                                                   thread_name_prefix="pkisvc-minions")
+            pool = self._readers
+        merged: dict[str, MinionState] = {}
+        for _, states in pool.map(self._read_shard, paths):
+            merged.update(states)
+        return [merged[m] for m in sorted(merged)]
 
     def close(self) -> None:
         """Revoke the token this backend logged in for (a CLI run's AppRole login)."""

@@ -89,6 +89,19 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
             out.append([f"`{path}` with {h['hosts']} hosts, p99 ms",
                         f"{p['p99']} (p50 {p['median']}, {p['bytes']} bytes)", "", "",
                         "p99 ≤ 50 ms" if path == "/v1/hosts" else ""])
+    lst = doc.get("listing")
+    if lst:
+        for side in ("files", "vault"):
+            for path, label in (("/ui/minions", f"minions page, {lst['minions']} minions"),
+                                ("/ui/minions?page=13", "minions page 13"),
+                                ("/ui/minions?behind=1", "minions page, those behind"),
+                                ("/v1/versions", f"GET /v1/versions, {lst['versions']} "
+                                                 "versions")):
+                r = lst[side][path]
+                out.append([f"{label} ({side} backend) ms p50 / p99",
+                            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
+                            f"{r['requests']} sequential requests, {r['bytes']} bytes", "",
+                            "p99 ≤ 50 ms"])
     return out
 
 

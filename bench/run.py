@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hosts
+import listing
 import pillar
 from servers import BIN, REPO, OpenBao, Pkisvc, cleanup, workdir
 from servers import http as call
@@ -357,6 +358,8 @@ def main() -> None:
             doc["hosts"] = hosts.bench_hosts(fleet, HOSTS)
         finally:
             fleet.stop()
+        print("listings (minions page, versions) ...", flush=True)
+        doc["listing"] = listing.bench_listing(root, bao)
     finally:
         if vault is not None:
             vault.stop()

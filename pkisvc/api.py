@@ -307,8 +307,8 @@ def key(item: str) -> dict[str, Any]:
 
 @bp.get("/versions")
 @requires("read")
-def versions() -> dict[str, Any]:
-    return {"versions": [r.summary() for r in store().versions()]}
+def versions() -> Response:
+    return Response(bodies().versions(), mimetype="application/json")
 
 
 @bp.get("/versions/<int:version>")

@@ -225,16 +225,22 @@ class AuditEvent:
     remote_addr: str | None = None
     minion: str | None = None
     role: str | None = None
+    # The same for every attempt at one change (a minion's delivery state): an event written
+    # twice, by a retry after a crash or an outage, is listed once.  None: every event counts.
+    id: str | None = None
 
     def __post_init__(self) -> None:
         _instants(self, "time")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "time": format_time(self.time), "actor": self.actor, "action": self.action,
             "version": self.version, "items": list(self.items), "reason": self.reason,
             "remote_addr": self.remote_addr, "minion": self.minion, "role": self.role,
         }
+        if self.id is not None:
+            d["id"] = self.id
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditEvent:
@@ -243,6 +249,7 @@ class AuditEvent:
             version=d.get("version"),
             items=tuple(d.get("items", ())), reason=d.get("reason", ""),
             remote_addr=d.get("remote_addr"), minion=d.get("minion"), role=d.get("role"),
+            id=d.get("id"),
         )
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import random
 import re
@@ -65,6 +67,7 @@ from pkisvc.model import (
     StoredGeneration,
     TokenRecord,
     check_text,
+    format_time,
     valid_file_name,
 )
 from pkisvc.settings import Settings
@@ -411,19 +414,25 @@ class CertStore:
                       items: tuple[str, ...], remote_addr: str | None = None) -> None:
         """Note that minion holds version for role (a pillar answer, a 304 included).
 
-        Writes only when the minion's version or role changed (its state, then one `pillar`
-        audit event) or its stored "last asked" is older than `delivery.touch_interval` (its
+        Writes only when the minion's version or role changed (one `pillar` audit event, then
+        its state) or its stored "last asked" is older than `delivery.touch_interval` (its
         state alone).  An unchanged answer is decided from what this process saw last; a view
         another process made stale costs a conflict and a read, never a missed change.
+
+        The event goes first, under an id the change alone decides (`delivery_id`): killed or
+        cut off between the two writes, the state still names the old version, the next
+        answer makes the same change again, and its event, written again, is listed once.  So
+        every state a minion is seen in has its event.
         """
         now = self.now()
         seen = self._minions.get(minion)
-        if (seen is not None and seen.version == version and seen.role == role
-                and now < seen.asked + self._touch):
+        same = seen is not None and seen.version == version and seen.role == role
+        if same and seen is not None and now < seen.asked + self._touch:
             return
         revalidation = not items  # a 304: the minion holds it already, nothing leaves
         try:
-            held = seen if seen is not None else self.backend.minion(minion)
+            # A change (as far as this process knows) is decided on the stored state.
+            held = seen if same else self.backend.minion(minion)
         except BackendUnavailable as e:
             if not revalidation:
                 raise
@@ -437,13 +446,19 @@ class CertStore:
                     self._minions[minion] = held
                     return
                 new = dataclasses.replace(held, asked=now)
-            elif held is not None:  # its last report ([Q]) stays with it
-                new = dataclasses.replace(held, role=role, version=version, received=now,
-                                          asked=now)
             else:
-                new = MinionState(minion, role, version, received=now, asked=now)
+                if held is not None:  # its last report ([Q]) stays with it
+                    new = dataclasses.replace(held, role=role, version=version, received=now,
+                                              asked=now)
+                else:
+                    new = MinionState(minion, role, version, received=now, asked=now)
             try:
-                self.backend.put_minion(new, expected=held)
+                if change:  # the event first (see above)
+                    self.backend.append_audit(AuditEvent(
+                        time=now, actor=actor, action="pillar", version=version, items=items,
+                        remote_addr=remote_addr, minion=minion, role=role,
+                        id=delivery_id(held, new)))
+                self._put_minion(new, held)
             except VersionConflict:
                 held = self.backend.minion(minion)
                 continue
@@ -455,13 +470,22 @@ class CertStore:
                             e.message)
                 return
             self._minions[minion] = new
-            if change:
-                self.backend.append_audit(AuditEvent(
-                    time=now, actor=actor, action="pillar", version=version, items=items,
-                    remote_addr=remote_addr, minion=minion, role=role))
             return
         log.info("minion %s: its state kept changing under us; left to the other writers",
                  minion)
+
+    def _put_minion(self, new: MinionState, held: MinionState | None) -> None:
+        """Replace held by new; an answer lost on the way is settled by reading back."""
+        try:
+            self.backend.put_minion(new, expected=held)
+        except AnswerLost as lost:
+            log.warning("minion %s: %s; reading its state back", new.minion, lost.message)
+            try:
+                landed = self.backend.minion(new.minion) == new
+            except BackendUnavailable:
+                landed = False
+            if not landed:
+                raise
 
     def minions(self) -> list[MinionState]:
         """Every minion's delivery state, by minion id."""
@@ -835,6 +859,15 @@ def check_minion_report(minion: str, claimed: str, state: str,
             raise InvalidRequest(f"not a host file name: {name[:64]!r}")
         if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise InvalidRequest(f"{name}: sha256 must be 64 lowercase hex digits or null")
+
+
+def delivery_id(held: MinionState | None, new: MinionState) -> str:
+    """The id of the event of one change of a minion's state, from held to new: the same at
+    every attempt (it leaves out the times of this attempt), different for every change (it
+    names the state changed, which a change replaces)."""
+    before = [held.role, held.version, format_time(held.received)] if held else None
+    text = json.dumps([new.minion, before, new.role, new.version], separators=(",", ":"))
+    return "pillar-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def sa_material(certs: pki.CertSet, from_server_key: bool,

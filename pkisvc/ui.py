@@ -27,6 +27,7 @@ from flask import Blueprint, Response, current_app, g, redirect, render_template
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
+from pkisvc import changes
 from pkisvc.auth import Principal, authenticate, effective_scopes
 from pkisvc.errors import PkiError, Unauthorized
 from pkisvc.model import (
@@ -51,7 +52,7 @@ bp.add_app_template_filter(format_time, "rfc3339")  # pages show times as the AP
 SESSION_COOKIE = "pkisvc_ui"
 CSRF_COOKIE = "pkisvc_ui_csrf"
 HISTORY_PAGE = 25
-MINIONS_PAGE = 200
+MINIONS_PAGE = 100
 AUDIT_PAGE = 100
 # The audit page looks at this many of the newest audit events, no more, so it stays cheap
 # however long the trail grows (docs/decisions.md).
@@ -236,18 +237,36 @@ def minion_table(states: Iterable[MinionState], current: GenerationRecord,
     (its role's) are the same now is behind but not `changed`; a role no longer configured
     counts as changed.
     """
-    rows = []
+    return [_row(r) for r in _ranked(states, current, records, roles)]
+
+
+_Ranked = tuple[bool, bool, str, int, bool, MinionState]  # sort key, then behind, changed
+
+
+def _ranked(states: Iterable[MinionState], current: GenerationRecord,
+            records: Mapping[int, GenerationRecord],
+            roles: Mapping[str, tuple[str, ...]]) -> list[_Ranked]:
+    """minion_table's order, in plain tuples: a page makes rows of its own slice only."""
+    out = []
     verdicts: dict[tuple[int, str | None], bool] = {}  # (version, role) -> changed: few of them
-    for s in states:
-        behind = max(0, current.version - s.version)
-        changed = verdicts.get((s.version, s.role))
+    top = current.version
+    for s in states:  # 5,000 minions on every page view: kept lean
+        held = (s.version, s.role)
+        changed = verdicts.get(held)
         if changed is None:
             files = roles.get(s.role or "")
             then = _held(records.get(s.version), files or ())
-            changed = verdicts[s.version, s.role] = bool(behind) and (
+            changed = verdicts[held] = s.version < top and (
                 files is None or then is None or then != _held(current, files))
-        rows.append(Minion(s.minion, s.role, s.version, s.received, s.asked, behind, changed))
-    return sorted(rows, key=lambda m: (not m.changed, m.behind == 0, m.minion))
+        behind = top - s.version if s.version < top else 0
+        out.append((not changed, not behind, s.minion, behind, changed, s))
+    out.sort()  # minion ids are unique: the comparison never goes past them
+    return out
+
+
+def _row(r: _Ranked) -> Minion:
+    s = r[5]
+    return Minion(s.minion, s.role, s.version, s.received, s.asked, r[3], r[4])
 
 
 def _page_number() -> int:
@@ -310,7 +329,7 @@ def overview() -> Response:
         trust.append({"fingerprint": fp, "record": detail, "label": label})
     return _render("overview.html", title="Overview", gen=rec,
                    lifetimes=lifetimes(rec, store().now()), trust=trust, rotation=rotation,
-                   warnings=store().warnings(rec))
+                   warnings=store().warnings(rec), sa=changes.sa_state(rec))
 
 
 def _ca_record(fingerprint: str) -> ItemRecord | None:
@@ -328,7 +347,8 @@ def history() -> Response:
     number = min(_page_number(), _pages(len(records), HISTORY_PAGE))
     rows = records[(number - 1) * HISTORY_PAGE: number * HISTORY_PAGE]
     return _render("history.html", title="History", rows=rows, page=number,
-                   pages=_pages(len(records), HISTORY_PAGE), total=len(records))
+                   pages=_pages(len(records), HISTORY_PAGE), total=len(records),
+                   sa={r.version: changes.sa_state(r) for r in rows})
 
 
 @bp.get("/minions")
@@ -337,23 +357,24 @@ def minions() -> Response:
     current = store().read().record
     records = {r.version: r for r in store().versions()}
     states = store().minions()
-    table = minion_table(states, current, records, store().settings.roles)
+    table = _ranked(states, current, records, store().settings.roles)
     only_behind = request.args.get("behind") == "1"
-    shown = [m for m in table if m.behind] if only_behind else table
+    shown = [m for m in table if m[3]] if only_behind else table
     number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
     return _render("minions.html", title="Minions", current=current.version, total=len(table),
-                   behind=sum(1 for m in table if m.behind),
-                   changed=sum(1 for m in table if m.changed), only_behind=only_behind,
-                   rows=shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE],
+                   behind=sum(1 for m in table if m[3]),
+                   changed=sum(1 for m in table if m[4]), only_behind=only_behind,
+                   rows=[_row(m) for m in shown[(number - 1) * MINIONS_PAGE:
+                                                number * MINIONS_PAGE]],
                    page=number, pages=_pages(len(shown), MINIONS_PAGE),
                    touch=store().settings.delivery.touch_interval,
                    installed=_installed(states, shown[(number - 1) * MINIONS_PAGE:
                                                      number * MINIONS_PAGE]))
 
 
-def _installed(states: list[MinionState], rows: list[Minion]) -> dict[str, dict[str, Any]]:
+def _installed(states: list[MinionState], rows: list[_Ranked]) -> dict[str, dict[str, Any]]:
     """What the page's minions reported they installed ([Q]), by minion id."""
-    wanted = {m.minion for m in rows}
+    wanted = {m[2] for m in rows}
     return {h["minion"]: h for h in store().hosts([s for s in states if s.minion in wanted])}
 
 

@@ -2,7 +2,10 @@
 changes, and "last asked" at most once per `delivery.touch_interval`."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,12 +45,15 @@ def footprint(backend: Any, data_dir: Path) -> dict[str, int]:
 
 
 class Fleet:
-    """The real app (fast path included) and a Salt master refreshing 100 minions."""
+    """The real app (fast path included) and a Salt master refreshing 100 minions; the
+    service's clock is `clock[0]`, moved by the test."""
 
     def __init__(self, backend: Any, settings: Any) -> None:
         self.backend, self.settings = backend, settings
         self.app = create_app(settings, backend=backend)
         self.store: CertStore = self.app.extensions["pkisvc"]
+        self.clock = [datetime(2026, 12, 1, 12, 0, tzinfo=UTC)]
+        self.store._clock = lambda: self.clock[0]
         token = self.store.create_token("salt", ["secrets", "admin"], actor="test")
         self.h = {"Authorization": f"Bearer {token}"}
         self.client = self.app.test_client()
@@ -57,8 +63,9 @@ class Fleet:
             self.flask += 1
         self.app.before_request(seen)
 
-    def refresh(self, etag: str | None = None) -> set[int]:
+    def refresh(self, etag: str | None = None, minutes: int = 0) -> set[int]:
         """Every minion asks once; half of them with the master's cached ETag."""
+        self.clock[0] += timedelta(minutes=minutes)
         statuses = set()
         for i, m in enumerate(MINIONS):
             h = {**self.h, "If-None-Match": etag} if etag and i % 2 else self.h
@@ -77,6 +84,12 @@ class Fleet:
         return r.text
 
 
+def grown(backend: Any, before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What changed between two footprints: files by bytes added, secrets by versions added
+    (a new one counts from 0)."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)}
+
+
 def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once(
         backend, settings):
     fleet = Fleet(backend, settings)
@@ -85,11 +98,26 @@ def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once
     before = footprint(backend, settings.data_dir)
     flask_before = fleet.flask
 
-    for _ in range(10):  # 1,000 pillar requests, no version change
+    for _ in range(10):  # 1,000 pillar requests, no version change, within a touch interval
         assert fleet.refresh('"1"') == {200, 304}
     assert fleet.flask == flask_before  # the WSGI fast path answered every one
     assert footprint(backend, settings.data_dir) == before  # not a byte, not a secret
     assert len(fleet.pillar_events()) == 100
+
+    # 1,000 more, three minutes apart: 30 minutes, so each minion's "last asked" is stored
+    # twice (at 12 and 24 minutes) and nothing else is written.
+    for _ in range(10):
+        assert fleet.refresh('"1"', minutes=3) == {200, 304}
+    touched = grown(backend, before, footprint(backend, settings.data_dir))
+    if backend.name == "files":  # two state lines per minion, appended
+        line = len((settings.data_dir / "minions.jsonl").read_bytes().splitlines()[-1]) + 1
+        assert set(touched) == {"minions.jsonl"}
+        assert abs(touched["minions.jsonl"] - 200 * line) < 200 * 8
+    else:  # two versions per minion, spread over the state shards; no new secret
+        assert set(touched) <= {k for k in before if "/minions/shards/" in k}
+        assert sum(touched.values()) == 200
+    assert len(fleet.pillar_events()) == 100
+    before = footprint(backend, settings.data_dir)
 
     assert "<strong>0</strong> behind" in fleet.page()
     r = fleet.client.post("/v1/ca/rotate", headers=fleet.h)
@@ -99,21 +127,18 @@ def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once
     assert len(re.findall(r'data-minion="[^"]+" class="behind changed"', page)) == 100
 
     for _ in range(3):  # the rotation reaches every minion on the first refresh
-        assert fleet.refresh('"1"') == {200}
+        assert fleet.refresh('"1"', minutes=1) == {200}
     moved = [e for e in fleet.pillar_events() if e["version"] == 2]
     assert sorted(e["minion"] for e in moved) == sorted(MINIONS)  # once each
     assert all(e["role"] == role(e["minion"]) and e["actor"] == "salt" for e in moved)
-    after = footprint(backend, settings.data_dir)
+    after = grown(backend, before, footprint(backend, settings.data_dir))
     if backend.name == "files":  # one appended state line per minion, nothing else
-        grew = {k for k in after if after[k] != before.get(k)}
-        assert {k for k in grew if not k.startswith(("generations/", "events/"))} <= {
+        assert {k for k in after if not k.startswith(("generations/", "events/"))} <= {
             "minions.jsonl", "current"}
-        lines = (settings.data_dir / "minions.jsonl").read_bytes().splitlines()
-        assert len(lines) == 200
-    else:  # one new version of each minion's secret; no new minion secret
-        minions = {k for k in after if "/minions/" in k}
-        assert minions == {k for k in before if "/minions/" in k}
-        assert all(after[k] == before[k] + 1 for k in minions)
+    else:  # one new version of the shards per minion; no new state secret
+        shards = {k: n for k, n in after.items() if "/minions/" in k}
+        assert set(shards) <= {k for k in before if "/minions/shards/" in k}
+        assert sum(shards.values()) == 100
     page = fleet.page()
     assert "<strong>0</strong> behind" in page
     rows = re.findall(r'<tr data-minion="([^"]+)" >\s*<td>[^<]*</td><td>[^<]*</td><td>(\d+)</td>',
@@ -161,22 +186,93 @@ def test_touch_interval_setting(tmp_path, interval, seconds):
     assert make_settings(tmp_path).delivery.touch_interval == 600
 
 
-def test_minions_page_lists_five_thousand_minions_in_pages(settings):
-    from pkisvc.backends.files import FilesBackend
+def test_minions_page_lists_every_minion_in_pages(backend, settings):
+    """5,000 minions on files; on Vault 400 (spread over its state shards, written 8 at a
+    time: the page reads the shards, however many minions each holds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pkisvc.model import MinionState
     from pkisvc.ui import MINIONS_PAGE
-    backend = FilesBackend(settings.data_dir)
+    count = 5000 if backend.name == "files" else 400
     fleet = Fleet(backend, settings)
     fleet.store.rotate_leaf("server", actor="test")  # version 2; nodes on 1 hold the same files
     old = datetime(2020, 1, 1, tzinfo=UTC)  # however old: no window of events hides a minion
-    for i in range(5000):
-        backend.put_minion(MinionState(f"k8s-node-{i:04d}", "node", 1 + i % 2, old, old),
-                           expected=None)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: backend.put_minion(
+            MinionState(f"k8s-node-{i:04d}", "node", 1 + i % 2, old, old), expected=None),
+            range(count)))
     page = fleet.page()
-    assert "5000 minions" in page and "<strong>2500</strong> behind" in page
+    assert f"{count} minions" in page and f"<strong>{count // 2}</strong> behind" in page
     assert "<strong>0</strong> of them" in page
-    assert f"page 1 of {5000 // MINIONS_PAGE}" in page
-    seen = set()
-    for n in range(1, 5000 // MINIONS_PAGE + 1):
+    assert f"page 1 of {count // MINIONS_PAGE}" in page
+    seen: set[str] = set()
+    for n in range(1, count // MINIONS_PAGE + 1):
         seen |= set(re.findall(r'<tr data-minion="([^"]+)"', fleet.page(f"?page={n}")))
-    assert len(seen) == 5000
+    assert len(seen) == count
+
+
+def delivered(events: list[Any]) -> list[tuple[str, int, str]]:
+    return [(e.minion, e.version, e.role) for e in events if e.action == "pillar"]
+
+
+@pytest.mark.parametrize("kind", ["files", pytest.param("vault", marks=pytest.mark.vault)])
+def test_a_kill_between_a_minions_event_and_its_state_never_hides_the_change(
+        tmp_path, request, kind):
+    """SIGKILL a process moving 20 minions from version to version, 10 times: every state a
+    minion is left in has its event, each change is listed once, and the next process goes
+    on from there."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from pkisvc.backends import load_backend
+    from tests.conftest import REPO, clean_env, make_settings
+    from tests.workers import PILLAR_MINIONS
+    overrides = (request.getfixturevalue("openbao").settings_overrides() if kind == "vault"
+                 else {"backend": "files"})
+    data = tmp_path / "data"
+    backend = load_backend(make_settings(data, **overrides))
+    rng = random.Random(17)
+    start = 1
+    for _ in range(10):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.workers", "pillar", str(data), str(start),
+             json.dumps(overrides)], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        assert child.stdout is not None
+        child.stdout.readline()  # a first round is done: it is in the middle of the next
+        time.sleep(rng.uniform(0, 0.05))  # not synchronisation: where the kill falls
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        states = backend.minions()
+        assert len(states) == PILLAR_MINIONS
+        events = delivered(backend.audit(limit=10**6))
+        for s in states:  # every state a minion is in has its event
+            assert (s.minion, s.version, s.role) in events, s
+        assert len(events) == len(set(events))  # and each change is listed once
+        start = max(s.version for s in states) + 1
+    assert start > 10
+
+
+def test_a_state_write_failing_after_its_event_shows_the_change_once(settings):
+    """Files: the state file cannot be written (its lock is a directory now); the answer is a
+    503, the change is in /v1/audit already, and once the disk is back it is there once."""
+    from pkisvc.backends.files import FilesBackend
+    backend = FilesBackend(settings.data_dir)
+    fleet = Fleet(backend, settings)
+    assert fleet.refresh() == {200}
+    fleet.store.rotate_leaf("server", actor="test")
+    lock = settings.data_dir / ".minions.lock"
+    lock.unlink()
+    lock.mkdir()
+    r = fleet.client.get("/v1/pillar/k8s-node-7?role=node", headers=fleet.h)
+    assert r.status_code == 503
+    assert [e["version"] for e in fleet.pillar_events() if e["minion"] == "k8s-node-7"] == [2, 1]
+    assert backend.minion("k8s-node-7").version == 1
+    lock.rmdir()
+    assert fleet.client.get("/v1/pillar/k8s-node-7?role=node", headers=fleet.h).status_code == 200
+    assert backend.minion("k8s-node-7").version == 2
+    assert [e["version"] for e in fleet.pillar_events() if e["minion"] == "k8s-node-7"] == [2, 1]
+    assert len(delivered(backend.audit(limit=1000))) == 101

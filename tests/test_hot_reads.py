@@ -22,6 +22,7 @@ from pkisvc.answers import none_match
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
 from pkisvc.fastpath import CERTS, PILLAR
+from pkisvc.model import AuditEvent
 from tests.conftest import make_settings
 
 STATIC = "static-read-and-secrets"  # a settings token: checked without the backend
@@ -72,9 +73,16 @@ class Service:
         self.flask_alone = Client(self.app.wsgi_app.app)  # type: ignore[attr-defined]
 
     def events(self) -> list[dict[str, Any]]:
-        """The audit trail as the backend holds it, oldest first, without the times."""
+        """The appended events as the chain's periods hold them, oldest first, without the
+        times.
+
+        Read as stored, not through audit(): each send replays one delivery (the same change,
+        so the same event id), which audit() lists once.
+        """
         fresh = FilesBackend(self.settings.data_dir)
-        out = [e.to_dict() for e in reversed(fresh.audit(limit=100000))]
+        out = [AuditEvent.from_dict(entry["event"]).to_dict()
+               for period in fresh.chain_periods() for _, entry in period.entries
+               if entry is not None and entry.get("kind") == "event"]
         for e in out:
             e.pop("time")
         return out

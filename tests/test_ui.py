@@ -193,6 +193,28 @@ def test_overview_shows_version_bars_trust_and_rotation(app, store, tokens):
     assert "new CA" in r.text and "old CA (signing)" in r.text
 
 
+def test_overview_and_history_show_the_service_account_key_by_fingerprint_only(
+        app, store, tokens):
+    client = app.test_client()
+    h = bearer(tokens["admin"])
+    store.sa_step("start", actor="test")  # phase 1: the next key published beside the current
+    state = store.sa_rotation()
+    page = client.get("/ui/", headers=h).text
+    table = re.search(r'<table id="sa">(.*?)</table>', page, re.S).group(1)
+    assert state["fingerprint"] in table and state["key_type"] in table
+    assert state["new"] in table and state["old"] == state["fingerprint"]
+    assert "accepted (<code>sa.pub</code>) · new" in table
+    assert "phase 1 of 3" in re.search(r'id="sa-rotation">(.*?)</p>', page, re.S).group(1)
+    history = client.get("/ui/history", headers=h).text
+    shown = dict(re.findall(r'data-sa="(\d+)">([0-9a-f]{64})<', history))
+    assert shown == {str(r.version): state["fingerprint"] for r in store.versions()}
+    gen = store.read()
+    for name in ("sa.key", "sa.pub"):  # neither key's material, in any encoding
+        body = b"".join(gen.files[name].splitlines()[1:-1]).decode()
+        assert body[:40] not in page and body[:40] not in history
+    assert "PRIVATE KEY" not in page + history and "PUBLIC KEY" not in page + history
+
+
 def test_expiry_bar_colours():
     from pkisvc.model import GenerationRecord, ItemRecord
     item = ItemRecord("f" * 64, "01", "CN=x", "CN=x", (), parse_time("2026-01-01T00:00:00Z"),

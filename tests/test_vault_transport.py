@@ -30,6 +30,7 @@ class Relay:
         self.accepted = 0
         self.cut_answers = 0  # answers to drop (closing the connection instead)
         self.cut_after: bytes | None = None  # drop the answer to the next request naming this
+        self.refuse: bytes | None = None  # close, unsent, every request naming this
         self._clients: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -76,6 +77,8 @@ class Relay:
                         break  # OpenBao answered; the backend never sees it
                 else:
                     with self._lock:
+                        if self.refuse is not None and self.refuse in data:
+                            break  # the request never reaches OpenBao
                         if self.cut_after is not None and self.cut_after in data:
                             self.cut_after = None
                             marked.set()
@@ -265,3 +268,48 @@ def test_tls_with_ca_cert_keeps_one_connection_and_a_failed_handshake_moves_on(t
         hangup.close()
         relay.stop()
         server.stop()
+
+
+def test_a_minions_state_lost_after_its_event_shows_the_change_once(openbao, relay, tmp_path):
+    """The event of a minion's version change goes first: a state write that never arrives,
+    or whose answer is cut, or an event whose answer is cut, leaves the change in /v1/audit
+    once, and the minion's state right after the next answer."""
+    from pkisvc.app import create_app
+    from tests.conftest import make_settings
+    backend = through(relay, openbao)
+    app = create_app(make_settings(tmp_path / "data"), backend=backend)
+    store = app.extensions["pkisvc"]
+    h = {"Authorization": f"Bearer {store.create_token('salt', ['secrets', 'audit'], actor='t')}"}
+    client = app.test_client()
+
+    def ask(minion: str) -> int:
+        return client.get(f"/v1/pillar/{minion}?role=node", headers=h).status_code
+
+    def changes(minion: str) -> list[int]:
+        r = client.get("/v1/audit?limit=1000", headers=h)
+        return [e["version"] for e in r.get_json()["events"]
+                if e["action"] == "pillar" and e["minion"] == minion]
+
+    for m in ("k8s-node-1", "k8s-node-2", "k8s-node-3"):
+        assert ask(m) == 200
+    store.rotate_leaf("server", actor="t")
+    state_write = f"POST /v1/secret/data/{backend.base}/minions/shards/".encode()
+    relay.refuse = state_write  # the state write never reaches OpenBao
+    assert ask("k8s-node-1") == 503
+    assert changes("k8s-node-1") == [2, 1]  # the event went first
+    assert backend.minion("k8s-node-1").version == 1
+    relay.refuse = None
+    assert ask("k8s-node-1") == 200
+    assert backend.minion("k8s-node-1").version == 2
+    assert changes("k8s-node-1") == [2, 1]  # written again, listed once
+
+    relay.cut_after = state_write  # the state is written; its answer is lost: read back
+    assert ask("k8s-node-2") == 200
+    assert relay.cut_after is None
+    assert (backend.minion("k8s-node-2").version, changes("k8s-node-2")) == (2, [2, 1])
+
+    relay.cut_after = f"POST /v1/secret/data/{backend.base}/audit/".encode()
+    assert ask("k8s-node-3") == 503  # the event landed unacknowledged; the state waits
+    assert backend.minion("k8s-node-3").version == 1
+    assert ask("k8s-node-3") == 200
+    assert (backend.minion("k8s-node-3").version, changes("k8s-node-3")) == (2, [2, 1])

@@ -8,6 +8,8 @@ from pkisvc.backends import load_backend
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 
+PILLAR_MINIONS = 20
+
 
 def main() -> None:
     cmd, data_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -15,6 +17,13 @@ def main() -> None:
     settings = Settings.load(env={}, overrides={"data_dir": data_dir, "key_type": "ecdsa-p256",
                                                 **extra})
     store = CertStore(load_backend(settings), settings)
+    if cmd == "pillar":  # `count` is the version to start at: every minion moves, round by round
+        for version in range(count, count + 10**6):
+            for m in range(PILLAR_MINIONS):
+                store.record_pillar(actor="salt", minion=f"k8s-node-{m}", role="node",
+                                    version=version, items=("ca.crt",))
+            print(version, flush=True)
+        return
     ops = [lambda: store.rotate_ca(actor=cmd),
            lambda: store.rotate_leaf("server", actor=cmd),
            lambda: store.rotate_leaf("kubecfg", actor=cmd)]
