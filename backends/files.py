@@ -570,10 +570,14 @@ class FilesBackend:
             return self._read_minions().get(minion)
 
     def minions(self) -> list[MinionState]:
+        """By minion id; the same list object while the file is unchanged (cheap to compare)."""
         with self._io("read minion states"):
-            states = self._read_minions()
+            self._read_minions()
             with self._table_lock:
-                return [states[m] for m in sorted(states)]
+                t = self._table
+                if t.listed is None or t.listed[0] != t.offset:
+                    t.listed = (t.offset, [t.states[m] for m in sorted(t.states)])
+                return t.listed[1]
 
     def put_minion(self, state: MinionState, *, expected: MinionState | None) -> None:
         checked_minion(state.minion)
@@ -687,6 +691,7 @@ class _MinionTable:
         self.offset = 0
         self.lines = 0
         self.states: dict[str, MinionState] = {}
+        self.listed: tuple[int, list[MinionState]] | None = None  # (offset, by minion id)
 
 
 def _append_line(path: Path, line: bytes) -> None:

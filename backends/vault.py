@@ -159,6 +159,8 @@ class VaultBackend:
         self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
         self._shards: dict[str, tuple[int, dict[str, MinionState]]] = {}  # as last read
+        # The last listing, by the shards' KV versions: the same list while none changed.
+        self._listed: tuple[tuple[int, ...], list[MinionState]] | None = None
         self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -926,10 +928,18 @@ class VaultBackend:
                 self._readers = ThreadPoolExecutor(max_workers=MINION_READERS,
                                                    thread_name_prefix="pkisvc-minions")
             pool = self._readers
+        shards = list(pool.map(self._read_shard, paths))
+        seen = tuple(version for version, _ in shards)
+        with self._lock:
+            if self._listed is not None and self._listed[0] == seen:
+                return self._listed[1]
         merged: dict[str, MinionState] = {}
-        for _, states in pool.map(self._read_shard, paths):
+        for _, states in shards:
             merged.update(states)
-        return [merged[m] for m in sorted(merged)]
+        listed = [merged[m] for m in sorted(merged)]
+        with self._lock:
+            self._listed = (seen, listed)
+        return listed
 
     def close(self) -> None:
         """Revoke the token this backend logged in for (a CLI run's AppRole login)."""

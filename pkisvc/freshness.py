@@ -14,6 +14,11 @@ confirmation, with its age (`Seen.stale`): callers mark such answers as stale.  
 succeeds again, callers get the stale value without asking (the watcher keeps asking), so
 an outage costs a request no timeout.
 
+A value that is costly to read and read only now and then (the minions' states: dozens of
+secrets) is not polled: with `ahead`, a `get` that finds it past half the bound serves it and
+starts the re-read in the background, so its cost follows the requests, not the clock.  A
+change this process made is applied to the value held (`amend`) without confirming the rest.
+
 `ttl == 0` keeps strict reads: every `get` asks the backend.  Only `store.py` uses this.
 """
 from __future__ import annotations
@@ -49,8 +54,10 @@ class Kept(Generic[T]):
     """One value read by `read`, served from memory within `ttl` of its confirmation."""
 
     def __init__(self, read: Callable[[], T], *, ttl: float, stale_for: float,
-                 monotonic: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: bool = False, ahead: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._read = read
+        self._ahead = ahead  # re-read in the background past half the bound (see above)
         self.ttl = ttl
         self.stale_for = stale_for
         # A value that only grows (a version number): a newer reading never lowers it.
@@ -75,6 +82,9 @@ class Kept(Generic[T]):
             if self.ttl > 0:
                 while True:
                     if self._known and now - self._confirmed < self.ttl:
+                        if self._ahead and not self._reading and (
+                                now - self._confirmed >= self.ttl / 2):
+                            self._read_behind(now, self._claim())
                         return Seen(self._value)  # type: ignore[arg-type]
                     if self._failing() and self._servable(now) and (
                             self._reading or now - self._failed < self.ttl):  # type: ignore[operator]
@@ -96,6 +106,22 @@ class Kept(Generic[T]):
             self._fetch(now, claim, serve_stale=False)
         except BackendUnavailable as e:
             log.debug("re-reading failed: %s", e.message)
+
+    def _read_behind(self, now: float, claim: int) -> None:
+        def read() -> None:
+            try:
+                self._fetch(now, claim, serve_stale=False)
+            except Exception as e:  # the next caller past the bound reads (and raises) itself
+                log.debug("re-reading ahead failed: %s", e)
+        threading.Thread(target=read, name="pkisvc-read-ahead", daemon=True).start()
+
+    def amend(self, change: Callable[[T], T]) -> None:
+        """Apply a change this process made to the value held; its confirmation stays, and
+        a read started before the change is not kept (it may miss the change)."""
+        with self._cond:
+            if self._known:
+                self._value = change(self._value)  # type: ignore[arg-type]
+            self._epoch += 1
 
     def learn(self, value: T, *, at: float) -> None:
         """Take a value this process read or wrote itself (a read or write started at `at`)."""

@@ -14,7 +14,7 @@ its deliveries, never reported), `silent` (no report for `hosts.silent_after`), 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
 from pkisvc.model import Installed, InstalledFile, MinionState, format_time
@@ -113,6 +113,15 @@ def label(files_say: str, state: MinionState, *, silent_before: datetime,
     if state.installed.reported < silent_before:
         return "silent"
     return files_say
+
+
+def turns(state: MinionState, *, silent_after: timedelta, expire_after: timedelta
+          ) -> tuple[datetime, ...]:
+    """When the clock alone moves a host's `label`: silent, then expired."""
+    seen = last_seen(state) + expire_after
+    if state.installed is None:
+        return (seen,)
+    return (state.installed.reported + silent_after, seen)
 
 
 def behind(views: Iterable[Mapping[str, Any]], affected: Iterable[str]) -> list[dict[str, str]]:

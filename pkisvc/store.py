@@ -12,6 +12,10 @@ sent), the store reads back before it answers: a committed change is reported as
 Reads of the latest version and of the tokens list go through `pkisvc.freshness`: on the
 vault backend they are served from memory within `vault.version_ttl` of a read, and for up to
 `vault.stale_for` while Vault cannot be reached (marked stale); a change never plans on them.
+The minions' states are held the same way (never stale), and every listing of them — the
+minions page, `/v1/hosts`, `pkisvc hosts`, the metrics, the gates — reads one `Fleet`, made
+again only when a state, the latest version or (for a host's silent/expired state) the clock
+moved it.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import random
 import re
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Mapping
 
@@ -83,6 +88,34 @@ CA_HOST_FILES = tuple(n for n in HOST_FILES if n not in SA_FILES)
 STATE_ATTEMPTS = 3  # writers of one minion's state racing each other before we leave it
 
 
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    """Every known minion at one moment (`CertStore.fleet`): shared, never changed."""
+
+    latest: int  # 0: the store is empty (no views then)
+    states: list[MinionState]  # by minion id
+    views: list[dict[str, Any]]  # each minion's host view (pkisvc.hosts), same order
+    counts: dict[str, int]  # hosts by state
+    until: datetime  # the views' states hold until then (the clock moves them after)
+
+    def index(self, minion: str, *, past: bool = False) -> int:
+        """Where minion is (or would be) in states; past: the first after it."""
+        find = bisect_right if past else bisect_left
+        return find(self.states, minion, key=lambda s: s.minion)
+
+
+def _replaced(states: list[MinionState], minion: str, state: MinionState | None
+              ) -> list[MinionState]:
+    """states (by minion id) with minion's replaced by state (None: taken out)."""
+    i = bisect_left(states, minion, key=lambda s: s.minion)
+    out = list(states)
+    if i < len(out) and out[i].minion == minion:
+        out[i:i + 1] = [] if state is None else [state]
+    elif state is not None:
+        out.insert(i, state)
+    return out
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -99,7 +132,10 @@ class CertStore:
         # an unchanged pillar answer is decided here, with no backend read.
         self._minions: dict[str, MinionState] = {}
         self._file_digests: dict[int, dict[str, str]] = {}
-        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str]] = {}
+        # Per minion: (its state, the latest version, its facts, their verdict, its view).
+        self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str,
+                                          dict[str, Any]]] = {}
+        self._fleet: Fleet | None = None
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
         self._prune_refused = False  # the token may not delete old event days (said once)
@@ -115,6 +151,10 @@ class CertStore:
                                               monotonic=True)
         self._tokens: Kept[list[TokenRecord]] = Kept(backend.tokens, ttl=ttl,
                                                      stale_for=stale_for)
+        # The minions' states: dozens of secrets on Vault, so re-read ahead on use rather than
+        # polled; never served stale (an outage answers 503).
+        self._states: Kept[list[MinionState]] = Kept(backend.minions, ttl=ttl, stale_for=0.0,
+                                                     ahead=True)
         self._watcher: Watcher | None = None
         if ttl > 0:
             self._watcher = Watcher(ttl / 2)
@@ -443,7 +483,7 @@ class CertStore:
             change = held is None or held.version != version or held.role != role
             if held is not None and not change:
                 if now < held.asked + self._touch:  # another process touched it meanwhile
-                    self._minions[minion] = held
+                    self._saw(minion, held)
                     return
                 new = dataclasses.replace(held, asked=now)
             else:
@@ -469,7 +509,7 @@ class CertStore:
                             f"holding version {version}" if change else "last asked",
                             e.message)
                 return
-            self._minions[minion] = new
+            self._saw(minion, new)
             return
         log.info("minion %s: its state kept changing under us; left to the other writers",
                  minion)
@@ -486,6 +526,16 @@ class CertStore:
                 landed = False
             if not landed:
                 raise
+
+    def _saw(self, minion: str, state: MinionState | None) -> None:
+        """Keep a minion's state this process wrote or read (None: forgotten) for its pillar
+        answers, and show it in the listings at once."""
+        if state is None:
+            self._minions.pop(minion, None)
+            self._host_facts.pop(minion, None)
+        else:
+            self._minions[minion] = state
+        self._states.amend(lambda states: _replaced(states, minion, state))
 
     def minions(self) -> list[MinionState]:
         """Every minion's delivery state, by minion id."""
@@ -535,67 +585,87 @@ class CertStore:
             except VersionConflict:
                 held = self.backend.minion(minion)
                 continue
-            self._minions[minion] = new
+            self._saw(minion, new)
             before = held.installed.version if held.installed else None
             if version != before:
                 self._audit(actor, "host-installed", version=version, minion=minion,
                             role=held.role, remote_addr=remote_addr,
                             reason=f"{state}: {'ok' if result else 'failed'}")
-            return self._host_view(new, latest)
+            return self._host_view(new, latest, self._cuts(self.now()))
         raise VersionConflict(f"minion {minion}: its state kept changing; report again")
 
-    def _host_facts_of(self, state: MinionState, latest: int) -> tuple[dict[str, Any], str]:
-        """A host's facts and verdict against latest.  They change only with its state or
-        the current version: kept while the backend hands back the same state object (the
-        files backend's table does), so a listing costs a comparison or two per host."""
+    def _host_view(self, state: MinionState, latest: int, cuts: Mapping[str, datetime]
+                   ) -> dict[str, Any]:
+        """A host's view (`hosts.facts` and its state) against latest.  Its facts change only
+        with its state or the current version, its state with the clock too: kept while the
+        backend hands back the same state object (both backends keep unchanged ones), so a
+        listing costs a comparison or two per host."""
         kept = self._host_facts.get(state.minion)
         if kept is not None and kept[0] is state and kept[1] == latest:
-            return kept[2], kept[3]
-        table = self._digests(latest)
-        expected = {n: table[n] for n in self._role_files(state.role, table)}
-        found = hosts.facts(state, current=latest, expected=expected)
-        files_say = hosts.verdict(found)
-        self._host_facts[state.minion] = (state, latest, found, files_say)
-        return found, files_say
+            found, files_say, view = kept[2], kept[3], kept[4]
+        else:
+            table = self._digests(latest)
+            expected = {n: table[n] for n in self._role_files(state.role, table)}
+            found = hosts.facts(state, current=latest, expected=expected)
+            files_say, view = hosts.verdict(found), {}
+        label = hosts.label(files_say, state, **cuts)
+        if view.get("state") != label:
+            view = {**found, "state": label}
+        self._host_facts[state.minion] = (state, latest, found, files_say, view)
+        return view
 
-    def _cuts(self) -> dict[str, datetime]:
-        now = self.now()
+    def _cuts(self, now: datetime) -> dict[str, datetime]:
         return {"silent_before": now - timedelta(seconds=self.settings.hosts.silent_after),
                 "expire_before": now - timedelta(seconds=self.settings.hosts.expire_after)}
 
-    def _host_view(self, state: MinionState, latest: int) -> dict[str, Any]:
-        found, files_say = self._host_facts_of(state, latest)
-        return {**found, "state": hosts.label(files_say, state, **self._cuts())}
+    def fleet(self, *, strict: bool = False) -> Fleet:
+        """Every known minion's state and host view, as listings and gates read them.
 
-    def hosts(self, states: list[MinionState] | None = None) -> list[dict[str, Any]]:
-        """Every known minion (or those states, already read): delivered and installed
-        versions, per-file drift, state."""
-        return self.host_page(states=states, limit=None)[0]
+        Within `vault.version_ttl` on the vault backend (this process's own writes at once);
+        strict: read now (the gates).  Made again only when a state or the latest version
+        changed, or the clock turned a host silent or expired."""
+        latest = self.latest() or 0
+        states = self.backend.minions() if strict else self._states.get().value
+        now = self.now()
+        held = self._fleet
+        if held is not None and held.states is states and held.latest == latest and (
+                now <= held.until):
+            return held
+        cuts = self._cuts(now)
+        silent = timedelta(seconds=self.settings.hosts.silent_after)
+        expire = timedelta(seconds=self.settings.hosts.expire_after)
+        views: list[dict[str, Any]] = []
+        counts, until = dict.fromkeys(hosts.STATES, 0), datetime.max.replace(tzinfo=UTC)
+        for s in states if latest else ():
+            view = self._host_view(s, latest, cuts)
+            views.append(view)
+            counts[view["state"]] += 1
+            for t in hosts.turns(s, silent_after=silent, expire_after=expire):
+                if now <= t < until:
+                    until = t
+        made = Fleet(latest, states, views, counts, until)
+        self._fleet = made
+        return made
 
-    def host_page(self, *, after: str = "", only: str | None = None, limit: int | None,
-                  states: list[MinionState] | None = None
+    def hosts(self, *, strict: bool = False) -> list[dict[str, Any]]:
+        """Every known minion: delivered and installed versions, per-file drift, state."""
+        return self.fleet(strict=strict).views
+
+    def host_page(self, *, after: str = "", only: str | None = None, limit: int | None
                   ) -> tuple[list[dict[str, Any]], dict[str, int], str | None]:
         """Hosts in minion-id order after `after` (those in state `only`, if given), at most
         limit of them (None: all); the counts by state of every host; the `after` of the
         next page (None: this is the last)."""
-        latest = self.latest()
-        states = self.backend.minions() if states is None else states
-        counts = dict.fromkeys(hosts.STATES, 0)
+        fleet = self.fleet()
         page: list[dict[str, Any]] = []
         more = None
-        if latest is None:
-            return page, counts, more
-        cuts = self._cuts()
-        for s in states:
-            found, files_say = self._host_facts_of(s, latest)
-            state = hosts.label(files_say, s, **cuts)
-            counts[state] += 1
-            if s.minion > after and (only is None or state == only) and more is None:
+        for view in fleet.views[fleet.index(after, past=True):]:
+            if only is None or view["state"] == only:
                 if limit is not None and len(page) == limit:
                     more = page[-1]["minion"] if page else after
-                else:
-                    page.append({**found, "state": state})
-        return page, counts, more
+                    break
+                page.append(view)
+        return page, fleet.counts, more
 
     def forget_host(self, minion: str, *, actor: str, remote_addr: str | None = None) -> None:
         """Drop a minion's delivery state and reports (a decommissioned host; audited).
@@ -603,14 +673,13 @@ class CertStore:
         Raises: NotFound when pkisvc holds nothing of it.
         """
         self.backend.forget_minion(minion)
-        self._minions.pop(minion, None)
-        self._host_facts.pop(minion, None)
+        self._saw(minion, None)
         self._audit(actor, "host-forget", minion=minion, remote_addr=remote_addr)
 
     def _gate(self, step: str, affected: tuple[str, ...], force: bool, reason: str) -> str:
         """Refuse step while a host holding an affected file has not installed the current
         version; with force, return the reason the change records (marked forced)."""
-        late = hosts.behind(self.hosts(), affected)
+        late = hosts.behind(self.hosts(strict=True), affected)
         if not late:
             return reason
         if not force:

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar, cast
@@ -41,7 +41,7 @@ from pkisvc.model import (
     format_time,
     visible,
 )
-from pkisvc.store import CertStore
+from pkisvc.store import CertStore, Fleet
 from pkisvc.tokens import hash_token
 
 log = logging.getLogger(__name__)
@@ -351,31 +351,59 @@ def history() -> Response:
                    sa={r.version: changes.sa_state(r) for r in rows})
 
 
+@dataclass(frozen=True)
+class _Table:
+    """The minions page's order of one fleet (`CertStore.fleet`), kept while it is current,
+    with each page's rows rendered once: (only behind, page number) -> HTML."""
+
+    fleet: Fleet
+    all: list[_Ranked]
+    behind: list[_Ranked]
+    changed: int
+    rows: dict[tuple[bool, int], Markup] = field(default_factory=dict)
+
+
+_tables: dict[str, _Table] = {}  # the last table, under "last"
+
+
+def _table() -> _Table:
+    fleet = store().fleet()
+    held = _tables.get("last")
+    if held is not None and held.fleet is fleet:
+        return held
+    current = store().read(fleet.latest or None).record
+    records = {r.version: r for r in store().versions()}
+    table = _ranked(fleet.states, current, records, store().settings.roles)
+    made = _tables["last"] = _Table(fleet, table, [m for m in table if m[3]],
+                                    sum(1 for m in table if m[4]))
+    return made
+
+
+def _rows(table: _Table, only_behind: bool, number: int) -> Markup:
+    """One page's rows of the table, rendered once."""
+    html = table.rows.get((only_behind, number))
+    if html is None:
+        shown = table.behind if only_behind else table.all
+        rows = shown[(number - 1) * MINIONS_PAGE: number * MINIONS_PAGE]
+        fleet = table.fleet
+        html = table.rows[only_behind, number] = Markup(render_template(  # noqa: S704
+            "minion_rows.html", rows=[_row(m) for m in rows],  # autoescaped, as every page
+            installed={m[2]: fleet.views[fleet.index(m[2])] for m in rows}))
+    return html
+
+
 @bp.get("/minions")
 @page("read", "audit")
 def minions() -> Response:
-    current = store().read().record
-    records = {r.version: r for r in store().versions()}
-    states = store().minions()
-    table = _ranked(states, current, records, store().settings.roles)
+    table = _table()
     only_behind = request.args.get("behind") == "1"
-    shown = [m for m in table if m[3]] if only_behind else table
+    shown = table.behind if only_behind else table.all
     number = min(_page_number(), _pages(len(shown), MINIONS_PAGE))
-    return _render("minions.html", title="Minions", current=current.version, total=len(table),
-                   behind=sum(1 for m in table if m[3]),
-                   changed=sum(1 for m in table if m[4]), only_behind=only_behind,
-                   rows=[_row(m) for m in shown[(number - 1) * MINIONS_PAGE:
-                                                number * MINIONS_PAGE]],
+    return _render("minions.html", title="Minions", current=table.fleet.latest,
+                   total=len(table.all), behind=len(table.behind), changed=table.changed,
+                   only_behind=only_behind, rows=_rows(table, only_behind, number),
                    page=number, pages=_pages(len(shown), MINIONS_PAGE),
-                   touch=store().settings.delivery.touch_interval,
-                   installed=_installed(states, shown[(number - 1) * MINIONS_PAGE:
-                                                     number * MINIONS_PAGE]))
-
-
-def _installed(states: list[MinionState], rows: list[_Ranked]) -> dict[str, dict[str, Any]]:
-    """What the page's minions reported they installed ([Q]), by minion id."""
-    wanted = {m[2] for m in rows}
-    return {h["minion"]: h for h in store().hosts([s for s in states if s.minion in wanted])}
+                   touch=store().settings.delivery.touch_interval)
 
 
 @bp.get("/audit")

@@ -5,6 +5,7 @@ import pytest
 
 from pkisvc.errors import BackendUnavailable, PermissionDenied
 from pkisvc.freshness import Kept, Seen
+from tests.conftest import wait_for
 
 
 class Source:
@@ -93,3 +94,29 @@ def test_a_refusal_is_not_an_outage():
     src.value, src.now = PermissionDenied("permission denied on secret/data/x"), src.now + 1
     with pytest.raises(PermissionDenied):
         k.get()
+
+
+def test_ahead_serves_at_once_and_reads_again_behind_past_half_the_bound():
+    src = Source(1)
+    k = Kept(src.read, ttl=0.5, stale_for=0, ahead=True, clock=src.clock)
+    assert k.get() == Seen(1) and src.reads == 1
+    src.value, src.now = 2, src.now + 0.2
+    assert k.get() == Seen(1) and src.reads == 1  # under half the bound: nothing read
+    src.now += 0.1
+    assert k.get() == Seen(1)  # served from memory, and read again in the background
+    wait_for(lambda: k.get() == Seen(2), 30, "the read behind")
+    assert src.reads == 2
+
+
+def test_a_change_this_process_made_is_served_at_once_and_an_older_read_not_kept():
+    src = Source(["a"])
+    k = kept(src)
+    k.get()
+    k.amend(lambda held: [*held, "b"])
+    assert k.get() == Seen(["a", "b"]) and src.reads == 1  # its confirmation stays
+    src.now += 1
+    src.value = ["a", "b", "c"]
+    src.during_read = lambda: k.amend(lambda held: [*held, "d"])  # lands while reading
+    k.get()
+    src.during_read = None
+    assert k.get() == Seen(["a", "b", "c"]) and src.reads == 3  # not kept: asked again
