@@ -11,6 +11,7 @@ The bodies are made once per version (`Bodies`): that is what makes these reads 
 from __future__ import annotations
 
 import json
+import operator
 import re
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Mapping
 
 from pkisvc import auth
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, check_text
+from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, GenerationRecord, check_text
 from pkisvc.store import CertStore
 
 # WSGI environ key: the exception the fast path met on a hot read, for the Flask view to raise.
@@ -58,6 +59,8 @@ class Bodies:
         # version -> (its record, its summary encoded): the record kept to tell a store
         # replaced under us (a record of another store under the same number) from ours
         self._summaries: dict[int, tuple[object, bytes]] = {}
+        # The last `/v1/versions` answer and the records it was made of.
+        self._listed: tuple[list[GenerationRecord], bytes] = ([], b'{"versions":[]}')
 
     def _get(self, version: int, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
         if version == self._version:
@@ -77,13 +80,18 @@ class Bodies:
         each summary is encoded once; an answer joins them (1,000 versions: 1.4 MB)."""
         records = self.store.versions()
         with self._lock:
-            made = self._summaries
+            made, listed = self._summaries, self._listed
+        if len(listed[0]) == len(records) and all(map(operator.is_, listed[0], records)):
+            return listed[1]  # the same records (backends hand back the ones they hold)
         for r in records:
             held = made.get(r.version)
             if held is None or (held[0] is not r and held[0] != r):
                 made[r.version] = (r, json.dumps(r.summary(), sort_keys=True,
                                                  separators=(",", ":")).encode())
-        return b'{"versions":[' + b",".join(made[r.version][1] for r in records) + b"]}"
+        body = b'{"versions":[' + b",".join(made[r.version][1] for r in records) + b"]}"
+        with self._lock:
+            self._listed = (records, body)
+        return body
 
     def cert(self, version: int, item: str) -> bytes:
         """`/v1/certs/<item>` for version."""

@@ -136,6 +136,7 @@ class CertStore:
         self._host_facts: dict[str, tuple[MinionState, int, dict[str, Any], str,
                                           dict[str, Any]]] = {}
         self._fleet: Fleet | None = None
+        self._fleet_lock = threading.Lock()
         self._touch = timedelta(seconds=settings.delivery.touch_interval)
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
         self._prune_refused = False  # the token may not delete old event days (said once)
@@ -627,10 +628,14 @@ class CertStore:
         latest = self.latest() or 0
         states = self.backend.minions() if strict else self._states.get().value
         now = self.now()
-        held = self._fleet
-        if held is not None and held.states is states and held.latest == latest and (
-                now <= held.until):
+        with self._fleet_lock:  # one thread makes it; the others wait for it
+            held = self._fleet
+            if held is None or held.states is not states or held.latest != latest or (
+                    now > held.until):
+                held = self._fleet = self._made_fleet(latest, states, now)
             return held
+
+    def _made_fleet(self, latest: int, states: list[MinionState], now: datetime) -> Fleet:
         cuts = self._cuts(now)
         silent = timedelta(seconds=self.settings.hosts.silent_after)
         expire = timedelta(seconds=self.settings.hosts.expire_after)
@@ -643,9 +648,7 @@ class CertStore:
             for t in hosts.turns(s, silent_after=silent, expire_after=expire):
                 if now <= t < until:
                     until = t
-        made = Fleet(latest, states, views, counts, until)
-        self._fleet = made
-        return made
+        return Fleet(latest, states, views, counts, until)
 
     def hosts(self, *, strict: bool = False) -> list[dict[str, Any]]:
         """Every known minion: delivered and installed versions, per-file drift, state."""

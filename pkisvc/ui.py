@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -363,20 +364,21 @@ class _Table:
     rows: dict[tuple[bool, int], Markup] = field(default_factory=dict)
 
 
-_tables: dict[str, _Table] = {}  # the last table, under "last"
+_table_lock = threading.Lock()
 
 
 def _table() -> _Table:
+    """The minions page's table of the store's fleet (kept in the app, made once per fleet)."""
     fleet = store().fleet()
-    held = _tables.get("last")
-    if held is not None and held.fleet is fleet:
+    with _table_lock:  # one thread makes it; the others wait for it
+        held: _Table | None = current_app.extensions.get("pkisvc.minions")
+        if held is None or held.fleet is not fleet:
+            current = store().read(fleet.latest or None).record
+            records = {r.version: r for r in store().versions()}
+            table = _ranked(fleet.states, current, records, store().settings.roles)
+            held = current_app.extensions["pkisvc.minions"] = _Table(
+                fleet, table, [m for m in table if m[3]], sum(1 for m in table if m[4]))
         return held
-    current = store().read(fleet.latest or None).record
-    records = {r.version: r for r in store().versions()}
-    table = _ranked(fleet.states, current, records, store().settings.roles)
-    made = _tables["last"] = _Table(fleet, table, [m for m in table if m[3]],
-                                    sum(1 for m in table if m[4]))
-    return made
 
 
 def _rows(table: _Table, only_behind: bool, number: int) -> Markup:
