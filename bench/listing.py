@@ -1,5 +1,6 @@
-"""Time the listings that grow with the fleet and the history: the minions page at 5,000
-minions and `/v1/versions` at 1,000 versions, on the files and the vault backend.
+"""Time the listings that grow with the fleet and the history: the minions page and
+`GET /v1/hosts` at 5,000 minions and `/v1/versions` at 1,000 versions, on the files and the
+vault backend.
 
 A files store gets VERSIONS versions (ECDSA leaf rotations) and MINIONS minions' delivery
 states (written through `Backend.put_minion`, as pillar answers write them); `pkisvc migrate
@@ -33,7 +34,8 @@ from pkisvc.store import CertStore
 VERSIONS = 1000
 MINIONS = 5000
 REQUESTS = 200
-PATHS = ("/ui/minions", "/ui/minions?page=13", "/ui/minions?behind=1", "/v1/versions")
+PATHS = ("/ui/minions", "/ui/minions?page=13", "/ui/minions?behind=1", "/v1/versions",
+         "/v1/hosts")
 ENV = {"PKISVC_KEY_TYPE": "ecdsa-p256"}
 
 
@@ -108,7 +110,9 @@ def bench_listing(root: Path, bao: OpenBao, versions: int = VERSIONS, minions: i
     result["files_state_writes_s"] = round(
         put_states(FilesBackend(root / "listing" / "files" / "data"), fleet), 2)
     vault_env = {"PKISVC_VAULT__ADDR": bao.addr, "PKISVC_VAULT__TOKEN": bao.token,
-                 "PKISVC_VAULT__MOUNT": "secret", "PKISVC_CLUSTER": "listing"}
+                 "PKISVC_VAULT__MOUNT": "secret", "PKISVC_CLUSTER": "listing",
+                 # the chain key `migrate` wrote the versions with: every replica needs it
+                 "PKISVC_CHAIN_KEY_FILE": str(root / "listing" / "files" / "data" / "chain.key")}
     subprocess.run([str(BIN / "pkisvc"), "migrate", "--to", "vault"], check=True,
                    capture_output=True, env={**files.env(), **vault_env})
     vault_backend = VaultBackend(bao.addr, cluster="listing", token=bao.token)

@@ -96,8 +96,11 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                                 ("/ui/minions?page=13", "minions page 13"),
                                 ("/ui/minions?behind=1", "minions page, those behind"),
                                 ("/v1/versions", f"GET /v1/versions, {lst['versions']} "
-                                                 "versions")):
-                r = lst[side][path]
+                                                 "versions"),
+                                ("/v1/hosts", f"GET /v1/hosts, {lst['minions']} minions")):
+                r = lst[side].get(path)
+                if r is None:  # a run from before it was measured
+                    continue
                 out.append([f"{label} ({side} backend) ms p50 / p99",
                             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
                             f"{r['requests']} sequential requests, {r['bytes']} bytes", "",
