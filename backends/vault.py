@@ -14,6 +14,9 @@
     <mount>/data/<prefix>/<cluster>/minions/shards/<nn>           minions' delivery states: each
                                                                    minion in the one of 64 its
                                                                    id's sha256 picks
+    <mount>/data/<prefix>/<cluster>/minions/stamp                 moved after each shard write:
+                                                                   a listing reads the shards
+                                                                   only when it moved
 
 KV cannot write two secrets in one transaction, so a version has one commit point: its
 `record` secret, created with `cas=0` (Vault refuses a second one, so one writer wins each
@@ -54,6 +57,7 @@ import hashlib
 import logging
 import secrets
 import threading
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -108,6 +112,10 @@ EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 MINION_SHARDS = 64  # secrets the minions' states are spread over (fixed: changing it moves them)
+# Seconds after which a listing reads every shard even when `minions/stamp` did not move: the
+# bound for a writer that never moved it (killed between the two writes, or a pkisvc from
+# before the stamp).
+MINION_FULL_EVERY = 30.0
 
 
 class VaultBackend:
@@ -161,6 +169,10 @@ class VaultBackend:
         self._shards: dict[str, tuple[int, dict[str, MinionState]]] = {}  # as last read
         # The last listing, by the shards' KV versions: the same list while none changed.
         self._listed: tuple[tuple[int, ...], list[MinionState]] | None = None
+        self._stamp_path = f"{self._minions_dir}/stamp"
+        self._stamp_seen = 0  # the stamp's KV version as this process last read or wrote it
+        # (the stamp's version before, monotonic time when) the last read of every shard began
+        self._full_read: tuple[int, float] | None = None
         self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -861,7 +873,7 @@ class VaultBackend:
 
     def _read_shard(self, path: str) -> tuple[int, dict[str, MinionState]]:
         """Return (KV version, states) of one shard; (0, {}) when there is none.  A shard
-        read before at the same KV version is not parsed again."""
+        read (or written) before at the same KV version or a later one is not parsed again."""
         try:
             resp = self._read(path)
         except NotFound:
@@ -870,7 +882,7 @@ class VaultBackend:
             version = int(resp["data"]["metadata"]["version"])
             with self._lock:
                 cached = self._shards.get(path)
-            if cached is not None and cached[0] == version:
+            if cached is not None and cached[0] >= version:  # as read, or written since
                 return cached
             states = {m: MinionState.from_dict(d)
                       for m, d in resp["data"]["data"]["states"].items()}
@@ -878,6 +890,9 @@ class VaultBackend:
             raise BackendUnavailable(f"vault at {self.addr}: {self._data(path)} is not a "
                                      "table of minion states") from None
         with self._lock:
+            cached = self._shards.get(path)
+            if cached is not None and cached[0] >= version:  # written meanwhile: newer
+                return cached
             self._shards[path] = (version, states)
         return version, states
 
@@ -899,6 +914,7 @@ class VaultBackend:
                 continue  # another minion of this shard changed: apply ours to theirs
             with self._lock:
                 self._shards[path] = (kv, new)
+            self._move_stamp()
             return
         raise VersionConflict(f"{self._data(path)}: too many concurrent writers")
 
@@ -918,19 +934,54 @@ class VaultBackend:
                 continue  # another minion of this shard changed: take ours out of theirs
             with self._lock:
                 self._shards[path] = (kv, rest)
+            self._move_stamp()
             return
         raise VersionConflict(f"{self._data(path)}: too many concurrent writers")
 
+    def _stamp(self) -> int:
+        """The stamp's KV version (0: none yet)."""
+        try:
+            resp = self._read(self._stamp_path)
+        except NotFound:
+            return 0
+        return int(self.vault.dig(resp, self._data(self._stamp_path), "data", "metadata",
+                                  "version"))
+
+    def _move_stamp(self) -> None:
+        """Move the stamp after a shard write, so listings elsewhere read the shards again.
+
+        Under cas: a conflict on a version read after our shard write means another writer
+        moved it after our write, which is as good.  A failure is logged, not raised (the
+        state is written): listings then see it within MINION_FULL_EVERY."""
+        try:
+            for _ in range(2):
+                try:
+                    self._stamp_seen = self._write(self._stamp_path, {"moved": True},
+                                                   cas=self._stamp_seen)
+                    return
+                except VersionConflict:
+                    self._stamp_seen = self._stamp()  # read after our write: once more
+        except BackendUnavailable as e:
+            log.warning("minion states written, %s not moved: %s", self._stamp_path, e.message)
+
     def minions(self) -> list[MinionState]:
-        paths = [self._shard_path(n) for n in range(MINION_SHARDS)]
+        """Every state, by minion id: the shards are read only when the stamp moved (or
+        MINION_FULL_EVERY passed); the same list object while no shard changed."""
+        now = time.monotonic()
+        stamp = self._stamp()  # read before the shards: a move after it is seen next time
         with self._lock:
+            full = self._full_read
             if self._readers is None:  # kept: each thread keeps its connection alive
                 self._readers = ThreadPoolExecutor(max_workers=MINION_READERS,
                                                    thread_name_prefix="pkisvc-minions")
             pool = self._readers
-        shards = list(pool.map(self._read_shard, paths))
-        seen = tuple(version for version, _ in shards)
-        with self._lock:
+        if full is None or full[0] != stamp or now - full[1] >= MINION_FULL_EVERY:
+            list(pool.map(self._read_shard, [self._shard_path(n) for n in range(MINION_SHARDS)]))
+            with self._lock:
+                self._full_read = (stamp, now)
+        with self._lock:  # what was read, and this process's own writes since
+            shards = [self._shards.get(self._shard_path(n), (0, {})) for n in range(MINION_SHARDS)]
+            seen = tuple(version for version, _ in shards)
             if self._listed is not None and self._listed[0] == seen:
                 return self._listed[1]
         merged: dict[str, MinionState] = {}

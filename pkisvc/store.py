@@ -538,10 +538,6 @@ class CertStore:
             self._minions[minion] = state
         self._states.amend(lambda states: _replaced(states, minion, state))
 
-    def minions(self) -> list[MinionState]:
-        """Every minion's delivery state, by minion id."""
-        return self.backend.minions()
-
     # --- hosts: what each minion has installed ([Q]; `pkisvc.hosts` judges) --------------
 
     def _digests(self, version: int) -> dict[str, str]:

@@ -113,9 +113,13 @@ def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once
         line = len((settings.data_dir / "minions.jsonl").read_bytes().splitlines()[-1]) + 1
         assert set(touched) == {"minions.jsonl"}
         assert abs(touched["minions.jsonl"] - 200 * line) < 200 * 8
-    else:  # two versions per minion, spread over the state shards; no new secret
-        assert set(touched) <= {k for k in before if "/minions/shards/" in k}
-        assert sum(touched.values()) == 200
+    else:  # two versions per minion, spread over the state shards, each followed by a
+        # move of minions/stamp (which tells other processes' listings to read the shards
+        # again); no new secret
+        assert set(touched) <= {k for k in before if "/minions/shards/" in k
+                                or k.endswith("/minions/stamp")}
+        assert sum(n for k, n in touched.items() if "/minions/shards/" in k) == 200
+        assert sum(n for k, n in touched.items() if k.endswith("/minions/stamp")) == 200
     assert len(fleet.pillar_events()) == 100
     before = footprint(backend, settings.data_dir)
 
@@ -135,10 +139,11 @@ def test_unchanged_refreshes_write_nothing_and_a_rotation_moves_each_minion_once
     if backend.name == "files":  # one appended state line per minion, nothing else
         assert {k for k in after if not k.startswith(("generations/", "events/"))} <= {
             "minions.jsonl", "current"}
-    else:  # one new version of the shards per minion; no new state secret
+    else:  # one new version of the shards per minion (and of the stamp); no new secret
         shards = {k: n for k, n in after.items() if "/minions/" in k}
-        assert set(shards) <= {k for k in before if "/minions/shards/" in k}
-        assert sum(shards.values()) == 100
+        assert set(shards) <= {k for k in before if "/minions/shards/" in k
+                               or k.endswith("/minions/stamp")}
+        assert sum(n for k, n in shards.items() if "/minions/shards/" in k) == 100
     page = fleet.page()
     assert "<strong>0</strong> behind" in page
     rows = re.findall(r'<tr data-minion="([^"]+)" >\s*<td>[^<]*</td><td>[^<]*</td><td>(\d+)</td>',

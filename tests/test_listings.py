@@ -98,3 +98,21 @@ def test_a_host_turns_silent_by_the_clock_alone(tmp_path):
     assert store.fleet() is first  # silent only *after* silent_after
     now[0] += timedelta(seconds=1)
     assert store.fleet().counts["silent"] == 1
+
+
+def test_a_shard_written_without_moving_the_stamp_shows_within_the_full_read_bound(
+        openbao, tmp_path, monkeypatch):
+    """A writer killed between its shard write and the stamp (or a pkisvc from before the
+    stamp): listings elsewhere read every shard at least every MINION_FULL_EVERY."""
+    from pkisvc.backends import vault
+    monkeypatch.setattr(vault, "MINION_FULL_EVERY", 1.0)
+    settings = make_settings(tmp_path / "data", **openbao.settings_overrides(),
+                             **{"vault.version_ttl": f"{int(TTL * 1000)}ms"})
+    store = create_app(settings).extensions["pkisvc"]
+    other = CertStore(load_backend(settings), settings)
+    assert store.hosts() == []
+    monkeypatch.setattr(other.backend, "_move_stamp", lambda: None)
+    other.record_pillar(actor="salt", minion="k8s-node-1", role="node", version=1,
+                        items=("ca.crt",))
+    wait_for(lambda: [h["minion"] for h in store.hosts()] == ["k8s-node-1"],
+             1.0 + TTL + SLACK, "the state written without the stamp")
