@@ -209,7 +209,7 @@ class VaultBackend:
         resp: dict[str, Any] = self.vault.call(self._data(path), lambda: self.vault.get(url))
         return resp
 
-    def _write(self, path: str, data: Mapping[str, Any], cas: int) -> int:
+    def _write(self, path: str, data: Mapping[str, Any], cas: int | None) -> int:
         """Write under cas.  A create (cas=0) where another writer's secret already is raises
         VersionConflict, also under a policy that may create but not update (the shipped
         one): Vault answers that with "permission denied", so it is read back to tell."""
@@ -950,17 +950,23 @@ class VaultBackend:
     def _move_stamp(self) -> None:
         """Move the stamp after a shard write, so listings elsewhere read the shards again.
 
-        Under cas: a conflict on a version read after our shard write means another writer
-        moved it after our write, which is as good.  A failure is logged, not raised (the
-        state is written): listings then see it within MINION_FULL_EVERY."""
+        Without cas, so concurrent writers never conflict; where the mount requires cas, a
+        conflict on a version read after our shard write means another writer moved it after
+        our write, which is as good.  A failure is logged, not raised (the state is written):
+        listings then see it within MINION_FULL_EVERY."""
         try:
+            try:
+                self._stamp_seen = self._write(self._stamp_path, {"moved": True}, cas=None)
+                return
+            except VersionConflict:
+                pass  # the mount requires cas
             for _ in range(2):
                 try:
                     self._stamp_seen = self._write(self._stamp_path, {"moved": True},
                                                    cas=self._stamp_seen)
                     return
                 except VersionConflict:
-                    self._stamp_seen = self._stamp()  # read after our write: once more
+                    self._stamp_seen = self._stamp()  # read after our shard write: once more
         except BackendUnavailable as e:
             log.warning("minion states written, %s not moved: %s", self._stamp_path, e.message)
 

@@ -11,7 +11,6 @@ The bodies are made once per version (`Bodies`): that is what makes these reads 
 from __future__ import annotations
 
 import json
-import operator
 import re
 import threading
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Callable, Mapping
 
 from pkisvc import auth
 from pkisvc.errors import BackendUnavailable, InvalidRequest, NotFound
-from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, GenerationRecord, check_text
+from pkisvc.model import CERT_FILES, ITEMS, MINION_ID, check_text
 from pkisvc.store import CertStore
 
 # WSGI environ key: the exception the fast path met on a hot read, for the Flask view to raise.
@@ -59,8 +58,8 @@ class Bodies:
         # version -> (its record, its summary encoded): the record kept to tell a store
         # replaced under us (a record of another store under the same number) from ours
         self._summaries: dict[int, tuple[object, bytes]] = {}
-        # The last `/v1/versions` answer and the records it was made of.
-        self._listed: tuple[list[GenerationRecord], bytes] = ([], b'{"versions":[]}')
+        # The last `/v1/versions` answer, by the latest version it lists up to.
+        self._listed: tuple[int | None, bytes] = (-1, b"")
 
     def _get(self, version: int, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
         if version == self._version:
@@ -78,11 +77,13 @@ class Bodies:
     def versions(self) -> bytes:
         """`/v1/versions`: every record's summary, newest first.  A record never changes, so
         each summary is encoded once; an answer joins them (1,000 versions: 1.4 MB)."""
-        records = self.store.versions()
+        seen = self.store.latest_seen()  # within vault.version_ttl: no Vault read when held
+        latest = seen.value
         with self._lock:
             made, listed = self._summaries, self._listed
-        if len(listed[0]) == len(records) and all(map(operator.is_, listed[0], records)):
-            return listed[1]  # the same records (backends hand back the ones they hold)
+        if listed[0] == latest and seen.stale is None:  # stale: Vault is away, read (503)
+            return listed[1]  # records never change: the same versions, the same answer
+        records = [r for r in self.store.versions() if latest is None or r.version <= latest]
         for r in records:
             held = made.get(r.version)
             if held is None or (held[0] is not r and held[0] != r):
@@ -90,7 +91,7 @@ class Bodies:
                                                  separators=(",", ":")).encode())
         body = b'{"versions":[' + b",".join(made[r.version][1] for r in records) + b"]}"
         with self._lock:
-            self._listed = (records, body)
+            self._listed = (latest, body)
         return body
 
     def cert(self, version: int, item: str) -> bytes:
