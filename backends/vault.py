@@ -970,6 +970,11 @@ class VaultBackend:
         except BackendUnavailable as e:
             log.warning("minion states written, %s not moved: %s", self._stamp_path, e.message)
 
+    def _read_shards(self, pool: ThreadPoolExecutor, stamp: int, started: float) -> None:
+        list(pool.map(self._read_shard, [self._shard_path(n) for n in range(MINION_SHARDS)]))
+        with self._lock:
+            self._full_read = (stamp, started)
+
     def minions(self) -> list[MinionState]:
         """Every state, by minion id: the shards are read only when the stamp moved (or
         MINION_FULL_EVERY passed); the same list object while no shard changed."""
@@ -981,10 +986,12 @@ class VaultBackend:
                 self._readers = ThreadPoolExecutor(max_workers=MINION_READERS,
                                                    thread_name_prefix="pkisvc-minions")
             pool = self._readers
-        if full is None or full[0] != stamp or now - full[1] >= MINION_FULL_EVERY:
-            list(pool.map(self._read_shard, [self._shard_path(n) for n in range(MINION_SHARDS)]))
-            with self._lock:
+        if full is None or full[0] != stamp:
+            self._read_shards(pool, stamp, now)
+        elif now - full[1] >= MINION_FULL_EVERY:  # for writers that never moved the stamp:
+            with self._lock:  # read behind, this listing is as fresh as the stamp says
                 self._full_read = (stamp, now)
+            pool.submit(self._read_shards, pool, stamp, now)
         with self._lock:  # what was read, and this process's own writes since
             shards = [self._shards.get(self._shard_path(n), (0, {})) for n in range(MINION_SHARDS)]
             seen = tuple(version for version, _ in shards)
