@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
 from pkisvc import chain
+from pkisvc.witness import Witness
 from pkisvc.backends import periods
 from pkisvc.backends.base import (
     Order,
@@ -88,9 +89,14 @@ class FilesBackend:
     name = "files"
 
     def __init__(self, root: str | os.PathLike[str],
-                 chain_key: chain.ChainKey | None = None) -> None:
+                 chain_key: chain.ChainKey | None = None, witness: Witness | None = None
+                 ) -> None:
         self.root = Path(root)
         self.chain_key = chain_key or chain.ChainKey(self.root / "chain.key")
+        # This host's witness of the chain's newest (pkisvc.witness); with the default key,
+        # the default file beside it.
+        self.witness = witness or (Witness(self.root / "chain.head") if chain_key is None
+                                   else None)
         self._events_dir = self.root / "events"
         self._links: dict[int, dict[str, Any] | None] = {}
         self._gens = self.root / "generations"
@@ -112,7 +118,8 @@ class FilesBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
-        return cls(settings.data_dir, chain.ChainKey(settings.chain_key_path))
+        return cls(settings.data_dir, chain.ChainKey(settings.chain_key_path),
+                   Witness(settings.chain_witness_path))
 
     def __repr__(self) -> str:
         return f"FilesBackend({str(self.root)!r})"
@@ -285,7 +292,17 @@ class FilesBackend:
         self._records[version] = gen.record
         self._events[version] = event
         self._links[version] = link
+        if self.witness is not None:  # after the store: a crash here leaves it behind
+            self.witness.saw_version(key, version, link, self._stored_mac)
         return version
+
+    def _stored_mac(self, version: int) -> str | None:
+        """Version's link MAC as stored now (no cache), for the witness."""
+        try:
+            mac = json.loads((self._gen_dir(version) / CHAIN).read_bytes()).get("mac")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(mac) if mac is not None else None
 
     def _link(self, version: int) -> dict[str, Any] | None:
         """A version's chain link (None: written before the chain)."""
@@ -346,7 +363,9 @@ class FilesBackend:
             tail = entries.tail()
             after = self.latest()
             key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
-            periods.append(entries, key, event, after)
+            entry = periods.append(entries, key, event, after)
+        if self.witness is not None:
+            self.witness.saw_entry(key, entry, entries.entry)
 
     @contextlib.contextmanager
     def _events_locked(self) -> Iterator[None]:

@@ -89,6 +89,7 @@ from pkisvc.model import (
     TokenRecord,
 )
 from pkisvc.settings import Settings
+from pkisvc.witness import Witness
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class VaultBackend:
                  secret_id: str | None = None, ca_cert: str | None = None,
                  timeout: float = 5.0, max_versions: int = 1000,
                  secret_id_file: str | None = None,
-                 chain_key: chain.ChainKey | None = None) -> None:
+                 chain_key: chain.ChainKey | None = None,
+                 witness: Witness | None = None) -> None:
         self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
                                  secret_id=secret_id, ca_cert=ca_cert, timeout=timeout,
                                  secret_id_file=secret_id_file)
@@ -138,6 +140,7 @@ class VaultBackend:
         self._events_dir = f"{self.base}/events"
         # None: a key kept in memory only — for tests and tools; from_settings gives a file.
         self.chain_key = chain_key or chain.ChainKey(None)
+        self.witness = witness  # this host's witness of the chain's newest (pkisvc.witness)
         self._links: dict[int, dict[str, Any] | None] = {}
         self._tail: Mapping[str, Any] | None = None  # the event chain's last entry seen
         self._tokens_path = f"{self.base}/tokens"
@@ -168,7 +171,8 @@ class VaultBackend:
                    token=v.token, token_file=v.token_file, role_id=v.role_id,
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
                    max_versions=v.max_versions, secret_id_file=v.secret_id_file,
-                   chain_key=chain.ChainKey(settings.chain_key_path))
+                   chain_key=chain.ChainKey(settings.chain_key_path),
+                   witness=Witness(settings.chain_witness_path))
 
     @property
     def addr(self) -> str:
@@ -457,7 +461,18 @@ class VaultBackend:
         self._note(version, gen.record, event, nonce, link)
         self._remember(gen)
         self._after_commit(version, nonce)
+        if self.witness is not None:  # after the store: a crash here leaves it behind
+            self.witness.saw_version(key, version, link, self._stored_mac)
         return version
+
+    def _stored_mac(self, version: int) -> str | None:
+        """Version's link MAC as stored now (no cache), for the witness."""
+        try:
+            resp = self._read(self._record_path(version))
+        except NotFound:
+            return None
+        mac = ((resp.get("data", {}).get("data") or {}).get("chain") or {}).get("mac")
+        return str(mac) if mac is not None else None
 
     def _check_writes(self, version: int, nonce: str) -> None:
         """Before this process's first version write: check that the token may do every step
@@ -576,6 +591,8 @@ class VaultBackend:
         after = self._head_seen[0] if self._head_seen is not None else self.latest()
         key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
         entry = periods.append(entries, key, event, after)
+        if self.witness is not None:
+            self.witness.saw_entry(key, entry, entries.entry)
         self._remember_event(f"{entry['period']}/{entry['seq']:09d}",
                              (appended_order(event, after, entry["period"], entry["seq"]),
                               event))
