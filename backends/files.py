@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
 from pkisvc import chain
-from pkisvc.witness import Witness
 from pkisvc.backends import periods
 from pkisvc.backends.base import (
     Order,
@@ -71,6 +70,7 @@ from pkisvc.model import (
     valid_file_name,
 )
 from pkisvc.settings import Settings
+from pkisvc.witness import Witness
 
 RECORD = "record.json"
 EVENT = "event.json"  # the change's audit event, committed with its generation

@@ -153,7 +153,8 @@ class Witness:
             if cur.version is not None:
                 before = link.get("prev") if version == cur.version + 1 else stored(cur.version)
                 if before != cur.version_mac:
-                    return self._kept(f"version {cur.version}")
+                    self._kept(f"version {cur.version}")
+                    return None
             return dataclasses.replace(cur, version=version, version_mac=str(link["mac"]))
         self._update(key, change)
 
@@ -172,7 +173,8 @@ class Witness:
                 else:
                     before = (stored(cur.period, cur.seq) or {}).get("mac")
                 if before != cur.entry_mac:
-                    return self._kept(f"events of {cur.period}, entry {cur.seq}")
+                    self._kept(f"events of {cur.period}, entry {cur.seq}")
+                    return None
             return dataclasses.replace(cur, period=period, seq=seq,
                                        entry_mac=str(entry["mac"]))
         self._update(key, change)
