@@ -199,13 +199,17 @@ def test_the_witness_names_the_newest_this_host_wrote(files_store):
     assert oct(os.stat(settings.chain_witness_path).st_mode & 0o777) == "0o600"
 
 
-def test_removing_the_newest_versions_is_named(files_store):
-    _, _, settings, env = files_store
-    gens = settings.data_dir / "generations"
+def remove_versions_4_and_5(settings: Settings) -> None:
+    """An editor in data_dir: the newest two generations gone, `current` moved back."""
     for v in ("000005", "000004"):
-        shutil.rmtree(gens / v)
+        shutil.rmtree(settings.data_dir / "generations" / v)
     (settings.data_dir / "current").write_text("3\n")
     assert FilesBackend(settings.data_dir).latest() == 3  # a whole, shorter chain
+
+
+def test_removing_the_newest_versions_is_named(files_store):
+    _, _, settings, env = files_store
+    remove_versions_4_and_5(settings)
     assert_named(settings, env, "newest versions removed: store ends at 3, this host saw 5")
 
 
@@ -228,10 +232,7 @@ def test_removing_the_last_events_of_today_is_named(files_store):
 def test_removing_the_newest_versions_then_writing_again_stays_named(files_store):
     """Writes are never refused for the witness, and do not wash the removal away."""
     store, _, settings, env = files_store
-    gens = settings.data_dir / "generations"
-    for v in ("000005", "000004"):
-        shutil.rmtree(gens / v)
-    (settings.data_dir / "current").write_text("3\n")
+    remove_versions_4_and_5(settings)
     for _ in range(4):  # 4, 5 (not the ones this host saw), then 6 and 7
         store.rotate_leaf("server", actor="ops", reason="after the removal")
     assert store.latest() == 7
