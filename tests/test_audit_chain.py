@@ -257,6 +257,15 @@ def test_a_lost_witness_is_a_first_run_and_is_made_again(files_store):
     assert oct(os.stat(settings.chain_witness_path).st_mode & 0o777) == "0o600"
 
 
+def test_a_torn_witness_is_taken_as_lost_not_as_forged(files_store):
+    """What a power cut during its (unsynced) write may leave: not JSON at all."""
+    _, _, settings, env = files_store
+    settings.chain_witness_path.write_bytes(b"\0" * 100)
+    report = assert_holds(settings, env)
+    assert any("is torn" in n for n in report["notes"]), report
+    assert witness_of(settings)["version"] == 5
+
+
 def test_a_witness_behind_is_raised_by_a_check(files_store, tmp_path):
     """Another host's witness (its own file) that saw less is raised, not a break."""
     store, _, settings, _env = files_store
