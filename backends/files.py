@@ -97,6 +97,8 @@ class FilesBackend:
         # the default file beside it.
         self.witness = witness or (Witness(self.root / "chain.head") if chain_key is None
                                    else None)
+        if self.witness is not None:
+            self.witness.store = "files"
         self._events_dir = self.root / "events"
         self._links: dict[int, dict[str, Any] | None] = {}
         self._gens = self.root / "generations"

@@ -141,6 +141,8 @@ class VaultBackend:
         # None: a key kept in memory only — for tests and tools; from_settings gives a file.
         self.chain_key = chain_key or chain.ChainKey(None)
         self.witness = witness  # this host's witness of the chain's newest (pkisvc.witness)
+        if witness is not None:
+            witness.store = f"vault:{mount}/{self.base}"
         self._links: dict[int, dict[str, Any] | None] = {}
         self._tail: Mapping[str, Any] | None = None  # the event chain's last entry seen
         self._tokens_path = f"{self.base}/tokens"

@@ -72,7 +72,7 @@ from pkisvc.model import (
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
-from pkisvc.witness import Damaged, Torn, Witness, compare, tips
+from pkisvc.witness import Damaged, Lost, Witness, compare, tips
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +237,12 @@ class CertStore:
             return report
         key, unchained = self.backend.chain_key.load()
         witness: Witness | None = getattr(self.backend, "witness", None)
-        torn = None
+        lost = None
         try:
             # Read before the store: it then names nothing committed after the store's read.
             seen, damaged = (witness.read(key) if witness else None), None
-        except Torn as e:
-            seen, damaged, torn = None, None, str(e)
+        except Lost as e:
+            seen, damaged, lost = None, None, str(e)
         except Damaged as e:
             seen, damaged = None, str(e)
         versions, periods = self.backend.chain_versions(), self.backend.chain_periods()
@@ -253,7 +253,7 @@ class CertStore:
         if damaged:
             report.breaks.append(damaged)
         elif seen is None:
-            report.notes.append(f"{torn or f'no witness on this host yet ({witness.path})'}: "
+            report.notes.append(f"{lost or f'no witness on this host yet ({witness.path})'}: "
                                 "removals of the newest entries are told from now on")
         else:
             report.breaks.extend(compare(seen, versions, periods, prunable_before=floor,

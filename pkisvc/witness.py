@@ -39,9 +39,10 @@ class Damaged(Exception):
     """The witness file is there but is not one this chain key made."""
 
 
-class Torn(Damaged):
-    """The witness file is not JSON at all: what a power cut can leave of a write that was
-    never fsynced (see `Witness._write`) — taken as a lost witness, not as a forged one."""
+class Lost(Damaged):
+    """No witness of this store: the file is not JSON at all (what a power cut can leave of a
+    write never fsynced, see `Witness._write`), or it is another store's (a `migrate` on this
+    host, one data_dir for two backends).  Taken as a first run, not as a forgery."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Witness:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.store = ""  # which store it witnesses: set by the backend that writes it
         self._lock = threading.Lock()
         self._said: set[str] = set()
 
@@ -132,8 +134,8 @@ class Witness:
     def read(self, key: bytes) -> Head | None:
         """The head this host saw; None when there is no witness yet.
 
-        Raises: Torn (not JSON); Damaged (unreadable, not a witness, or its MAC does not
-        match the key).
+        Raises: Lost (not JSON, or another store's); Damaged (unreadable, not a witness, or
+        its MAC does not match the key).
         """
         try:
             with self._flocked():  # never half of a write (it is rewritten in place)
@@ -153,16 +155,20 @@ class Witness:
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise Torn(f"the witness {self.path} is torn (a crash during its write?)") from None
+            raise Lost(f"the witness {self.path} is torn (a crash during its write?)") from None
         try:
             body = {f.name: doc[f.name] for f in dataclasses.fields(Head)}
             head = Head(**body)
+            store = doc["store"]
         except (KeyError, TypeError):
             raise Damaged(f"the witness {self.path} is damaged (not a pkisvc witness; remove "
                           "it to start a new one)") from None
-        if not hmac.compare_digest(str(doc.get("mac", "")), _mac(key, "witness", body)):
+        if not hmac.compare_digest(str(doc.get("mac", "")),
+                                   _mac(key, "witness", {**body, "store": store})):
             raise Damaged(f"the witness {self.path} is forged or damaged (its MAC does not "
                           "match the chain key; remove it to start a new one)")
+        if store != self.store:
+            raise Lost(f"the witness {self.path} is of another store ({store})")
         return head
 
     def saw_version(self, key: bytes, version: int, link: Mapping[str, Any],
@@ -227,7 +233,7 @@ class Witness:
             with self._lock, self._flocked():
                 try:
                     cur = self._read(key)
-                except Torn as e:
+                except Lost as e:
                     self._say("torn", logging.WARNING, "%s; a new one is started", e)
                     cur = None
                 except Damaged as e:
@@ -246,13 +252,13 @@ class Witness:
                       self.path, text)
 
     def _write(self, key: bytes, head: Head) -> None:
-        body = head.to_dict()
+        body = {**head.to_dict(), "store": self.store}
         data = json.dumps({**body, "mac": _mac(key, "witness", body)}).encode().ljust(
             SIZE - 1) + b"\n"
         # Rewritten in place, one sector, under the lock, not fsynced: a new file renamed over
         # it, or an fsync, would cost about 0.5 ms on every commit and appended event here.  A
         # killed process cannot tear one write(); after a power cut the witness may be behind
-        # (harmless) or, rarely, torn — read as lost (`Torn`), not as forged.
+        # (harmless) or, rarely, torn — read as lost (`Lost`), not as forged.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.fchmod(fd, 0o600)

@@ -21,6 +21,7 @@ from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
+from pkisvc.witness import Head, Witness
 from tests.conftest import make_settings, run_cli, wait_for
 
 DAY = timedelta(days=1)
@@ -264,6 +265,20 @@ def test_a_torn_witness_is_taken_as_lost_not_as_forged(files_store):
     report = assert_holds(settings, env)
     assert any("is torn" in n for n in report["notes"]), report
     assert witness_of(settings)["version"] == 5
+
+
+def test_another_stores_witness_is_taken_as_lost(files_store):
+    """One data_dir for two backends (`pkisvc migrate` into Vault on this host): each store
+    starts its own witness over the other's, never compares against it."""
+    _, _, settings, env = files_store
+    other = Witness(settings.chain_witness_path)
+    other.store = "vault:secret/pkisvc/prod"
+    key, _ = FilesBackend(settings.data_dir).chain_key.load()
+    other.raise_to(key, Head(version=99, version_mac="0" * 64))
+    assert witness_of(settings)["store"] == "vault:secret/pkisvc/prod"
+    report = assert_holds(settings, env)
+    assert any("of another store" in n for n in report["notes"]), report
+    assert witness_of(settings)["store"] == "files" and witness_of(settings)["version"] == 5
 
 
 def test_a_witness_behind_is_raised_by_a_check(files_store, tmp_path):
