@@ -9,8 +9,8 @@ and the newest event entry (period, number, link), MAC'ed with the chain key.
 
 It is written after the store (a process killed in between leaves it behind, which is fine),
 in one write of one sector under a lock file shared by the host's processes, and only ever
-raised: by this host's own commits and appends when they follow what
-it names, and by a check that held.  A check compares: a store ending before what the witness
+raised: by this host's own commits and appends when they follow what it names, and by a
+check that held.  A check compares: a store ending before what the witness
 names, or holding another link there, is a break.  A witness is never a reason to refuse a
 write.  Each host (each data_dir) keeps its own; one that is behind is simply raised.
 """
