@@ -4,18 +4,23 @@ gunicorn's `gthread` worker hands a connection to a pool thread as soon as a byt
 the thread then reads the request line, headers and body with blocking reads and no deadline:
 a dozen clients dripping one header byte every few seconds hold every thread, and nothing
 else is answered.  This worker keeps `gthread`'s thread pool, keep-alive handling and request
-code, and changes one thing: the whole request — TLS handshake, request line, headers and body
-(up to the 64 KiB the app accepts) — is read by the worker's poller thread with non-blocking
-reads, within one deadline (`REQUEST_DEADLINE` from the connection's first byte or its
-acceptance).  Only a complete request goes to a pool thread, which parses it from memory, so
-a thread never waits for a client.  A client that misses the deadline gets a `408` and is
-closed; one that announces a larger body gets a `413` from the poller without it being read.
+code, and changes one thing: no thread waits for a client.  The whole request — TLS
+handshake, request line, headers and body (up to the 64 KiB the app accepts) — is read with
+non-blocking reads, within one deadline (`REQUEST_DEADLINE` from the connection's first byte or
+its acceptance), and a pool thread parses it from memory.  A new connection is read by the
+worker's poller.  A kept-alive connection with bytes goes to a pool thread as in `gthread`,
+which reads once without waiting (`try_read`): a whole request (nearly always) is served at
+once, with no more poller work than `gthread` does; a part of one goes back to the poller,
+which reads the rest.  A client that misses the deadline gets a `408` and is closed; one that
+announces a larger body gets a `413` without it being read.
 
 The poller does not parse HTTP: it finds where the request ends (the empty line, then
 `Content-Length` bytes or the chunked framing) and leaves every judgement to gunicorn's parser
 in the thread, so what is accepted and refused is what `gthread` accepts and refuses.  Should
 the two ever disagree about the framing, the thread's socket still has a timeout
-(`THREAD_IO_TIMEOUT`), which also bounds writing the response to a client that stops reading.
+(`THREAD_IO_TIMEOUT`: the kernel's SO_RCVTIMEO/SO_SNDTIMEO on a plain socket, which cost
+nothing per call; Python's on a TLS one), which also bounds writing the response to a client
+that stops reading.
 HTTP/1.1 only (`http_protocols = "h1"`, gunicorn's default).
 """
 from __future__ import annotations
