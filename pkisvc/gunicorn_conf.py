@@ -55,6 +55,18 @@ def post_fork(server: Any, worker: Any) -> None:
     _pkisvc_logs_to(server)
 
 
+def worker_exit(server: Any, worker: Any) -> None:
+    """A worker that stops lets go of its backend: a Vault token it logged in for (AppRole)
+    is revoked, as a CLI run's is, rather than left to its TTL."""
+    store = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("pkisvc")
+    close = getattr(getattr(store, "backend", None), "close", None)  # optional Backend method
+    if close is not None:
+        try:
+            close()
+        except Exception as e:
+            server.log.info("worker %s: backend not closed: %s", worker.pid, e)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 

@@ -24,6 +24,18 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _json(_ref("Error"), words[c]) for c in codes}
 
 
+# Served from memory while the backend cannot be reached (vault.stale_for): how old it is.
+_STALE_HEADER = {"PKISVC-Stale": {
+    "description": "Present only when the answer was served from memory while the backend "
+                   "could not be reached: seconds since it was last read from the backend",
+    "schema": {"type": "integer", "minimum": 0}}}
+
+
+def _stale(response: dict[str, Any]) -> dict[str, Any]:
+    """A response that may be served stale during a backend outage (pkisvc.freshness)."""
+    return {**response, "headers": _STALE_HEADER}
+
+
 def _op(summary: str, scope: str | None, responses: dict[str, Any], *,
         params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
         op_id: str) -> dict[str, Any]:
@@ -128,14 +140,15 @@ def document() -> dict[str, Any]:
                                          "backend": {"enum": ["down"]}}}, "Backend down")},
             op_id="health")},
         "/v1/ca": {"get": _op("The trust bundle (hosts' ca.crt) and the signing CA", None, {
-            "200": _json({"type": "object", "required": ["version", "pem"],
-                          "properties": {"version": {"type": "integer"}, "pem": _STR,
-                                         "trust": {"type": "array", "items": _STR},
-                                         "ca": _ref("ItemSummary")}}, "The trust bundle"),
+            "200": _stale(_json({"type": "object", "required": ["version", "pem"],
+                                 "properties": {"version": {"type": "integer"}, "pem": _STR,
+                                                "trust": {"type": "array", "items": _STR},
+                                                "ca": _ref("ItemSummary")}},
+                                "The trust bundle")),
             **_errors(404, 503)}, op_id="getCa")},
         "/v1/ca.pem": {"get": _op("The trust bundle as PEM", None, {
-            "200": {"description": "PEM", "content": {"application/x-pem-file": {
-                "schema": _STR}}}, **_errors(404, 503)}, op_id="getCaPem")},
+            "200": _stale({"description": "PEM", "content": {"application/x-pem-file": {
+                "schema": _STR}}}), **_errors(404, 503)}, op_id="getCaPem")},
         "/v1/init": {"post": _op("Make version 1", "admin", {**gen201, **_errors(
             400, 401, 403, 409, 413, 503)}, body={
             "type": "object", "additionalProperties": False,
@@ -220,7 +233,8 @@ def document() -> dict[str, Any]:
                          "Items"), **_errors(400, 401, 403, 404, 503)},
             params=[_VERSION_Q], op_id="listCerts")},
         "/v1/certs/{item}": {"get": _op("One certificate", "read", {
-            "200": _json(_ref("Cert"), "The certificate"), **_errors(400, 401, 403, 404, 503)},
+            "200": _stale(_json(_ref("Cert"), "The certificate")),
+            **_errors(400, 401, 403, 404, 503)},
             params=[_ITEM_P, _VERSION_Q], op_id="getCert")},
         "/v1/certs/{item}/key": {"get": _op("A leaf's private key (audited)", "secrets", {
             "200": _json(_ref("Key"), "The key"), **_errors(400, 401, 403, 404, 503)},
@@ -247,7 +261,7 @@ def document() -> dict[str, Any]:
                            "reason": _REASON}}, op_id="rollback")},
         "/v1/pillar/{minion_id}": {"get": _op("A role's files for a minion (audited)", "secrets", {
             "200": _json(_ref("Pillar"), "The files"),
-            "304": {"description": "Unchanged since the ETag given"},
+            "304": _stale({"description": "Unchanged since the ETag given"}),
             **_errors(400, 401, 403, 404, 503)},
             params=[{"name": "minion_id", "in": "path", "required": True,
                      "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]*$"}},

@@ -422,7 +422,9 @@ class CertStore:
         The event goes first, under an id the change alone decides (`delivery_id`): killed or
         cut off between the two writes, the state still names the old version, the next
         answer makes the same change again, and its event, written again, is listed once.  So
-        every state a minion is seen in has its event.
+        every state a minion is seen in has its event.  A state another writer changed first
+        (a conflict) is retried on the new state without a second event: one answer, one
+        delivery, one event.
         """
         now = self.now()
         seen = self._minions.get(minion)
@@ -439,6 +441,7 @@ class CertStore:
             log.warning("minion %s: delivery state not read (answered 304): %s", minion,
                         e.message)
             return
+        event_written = False  # this answer's event is in the store: one per delivery
         for _ in range(STATE_ATTEMPTS):
             change = held is None or held.version != version or held.role != role
             if held is not None and not change:
@@ -453,11 +456,12 @@ class CertStore:
                 else:
                     new = MinionState(minion, role, version, received=now, asked=now)
             try:
-                if change:  # the event first (see above)
+                if change and not event_written:  # the event first (see above)
                     self.backend.append_audit(AuditEvent(
                         time=now, actor=actor, action="pillar", version=version, items=items,
                         remote_addr=remote_addr, minion=minion, role=role,
                         id=delivery_id(held, new)))
+                    event_written = True
                 self._put_minion(new, held)
             except VersionConflict:
                 held = self.backend.minion(minion)

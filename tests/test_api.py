@@ -312,6 +312,11 @@ def test_openapi_describes_every_route(app):
             routes.add((path, method.lower()))
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert routes == documented
+    # The answers served from memory during a backend outage say so in a documented header.
+    paths = doc["paths"]
+    for path, status in (("/v1/ca", "200"), ("/v1/ca.pem", "200"),
+                         ("/v1/certs/{item}", "200"), ("/v1/pillar/{minion_id}", "304")):
+        assert "PKISVC-Stale" in paths[path]["get"]["responses"][status]["headers"], path
 
 
 def test_fast_path_answers_as_flask_does(app, tokens):

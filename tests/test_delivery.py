@@ -276,3 +276,32 @@ def test_a_state_write_failing_after_its_event_shows_the_change_once(settings):
     assert backend.minion("k8s-node-7").version == 2
     assert [e["version"] for e in fleet.pillar_events() if e["minion"] == "k8s-node-7"] == [2, 1]
     assert len(delivered(backend.audit(limit=1000))) == 101
+
+
+def test_an_answer_that_loses_its_state_write_to_another_is_one_event(backend, settings):
+    """Two answers for one minion at once (as a master, as a node): the one whose state write
+    meets the other's retries on the state it finds, without a second event for its one
+    delivery (the race test's "no more events than deliveries")."""
+    import dataclasses
+    fleet = Fleet(backend, settings)
+    minion = "k8s-master-0"
+    assert fleet.client.get(f"/v1/pillar/{minion}?role=master", headers=fleet.h).status_code \
+        == 200
+    fleet.store.rotate_leaf("server", actor="test")
+    put = backend.put_minion
+    raced: list[Any] = []
+
+    def put_after_another(new: Any, *, expected: Any) -> None:
+        if not raced:  # the other answer (as a node, version 2) writes first
+            raced.append(dataclasses.replace(expected, role="node", version=2))
+            put(raced[0], expected=expected)
+        put(new, expected=expected)
+    backend.put_minion = put_after_another
+    try:
+        r = fleet.client.get(f"/v1/pillar/{minion}?role=master", headers=fleet.h)
+    finally:
+        backend.put_minion = put
+    assert r.status_code == 200 and raced
+    assert (backend.minion(minion).role, backend.minion(minion).version) == ("master", 2)
+    mine = [(e["role"], e["version"]) for e in fleet.pillar_events() if e["minion"] == minion]
+    assert mine == [("master", 2), ("master", 1)]

@@ -23,7 +23,17 @@ from pkisvc.errors import PermissionDenied
 from pkisvc.model import AuditEvent, MinionState, SessionRecord
 from pkisvc.store import CertStore
 from pkisvc.testing.backend import NOON
-from tests.conftest import REPO, make_settings, run_cli, serve, stop
+from tests.conftest import (
+    REPO,
+    clean_env,
+    free_port,
+    make_settings,
+    run_cli,
+    serve,
+    start,
+    stop,
+    wait_for,
+)
 from tests.openbao import SETUP, PersistentOpenBao, policy, policy_token
 
 pytestmark = pytest.mark.vault
@@ -310,6 +320,15 @@ def test_setup_from_zero_on_raft_then_cli_runs_leave_no_token(tmp_path):
             assert r.returncode == 0, (args, r.stderr)
         assert accessors(root) == before  # every run revoked the token it logged in for
         assert r.stdout.startswith("version 3: rotate-ca")
+        # The service too: each worker logs in, and revokes its token when it stops.
+        port = free_port()
+        p = start([sys.executable, "-m", "pkisvc.cli", "--config", str(cfg), "serve",
+                   "--bind", f"127.0.0.1:{port}", "--workers", "2"], clean_env(), port)
+        try:
+            wait_for(lambda: len(accessors(root) - before) == 2, 60, "both workers to log in")
+        finally:
+            stop(p)
+        assert accessors(root) == before
         log = audit_log.read_text()
         assert "pkisvc-kv/data/pkisvc/prod/versions/3/record" in log
         assert "auth/approle/login" in log and "auth/token/revoke-self" in log

@@ -308,8 +308,9 @@ def test_a_minions_state_lost_after_its_event_shows_the_change_once(openbao, rel
     assert relay.cut_after is None
     assert (backend.minion("k8s-node-2").version, changes("k8s-node-2")) == (2, [2, 1])
 
-    relay.cut_after = f"POST /v1/secret/data/{backend.base}/audit/".encode()
+    relay.cut_after = f"POST /v1/secret/data/{backend.base}/events/".encode()
     assert ask("k8s-node-3") == 503  # the event landed unacknowledged; the state waits
+    assert relay.cut_after is None
     assert backend.minion("k8s-node-3").version == 1
     assert ask("k8s-node-3") == 200
     assert (backend.minion("k8s-node-3").version, changes("k8s-node-3")) == (2, [2, 1])
