@@ -122,6 +122,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: kubernetes.cert.lookup
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-refresh
 
@@ -131,6 +132,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ (orch.pre_states + ['kubernetes.cert.configured']) | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-lookup
 {%- set ns.prev = "salt: " ~ id ~ "-configured" %}
@@ -142,6 +144,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ orch.restart_states | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-configured
 {%- if orch.restart != 'always' %}
