@@ -277,11 +277,10 @@ class FilesBackend:
                      CHAIN: json.dumps(link, separators=(",", ":")).encode()}
             if stored_event is not None:
                 files[EVENT] = json.dumps(stored_event, separators=(",", ":")).encode()
-            for name, data in files.items():
-                _write_file(stage / name, data, sync=False)
+            written = self._stage_files(stage, files, expected)
             # fsync every file and the directory at once: ext4 commits them in one journal
             # transaction (about 1 ms here, against about 15 ms one after another).
-            self._sync_all([stage / n for n in files] + [stage])
+            self._sync_all([stage / n for n in written] + [stage])
             try:
                 os.rename(stage, self._gen_dir(version))
             except OSError as e:
@@ -305,6 +304,24 @@ class FilesBackend:
         except (OSError, ValueError, AttributeError):
             return None
         return str(mac) if mac is not None else None
+
+    def _stage_files(self, stage: Path, files: dict[str, bytes], parent: int | None
+                     ) -> list[str]:
+        """Put files in stage; return the names written (to be fsynced).  A file the parent
+        version holds with the same bytes (most of them: a change replaces one or two items)
+        is hard-linked from it instead: durable already, it needs no write nor fsync."""
+        held = self._cache.get(parent) if parent else None
+        written = []
+        for name, data in files.items():
+            if held is not None and held.files.get(name) == data:
+                try:
+                    os.link(self._gen_dir(parent) / name, stage / name)  # type: ignore[arg-type]
+                    continue
+                except OSError:
+                    pass  # gone, or a file system without hard links: write it
+            _write_file(stage / name, data, sync=False)
+            written.append(name)
+        return written
 
     def _link(self, version: int) -> dict[str, Any] | None:
         """A version's chain link (None: written before the chain)."""

@@ -161,6 +161,9 @@ class VaultBackend:
         # Whether the token may delete uncommitted material; None until the capabilities a
         # version write needs were checked (once per process, before its first write).
         self._may_delete: bool | None = None
+        # A record this process lost a race for: racing writers may leave material behind
+        # (see _after_commit).
+        self._raced = False
         self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
         self._shards: dict[str, tuple[int, dict[str, MinionState]]] = {}  # as last read
@@ -452,6 +455,7 @@ class VaultBackend:
             self._may_delete = None  # the policy changed: check again next time
             raise
         except VersionConflict:
+            self._raced = True
             self._forget(material)
             # head may be behind (a writer killed after its commit, or about to move it)
             self._heal(expected or 0, logging.INFO)
@@ -545,6 +549,7 @@ class VaultBackend:
             raise lost from None
         if self.vault.dig(resp, self._data(self._record_path(version)),
                           "data", "data").get("material") != nonce:
+            self._raced = True
             self._forget(self._material_path(version, nonce))
             raise VersionConflict(f"{self._data(self._record_path(version))} exists: "
                                   "another writer was first") from None
@@ -555,8 +560,12 @@ class VaultBackend:
         committed whatever happens here: a failure is logged (a later writer heals head)."""
         try:
             self._advance_head(version)
-            if not self._may_delete:
-                return  # leftovers of the race stay, unread (the shipped policy deletes nothing)
+            if not self._may_delete or not self._raced:
+                # Leftovers come from races (a loser deletes its own material; one killed
+                # first cannot): listed after a race seen here, not on every commit.  The
+                # shipped policy deletes nothing: its leftovers stay, unread.
+                return
+            self._raced = False
             keep = {"record", f"material-{nonce}"}
             for key in self._list(f"{self._versions}/{version}"):
                 if key not in keep and key.startswith("material-"):

@@ -125,6 +125,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: kubernetes.cert.lookup
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-refresh
 
@@ -134,6 +135,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ (orch.pre_states + ['kubernetes.cert.configured']) | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-lookup
 {%- set ns.prev = "salt: " ~ id ~ "-configured" %}
@@ -145,6 +147,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ orch.restart_states | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-configured
 {%- if orch.restart != 'always' %}
