@@ -58,7 +58,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from pkisvc import chain
@@ -107,6 +107,7 @@ RESERVED = "record.json"  # the files backend's record; refused here too, so bac
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
+HEAD_LAG = 60  # seconds a record past `head` is taken for a live writer's, not a dead one's
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 MINION_SHARDS = 64  # secrets the minions' states are spread over (fixed: changing it moves them)
 
@@ -282,11 +283,15 @@ class VaultBackend:
 
     def _heal(self, top: int, level: int = logging.WARNING) -> int:
         """Move `head` past the committed records beyond it (a writer killed after its
-        commit, or one about to move it); return the latest version."""
+        commit, or one about to move it); return the latest version.  A record made in the
+        last HEAD_LAG seconds is most likely a live writer's about to move it: said quietly."""
         v = top
-        while self._record(v + 1, first_layout=False) is not None:
-            v += 1
-        if v > top:
+        newest: GenerationRecord | None = None
+        while (rec := self._record(v + 1, first_layout=False)) is not None:
+            v, newest = v + 1, rec
+        if newest is not None:
+            if datetime.now(UTC) - newest.created_at < timedelta(seconds=HEAD_LAG):
+                level = logging.INFO
             log.log(level, "%s was behind: versions %d..%d were committed; moving it",
                     self._data(self._head_path), top + 1, v)
             self._advance_head(v)
