@@ -70,6 +70,7 @@ from pkisvc.model import (
     valid_file_name,
 )
 from pkisvc.settings import Settings
+from pkisvc.witness import Witness
 
 RECORD = "record.json"
 EVENT = "event.json"  # the change's audit event, committed with its generation
@@ -88,9 +89,16 @@ class FilesBackend:
     name = "files"
 
     def __init__(self, root: str | os.PathLike[str],
-                 chain_key: chain.ChainKey | None = None) -> None:
+                 chain_key: chain.ChainKey | None = None, witness: Witness | None = None
+                 ) -> None:
         self.root = Path(root)
         self.chain_key = chain_key or chain.ChainKey(self.root / "chain.key")
+        # This host's witness of the chain's newest (pkisvc.witness); with the default key,
+        # the default file beside it.
+        self.witness = witness or (Witness(self.root / "chain.head") if chain_key is None
+                                   else None)
+        if self.witness is not None:
+            self.witness.store = "files"
         self._events_dir = self.root / "events"
         self._links: dict[int, dict[str, Any] | None] = {}
         self._gens = self.root / "generations"
@@ -112,7 +120,8 @@ class FilesBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FilesBackend:
-        return cls(settings.data_dir, chain.ChainKey(settings.chain_key_path))
+        return cls(settings.data_dir, chain.ChainKey(settings.chain_key_path),
+                   Witness(settings.chain_witness_path))
 
     def __repr__(self) -> str:
         return f"FilesBackend({str(self.root)!r})"
@@ -268,11 +277,10 @@ class FilesBackend:
                      CHAIN: json.dumps(link, separators=(",", ":")).encode()}
             if stored_event is not None:
                 files[EVENT] = json.dumps(stored_event, separators=(",", ":")).encode()
-            for name, data in files.items():
-                _write_file(stage / name, data, sync=False)
+            written = self._stage_files(stage, files, expected)
             # fsync every file and the directory at once: ext4 commits them in one journal
             # transaction (about 1 ms here, against about 15 ms one after another).
-            self._sync_all([stage / n for n in files] + [stage])
+            self._sync_all([stage / n for n in written] + [stage])
             try:
                 os.rename(stage, self._gen_dir(version))
             except OSError as e:
@@ -285,7 +293,35 @@ class FilesBackend:
         self._records[version] = gen.record
         self._events[version] = event
         self._links[version] = link
+        if self.witness is not None:  # after the store: a crash here leaves it behind
+            self.witness.saw_version(key, version, link, self._stored_mac)
         return version
+
+    def _stored_mac(self, version: int) -> str | None:
+        """Version's link MAC as stored now (no cache), for the witness."""
+        try:
+            mac = json.loads((self._gen_dir(version) / CHAIN).read_bytes()).get("mac")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(mac) if mac is not None else None
+
+    def _stage_files(self, stage: Path, files: dict[str, bytes], parent: int | None
+                     ) -> list[str]:
+        """Put files in stage; return the names written (to be fsynced).  A file the parent
+        version holds with the same bytes (most of them: a change replaces one or two items)
+        is hard-linked from it instead: durable already, it needs no write nor fsync."""
+        held = self._cache.get(parent) if parent else None
+        written = []
+        for name, data in files.items():
+            if held is not None and held.files.get(name) == data:
+                try:
+                    os.link(self._gen_dir(parent) / name, stage / name)  # type: ignore[arg-type]
+                    continue
+                except OSError:
+                    pass  # gone, or a file system without hard links: write it
+            _write_file(stage / name, data, sync=False)
+            written.append(name)
+        return written
 
     def _link(self, version: int) -> dict[str, Any] | None:
         """A version's chain link (None: written before the chain)."""
@@ -346,7 +382,9 @@ class FilesBackend:
             tail = entries.tail()
             after = self.latest()
             key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
-            periods.append(entries, key, event, after)
+            entry = periods.append(entries, key, event, after)
+        if self.witness is not None:
+            self.witness.saw_entry(key, entry, entries.entry)
 
     @contextlib.contextmanager
     def _events_locked(self) -> Iterator[None]:

@@ -62,7 +62,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from pkisvc import chain
@@ -93,6 +93,7 @@ from pkisvc.model import (
     TokenRecord,
 )
 from pkisvc.settings import Settings
+from pkisvc.witness import Witness
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ RESERVED = "record.json"  # the files backend's record; refused here too, so bac
 CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every version
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
+HEAD_LAG = 60  # seconds a record past `head` is taken for a live writer's, not a dead one's
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 MINION_SHARDS = 64  # secrets the minions' states are spread over (fixed: changing it moves them)
 # Seconds after which a listing reads every shard even when `minions/stamp` did not move: the
@@ -131,7 +133,8 @@ class VaultBackend:
                  secret_id: str | None = None, ca_cert: str | None = None,
                  timeout: float = 5.0, max_versions: int = 1000,
                  secret_id_file: str | None = None,
-                 chain_key: chain.ChainKey | None = None) -> None:
+                 chain_key: chain.ChainKey | None = None,
+                 witness: Witness | None = None) -> None:
         self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
                                  secret_id=secret_id, ca_cert=ca_cert, timeout=timeout,
                                  secret_id_file=secret_id_file)
@@ -146,6 +149,9 @@ class VaultBackend:
         self._events_dir = f"{self.base}/events"
         # None: a key kept in memory only — for tests and tools; from_settings gives a file.
         self.chain_key = chain_key or chain.ChainKey(None)
+        self.witness = witness  # this host's witness of the chain's newest (pkisvc.witness)
+        if witness is not None:
+            witness.store = f"vault:{mount}/{self.base}"
         self._links: dict[int, dict[str, Any] | None] = {}
         self._tail: Mapping[str, Any] | None = None  # the event chain's last entry seen
         self._tokens_path = f"{self.base}/tokens"
@@ -164,6 +170,9 @@ class VaultBackend:
         # Whether the token may delete uncommitted material; None until the capabilities a
         # version write needs were checked (once per process, before its first write).
         self._may_delete: bool | None = None
+        # A record this process lost a race for: racing writers may leave material behind
+        # (see _after_commit).
+        self._raced = False
         self._checked: set[str] = set()  # the kinds of audited change checked likewise
         self._first_layout_top: int | None = None  # read once, when a write needs it
         self._shards: dict[str, tuple[int, dict[str, MinionState]]] = {}  # as last read
@@ -182,7 +191,8 @@ class VaultBackend:
                    token=v.token, token_file=v.token_file, role_id=v.role_id,
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
                    max_versions=v.max_versions, secret_id_file=v.secret_id_file,
-                   chain_key=chain.ChainKey(settings.chain_key_path))
+                   chain_key=chain.ChainKey(settings.chain_key_path),
+                   witness=Witness(settings.chain_witness_path))
 
     @property
     def addr(self) -> str:
@@ -287,11 +297,15 @@ class VaultBackend:
 
     def _heal(self, top: int, level: int = logging.WARNING) -> int:
         """Move `head` past the committed records beyond it (a writer killed after its
-        commit, or one about to move it); return the latest version."""
+        commit, or one about to move it); return the latest version.  A record made in the
+        last HEAD_LAG seconds is most likely a live writer's about to move it: said quietly."""
         v = top
-        while self._record(v + 1, first_layout=False) is not None:
-            v += 1
-        if v > top:
+        newest: GenerationRecord | None = None
+        while (rec := self._record(v + 1, first_layout=False)) is not None:
+            v, newest = v + 1, rec
+        if newest is not None:
+            if datetime.now(UTC) - newest.created_at < timedelta(seconds=HEAD_LAG):
+                level = logging.INFO
             log.log(level, "%s was behind: versions %d..%d were committed; moving it",
                     self._data(self._head_path), top + 1, v)
             self._advance_head(v)
@@ -460,6 +474,7 @@ class VaultBackend:
             self._may_delete = None  # the policy changed: check again next time
             raise
         except VersionConflict:
+            self._raced = True
             self._forget(material)
             # head may be behind (a writer killed after its commit, or about to move it)
             self._heal(expected or 0, logging.INFO)
@@ -471,7 +486,18 @@ class VaultBackend:
         self._note(version, gen.record, event, nonce, link)
         self._remember(gen)
         self._after_commit(version, nonce)
+        if self.witness is not None:  # after the store: a crash here leaves it behind
+            self.witness.saw_version(key, version, link, self._stored_mac)
         return version
+
+    def _stored_mac(self, version: int) -> str | None:
+        """Version's link MAC as stored now (no cache), for the witness."""
+        try:
+            resp = self._read(self._record_path(version))
+        except NotFound:
+            return None
+        mac = ((resp.get("data", {}).get("data") or {}).get("chain") or {}).get("mac")
+        return str(mac) if mac is not None else None
 
     def _check_writes(self, version: int, nonce: str) -> None:
         """Before this process's first version write: check that the token may do every step
@@ -542,6 +568,7 @@ class VaultBackend:
             raise lost from None
         if self.vault.dig(resp, self._data(self._record_path(version)),
                           "data", "data").get("material") != nonce:
+            self._raced = True
             self._forget(self._material_path(version, nonce))
             raise VersionConflict(f"{self._data(self._record_path(version))} exists: "
                                   "another writer was first") from None
@@ -552,8 +579,12 @@ class VaultBackend:
         committed whatever happens here: a failure is logged (a later writer heals head)."""
         try:
             self._advance_head(version)
-            if not self._may_delete:
-                return  # leftovers of the race stay, unread (the shipped policy deletes nothing)
+            if not self._may_delete or not self._raced:
+                # Leftovers come from races (a loser deletes its own material; one killed
+                # first cannot): listed after a race seen here, not on every commit.  The
+                # shipped policy deletes nothing: its leftovers stay, unread.
+                return
+            self._raced = False
             keep = {"record", f"material-{nonce}"}
             for key in self._list(f"{self._versions}/{version}"):
                 if key not in keep and key.startswith("material-"):
@@ -590,6 +621,8 @@ class VaultBackend:
         after = self._head_seen[0] if self._head_seen is not None else self.latest()
         key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
         entry = periods.append(entries, key, event, after)
+        if self.witness is not None:
+            self.witness.saw_entry(key, entry, entries.entry)
         self._remember_event(f"{entry['period']}/{entry['seq']:09d}",
                              (appended_order(event, after, entry["period"], entry["seq"]),
                               event))

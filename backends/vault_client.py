@@ -68,6 +68,7 @@ class VaultClient:
                                    timeout=timeout, adapter=Adapter)
         self.kv = self._client.secrets.kv.v2
         self._lock = threading.RLock()
+        self._closed = False  # let go of its token: no new login (a stopping process)
 
     def get(self, url: str) -> dict[str, Any]:
         """GET /v1/... through hvac's adapter (for the hot reads: no per-call URL building)."""
@@ -82,15 +83,17 @@ class VaultClient:
     def close(self) -> None:
         """Revoke the token this client logged in for (AppRole), so a short-lived process
         (a CLI run) leaves no live token behind; a token it was given is left alone."""
-        token = self._auth.logged_in()
-        if token:
-            try:
-                self._client.adapter.post("/v1/auth/token/revoke-self")
-            except FAILURES as e:  # it expires with its TTL anyway
-                log.info("could not revoke the vault token: %s",
-                         self._translate(e, "auth/token/revoke-self").message)
-            self._auth.forget()
-        self._client.adapter.close()
+        with self._lock:  # no call logs in again meanwhile, nor after (background threads)
+            self._closed = True
+            token = self._auth.logged_in()
+            if token:
+                try:
+                    self._client.adapter.post("/v1/auth/token/revoke-self")
+                except FAILURES as e:  # it expires with its TTL anyway
+                    log.info("could not revoke the vault token: %s",
+                             self._translate(e, "auth/token/revoke-self").message)
+                self._auth.forget()
+            self._client.adapter.close()
 
     def dig(self, resp: Any, where: str, *keys: str) -> Any:
         """Return resp[k1][k2]...; an answer of another shape is BackendUnavailable."""
@@ -180,6 +183,9 @@ class VaultClient:
 
     def _login(self, *, force: bool) -> None:
         """Make sure the client holds a live token (read, renewed, or freshly logged in)."""
+        if self._closed:
+            raise BackendUnavailable(f"vault at {self.addr}: this process has let go of its "
+                                     "token (it is stopping)")
         try:
             token = self._auth.token_for(self._client, force=force)
         except hvac.exceptions.Forbidden:

@@ -94,8 +94,11 @@ def paired(sides: list[Side], rounds: int, measure: Callable[[Side], float]
 def read_rps(backend: str, conns: int) -> Callable[[Side], float]:
     def measure(side: Side) -> float:
         svc, token = side.service("rsa-2048", backend)
-        return wrk(f"{svc.url}/v1/certs/server", f"Authorization: Bearer {token}",
-                   conns)["rps"]
+        got = wrk(f"{svc.url}/v1/certs/server", f"Authorization: Bearer {token}", conns)
+        if got["non_2xx"]:  # wrk counts refusals as requests: such a rate means nothing
+            raise RuntimeError(f"{side.name} {backend}: {got['non_2xx']} of {got['requests']} "
+                               "reads were not answered 200")
+        return got["rps"]
     return measure
 
 

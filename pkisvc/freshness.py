@@ -77,6 +77,17 @@ class Kept(Generic[T]):
 
         Raises: what the read raises when nothing can be served in its place.
         """
+        if self.ttl <= 0 and self.stale_for <= 0:
+            # Read every time, nothing served in its place (the files backend): no read of
+            # another caller to wait for, nor a failure to remember.  A hot read asks twice.
+            now = self.used = self._clock()
+            epoch = self._epoch
+            value = self._read()
+            if not self._monotonic:
+                return Seen(value)
+            with self._cond:
+                self._keep(value, now, epoch)
+                return Seen(self._value)  # type: ignore[arg-type]
         with self._cond:
             now = self.used = self._clock()
             if self.ttl > 0:

@@ -124,12 +124,18 @@ class Settings:
     ui: UISettings = UISettings(session_ttl=8 * 3600, session_idle=3600)
     audit: AuditSettings = AuditSettings(keep=365 * 86400, verify_interval=3600)
     chain_key_file: Path | None = None  # None: <data_dir>/chain.key
+    chain_witness_file: Path | None = None  # None: <data_dir>/chain.head
     hosts: HostsSettings = HostsSettings(silent_after=86400, expire_after=30 * 86400)
 
     @property
     def chain_key_path(self) -> Path:
         """The chain key's file (`chain_key_file`, else `<data_dir>/chain.key`)."""
         return self.chain_key_file or self.data_dir / "chain.key"
+
+    @property
+    def chain_witness_path(self) -> Path:
+        """This host's chain witness (`chain_witness_file`, else `<data_dir>/chain.head`)."""
+        return self.chain_witness_file or self.data_dir / "chain.head"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -430,6 +436,7 @@ _SCHEMA: dict[str, _Field] = {
     "audit.keep": _Field("365d", _duration(0, 100 * 366 * 86400), text=True),
     "audit.verify_interval": _Field("1h", _duration(0, 366 * 86400), text=True),
     "chain_key_file": _Field(None, _opt_str, text=True),
+    "chain_witness_file": _Field(None, _opt_str, text=True),
     "hosts.silent_after": _Field("1d", _duration(60, 365 * 86400), text=True),
     "hosts.expire_after": _Field("30d", _duration(3600, 3650 * 86400), text=True),
 }
@@ -524,6 +531,8 @@ def _build(v: dict[str, Any], source: str | None) -> Settings:
         audit=AuditSettings(keep=v["audit.keep"], verify_interval=v["audit.verify_interval"]),
         chain_key_file=(Path(v["chain_key_file"]).expanduser().absolute()
                         if v["chain_key_file"] else None),
+        chain_witness_file=(Path(v["chain_witness_file"]).expanduser().absolute()
+                            if v["chain_witness_file"] else None),
         hosts=HostsSettings(silent_after=v["hosts.silent_after"],
                             expire_after=v["hosts.expire_after"]),
     )

@@ -77,6 +77,7 @@ from pkisvc.model import (
 )
 from pkisvc.settings import Settings
 from pkisvc.tokens import new_token
+from pkisvc.witness import Damaged, Lost, Witness, compare, tips
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,31 @@ class CertStore:
                 report.notes.append("no chain key yet: nothing is chained")
             return report
         key, unchained = self.backend.chain_key.load()
-        return chain.verify(key, unchained, self.backend.chain_versions(),
-                            self.backend.chain_periods(),
-                            prunable_before=self._prune_floor())
+        witness: Witness | None = getattr(self.backend, "witness", None)
+        lost = None
+        try:
+            # Read before the store: it then names nothing committed after the store's read.
+            seen, damaged = (witness.read(key) if witness else None), None
+        except Lost as e:
+            seen, damaged, lost = None, None, str(e)
+        except Damaged as e:
+            seen, damaged = None, str(e)
+        versions, periods = self.backend.chain_versions(), self.backend.chain_periods()
+        floor = self._prune_floor()
+        report = chain.verify(key, unchained, versions, periods, prunable_before=floor)
+        if witness is None:
+            return report
+        if damaged:
+            report.breaks.append(damaged)
+        elif seen is None:
+            report.notes.append(f"{lost or f'no witness on this host yet ({witness.path})'}: "
+                                "removals of the newest entries are told from now on")
+        else:
+            report.breaks.extend(compare(seen, versions, periods, prunable_before=floor,
+                                         where=f"witness {witness.path}"))
+        if report.ok:
+            witness.raise_to(key, tips(versions, periods))
+        return report
 
     def _prune_floor(self) -> str | None:
         keep = self.settings.audit.keep

@@ -4,18 +4,23 @@ gunicorn's `gthread` worker hands a connection to a pool thread as soon as a byt
 the thread then reads the request line, headers and body with blocking reads and no deadline:
 a dozen clients dripping one header byte every few seconds hold every thread, and nothing
 else is answered.  This worker keeps `gthread`'s thread pool, keep-alive handling and request
-code, and changes one thing: the whole request — TLS handshake, request line, headers and body
-(up to the 64 KiB the app accepts) — is read by the worker's poller thread with non-blocking
-reads, within one deadline (`REQUEST_DEADLINE` from the connection's first byte or its
-acceptance).  Only a complete request goes to a pool thread, which parses it from memory, so
-a thread never waits for a client.  A client that misses the deadline gets a `408` and is
-closed; one that announces a larger body gets a `413` from the poller without it being read.
+code, and changes one thing: no thread waits for a client.  The whole request — TLS
+handshake, request line, headers and body (up to the 64 KiB the app accepts) — is read with
+non-blocking reads, within one deadline (`REQUEST_DEADLINE` from the connection's first byte or
+its acceptance), and a pool thread parses it from memory.  A new connection is read by the
+worker's poller.  A kept-alive connection with bytes goes to a pool thread as in `gthread`,
+which reads once without waiting (`try_read`): a whole request (nearly always) is served at
+once, with no more poller work than `gthread` does; a part of one goes back to the poller,
+which reads the rest.  A client that misses the deadline gets a `408` and is closed; one that
+announces a larger body gets a `413` without it being read.
 
 The poller does not parse HTTP: it finds where the request ends (the empty line, then
 `Content-Length` bytes or the chunked framing) and leaves every judgement to gunicorn's parser
 in the thread, so what is accepted and refused is what `gthread` accepts and refuses.  Should
 the two ever disagree about the framing, the thread's socket still has a timeout
-(`THREAD_IO_TIMEOUT`), which also bounds writing the response to a client that stops reading.
+(`THREAD_IO_TIMEOUT`: the kernel's SO_RCVTIMEO/SO_SNDTIMEO on a plain socket, which cost
+nothing per call; Python's on a TLS one), which also bounds writing the response to a client
+that stops reading.
 HTTP/1.1 only (`http_protocols = "h1"`, gunicorn's default).
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import selectors
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from functools import partial
@@ -48,7 +54,12 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 64 * 1024
 
 HANDSHAKE, READING, CLOSING = "handshake", "reading", "closing"
+#: A kept-alive (or pipelined) connection with bytes: a pool thread reads it once, without
+#: waiting, and serves the request if that completed it; if not, the poller reads the rest.
+TRYING = "trying"
 NEED_MORE = -1
+# What a pool thread's read of a TRYING connection tells the poller (see finish_request).
+_DEFER, _DROP = object(), object()
 
 
 class Incomplete(Exception):
@@ -94,8 +105,13 @@ class Framing:
             self.body_start = head_end + 4
             if self.body_start > MAX_HEAD:
                 raise Incomplete(HEAD_TOO_LARGE, "the request line and headers exceed 64 KiB")
+            head = bytes(buf[:head_end])
+            lowered = head.lower()
+            if b"content-length" not in lowered and b"transfer-encoding" not in lowered:
+                self.end_at = self.body_start  # no body (most requests): nothing to parse
+                return self.end_at
             length: int | None = None
-            for line in bytes(buf[:head_end]).split(b"\r\n")[1:]:
+            for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"transfer-encoding":
@@ -178,7 +194,9 @@ class BufferedConn(TConn):
     def init(self) -> None:
         """In the pool thread: hand the buffered request to gunicorn's parser."""
         self.initialized = True
-        self.sock.settimeout(THREAD_IO_TIMEOUT)
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(THREAD_IO_TIMEOUT)
+        # (a plain socket stays blocking: the kernel's timeouts, set at accept, bound it)
         if self.parser is None:
             self.parser = http.get_parser(self.cfg, self.sock, self.client)
         data, self.buf = bytes(self.buf), bytearray()
@@ -220,7 +238,17 @@ class BufferedThreadWorker(ThreadWorker):
         self.nr_conns += 1
         conn = BufferedConn(self.cfg, client, addr, listener.getsockname())
         state = READING
-        if self._ssl_context is not None:
+        if self._ssl_context is None:
+            # A pool thread's blocking reads and writes give up after THREAD_IO_TIMEOUT: set
+            # once here rather than as Python's timeout, which polls before every call.
+            timeout = struct.pack("ll", int(THREAD_IO_TIMEOUT), 0)
+            try:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            except OSError:
+                self._drop(conn)
+                return
+        else:
             try:
                 conn.sock = self._ssl_context.wrap_socket(
                     client, server_side=True, do_handshake_on_connect=False,
@@ -233,17 +261,23 @@ class BufferedThreadWorker(ThreadWorker):
         self._advance(conn)
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
-        """A kept-alive connection has bytes: collect its next request in the poller."""
+        """A kept-alive connection has bytes: a pool thread tries it (see `try_read`)."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self._start_reading(conn, READING)
-        self._advance(conn)
+        self._try(conn)
 
-    def _start_reading(self, conn: BufferedConn, state: str) -> None:
-        conn.state = state
-        conn.deadline = time.monotonic() + REQUEST_DEADLINE
+    def _try(self, conn: BufferedConn) -> None:
+        conn.state = TRYING
         conn.sent_continue = False
         conn.framing = Framing()
+        self.enqueue_req(conn)
+
+    def _start_reading(self, conn: BufferedConn, state: str, fresh: bool = True) -> None:
+        conn.state = state
+        conn.deadline = time.monotonic() + REQUEST_DEADLINE
+        if fresh:
+            conn.sent_continue = False
+            conn.framing = Framing()
         self.reading.append((conn.deadline, conn))
         conn.events = selectors.EVENT_READ
         self.poller.register(conn.sock, conn.events, partial(self._on_event, conn))
@@ -285,7 +319,10 @@ class BufferedThreadWorker(ThreadWorker):
 
     def _read(self, conn: BufferedConn) -> bool:
         """Read what is there; False once the client closed its side (a whole request sent
-        before that is still answered)."""
+        before that is still answered).  A plain socket's short read is all there was for
+        now (the poller is told of the rest); TLS reads on until the socket is dry, since
+        bytes decrypted ahead would not make it readable."""
+        tls = isinstance(conn.sock, ssl.SSLSocket)
         while True:
             try:
                 data = conn.sock.recv(65536)
@@ -294,8 +331,8 @@ class BufferedThreadWorker(ThreadWorker):
             if not data:
                 return False
             conn.buf += data
-            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY:
-                return True  # Framing refuses it
+            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY or (len(data) < 65536 and not tls):
+                return True  # (over the limits: Framing refuses it)
 
     def _maybe_continue(self, conn: BufferedConn) -> None:
         """Answer `Expect: 100-continue` once the head is in, so the client sends its body."""
@@ -384,6 +421,36 @@ class BufferedThreadWorker(ThreadWorker):
 
     # --- the pool thread's side ------------------------------------------------------------
 
+    def handle(self, conn: Any) -> Any:
+        if getattr(conn, "state", "") == TRYING:
+            tried = self.try_read(conn)
+            if tried is not None:
+                return tried
+        return super().handle(conn)
+
+    def try_read(self, conn: BufferedConn) -> Any:
+        """A kept-alive connection's bytes, read once without waiting (the socket is still
+        non-blocking).  None when they make a whole request (serve it); _DEFER when more must
+        come (the poller reads it, within the deadline); _DROP or False to close."""
+        conn.state = ""
+        try:
+            more = self._read(conn)
+            end = conn.framing.end(conn.buf)
+        except Incomplete as e:
+            try:
+                conn.sock.send(_error(e.status, str(e)))  # small: fits the socket's buffer
+            except (OSError, ValueError):
+                pass
+            return False  # closed gracefully, as a refusal in the poller
+        except (OSError, ValueError):
+            return _DROP
+        if end != NEED_MORE:
+            return None
+        if not more:  # the client closed (most often a kept-alive connection it is done with)
+            return _DROP
+        self._maybe_continue(conn)
+        return _DEFER
+
     def handle_request(self, req: Any, conn: Any) -> bool:
         if getattr(conn, "sent_continue", False):
             req._expected_100_continue = False  # the poller has answered it already
@@ -393,6 +460,12 @@ class BufferedThreadWorker(ThreadWorker):
         """Back on the poller: keep the connection for its next request, or close it."""
         try:
             result = fs.result() if not fs.cancelled() else False
+            if result is _DEFER:  # a pool thread found only part of a request: read the rest
+                self._start_reading(conn, READING, fresh=False)
+                return
+            if result is _DROP:
+                self._drop(conn)
+                return
             if not result:
                 self._linger(conn)
                 return
@@ -401,8 +474,7 @@ class BufferedThreadWorker(ThreadWorker):
             pending = conn.sock.pending() if isinstance(conn.sock, ssl.SSLSocket) else 0
             if ahead or pending:
                 conn.buf += ahead
-                self._start_reading(conn, READING)
-                self._advance(conn)
+                self._try(conn)
                 return
             conn.set_timeout()
             if not self.alive:

@@ -183,6 +183,8 @@ def service_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     env = {"PKISVC_BACKEND": "vault", "PKISVC_CLUSTER": over["cluster"],
            "PKISVC_VAULT__ADDR": openbao.addr, "PKISVC_VAULT__TOKEN": over["vault.token"],
            "PKISVC_CHAIN_KEY_FILE": over["chain_key_file"]}  # one key for every replica
+    from pkisvc.witness import Witness
     return env, over, lambda: VaultBackend(openbao.addr, cluster=over["cluster"],
                                            token=over["vault.token"],
-                                           chain_key=ChainKey(over["chain_key_file"]))
+                                           chain_key=ChainKey(over["chain_key_file"]),
+                                           witness=Witness(tmp_path / "data" / "chain.head"))

@@ -281,8 +281,9 @@ class Cluster:
     """A salt-master and minions on 127.0.0.1 with their own ports and root_dirs."""
 
     def __init__(self, base: Path, service: Service, minions: dict[str, dict[str, Any]],
-                 file_roots: list[Path] | None = None) -> None:
+                 file_roots: list[Path] | None = None, reactor: bool = False) -> None:
         self.base, self.service = base, service
+        self.reactor = reactor  # the formula's report reactor on job returns
         self.file_roots = [FORMULA, *(file_roots or [])]
         self.hosts = base / "hosts"
         self.publish_port, self.ret_port = free_port(), free_port()
@@ -300,6 +301,8 @@ class Cluster:
             "pillar_roots": {"base": [str(roots)]}, "ext_pillar": self.service.ext_pillar(),
             "worker_threads": 2, "log_level_logfile": "info",
             "pkisvc_report_token_file": str(self.service.report_token_file),
+            **({"reactor": [{"salt/job/*/ret/*": ["salt://kubernetes/cert/reactor/report.sls"]}]}
+               if self.reactor else {}),
         }))
         self.daemons.append(Daemon("master", self.master_dir, self.master_dir / "root").start())
         for minion_id, grains in self.minion_grains.items():

@@ -6,6 +6,7 @@ Files: a text editor's work (`sed`, a copied directory, a removed file) in data_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
+from pkisvc.witness import Head, Witness
 from tests.conftest import make_settings, run_cli, wait_for
 
 DAY = timedelta(days=1)
@@ -183,6 +185,117 @@ def test_retention_prunes_whole_periods_and_the_chain_holds(files_store):
     assert [e.version for e in events if e.action in ("init", "rotate-server")] == [5, 4, 3, 2, 1]
 
 
+# --- the witness: removing the newest entries (pkisvc.witness) ------------------------------
+
+def witness_of(settings: Settings) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(settings.chain_witness_path.read_text())
+    return doc
+
+
+def test_the_witness_names_the_newest_this_host_wrote(files_store):
+    _store, clock, settings, _env = files_store
+    head = witness_of(settings)
+    assert head["version"] == 5 and head["period"] == f"{clock.now - DAY:%Y%m%d}"
+    assert head["seq"] == 2  # open, token-create, key-read
+    assert oct(os.stat(settings.chain_witness_path).st_mode & 0o777) == "0o600"
+
+
+def remove_versions_4_and_5(settings: Settings) -> None:
+    """An editor in data_dir: the newest two generations gone, `current` moved back."""
+    for v in ("000005", "000004"):
+        shutil.rmtree(settings.data_dir / "generations" / v)
+    (settings.data_dir / "current").write_text("3\n")
+    assert FilesBackend(settings.data_dir).latest() == 3  # a whole, shorter chain
+
+
+def test_removing_the_newest_versions_is_named(files_store):
+    _, _, settings, env = files_store
+    remove_versions_4_and_5(settings)
+    assert_named(settings, env, "newest versions removed: store ends at 3, this host saw 5")
+
+
+def with_admin_token(store: CertStore, clock: Clock) -> None:
+    """An admin token made today, so that the service `assert_named` starts appends none."""
+    clock.now -= DAY  # back from tomorrow, where `events_over_days` left it
+    store.create_token("admin", ["admin", "secrets"], actor="ops")
+
+
+def test_removing_the_last_events_of_today_is_named(files_store):
+    store, clock, settings, env = files_store
+    with_admin_token(store, clock)  # today: open, token-create, key-read, token-create
+    today = period_files(settings.data_dir)[-1]
+    lines = today.read_text().splitlines()
+    today.write_text("\n".join(lines[:-2]) + "\n")
+    assert_named(settings, env, "newest events removed", f"events of {today.stem} end at "
+                 "entry 1, this host saw entry 3")
+
+
+def test_removing_the_newest_versions_then_writing_again_stays_named(files_store):
+    """Writes are never refused for the witness, and do not wash the removal away."""
+    store, _, settings, env = files_store
+    remove_versions_4_and_5(settings)
+    for _ in range(4):  # 4, 5 (not the ones this host saw), then 6 and 7
+        store.rotate_leaf("server", actor="ops", reason="after the removal")
+    assert store.latest() == 7
+    assert witness_of(settings)["version"] == 5
+    assert_named(settings, env, "version 5 is not the one this host saw")
+
+
+def test_a_forged_witness_is_named(files_store):
+    _, _, settings, env = files_store
+    head = witness_of(settings)
+    head["version"] = 3  # to hide versions 4 and 5: the MAC no longer matches
+    settings.chain_witness_path.write_text(json.dumps(head))
+    assert_named(settings, env, "witness", "forged")
+
+
+def test_a_lost_witness_is_a_first_run_and_is_made_again(files_store):
+    _, _, settings, env = files_store
+    settings.chain_witness_path.unlink()
+    report = assert_holds(settings, env)
+    assert any("no witness on this host yet" in n for n in report["notes"]), report
+    assert witness_of(settings)["version"] == 5
+    assert oct(os.stat(settings.chain_witness_path).st_mode & 0o777) == "0o600"
+
+
+def test_a_torn_witness_is_taken_as_lost_not_as_forged(files_store):
+    """What a power cut during its (unsynced) write may leave: not JSON at all."""
+    _, _, settings, env = files_store
+    settings.chain_witness_path.write_bytes(b"\0" * 100)
+    report = assert_holds(settings, env)
+    assert any("is torn" in n for n in report["notes"]), report
+    assert witness_of(settings)["version"] == 5
+
+
+def test_another_stores_witness_is_taken_as_lost(files_store):
+    """One data_dir for two backends (`pkisvc migrate` into Vault on this host): each store
+    starts its own witness over the other's, never compares against it."""
+    _, _, settings, env = files_store
+    other = Witness(settings.chain_witness_path)
+    other.store = "vault:secret/pkisvc/prod"
+    key, _ = FilesBackend(settings.data_dir).chain_key.load()
+    other.raise_to(key, Head(version=99, version_mac="0" * 64))
+    assert witness_of(settings)["store"] == "vault:secret/pkisvc/prod"
+    report = assert_holds(settings, env)
+    assert any("of another store" in n for n in report["notes"]), report
+    assert witness_of(settings)["store"] == "files" and witness_of(settings)["version"] == 5
+
+
+def test_a_witness_behind_is_raised_by_a_check(files_store, tmp_path):
+    """Another host's witness (its own file) that saw less is raised, not a break."""
+    store, _, settings, _env = files_store
+    other = dataclasses.replace(settings, chain_witness_file=tmp_path / "other.head")
+    replica = CertStore(FilesBackend.from_settings(other), other)
+    replica.create_token("from-the-other", ["read"], actor="ops")
+    behind = json.loads(other.chain_witness_path.read_text())
+    store.rotate_leaf("server", actor="ops")  # this host's writes: the other saw neither
+    store.create_token("later", ["read"], actor="ops")
+    assert behind["version"] is None and witness_of(settings)["version"] == 6
+    report = replica.verify()
+    assert report.ok, report.breaks
+    assert json.loads(other.chain_witness_path.read_text()) == witness_of(settings)
+
+
 def test_events_of_one_second_list_in_the_order_they_happened(tmp_path):
     settings = make_settings(tmp_path / "data")
     clock = Clock(datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
@@ -309,6 +422,27 @@ def test_vault_a_deleted_version_is_named(openbao, vault_store):
     _, settings, env, base = vault_store
     bao(openbao, "kv", "metadata", "delete", f"{base}/versions/2/record")
     assert_named(settings, env, "version 2", "missing")
+
+
+@pytest.mark.vault
+def test_vault_removing_the_newest_versions_is_named(openbao, vault_store):
+    """Records deleted (a token that may delete metadata) and `head` put back."""
+    _, settings, env, base = vault_store
+    for v in (4, 3):
+        bao(openbao, "kv", "metadata", "delete", f"{base}/versions/{v}/record")
+    bao(openbao, "kv", "put", f"{base}/head", "version=2")
+    assert_named(settings, env, "newest versions removed: store ends at 2, this host saw 4")
+
+
+@pytest.mark.vault
+def test_vault_removing_the_last_events_of_today_is_named(openbao, vault_store):
+    store, settings, env, base = vault_store
+    with_admin_token(store, store._clock)
+    today = periods_of(openbao, base)[-1]
+    for seq in (3, 2):
+        bao(openbao, "kv", "metadata", "delete", f"{base}/events/{today}/{seq:09d}")
+    assert_named(settings, env, "newest events removed", f"events of {today} end at entry 1, "
+                 "this host saw entry 3")
 
 
 @pytest.mark.vault

@@ -47,3 +47,13 @@ def test_dockerfile_is_slim_non_root_gunicorn_with_a_healthcheck():
     cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
     assert cmd and yaml.safe_load(cmd.group(1))[-1] == APP
     assert "'/src[vault]'" in text  # hvac comes with the image
+
+
+def test_bao_inside_the_openbao_container_reaches_its_listener():
+    """The README's `docker compose exec openbao bao …` steps: the CLI defaults to https, the
+    listener has no TLS, so the container must name the address and scheme."""
+    hcl = (DOCKER / "openbao.hcl").read_text()
+    assert re.search(r"tls_disable\s*=\s*true", hcl)
+    port = re.search(r'address\s*=\s*"0\.0\.0\.0:(\d+)"', hcl).group(1)
+    env = compose()["services"]["openbao"]["environment"]
+    assert env["BAO_ADDR"] == f"http://127.0.0.1:{port}"

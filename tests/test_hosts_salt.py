@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from tests.salt_fixtures import Cluster, Service
 
 MINIONS = ("k8s-master-1", "k8s-master-2", "k8s-node-1")
@@ -32,7 +33,8 @@ def cluster():
         "kubernetes-cert-view:\n  test.show_notification:\n"
         "    - text: '{minion: k8s-master-1, files: {ca.crt: {installed: false}}}'\n")
     service = Service(base / "svc").start()
-    world = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"])
+    world = Cluster(base, service, {m: {} for m in MINIONS}, file_roots=[base / "states"],
+                    reactor=True)
     try:
         yield world.start()
     finally:
@@ -85,6 +87,28 @@ def test_after_configured_each_host_shows_what_is_on_its_disk(cluster):
         assert host["installed"]["state"] == "kubernetes.cert.configured"
         assert {n: f["sha256"] for n, f in host["files"].items()} == on_disk(cluster, minion,
                                                                              role)
+
+
+def test_a_hand_run_configured_reports_through_the_reactor(cluster):
+    """No `pkisvc.report` by anyone: the formula's reactor reports after a state.apply made
+    by hand, and after a highstate-style `state.apply` of kubernetes.cert."""
+    r = requests.post(f"{cluster.service.url}/v1/certs/kubecfg/rotate", json={},
+                      headers=cluster.service.admin(), timeout=60)
+    assert r.status_code == 201, r.text
+    version = r.json()["version"]
+    for minion, sls in (("k8s-master-1", "kubernetes.cert.configured"),
+                        ("k8s-master-2", "kubernetes.cert")):
+        cluster.salt(minion, "saltutil.refresh_pillar", "wait=True")
+        states = cluster.apply(minion, sls)
+        assert all(s["result"] for s in states.values()), states
+    wait_for(lambda: all(hosts(cluster)[m]["installed"]["version"] == version
+                         for m in ("k8s-master-1", "k8s-master-2")), 120,
+             "the reactor's reports of both masters")
+    for minion in ("k8s-master-1", "k8s-master-2"):
+        host = hosts(cluster)[minion]
+        assert host["state"] == "current" and host["drift"] == [], host
+        assert {n: f["sha256"] for n, f in host["files"].items()} == on_disk(cluster, minion,
+                                                                             "master")
 
 
 def test_a_hand_edited_ca_is_drift_within_one_report_and_configured_clears_it(cluster):
@@ -144,3 +168,38 @@ def test_a_host_claiming_another_minions_id_is_refused(cluster):
     assert "403" in out["failed"]["k8s-node-1"]
     assert "reports only for itself" in out["failed"]["k8s-node-1"]
     assert hosts(cluster)["k8s-master-1"] == before
+
+
+def test_the_orchestrations_force_goes_past_a_host_that_never_reported(cluster):
+    """Pillar `force: true` is the CLI's --force for the orchestration's CA steps: the step
+    goes through at once and the version and its event say forced, naming the host."""
+    ghost = "k8s-master-9"  # delivered its pillar once (so known, a master), never reported
+    r = requests.get(f"{cluster.service.url}/v1/pillar/{ghost}?role=master", timeout=30, headers={
+        "Authorization": f"Bearer {cluster.service.token_file.read_text().strip()}"})
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{cluster.service.url}/v1/ca/rotate", json={"mode": "staged"},
+                      headers=cluster.service.admin(), timeout=60)
+    assert r.status_code == 201, r.text
+    try:
+        ok, out = orchestrate(cluster)  # phase 1 rolled out and reported: only the ghost lags
+        assert ok, out
+        refused = step(cluster, "continue")
+        assert refused.status_code == 409, refused.text
+        assert [h["minion"] for h in refused.json()["hosts"]] == [ghost]
+        assert f"{ghost} (master) never reported" in refused.json()["message"]
+        ok, out = orchestrate(cluster, rotate="continue", force=True, reason="ghost")
+        assert ok, out
+        latest = requests.get(f"{cluster.service.url}/v1/versions", timeout=30,
+                              headers=cluster.service.admin()).json()["versions"][0]
+        assert latest["operation"] == "ca-stage-switch"
+        assert latest["reason"] == ("forced past 1 host(s) not on the current phase "
+                                    f"({ghost}): ghost"), latest
+        events = requests.get(f"{cluster.service.url}/v1/audit", timeout=30,
+                              headers=cluster.service.admin()).json()["events"]
+        (switch,) = [e for e in events if e.get("version") == latest["version"]
+                     and e["action"] == "ca-stage-switch"]
+        assert switch["reason"] == latest["reason"]
+    finally:
+        assert requests.delete(f"{cluster.service.url}/v1/hosts/{ghost}", timeout=30,
+                               headers=cluster.service.admin()).status_code == 204
+    assert step(cluster, "finish").status_code == 201  # every host left has phase 2

@@ -81,8 +81,15 @@ def test_api_and_cli_at_once_leave_a_gapless_audited_history(tmp_path, service_s
         return read(url, h, name, ledger, f"k8s-node-{i % 7}")
 
     cli_out: list[str] = []
+    cli_failed: list[BaseException] = []
+
+    def cli_storm() -> None:  # a failure in the thread fails the test, not only a warning
+        try:
+            run_cli_storm(data, extra_env, ledger, rng, cli_out)
+        except BaseException as e:
+            cli_failed.append(e)
     try:
-        cli = threading.Thread(target=run_cli_storm, args=(data, extra_env, ledger, rng, cli_out))
+        cli = threading.Thread(target=cli_storm)
         cli.start()
         with ThreadPoolExecutor(max_workers=8) as pool:
             statuses = list(pool.map(one, enumerate(plan)))
@@ -90,6 +97,8 @@ def test_api_and_cli_at_once_leave_a_gapless_audited_history(tmp_path, service_s
         assert not cli.is_alive()
     finally:
         stop(p)
+    if cli_failed:
+        raise cli_failed[0]
     elapsed = time.monotonic() - started
     assert set(statuses) <= {200, 201, 409}, (
         ledger.statuses, [t[:300] for t in ledger.texts if t.startswith("{\"error")][:6])

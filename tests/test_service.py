@@ -1,5 +1,6 @@
 """The service as users run it: gunicorn with several workers, the README walkthrough, TLS."""
 import http.client
+import json
 import os
 import re
 import stat
@@ -113,6 +114,11 @@ def test_readme_walkthrough_works_verbatim(service, tmp_path):
         (1, "init"), (2, "rotate-ca"), (3, "rotate-kubecfg"), (4, "rollback")]
     assert backend.read(4).files == backend.read(1).files
     assert "pkisvc_certificate_expiration_timestamp_seconds" in r.stdout
+    # The answer the README shows beside the health check has the fields the service sends.
+    shown = re.search(r"/v1/health +# (\{.*\})$", script, re.M)
+    assert shown, "the walkthrough's health line lost the answer it shows"
+    answer = json.loads(r.stdout.splitlines()[0])
+    assert set(json.loads(shown.group(1).replace("{…}", "{}"))) == set(answer)
 
 
 def test_tls(tmp_path):

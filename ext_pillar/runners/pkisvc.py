@@ -132,7 +132,10 @@ def report(minions: str | list[str] | None = None, after: str | None = None,
     token_file = (token_file or __opts__.get("pkisvc_report_token_file")
                   or DEFAULT_REPORT_TOKEN_FILE)
     client = salt.client.get_local_client(mopts=__opts__)
-    returns = client.cmd(ids, "state.sls", [sls], tgt_type="list", timeout=timeout) or {}
+    # Queued behind a state run in progress on the minion (the reactor's report follows the
+    # run that triggered it), rather than refused as "already running".
+    returns = client.cmd(ids, "state.sls", [sls], tgt_type="list", timeout=timeout,
+                         kwarg={"queue": True}) or {}
     out: dict[str, Any] = {"reported": {}, "failed": {}}
     for minion in ids:
         body = _installed(returns.get(minion), after or sls)

@@ -16,7 +16,7 @@
     3. then all nodes the same way; then what every target installed is reported to pkisvc
        (salt-run pkisvc.report, `report: false` to skip), and a staged rotation's next step
        waits up to `gate_wait` seconds for every host to have installed the current phase
-       (pkisvc's gate, [Q]);
+       (pkisvc's gate, [Q]; `force: true` goes past it, audited as forced);
     4. then post_commands on post_target (the first master by default); after `sa-finish`
        also sa_post_commands (opt-in: legacy token secrets signed by the dropped key).
     The service-account key ([M]): `sa-staged` publishes the new key (1-3), then makes it the
@@ -82,6 +82,9 @@ kubernetes-cert-orch-{{ p }}-rotate:
 {%- else %}
     - step: {{ phase }}
     - wait: {{ orch.gate_wait }}
+{%- if orch.force %}
+    - force: true
+{%- endif %}
 {%- endif %}
     - reason: {{ orch.reason | yaml_dquote }}
 {%- endif %}
@@ -122,6 +125,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: kubernetes.cert.lookup
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-refresh
 
@@ -131,6 +135,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ (orch.pre_states + ['kubernetes.cert.configured']) | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-lookup
 {%- set ns.prev = "salt: " ~ id ~ "-configured" %}
@@ -142,6 +147,7 @@ kubernetes-cert-orch-{{ p }}-rotate:
     - tgt_type: list
     - sls: {{ orch.restart_states | json }}
     - failhard: true
+    - queue: true
     - require:
       - salt: {{ id }}-configured
 {%- if orch.restart != 'always' %}
