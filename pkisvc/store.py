@@ -671,6 +671,10 @@ class CertStore:
             for t in hosts.turns(s, silent_after=silent, expire_after=expire):
                 if now <= t < until:
                     until = t
+        if len(self._host_facts) > len(states):  # minions another process forgot: let go
+            listed = {s.minion for s in states}
+            for minion in [m for m in list(self._host_facts) if m not in listed]:
+                self._host_facts.pop(minion, None)
         return Fleet(latest, states, views, counts, until)
 
     def hosts(self, *, strict: bool = False) -> list[dict[str, Any]]:

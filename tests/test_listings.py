@@ -77,6 +77,7 @@ def test_another_process_s_write_shows_in_every_listing_within_the_bound(service
                      env={**env, "PKISVC_DATA_DIR": str(tmp_path / "data")})
     assert forgot.returncode == 0, forgot.stderr
     shown_by(time.monotonic(), {"k8s-node-2"})
+    assert set(store._host_facts) == {"k8s-node-2"}  # the forgotten host is not kept either
     cli = run_cli("hosts", "-o", "json", env={**env, "PKISVC_DATA_DIR": str(tmp_path / "data")})
     assert cli.returncode == 0, cli.stderr
     assert [h["minion"] for h in json.loads(cli.stdout)] == ["k8s-node-2"]
