@@ -147,33 +147,58 @@ def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Base:
     """A stored generation: its record, and its content as a draft to build on (parsed when
-    first asked for: a new CA never reads the old material)."""
+    first asked for: a new CA never reads the old material).
+
+    known: what some of its files hold, already parsed (file name -> (its bytes, the
+    certificate, key or tuple they encode)); a file is taken from it only while its bytes are
+    those (see `written`: a generation this process wrote is its next base unparsed).
+    """
 
     record: GenerationRecord
     files: Mapping[str, bytes]
     key_pairs: tuple[str, ...] = KEY_PAIRS
+    known: Mapping[str, tuple[bytes, Any]] = field(default_factory=dict, compare=False,
+                                                   repr=False)
 
     @property
     def version(self) -> int:
         return self.record.version
 
+    def _load(self, name: str, parse: Callable[[bytes, str], Any]) -> Any:
+        data = self.files[name]
+        hit = self.known.get(name)
+        if hit is not None and (hit[0] is data or hit[0] == data):
+            return hit[1]
+        return parse(data, name)
+
     @functools.cached_property
     def draft(self) -> Draft:
-        files = self.files
-        pairs = {n: pki.load_key(files[f"{n}.key"], f"{n}.key", trusted=True)
-                 for n in self.key_pairs if f"{n}.key" in files}
-        published = {n: tuple(pki.load_public_keys(files[f"{n}.pub"], f"{n}.pub"))
-                     for n in pairs if f"{n}.pub" in files}
-        next_keys = {n: pki.load_key(files[next_key_file(n)], next_key_file(n), trusted=True)
+        files, load = self.files, self._load
+        pairs = {n: load(f"{n}.key", _trusted_key) for n in self.key_pairs
+                 if f"{n}.key" in files}
+        published = {n: load(f"{n}.pub", _public_keys) for n in pairs if f"{n}.pub" in files}
+        next_keys = {n: load(next_key_file(n), _trusted_key)
                      for n in pairs if next_key_file(n) in files}
         rotations = self.record.extra.get("key_rotations") or {}
         standard = _standard_files(self.key_pairs)
         extra = {n: b for n, b in files.items() if n not in standard}
-        certs = parse_files(files)
+        certs = parse_files(files, load)
         return Draft(certs, pairs, extra, rotation=self.record.rotation,
                      verbatim=verbatim(certs, files), published=published,
                      next_keys=next_keys,
                      key_rotations={n: dict(v) for n, v in rotations.items() if n in pairs})
+
+
+def _trusted_key(data: bytes, name: str) -> pki.PrivateKey:
+    return pki.load_key(data, name, trusted=True)
+
+
+def _public_keys(data: bytes, name: str) -> tuple[pki.PublicKey, ...]:
+    return tuple(pki.load_public_keys(data, name))
+
+
+def _bundle(data: bytes, name: str) -> tuple[x509.Certificate, ...]:
+    return tuple(pki.load_certs(data, name))
 
 
 # A planner, its options bound (functools.partial): (base, profiles, keys, now) -> draft.
@@ -192,16 +217,20 @@ def _standard_files(key_pairs: tuple[str, ...]) -> set[str]:
             *(next_key_file(n) for n in key_pairs)}
 
 
-def parse_files(files: Mapping[str, bytes]) -> pki.CertSet:
-    """Parse a stored generation's certificate set (written, and checked, by pkisvc)."""
+def parse_files(files: Mapping[str, bytes],
+                load: Callable[[str, Callable[[bytes, str], Any]], Any] | None = None
+                ) -> pki.CertSet:
+    """Parse a stored generation's certificate set (written, and checked, by pkisvc).
+
+    load(name, parse): a file's content (Base._load: parsed already when it is known)."""
+    get = load or (lambda name, parse: parse(files[name], name))
     fields: dict[str, Any] = {}
     for item in ITEMS:
-        fields[item] = pki.load_cert(files[CERT_FILES[item]], CERT_FILES[item])
+        fields[item] = get(CERT_FILES[item], pki.load_cert)
         # Only ca.key may be missing (a set imported without it).
-        key = files.get(KEY_FILES[item]) if item == "ca" else files[KEY_FILES[item]]
-        fields[_key_field(item)] = (pki.load_key(key, KEY_FILES[item], trusted=True)
-                                    if key is not None else None)
-    return pki.CertSet(**fields, trust=tuple(pki.load_certs(files[TRUST_FILE], "trust bundle")))
+        present = item != "ca" or KEY_FILES[item] in files
+        fields[_key_field(item)] = get(KEY_FILES[item], _trusted_key) if present else None
+    return pki.CertSet(**fields, trust=get(TRUST_FILE, lambda d, _: _bundle(d, "trust bundle")))
 
 
 def verbatim(certs: pki.CertSet, files: Mapping[str, bytes]) -> dict[str, tuple[Any, bytes]]:
@@ -230,24 +259,49 @@ def parse(gen: StoredGeneration, key_pairs: tuple[str, ...] = KEY_PAIRS) -> Base
 
 def files_of(draft: Draft) -> dict[str, bytes]:
     """The files a draft is stored as (the seed's names; ca.key only when there is one)."""
+    return {name: (value if encode is None else _encoded(draft, name, value, encode) if kept
+                   else encode(value))
+            for name, (value, encode, kept) in _layout(draft).items()}
+
+
+Encode = Callable[[Any], bytes]
+
+
+def _public_pems(bundle: tuple[pki.PublicKey, ...]) -> bytes:
+    return b"".join(pki.public_pem(k) for k in bundle)
+
+
+def _layout(draft: Draft) -> dict[str, tuple[Any, Encode | None, bool]]:
+    """Each file of a draft: (what it holds, how that is encoded, whether bytes it was read
+    from are kept, see Draft.verbatim); an extra file is (its bytes, None, False)."""
     c = draft.certs
-    files: dict[str, bytes] = {}
+    out: dict[str, tuple[Any, Encode | None, bool]] = {}
     for item in ITEMS:
-        files[CERT_FILES[item]] = _encoded(draft, CERT_FILES[item], getattr(c, item),
-                                           pki.cert_pem)
+        out[CERT_FILES[item]] = (getattr(c, item), pki.cert_pem, True)
         if item in LEAVES:
-            files[KEY_FILES[item]] = _encoded(draft, KEY_FILES[item],
-                                              getattr(c, _key_field(item)), pki.key_pem)
-    files[TRUST_FILE] = _encoded(draft, TRUST_FILE, c.trust, pki.bundle_pem)
+            out[KEY_FILES[item]] = (getattr(c, _key_field(item)), pki.key_pem, True)
+    out[TRUST_FILE] = (tuple(c.trust), pki.bundle_pem, True)
     for name, key in draft.key_pairs.items():
-        files[f"{name}.key"] = pki.key_pem(key)
-        files[f"{name}.pub"] = b"".join(pki.public_pem(k) for k in published(draft, name))
+        out[f"{name}.key"] = (key, pki.key_pem, False)
+        out[f"{name}.pub"] = (tuple(published(draft, name)), _public_pems, False)
         if name in draft.next_keys:
-            files[next_key_file(name)] = pki.key_pem(draft.next_keys[name])
-    files.update(draft.extra_files)
+            out[next_key_file(name)] = (draft.next_keys[name], pki.key_pem, False)
+    out.update((n, (b, None, False)) for n, b in draft.extra_files.items())
     if c.ca_key is not None:
-        files[KEY_FILES["ca"]] = _encoded(draft, KEY_FILES["ca"], c.ca_key, pki.key_pem)
-    return files
+        out[KEY_FILES["ca"]] = (c.ca_key, pki.key_pem, True)
+    return out
+
+
+def written(gen: StoredGeneration, draft: Draft, key_pairs: tuple[str, ...] = KEY_PAIRS
+            ) -> Base:
+    """The base a generation is for the next change when this process made it from draft
+    (gen is `generation(draft, ...)`): its files hold the draft's certificates and keys, so
+    nothing is parsed again (extra files, a staged rotation's next CA, are parsed as usual).
+    """
+    known = {name: (gen.files[name], value)
+             for name, (value, encode, _) in _layout(draft).items()
+             if encode is not None and name in gen.files}
+    return Base(gen.record, gen.files, key_pairs, known)
 
 
 def generation(draft: Draft, *, version: int, parent: int | None, created_at: datetime,

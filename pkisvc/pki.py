@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -302,8 +304,64 @@ def sans_of(cert: x509.Certificate) -> tuple[str, ...]:
         str(v) for v in ext.get_values_for_type(x509.IPAddress))
 
 
+# Facts of a certificate are a function of its DER: the last few are kept, so an unchanged
+# certificate (most of a change's) is neither described nor verified again.
+MEMO_SIZE = 32
+
+
+class _Memo:
+    """A small thread-safe map, least recently used dropped first."""
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self._size, self._lock = size, threading.Lock()
+        self._items: OrderedDict[object, object] = OrderedDict()
+
+    def get(self, key: object) -> object | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: object, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_described = _Memo()
+_verified = _Memo()  # (certificate DER, issuer DER) -> True: signed by it (never a failure)
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 def describe(cert: x509.Certificate) -> ItemRecord:
     """Summarise cert for a generation record."""
+    der = _der(cert)
+    found = _described.get(der)
+    if isinstance(found, ItemRecord):
+        return found
+    rec = _describe(cert)
+    _described.put(der, rec)
+    return rec
+
+
+def verify_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> None:
+    """cert.verify_directly_issued_by(ca), once per pair of certificates (a success is a
+    function of the two DERs; a failure is never kept, so it is checked every time).
+
+    Raises: ValueError, TypeError, InvalidSignature as cryptography does.
+    """
+    pair = (_der(cert), _der(ca))
+    if _verified.get(pair) is None:
+        cert.verify_directly_issued_by(ca)
+        _verified.put(pair, True)
+
+
+def _describe(cert: x509.Certificate) -> ItemRecord:
     return ItemRecord(
         fingerprint=fingerprint(cert), serial=format(cert.serial_number, "x"),
         subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
@@ -351,7 +409,7 @@ def _check_ca(cert: x509.Certificate, name: str) -> None:
 def _check_leaf(cert: x509.Certificate, key: PrivateKey, ca: x509.Certificate, name: str,
                 key_name: str, usage: x509.ObjectIdentifier) -> None:
     try:
-        cert.verify_directly_issued_by(ca)
+        verify_issued_by(cert, ca)
     except (ValueError, TypeError, InvalidSignature):
         raise InvalidMaterial(f"{name}: not issued by the CA in ca.crt") from None
     bc = _ext(cert, x509.BasicConstraints)

@@ -142,6 +142,8 @@ class CertStore:
         self.chain_status: dict[str, Any] | None = None  # the last check (None: not yet)
         self._prune_refused = False  # the token may not delete old event days (said once)
         self._chain_watch: threading.Thread | None = None
+        # The base of the next change (the latest version, parsed): one, so memory stays flat.
+        self._kept_base: changes.Base | None = None
 
         # The latest version and the tokens list as hot reads see them (pkisvc.freshness):
         # on the vault backend within `vault.version_ttl` of a read, and served stale for up
@@ -890,6 +892,20 @@ class CertStore:
 
     # --- the one way a generation is written ------------------------------------------
 
+    def _base(self, version: int, key_pairs: tuple[str, ...]) -> changes.Base:
+        """Version as the base of a change: parsed once, and kept while it is the latest (the
+        generation this process wrote last is kept unparsed, see `changes.written`).  Kept
+        only while the backend still holds the very files and record it was made of."""
+        gen = self.backend.read(version)
+        kept = self._kept_base
+        if (kept is not None and kept.version == version and kept.key_pairs == key_pairs
+                and (kept.files is gen.files or kept.files == gen.files)
+                and (kept.record is gen.record or kept.record == gen.record)):
+            return kept
+        base = changes.parse(gen, key_pairs)
+        self._kept_base = base
+        return base
+
     def _commit(self, operation: str, plan: Planner, actor: str, reason: str, *,
                 key_type: str | None = None, profiles: Profiles | None = None,
                 items: tuple[str, ...] = ITEMS, expect_empty: bool = False,
@@ -906,8 +922,7 @@ class CertStore:
                 raise AlreadyInitialised(f"the store is initialised (version {parent})")
             if parent is None and not (expect_empty or allow_empty):
                 raise NotFound("the store is empty: run `pkisvc init`")
-            base = (changes.parse(self.backend.read(parent), profiles.key_pairs)
-                    if parent is not None else None)
+            base = self._base(parent, profiles.key_pairs) if parent is not None else None
             draft = plan(base, profiles, keys, self.now())
             pki.check_set(draft.certs)
             changes.check_key_pairs(draft)
@@ -930,6 +945,8 @@ class CertStore:
                     time.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 7))))
                 continue
             self._latest.learn(version, at=started)  # this process serves its change at once
+            if version == gen.version:
+                self._kept_base = changes.written(gen, draft, profiles.key_pairs)
             log.info("version %d written: %s by %s", version, operation, actor)
             return gen.record
         raise VersionConflict(f"{operation}: gave up after {MAX_ATTEMPTS} concurrent writers")
