@@ -33,8 +33,16 @@ Every secret holds one KV version, so no `max_versions` can drop history, and re
 their material holds every file.
 
 `head` says the latest version; it is moved (cas, never backwards) after the commit, so a
-reader asks one small secret.  The records are the truth: a writer killed between its commit
-and `head` leaves `head` one behind, and the next writer (whose record create then conflicts)
+reader asks one small secret.  The move is not part of the write's answer: a thread of the
+writing process (`_HeadMover`, one per backend and process) makes it right after, in order,
+only ever to the newest version this process committed (moves queued behind a running one
+become one), while this process's own `latest()` already counts what it committed.  Other
+processes see the version once `head` moved: one KV write after the answer, then within
+`vault.version_ttl` (with `version_ttl: 0`, every change seen everywhere at once, head is
+moved before the answer, as it was).  `close()` waits for the move (a CLI run, a worker that
+stops).  The
+records are the truth: a writer killed between its commit and `head` (now: also just after
+its answer) leaves `head` behind, and the next writer (whose record create then conflicts)
 or the next process (once, at its first `latest()`) finds the committed records past `head`
 and moves it on.
 
@@ -55,6 +63,7 @@ import binascii
 import dataclasses
 import hashlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -112,6 +121,8 @@ CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every 
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
 HEAD_LAG = 60  # seconds a record past `head` is taken for a live writer's, not a dead one's
+MOVER_IDLE = 30.0  # seconds the thread that moves head waits for the next commit, then ends
+CLOSE_PATIENCE = 30.0  # seconds close() waits for head's move (each Vault call has its timeout)
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
 MINION_SHARDS = 64  # secrets the minions' states are spread over (fixed: changing it moves them)
 # Seconds after which a listing reads every shard even when `minions/stamp` did not move: the
@@ -134,7 +145,7 @@ class VaultBackend:
                  timeout: float = 5.0, max_versions: int = 1000,
                  secret_id_file: str | None = None,
                  chain_key: chain.ChainKey | None = None,
-                 witness: Witness | None = None) -> None:
+                 witness: Witness | None = None, head_after_answer: bool = True) -> None:
         self.vault = VaultClient(addr, token=token, token_file=token_file, role_id=role_id,
                                  secret_id=secret_id, ca_cert=ca_cert, timeout=timeout,
                                  secret_id_file=secret_id_file)
@@ -166,6 +177,10 @@ class VaultBackend:
         self._events: OrderedDict[str, tuple[Order, AuditEvent]] = OrderedDict()
         self._healed = False
         self._head_seen: tuple[int, int] | None = None  # the last head read or written
+        self._mover: _HeadMover | None = None  # moves head after commits (this process's)
+        # False: a write moves head before it answers (`vault.version_ttl: 0`, where every
+        # change is to be seen everywhere at once).
+        self.head_after_answer = head_after_answer
         self._public: OrderedDict[int, dict[str, bytes]] = OrderedDict()  # records' files
         # Whether the token may delete uncommitted material; None until the capabilities a
         # version write needs were checked (once per process, before its first write).
@@ -192,7 +207,8 @@ class VaultBackend:
                    secret_id=v.secret_id, ca_cert=v.ca_cert, timeout=v.timeout,
                    max_versions=v.max_versions, secret_id_file=v.secret_id_file,
                    chain_key=chain.ChainKey(settings.chain_key_path),
-                   witness=Witness(settings.chain_witness_path))
+                   witness=Witness(settings.chain_witness_path),
+                   head_after_answer=v.version_ttl > 0)
 
     @property
     def addr(self) -> str:
@@ -290,6 +306,7 @@ class VaultBackend:
         # one read of a small secret.
         head = self._head()
         top = head[0] if head is not None else self._first_layout_latest()
+        top = max(top, self._moving())  # committed here, head maybe not moved yet
         if not self._healed:
             top = self._heal(top)
             self._healed = True
@@ -485,7 +502,10 @@ class VaultBackend:
                 raise
         self._note(version, gen.record, event, nonce, link)
         self._remember(gen)
-        self._after_commit(version, nonce)
+        if self.head_after_answer:
+            self._head_mover().move(version, nonce)  # after the answer: not waited for
+        else:
+            self._after_commit(version, nonce)
         if self.witness is not None:  # after the store: a crash here leaves it behind
             self.witness.saw_version(key, version, link, self._stored_mac)
         return version
@@ -593,6 +613,28 @@ class VaultBackend:
             log.error("version %d is committed; moving %s or clearing leftovers after it "
                       "failed: %s", version, self._data(self._head_path), e.message)
 
+    def _head_mover(self) -> _HeadMover:
+        """This process's mover (made again in a forked child: threads do not survive fork)."""
+        mover = self._mover
+        if mover is None or mover.pid != os.getpid():
+            with self._lock:
+                mover = self._mover
+                if mover is None or mover.pid != os.getpid():
+                    mover = self._mover = _HeadMover(self)
+        return mover
+
+    def _moving(self) -> int:
+        """The newest version this process committed (0: none): at least the latest, whether
+        or not head was moved to it yet."""
+        mover = self._mover
+        return mover.wanted if mover is not None and mover.pid == os.getpid() else 0
+
+    def settle_head(self, timeout: float | None = None) -> bool:
+        """Wait until this process's moves of head are made (or failed, logged); tell whether
+        none is left.  For `close()`, and for tests that read head from Vault directly."""
+        mover = self._mover
+        return mover is None or mover.pid != os.getpid() or mover.wait(timeout)
+
     def _forget(self, path: str) -> None:
         """Delete material no record names (best effort: it is invisible anyway)."""
         if not self._may_delete:
@@ -618,7 +660,8 @@ class VaultBackend:
         entries = _EventSecrets(self)
         tail = entries.tail()
         # The latest version this process knows (no read when it has seen one).
-        after = self._head_seen[0] if self._head_seen is not None else self.latest()
+        after = (max(self._head_seen[0], self._moving()) if self._head_seen is not None
+                 else self.latest())
         key, _ = self.chain_key.for_write(chained=tail is not None, unchained=after or 0)
         entry = periods.append(entries, key, event, after)
         if self.witness is not None:
@@ -1039,7 +1082,11 @@ class VaultBackend:
         return listed
 
     def close(self) -> None:
-        """Revoke the token this backend logged in for (a CLI run's AppRole login)."""
+        """Move head to what this process committed, then revoke the token this backend
+        logged in for (a CLI run's AppRole login)."""
+        if not self.settle_head(CLOSE_PATIENCE):
+            log.warning("%s not moved before closing: the next writer or process moves it",
+                        self._data(self._head_path))
         self.vault.close()
 
     def identity(self) -> str | None:
@@ -1050,6 +1097,55 @@ class VaultBackend:
             return None  # a policy without the default one: we cannot tell
         name = self.vault.dig(resp, where, "data").get("display_name")
         return str(name) if name else None
+
+
+class _HeadMover:
+    """Moves `head` after commits, in a daemon thread of its own: in order, and only to the
+    newest version asked for (asks made while a move runs become one).  move(version, nonce)
+    returns at once; the thread runs the backend's `_after_commit` (which logs its failures)
+    and ends when idle for MOVER_IDLE seconds (the next move starts another)."""
+
+    def __init__(self, backend: VaultBackend) -> None:
+        self.pid = os.getpid()
+        self.wanted = 0  # the newest version asked for
+        self._backend = backend
+        self._cv = threading.Condition(threading.Lock())
+        self._next: tuple[int, str] | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def move(self, version: int, nonce: str) -> None:
+        with self._cv:
+            if version <= self.wanted:
+                return  # a later version's move is queued or made already
+            self.wanted, self._next = version, (version, nonce)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pkisvc-head",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._cv.wait_for(lambda: self._next is not None, MOVER_IDLE):
+                    self._thread = None
+                    return
+                assert self._next is not None
+                version, nonce = self._next
+                self._next, self._busy = None, True
+            try:
+                self._backend._after_commit(version, nonce)
+            except Exception:  # never let the thread die: the next commit moves head on
+                log.exception("moving head to version %d failed", version)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self._next is None and not self._busy, timeout)
 
 
 def _has(held: Mapping[str, Any], path: str, cap: str) -> bool:

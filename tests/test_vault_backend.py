@@ -25,7 +25,7 @@ from pkisvc.model import AuditEvent, StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
 from pkisvc.testing import fake_generation
 from pkisvc.testing.backend import NOON
-from tests.conftest import REPO, make_settings, run_cli
+from tests.conftest import REPO, make_settings, run_cli, wait_for
 from tests.openbao import OpenBao, PersistentOpenBao, policy, policy_token
 from tests.test_store import assert_whole
 
@@ -67,6 +67,7 @@ def test_each_version_is_a_record_with_its_event_and_certificates_and_a_key_secr
          lambda **kw: store.rotate_leaf("kubecfg", **kw)][i % 3](actor="t", reason=f"r{i}")
     base = f"pkisvc/{settings.cluster}"
     kv = openbao.client().secrets.kv.v2
+    assert store.backend.settle_head()  # head moves after the answer (close() waits so too)
     assert kv.read_secret_version(f"{base}/head", raise_on_deleted_version=True)[
         "data"]["data"] == {"version": 25}
     assert sorted(int(k.rstrip("/")) for k in kv.list_secrets(f"{base}/versions")[
@@ -107,6 +108,7 @@ def test_replicas_see_each_others_writes_and_conflict(openbao):
     assert a.read(1).version == 1  # cached in a from now on
     assert b.latest() == 1
     b.write(fake_generation(2, "from b"), expected=1)
+    assert b.settle_head()  # b moves head after its answer; a sees it once moved
     assert a.latest() == 2
     assert a.read().record.reason == "from b"
     with pytest.raises(VersionConflict):
@@ -141,8 +143,10 @@ def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_mo
     cluster = openbao.settings_overrides()["cluster"]
     a = VaultBackend(openbao.addr, cluster=cluster, token=openbao.service_token(cluster))
     a.write(fake_generation(1), expected=None)
+    assert a.settle_head()
     a._after_commit = lambda version, nonce: None  # killed between commit and head
     a.write(fake_generation(2, "committed"), expected=1)
+    assert a.settle_head()
     kv = openbao.client().secrets.kv.v2
     assert kv.read_secret_version(f"pkisvc/{cluster}/head", raise_on_deleted_version=True)[
         "data"]["data"] == {"version": 1}
@@ -152,6 +156,7 @@ def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_mo
     assert b.read().record.reason == "committed"
     a._after_commit = lambda version, nonce: None
     a.write(fake_generation(3, "committed too"), expected=2)
+    assert a.settle_head()
     del a._after_commit
     assert b.latest() == 2  # head is behind again
     with pytest.raises(VersionConflict):  # the next writer's record conflicts ...
@@ -159,7 +164,91 @@ def test_a_writer_killed_after_its_commit_leaves_head_behind_and_the_next_one_mo
     assert b.latest() == a.latest() == 3  # ... and moves head on for everyone
     assert b.read(3).record.reason == "committed too"
     b.write(fake_generation(4), expected=3)
+    assert b.settle_head()
     assert a.latest() == 4
+
+
+def stored_head(openbao, cluster):
+    """(the version head names, head's KV version) as stored now."""
+    got = openbao.client().secrets.kv.v2.read_secret_version(
+        f"pkisvc/{cluster}/head", raise_on_deleted_version=True)["data"]
+    return got["data"]["version"], got["metadata"]["version"]
+
+
+def test_a_rotation_answers_while_head_cannot_move_and_head_then_goes_to_the_newest(
+        openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    backend = store.backend
+    store.init(actor="t")
+    assert backend.settle_head() and stored_head(openbao, settings.cluster) == (1, 1)
+    other = load_backend(settings)  # another process, reading head
+    assert other.latest() == 1
+    moving, release = threading.Event(), threading.Event()
+    write = backend._write
+
+    def held_head(path, data, cas):
+        if path == backend._head_path:
+            moving.set()
+            assert release.wait(60)
+        return write(path, data, cas)
+
+    backend._write = held_head
+    try:
+        assert store.rotate_leaf("server", actor="t").version == 2  # head's move is held
+        assert moving.wait(60)
+        # Answered too, on the version this process committed (no conflict with its own).
+        assert [store.rotate_leaf("server", actor="t").version for _ in "ab"] == [3, 4]
+        assert store.latest() == backend.latest() == 4
+        assert stored_head(openbao, settings.cluster) == (1, 1) and other.latest() == 1
+    finally:
+        release.set()
+    assert backend.settle_head()
+    # The held move (to 2) landed, then one move to the newest: 3 and 4 became one.
+    assert stored_head(openbao, settings.cluster) == (4, 3)
+    assert other.latest() == 4
+    assert [r.version for r in other.versions()] == [1, 2, 3, 4]
+
+
+def test_another_process_sees_a_rotation_within_version_ttl_of_its_answer(openbao, tmp_path):
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    other = CertStore(load_backend(settings), settings)  # a replica, its view kept
+    assert other.latest() == 1
+    for n in range(2, 6):
+        assert store.rotate_leaf("server", actor="t").version == n
+        answered = time.monotonic()
+        wait_for(lambda n=n: other.latest() == n,
+                 settings.vault.version_ttl + SEEN_SLACK, f"version {n} on the replica")
+        assert time.monotonic() - answered < settings.vault.version_ttl + SEEN_SLACK
+
+
+SEEN_SLACK = 0.5  # head's move (one KV write) and a loaded machine
+
+
+def test_a_head_move_that_fails_leaves_head_behind_for_the_next_writer_to_heal(
+        openbao, tmp_path, caplog):
+    store, settings = vault_store(openbao, tmp_path)
+    backend = store.backend
+    store.init(actor="t")
+    assert backend.settle_head()
+    write = backend._write
+
+    def refused(path, data, cas):
+        if path == backend._head_path:
+            raise BackendUnavailable("vault at test: head cannot be written")
+        return write(path, data, cas)
+
+    backend._write = refused
+    assert store.rotate_leaf("server", actor="t").version == 2  # committed and answered
+    assert backend.settle_head()
+    assert stored_head(openbao, settings.cluster)[0] == 1  # behind, as a killed writer leaves it
+    assert "moving secret/data/" in caplog.text
+    backend._write = write
+    elsewhere = CertStore(load_backend(settings), settings)
+    assert elsewhere.rotate_leaf("server", actor="t").version == 3
+    assert elsewhere.backend.settle_head()
+    assert stored_head(openbao, settings.cluster)[0] == 3
+    assert backend.latest() == 3 and backend.read(3).record.parent == 2
 
 
 def test_a_first_layout_store_is_read_as_it_is_and_written_on_in_the_new_one(openbao):
