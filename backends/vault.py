@@ -121,6 +121,10 @@ CACHE_SIZE = 64  # whole generations kept in memory; records are kept for every 
 EVENT_CACHE_SIZE = 4096  # audit events read back (they never change either)
 UPDATE_ATTEMPTS = 10  # read-modify-write of the tokens list or head under cas
 HEAD_LAG = 60  # seconds a record past `head` is taken for a live writer's, not a dead one's
+# head's move waits for this process's commits to pause this long, but never more than
+# HEAD_MAX_DELAY after the first commit it is behind (see _HeadMover)
+HEAD_SETTLE = 0.005
+HEAD_MAX_DELAY = 0.05
 MOVER_IDLE = 30.0  # seconds the thread that moves head waits for the next commit, then ends
 CLOSE_PATIENCE = 30.0  # seconds close() waits for head's move (each Vault call has its timeout)
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
@@ -178,6 +182,7 @@ class VaultBackend:
         self._healed = False
         self._head_seen: tuple[int, int] | None = None  # the last head read or written
         self._mover: _HeadMover | None = None  # moves head after commits (this process's)
+        self._writing = 0  # version writes under way in this process
         # False: a write moves head before it answers (`vault.version_ttl: 0`, where every
         # change is to be seen everywhere at once).
         self.head_after_answer = head_after_answer
@@ -298,7 +303,9 @@ class VaultBackend:
         where = self._data(self._head_path)
         head = (int(self.vault.dig(resp, where, "data", "data", "version")),
                 int(self.vault.dig(resp, where, "data", "metadata", "version")))
-        self._head_seen = head
+        seen = self._head_seen
+        if seen is None or head[1] >= seen[1]:  # a read may end after a newer move (the mover)
+            self._head_seen = head
         return head
 
     def latest(self) -> int | None:
@@ -456,6 +463,16 @@ class VaultBackend:
 
     def write(self, gen: StoredGeneration, *, expected: int | None,
               event: AuditEvent | None = None) -> int:
+        with self._lock:
+            self._writing += 1  # head's mover waits for it (see _HeadMover)
+        try:
+            return self._write_version(gen, expected, event)
+        finally:
+            with self._lock:
+                self._writing -= 1
+
+    def _write_version(self, gen: StoredGeneration, expected: int | None,
+                       event: AuditEvent | None) -> int:
         version = checked_version(gen, expected, RESERVED)
         if self._head_seen is None:
             # Before `head` exists, a first-layout store's versions have no records for the
@@ -1101,9 +1118,13 @@ class VaultBackend:
 
 class _HeadMover:
     """Moves `head` after commits, in a daemon thread of its own: in order, and only to the
-    newest version asked for (asks made while a move runs become one).  move(version, nonce)
-    returns at once; the thread runs the backend's `_after_commit` (which logs its failures)
-    and ends when idle for MOVER_IDLE seconds (the next move starts another)."""
+    newest version asked for.  move(version, nonce) returns at once.  The thread waits until
+    this process's commits pause (HEAD_SETTLE with none asked for nor under way), at most
+    HEAD_MAX_DELAY after the first version it has not moved head to, so a burst of changes
+    moves head once or so rather than once each (a head write queued in Vault's storage
+    behind the next change's writes slowed that change); then it runs the backend's
+    `_after_commit` (which logs its failures).  It ends when idle for MOVER_IDLE seconds (the
+    next move starts another)."""
 
     def __init__(self, backend: VaultBackend) -> None:
         self.pid = os.getpid()
@@ -1111,6 +1132,8 @@ class _HeadMover:
         self._backend = backend
         self._cv = threading.Condition(threading.Lock())
         self._next: tuple[int, str] | None = None
+        self._since = self._asked = 0.0  # when the first / the last unmoved one was asked for
+        self._hurry = False  # wait(): move now
         self._busy = False
         self._thread: threading.Thread | None = None
 
@@ -1118,6 +1141,9 @@ class _HeadMover:
         with self._cv:
             if version <= self.wanted:
                 return  # a later version's move is queued or made already
+            self._asked = time.monotonic()
+            if self._next is None:
+                self._since = self._asked
             self.wanted, self._next = version, (version, nonce)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pkisvc-head",
@@ -1131,6 +1157,7 @@ class _HeadMover:
                 if not self._cv.wait_for(lambda: self._next is not None, MOVER_IDLE):
                     self._thread = None
                     return
+                self._settle()
                 assert self._next is not None
                 version, nonce = self._next
                 self._next, self._busy = None, True
@@ -1143,9 +1170,25 @@ class _HeadMover:
                     self._busy = False
                     self._cv.notify_all()
 
+    def _settle(self) -> None:
+        """Wait (holding the condition's lock, which waiting lets go) until commits pause."""
+        while not self._hurry:
+            now = time.monotonic()
+            cap = self._since + HEAD_MAX_DELAY
+            quiet = self._asked + HEAD_SETTLE
+            if now >= cap or (now >= quiet and not self._backend._writing):
+                return
+            self._cv.wait(min(cap, quiet if quiet > now else now + HEAD_SETTLE / 5) - now)
+
     def wait(self, timeout: float | None = None) -> bool:
         with self._cv:
-            return self._cv.wait_for(lambda: self._next is None and not self._busy, timeout)
+            self._hurry = True
+            self._cv.notify_all()
+            try:
+                return self._cv.wait_for(lambda: self._next is None and not self._busy,
+                                         timeout)
+            finally:
+                self._hurry = False
 
 
 def _has(held: Mapping[str, Any], path: str, cap: str) -> bool:
