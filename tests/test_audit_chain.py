@@ -21,7 +21,7 @@ from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
-from pkisvc.witness import Head, Witness
+from pkisvc.witness import Damaged, Head, Witness
 from tests.conftest import make_settings, run_cli, wait_for
 
 DAY = timedelta(days=1)
@@ -475,3 +475,20 @@ def test_vault_each_replica_keeps_its_own_witness(openbao, vault_store, tmp_path
     for settings, env in ((settings_a, env_a), (settings_b, env_b)):
         assert_named(settings, env, "newest versions removed: store ends at 4, this host saw 5",
                      str(settings.chain_witness_path))
+
+
+def test_a_witness_another_process_raised_is_followed_not_written_over(tmp_path):
+    key = os.urandom(32)
+    one, two = Witness(tmp_path / "chain.head"), Witness(tmp_path / "chain.head")
+    one.store = two.store = "files"
+    link = {"mac": "m1", "prev": None}
+    one.saw_version(key, 1, link, lambda n: None)
+    assert one.read(key) == two.read(key) == Head(version=1, version_mac="m1")
+    two.saw_entry(key, {"period": "20261207", "seq": 1, "mac": "e1"}, lambda p, s: None)
+    one.saw_version(key, 2, {"mac": "m2", "prev": "m1"}, lambda n: None)
+    # one's write kept two's entry: it read the file again (the bytes had changed)
+    assert two.read(key) == Head(version=2, version_mac="m2", period="20261207", seq=1,
+                                 entry_mac="e1")
+    (tmp_path / "chain.head").write_bytes(b"{}".ljust(511) + b"\n")
+    with pytest.raises(Damaged, match="damaged"):
+        one.read(key)  # the same object reads what is there now

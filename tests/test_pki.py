@@ -139,6 +139,18 @@ def test_leaf_from_another_ca_is_refused():
         pki.check_set(replace(s, kubecfg=other.kubecfg, kubecfg_key=other.kubecfg_key))
 
 
+def test_a_leaf_checked_before_is_refused_under_another_ca_of_the_same_name_every_time():
+    s, other = make_set(), make_set()
+    assert s.ca.subject == other.ca.subject  # only the keys tell them apart
+    pki.check_set(s)
+    pki.check_set(other)  # each leaf has passed against its own CA (and is remembered so)
+    swapped = replace(s, ca=other.ca, ca_key=other.ca_key, trust=(other.ca,))
+    for _ in range(2):  # a failure is never remembered
+        with pytest.raises(InvalidMaterial, match="^server.cert: not issued by"):
+            pki.check_set(swapped)
+    pki.check_set(s)
+
+
 def test_root_without_ca_true_or_keycertsign_is_refused():
     s = make_set()
     key = ec.generate_private_key(ec.SECP256R1())

@@ -43,6 +43,40 @@ def test_init_makes_version_one_and_only_once(store):
     assert store.latest() == 1
 
 
+def test_a_change_builds_on_the_generation_this_process_wrote_without_parsing_it(
+        store, monkeypatch):
+    store.init(actor="t")
+    store.rotate_leaf("server", actor="t")
+    parsed = []
+    for name in ("load_cert", "load_certs", "load_key", "load_public_keys"):
+        real = getattr(pki, name)
+        monkeypatch.setattr(pki, name, lambda *a, real=real, name=name, **k: (
+            parsed.append(name), real(*a, **k))[1])
+    rec = store.rotate_leaf("kubecfg", actor="t")
+    assert parsed == []  # version 2 was this process's own: its files are what it wrote
+    two, three = store.read(2), store.read(3)
+    assert {n for n in three.files if three.files[n] != two.files[n]} == {
+        "kubecfg.crt", "kubecfg.key"}
+    assert rec.items["server"] == two.record.items["server"]
+    monkeypatch.undo()
+    assert_whole(store, 3)
+
+
+def test_a_change_builds_on_another_process_s_version_when_that_is_the_latest(
+        backend, settings):
+    # On files, another process's backend; on Vault this one's (the version is not ours).
+    elsewhere = type(backend)(backend.root) if backend.name == "files" else backend
+    one, other = CertStore(backend, settings), CertStore(elsewhere, settings)
+    one.init(actor="t")
+    one.rotate_leaf("server", actor="t")  # one keeps version 2 as its next base
+    theirs = other.rotate_ca(actor="t")  # version 3, written elsewhere
+    mine = one.rotate_leaf("kubecfg", actor="t")
+    assert (mine.version, mine.parent) == (4, 3)
+    assert mine.items["ca"] == theirs.items["ca"] and mine.items["server"] == theirs.items[
+        "server"]
+    assert_whole(one, 4)
+
+
 def test_changes_on_an_empty_store_say_run_init(store):
     with pytest.raises(NotFound, match="pkisvc init"):
         store.rotate_ca(actor="t")
