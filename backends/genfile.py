@@ -1,0 +1,78 @@
+"""A generation as one file: the files backend's unit of commit (`<version>.gen`).
+
+    {"format": "pkisvc-generation/1", "record": {...}, "event": {...} | null,
+     "chain": {...} | null, "files": [["ca.crt", 1184], ["ca.key", 227], ...]}\\n
+    <the files' bytes, one after another, in the order "files" lists them>
+
+The first line is one JSON object (ASCII only, so the first newline ends it): the record, the
+change's audit event and the version's chain link as JSON, then each file's name and length.
+The files follow as raw bytes, nothing between them.  A file whose lengths do not add up to
+its size, or whose index is not such an object, is `Unreadable` (never partly read).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pkisvc.model import valid_file_name
+
+FORMAT = "pkisvc-generation/1"
+SUFFIX = ".gen"
+
+
+class Unreadable(ValueError):
+    """Not a whole generation file (torn, garbled, or of another format)."""
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What one generation file holds: the record, event and chain link as JSON values, and
+    the files (name -> bytes)."""
+
+    record: Mapping[str, Any]
+    event: Mapping[str, Any] | None
+    link: Mapping[str, Any] | None
+    files: Mapping[str, bytes]
+
+
+def encode(packed: Packed) -> bytes:
+    """The bytes of a generation file holding packed."""
+    index = {"format": FORMAT, "record": packed.record, "event": packed.event,
+             "chain": packed.link, "files": [[n, len(d)] for n, d in packed.files.items()]}
+    head = json.dumps(index, separators=(",", ":")).encode()
+    return b"".join([head, b"\n", *packed.files.values()])
+
+
+def decode(data: bytes) -> Packed:
+    """Read a generation file's bytes.
+
+    Raises: Unreadable.
+    """
+    end = data.find(b"\n")
+    try:
+        index = json.loads(data[:end]) if end >= 0 else None
+    except ValueError:
+        index = None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise Unreadable(f"not a {FORMAT} file")
+    record, event, link, listed = (index.get(k) for k in ("record", "event", "chain", "files"))
+    if not isinstance(record, dict) or not isinstance(event, dict | None) \
+            or not isinstance(link, dict | None) or not isinstance(listed, list):
+        raise Unreadable("its index is damaged")
+    files: dict[str, bytes] = {}
+    at = end + 1
+    for entry in listed:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and valid_file_name(entry[0]) and entry[0] not in files
+                and type(entry[1]) is int and entry[1] >= 0):
+            raise Unreadable("its index is damaged")
+        name, size = entry
+        files[name] = data[at:at + size]
+        at += size
+    if at > len(data):
+        raise Unreadable(f"torn: its index lists {at - end - 1} bytes of files, "
+                         f"{len(data) - end - 1} are there")
+    if at < len(data):
+        raise Unreadable(f"{len(data) - at} bytes follow the files its index lists")
+    return Packed(record, event, link, files)
