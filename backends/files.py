@@ -252,14 +252,15 @@ class FilesBackend:
         """
         path = self._gen_file(version)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read() if files else genfile.read_index(f)
         except FileNotFoundError:
             return self._load_dir(version, files=files)
         why = None if twice else self._twice(version)
         if why is not None:
             raise _Damaged(version, why)
         try:
-            return genfile.decode(data)
+            return genfile.decode(data, files=files)
         except genfile.Unreadable as e:
             raise _Damaged(version, f"its file {path.name} is unreadable ({e})") from None
 
@@ -313,12 +314,20 @@ class FilesBackend:
                 packed = self._load(v)
             except FileNotFoundError:
                 raise NotFound(f"no version {v}") from None
-        record = GenerationRecord.from_dict(packed.record)
-        gen = StoredGeneration(record, packed.files)
+        gen = StoredGeneration(self._remember(v, packed), packed.files)
         self._cache[v] = gen
-        self._records[v] = record
-        self._links.setdefault(v, dict(packed.link) if packed.link is not None else None)
         return gen
+
+    def _remember(self, v: int, packed: genfile.Packed) -> GenerationRecord:
+        """Keep what one read of version v gave: its record, link and event (one read serves
+        `read`, `versions` and `audit` alike)."""
+        record = self._records[v] = GenerationRecord.from_dict(packed.record)
+        self._links.setdefault(v, dict(packed.link) if packed.link is not None else None)
+        if v not in self._events:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # `audit` says why
+                self._events[v] = (AuditEvent.from_dict(packed.event)
+                                   if packed.event is not None else None)
+        return record
 
     def write(self, gen: StoredGeneration, *, expected: int | None,
               event: AuditEvent | None = None) -> int:
@@ -371,10 +380,9 @@ class FilesBackend:
         """A version's chain link (None: written before the chain)."""
         if version not in self._links:
             try:
-                link = self._load(version, files=False).link
+                self._remember(version, self._load(version, files=False))
             except FileNotFoundError:
-                link = None
-            self._links[version] = dict(link) if link is not None else None
+                self._links[version] = None
         return self._links[version]
 
     def chain_versions(self) -> list[chain.StoredVersion]:
@@ -409,8 +417,7 @@ class FilesBackend:
                     break
                 rec = self._records.get(v)
                 if rec is None:
-                    rec = GenerationRecord.from_dict(self._load(v, files=False).record)
-                    self._records[v] = rec
+                    rec = self._remember(v, self._load(v, files=False))
                 out.append(rec)
         return out
 

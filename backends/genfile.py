@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 from pkisvc.model import valid_file_name
 
 FORMAT = "pkisvc-generation/1"
 SUFFIX = ".gen"
+HEAD = 16384  # bytes to read first when only the index is wanted (it is 2-4 KB)
 
 
 class Unreadable(ValueError):
@@ -44,8 +45,20 @@ def encode(packed: Packed) -> bytes:
     return b"".join([head, b"\n", *packed.files.values()])
 
 
-def decode(data: bytes) -> Packed:
-    """Read a generation file's bytes.
+def read_index(f: BinaryIO) -> bytes:
+    """The start of an open generation file, up to and including its index line."""
+    data = f.read(HEAD)
+    while b"\n" not in data:
+        more = f.read(4 * HEAD)
+        if not more:
+            break
+        data += more
+    return data
+
+
+def decode(data: bytes, *, files: bool = True) -> Packed:
+    """Read a generation file's bytes; with files=False only its index (data may then be any
+    start of the file that holds the first line; `files` comes back empty).
 
     Raises: Unreadable.
     """
@@ -60,19 +73,21 @@ def decode(data: bytes) -> Packed:
     if not isinstance(record, dict) or not isinstance(event, dict | None) \
             or not isinstance(link, dict | None) or not isinstance(listed, list):
         raise Unreadable("its index is damaged")
-    files: dict[str, bytes] = {}
+    if not files:
+        return Packed(record, event, link, {})
+    held: dict[str, bytes] = {}
     at = end + 1
     for entry in listed:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                and valid_file_name(entry[0]) and entry[0] not in files
+                and valid_file_name(entry[0]) and entry[0] not in held
                 and type(entry[1]) is int and entry[1] >= 0):
             raise Unreadable("its index is damaged")
         name, size = entry
-        files[name] = data[at:at + size]
+        held[name] = data[at:at + size]
         at += size
     if at > len(data):
         raise Unreadable(f"torn: its index lists {at - end - 1} bytes of files, "
                          f"{len(data) - end - 1} are there")
     if at < len(data):
         raise Unreadable(f"{len(data) - at} bytes follow the files its index lists")
-    return Packed(record, event, link, files)
+    return Packed(record, event, link, held)

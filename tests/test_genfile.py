@@ -1,12 +1,13 @@
 """The files backend's generation file (`pkisvc.backends.genfile`): what goes in comes out,
 byte for byte, and nothing but a whole file is read."""
+import io
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkisvc.backends.genfile import FORMAT, Packed, Unreadable, decode, encode
+from pkisvc.backends.genfile import FORMAT, Packed, Unreadable, decode, encode, read_index
 
 RECORD = {"version": 2, "parent": 1, "reason": "\ud800 line1\nFAKE\x1b \u202e", "items": {}}
 EVENT = {"time": "2026-12-07T07:00:00Z", "actor": "ops", "action": "rotate-ca", "version": 2}
@@ -66,3 +67,12 @@ def test_a_torn_file_is_unreadable_never_short(cut):
 def test_anything_else_is_unreadable(data, why):
     with pytest.raises(Unreadable, match=why):
         decode(data)
+
+
+@pytest.mark.parametrize("reason", ["short", "x" * 100_000])  # an index past the first read
+def test_the_index_alone_is_read_from_the_start_of_the_file(reason):
+    packed = Packed({**RECORD, "reason": reason}, EVENT, LINK, FILES)
+    data = encode(packed)
+    head = read_index(io.BytesIO(data))
+    assert b"\n" in head and data.startswith(head)
+    assert decode(head, files=False) == Packed(packed.record, EVENT, LINK, {})
