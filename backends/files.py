@@ -56,6 +56,7 @@ from pkisvc.backends.base import (
     checked_version,
     merged_events,
 )
+from pkisvc.backends.genfile import CHAIN, EVENT, RECORD
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
@@ -70,15 +71,10 @@ from pkisvc.model import (
     SessionRecord,
     StoredGeneration,
     TokenRecord,
-    valid_file_name,
 )
 from pkisvc.settings import Settings
 from pkisvc.witness import Witness
 
-RECORD = "record.json"
-EVENT = "event.json"  # the change's audit event, committed with its generation
-CHAIN = "chain.json"  # the version's link in the audit chain
-NOT_FILES = (RECORD, EVENT, CHAIN)
 _PERIOD_FILE = re.compile(r"([0-9]{8})\.jsonl")
 _GEN_NAME = re.compile(r"([0-9]{6,})(" + re.escape(genfile.SUFFIX) + ")?")  # file | older dir
 FORGOTTEN = "forgotten"  # a minions.jsonl line that removes a minion (`hosts forget`)
@@ -255,7 +251,7 @@ class FilesBackend:
             with open(path, "rb") as f:
                 data = f.read() if files else genfile.read_index(f)
         except FileNotFoundError:
-            return self._load_dir(version, files=files)
+            return genfile.read_directory(self._gen_dir(version), files=files)
         why = None if twice else self._twice(version)
         if why is not None:
             raise _Damaged(version, why)
@@ -263,27 +259,6 @@ class FilesBackend:
             return genfile.decode(data, files=files)
         except genfile.Unreadable as e:
             raise _Damaged(version, f"its file {path.name} is unreadable ({e})") from None
-
-    def _load_dir(self, version: int, *, files: bool) -> genfile.Packed:
-        d = self._gen_dir(version)
-        names = [e.name for e in os.scandir(d)] if files else []
-        meta: dict[str, Any] = {}
-        for name in NOT_FILES:
-            try:
-                raw = (d / name).read_bytes()
-            except FileNotFoundError:
-                if name == RECORD:
-                    raise  # no record, no version (as an older pkisvc read it)
-                continue
-            try:
-                meta[name] = json.loads(raw)
-            except ValueError:
-                meta[name] = None
-            if not isinstance(meta[name], dict):
-                meta[name] = {"unreadable": name}  # its MAC then fails: `verify` names it
-        held = {n: (d / n).read_bytes() for n in names
-                if n not in NOT_FILES and valid_file_name(n)}
-        return genfile.Packed(meta[RECORD], meta.get(EVENT), meta.get(CHAIN), held)
 
     # --- generations -------------------------------------------------------------------
 

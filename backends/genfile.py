@@ -1,4 +1,5 @@
-"""A generation as one file: the files backend's unit of commit (`<version>.gen`).
+"""A generation as the files backend stores it: one file (`<version>.gen`, what it writes),
+or the directory an older pkisvc wrote (read only).
 
     {"format": "pkisvc-generation/1", "record": {...}, "event": {...} | null,
      "chain": {...} | null, "files": [["ca.crt", 1184], ["ca.key", 227], ...]}\\n
@@ -8,17 +9,26 @@ The first line is one JSON object (ASCII only, so the first newline ends it): th
 change's audit event and the version's chain link as JSON, then each file's name and length.
 The files follow as raw bytes, nothing between them.  A file whose lengths do not add up to
 its size, or whose index is not such an object, is `Unreadable` (never partly read).
+
+    000042/{record.json, event.json, chain.json, ca.crt, ...}
+
+An older store's generation: the same parts, one file each (`read_directory`).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from pkisvc.model import valid_file_name
 
 FORMAT = "pkisvc-generation/1"
 SUFFIX = ".gen"
+RECORD = "record.json"  # a directory's parts that are not the generation's files
+EVENT = "event.json"
+CHAIN = "chain.json"
 HEAD = 16384  # bytes to read first when only the index is wanted (it is 2-4 KB)
 
 
@@ -91,3 +101,30 @@ def decode(data: bytes, *, files: bool = True) -> Packed:
     if at < len(data):
         raise Unreadable(f"{len(data) - at} bytes follow the files its index lists")
     return Packed(record, event, link, held)
+
+
+def read_directory(d: Path, *, files: bool = True) -> Packed:
+    """Read the generation an older pkisvc wrote as directory d (files=False: only record,
+    event and link).  A part that is not a JSON object becomes `{"unreadable": name}`, so the
+    version's MAC fails and `pkisvc verify` names it.
+
+    Raises: FileNotFoundError (no directory, or no record.json in it).
+    """
+    names = [e.name for e in os.scandir(d)] if files else []
+    meta: dict[str, Any] = {}
+    for name in (RECORD, EVENT, CHAIN):
+        try:
+            raw = (d / name).read_bytes()
+        except FileNotFoundError:
+            if name == RECORD:
+                raise  # no record, no version
+            continue
+        try:
+            meta[name] = json.loads(raw)
+        except ValueError:
+            meta[name] = None
+        if not isinstance(meta[name], dict):
+            meta[name] = {"unreadable": name}
+    held = {n: (d / n).read_bytes() for n in names
+            if n not in (RECORD, EVENT, CHAIN) and valid_file_name(n)}
+    return Packed(meta[RECORD], meta.get(EVENT), meta.get(CHAIN), held)

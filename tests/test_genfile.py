@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkisvc.backends.genfile import FORMAT, Packed, Unreadable, decode, encode, read_index
+from pkisvc.backends.genfile import (
+    FORMAT,
+    Packed,
+    Unreadable,
+    decode,
+    encode,
+    read_directory,
+    read_index,
+)
 
 RECORD = {"version": 2, "parent": 1, "reason": "\ud800 line1\nFAKE\x1b \u202e", "items": {}}
 EVENT = {"time": "2026-12-07T07:00:00Z", "actor": "ops", "action": "rotate-ca", "version": 2}
@@ -76,3 +84,20 @@ def test_the_index_alone_is_read_from_the_start_of_the_file(reason):
     head = read_index(io.BytesIO(data))
     assert b"\n" in head and data.startswith(head)
     assert decode(head, files=False) == Packed(packed.record, EVENT, LINK, {})
+
+
+def test_an_older_stores_directory_reads_as_the_same_parts(tmp_path):
+    d = tmp_path / "000002"
+    d.mkdir()
+    for name, data in {**FILES, "record.json": json.dumps(RECORD, indent=1).encode(),
+                       "event.json": json.dumps(EVENT).encode(),
+                       "chain.json": json.dumps(LINK).encode(), "not..a-file": b"x"}.items():
+        (d / name).write_bytes(data)
+    assert read_directory(d) == Packed(RECORD, EVENT, LINK, FILES)
+    assert read_directory(d, files=False) == Packed(RECORD, EVENT, LINK, {})
+    (d / "event.json").write_text('{"actor": "ops"')  # an editor's slip: its MAC then fails
+    (d / "chain.json").unlink()  # a version from before the chain
+    assert read_directory(d) == Packed(RECORD, {"unreadable": "event.json"}, None, FILES)
+    (d / "record.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        read_directory(d)
