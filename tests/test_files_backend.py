@@ -11,7 +11,7 @@ import pytest
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
 from pkisvc.changes import parse_files
-from pkisvc.errors import BackendUnavailable
+from pkisvc.errors import BackendUnavailable, VersionConflict
 from pkisvc.store import CertStore
 from tests.conftest import REPO, make_settings, wait_for
 from tests.stored import gen_file, stored
@@ -189,3 +189,24 @@ def test_torn_minion_state_line_is_skipped(tmp_path):
         f.write(b'{"minion":"b","role":"node","vers')  # a crash mid-append
     b.put_minion(_state("c", 1), expected=None)
     assert [s.minion for s in FilesBackend(tmp_path / "data").minions()] == ["a", "c"]
+
+
+def test_a_generation_file_is_never_replaced(store, settings):
+    """Whatever lands version 2 first keeps it: a writer that finds the name taken once its
+    own file is durable (a process not holding the lock put it there) conflicts, and leaves
+    nothing behind."""
+    store.init(actor="t")
+    gen = store.read(1)
+    other = gen_file(settings.data_dir, 1).read_bytes()
+
+    class Raced(FilesBackend):
+        def _recover(self) -> None:
+            super()._recover()
+            if not gen_file(self.root, 2).exists():
+                gen_file(self.root, 2).write_bytes(other)
+
+    record = type(gen.record).from_dict({**gen.record.to_dict(), "version": 2, "parent": 1})
+    with pytest.raises(VersionConflict, match="version 2 already exists"):
+        Raced(settings.data_dir).write(type(gen)(record, gen.files), expected=1)
+    assert gen_file(settings.data_dir, 2).read_bytes() == other
+    assert os.listdir(settings.data_dir / "tmp") == []
