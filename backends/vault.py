@@ -34,11 +34,11 @@ their material holds every file.
 
 `head` says the latest version; it is moved (cas, never backwards) after the commit, so a
 reader asks one small secret.  The move is not part of the write's answer: a thread of the
-writing process (`_HeadMover`, one per backend and process) makes it right after, in order,
-only ever to the newest version this process committed (moves queued behind a running one
-become one), while this process's own `latest()` already counts what it committed.  Other
-processes see the version once `head` moved: one KV write after the answer, then within
-`vault.version_ttl` (with `version_ttl: 0`, every change seen everywhere at once, head is
+writing process (`_HeadMover`, one per backend and process) makes it once this process's
+commits pause (at most HEAD_MAX_DELAY after the answer), in order, only ever to the newest
+version this process committed, while this process's own `latest()` already counts what it
+committed.  Other processes see the version once `head` moved (at most HEAD_MAX_DELAY and one
+KV write after the answer), then within `vault.version_ttl` (with `version_ttl: 0`, every change seen everywhere at once, head is
 moved before the answer, as it was).  `close()` waits for the move (a CLI run, a worker that
 stops).  The
 records are the truth: a writer killed between its commit and `head` (now: also just after
