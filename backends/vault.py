@@ -38,13 +38,12 @@ writing process (`_HeadMover`, one per backend and process) makes it once this p
 commits pause (at most HEAD_MAX_DELAY after the answer), in order, only ever to the newest
 version this process committed, while this process's own `latest()` already counts what it
 committed.  Other processes see the version once `head` moved (at most HEAD_MAX_DELAY and one
-KV write after the answer), then within `vault.version_ttl` (with `version_ttl: 0`, every change seen everywhere at once, head is
-moved before the answer, as it was).  `close()` waits for the move (a CLI run, a worker that
-stops).  The
-records are the truth: a writer killed between its commit and `head` (now: also just after
-its answer) leaves `head` behind, and the next writer (whose record create then conflicts)
-or the next process (once, at its first `latest()`) finds the committed records past `head`
-and moves it on.
+KV write after the answer), then within `vault.version_ttl` (with `version_ttl: 0`, every
+change seen everywhere at once, head is moved before the answer, as it was).  `close()` waits
+for the move (a CLI run, a worker that stops).  The records are the truth: a writer killed
+between its commit and `head` (now: also just after its answer) leaves `head` behind, and the
+next writer (whose record create then conflicts) or the next process (once, at its first
+`latest()`) finds the committed records past `head` and moves it on.
 
 A store in the first layout (one `material` secret, KV version N = pkisvc version N, events
 under audit/) is read as it is: its versions are read from `material` and the next write adds
