@@ -12,7 +12,7 @@ from pkisvc import pki
 from pkisvc.backends.vault import VaultBackend
 from pkisvc.changes import parse_files
 from pkisvc.settings import Settings
-from tests.conftest import clean_env, free_port, start, stop
+from tests.conftest import clean_env, free_port, start, stop, wait_for
 
 pytestmark = pytest.mark.vault
 
@@ -51,6 +51,8 @@ def test_two_services_on_one_openbao_stay_gapless(openbao, tmp_path):
             answers = list(pool.map(rotate, range(30)))
         assert all(status == 201 for status, _ in answers), answers
         assert sorted(doc["version"] for _, doc in answers) == list(range(2, 32))
+        # head moves after the answers, within HEAD_MAX_DELAY and a write (README)
+        wait_for(lambda: backend.latest() == 31, 30, "head on the last version")
         records = backend.versions()
         assert [r.version for r in records] == list(range(1, 32))
         assert sorted(r.reason for r in records[1:]) == sorted(f"r{i}" for i in range(30))
