@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import json
+import select
 import selectors
 import socket
 import ssl
@@ -54,6 +55,7 @@ LINGER = 2.0
 LINGER_BYTES = 256 * 1024
 #: Seconds between the worker's heartbeats to the arbiter (and checks that it is there).
 NOTIFY_EVERY = 0.25
+_ONESHOT = hasattr(select, "EPOLLONESHOT") and selectors.DefaultSelector is selectors.EpollSelector
 #: The largest request head (line and headers) and body read into memory.
 MAX_HEAD = 64 * 1024
 MAX_BODY = 64 * 1024
@@ -294,6 +296,19 @@ class _Response(wsgi.Response):
         return None
 
 
+class _Poller(selectors.EpollSelector):
+    """The worker's selector.  A kept-alive plain connection is registered once, one-shot
+    (EPOLLONESHOT): its next bytes disarm it (no unregister), and the pool thread that served
+    the request re-arms it (no register, and no wake of the poller to do it)."""
+
+    def register_oneshot(self, fileobj: Any, data: Any) -> None:
+        key = self.register(fileobj, selectors.EVENT_READ, data)
+        self.rearm(key.fd)
+
+    def rearm(self, fd: int) -> None:
+        self._selector.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)  # type: ignore[attr-defined]
+
+
 class BufferedConn(TConn):
     """A connection whose next request is collected by the poller before a thread sees it.
 
@@ -307,6 +322,7 @@ class BufferedConn(TConn):
     def __init__(self, cfg: Any, sock: Any, client: Any, server: Any) -> None:
         super().__init__(cfg, sock, client, server)
         self.tls = False
+        self.oneshot = False  # registered with the poller one-shot, between requests
         self.buf = bytearray()
         self.framing = Framing()
         self.state = READING
@@ -345,6 +361,7 @@ class BufferedThreadWorker(ThreadWorker):
     """gthread with whole requests read in the poller, within a deadline (see the module)."""
 
     alive: bool
+    poller: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -366,6 +383,16 @@ class BufferedThreadWorker(ThreadWorker):
             self._ssl_context = sock.ssl_context(self.cfg)
             self._ssl_context.set_alpn_protocols(["http/1.1"])
         super().init_process()
+
+    def run(self) -> None:
+        if _ONESHOT:  # (gthread made a selector of its own; nothing is registered yet)
+            self.poller.close()
+            self.poller = _Poller()
+        super().run()
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        for conn in list(self.keepalived_conns):  # (pool threads may append meanwhile)
+            conn.timeout = min(conn.timeout, deadline)
 
     def notify(self) -> None:
         """Tell the arbiter we are alive, at most every NOTIFY_EVERY seconds: gthread does it
@@ -421,7 +448,8 @@ class BufferedThreadWorker(ThreadWorker):
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
         """A kept-alive connection has bytes: a pool thread tries it (see `try_read`)."""
-        self.poller.unregister(client)
+        if not conn.oneshot:  # (a one-shot registration is disarmed by the event itself)
+            self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         self._try(conn)
 
@@ -527,13 +555,25 @@ class BufferedThreadWorker(ThreadWorker):
         except (KeyError, ValueError, OSError):
             pass
 
+    def _leave_kept(self, conn: BufferedConn) -> None:
+        """Drop a one-shot registration before the connection is registered otherwise or
+        closed (a closed descriptor left in the selector would refuse its number's reuse)."""
+        if getattr(conn, "oneshot", False):
+            conn.oneshot = False
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
     def _drop(self, conn: BufferedConn) -> None:
+        self._leave_kept(conn)
         self.nr_conns -= 1
         util.close(conn.sock)
 
     def _linger(self, conn: Any) -> None:
         """gunicorn's graceful close without blocking the poller: send FIN, then drain what
         the client still sends until it closes too, for LINGER seconds at most."""
+        self._leave_kept(conn)
         try:
             conn.sock.setblocking(False)
             conn.sock.shutdown(socket.SHUT_WR)
@@ -690,11 +730,33 @@ class BufferedThreadWorker(ThreadWorker):
                 self.log.exception("Exception in post_request hook")
         return True
 
-    def finish_request(self, conn: Any, fs: Any) -> None:
+    def enqueue_req(self, conn: Any) -> None:
+        self.tpool.submit(self._serve, conn)
+
+    def _serve(self, conn: BufferedConn) -> None:
+        """In a pool thread: serve, then keep a plain connection for its next request here
+        (one-shot re-armed) or hand it to the poller (`finish_request`)."""
+        try:
+            result = self.handle(conn)
+        except BaseException:  # (handle answers what it can) close rather than lose it
+            result = False
+        if result is True and conn.oneshot and not conn.parser.unreader.buf.getvalue():
+            conn.set_timeout()
+            if not self.alive:
+                conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+            self.keepalived_conns.append(conn)  # before re-arming: its event may come at once
+            try:
+                self.poller.rearm(conn.sock.fileno())
+            except (OSError, ValueError):  # stopping (the poller is closed): let it expire
+                pass
+            return  # conn belongs to the poller again: not touched after re-arming
+        self.method_queue.defer(self.finish_request, conn, result)
+
+    def finish_request(self, conn: Any, result: Any) -> None:
         """Back on the poller: keep the connection for its next request, or close it."""
         try:
-            result = fs.result() if not fs.cancelled() else False
             if result is _DEFER:  # a pool thread found only part of a request: read the rest
+                self._leave_kept(conn)
                 self._start_reading(conn, READING, fresh=False)
                 return
             if result is _DROP:
@@ -710,14 +772,22 @@ class BufferedThreadWorker(ThreadWorker):
             ahead = conn.parser.unreader.take_buffered()  # pipelined bytes, read already
             if ahead or pending:
                 conn.buf += ahead
-                self._try(conn)
+                self._try(conn)  # (a one-shot registration stays, disarmed)
                 return
             conn.set_timeout()
             if not self.alive:
                 conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
             self.keepalived_conns.append(conn)
-            self.poller.register(conn.sock, selectors.EVENT_READ,
-                                 partial(self.on_client_socket_readable, conn))
+            if conn.oneshot:
+                self.poller.rearm(conn.sock.fileno())
+            elif _ONESHOT and not conn.tls:
+                conn.oneshot = True
+                self.poller.register_oneshot(conn.sock,
+                                             partial(self.on_client_socket_readable, conn))
+            else:
+                self.poller.register(conn.sock, selectors.EVENT_READ,
+                                     partial(self.on_client_socket_readable, conn))
         except Exception:
+            self._leave_kept(conn)
             self.nr_conns -= 1
             conn.close()
