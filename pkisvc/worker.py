@@ -55,6 +55,10 @@ LINGER = 2.0
 LINGER_BYTES = 256 * 1024
 #: Seconds between the worker's heartbeats to the arbiter (and checks that it is there).
 NOTIFY_EVERY = 0.25
+#: How long a pool thread that has just answered a kept-alive plain connection waits for its
+#: next request (when no other work is queued), and how many it serves so in a row.
+NEXT_WAIT = 0.0005
+NEXT_MAX = 16
 _ONESHOT = hasattr(select, "EPOLLONESHOT") and selectors.DefaultSelector is selectors.EpollSelector
 #: The largest request head (line and headers) and body read into memory.
 MAX_HEAD = 64 * 1024
@@ -307,6 +311,17 @@ class _Poller(selectors.EpollSelector):
 
     def rearm(self, fd: int) -> None:
         self._selector.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)  # type: ignore[attr-defined]
+
+
+def _next_bytes_within(sock: Any, seconds: float) -> bool:
+    """Whether sock becomes readable within seconds (select(): sub-millisecond waits)."""
+    fd = sock.fileno()
+    if not 0 <= fd < 1024:  # (select's limit) not worth a wait
+        return False
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    except (OSError, ValueError):
+        return False
 
 
 class BufferedConn(TConn):
@@ -735,22 +750,31 @@ class BufferedThreadWorker(ThreadWorker):
 
     def _serve(self, conn: BufferedConn) -> None:
         """In a pool thread: serve, then keep a plain connection for its next request here
-        (one-shot re-armed) or hand it to the poller (`finish_request`)."""
-        try:
-            result = self.handle(conn)
-        except BaseException:  # (handle answers what it can) close rather than lose it
-            result = False
-        if result is True and conn.oneshot and not conn.parser.unreader.buf.getvalue():
-            conn.set_timeout()
-            if not self.alive:
-                conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
-            self.keepalived_conns.append(conn)  # before re-arming: its event may come at once
+        (one-shot re-armed) or hand it to the poller (`finish_request`).  A client that
+        sends its next request at once (a Salt master's ext_pillar calls, one after another)
+        finds this thread still there, for NEXT_WAIT at most, when no other work waits."""
+        for served in range(NEXT_MAX):
             try:
-                self.poller.rearm(conn.sock.fileno())
-            except (OSError, ValueError):  # stopping (the poller is closed): let it expire
-                pass
-            return  # conn belongs to the poller again: not touched after re-arming
-        self.method_queue.defer(self.finish_request, conn, result)
+                result = self.handle(conn)
+            except BaseException:  # (handle answers what it can) close rather than lose it
+                result = False
+            if result is not True or not conn.oneshot or conn.parser.unreader.buf.getvalue():
+                self.method_queue.defer(self.finish_request, conn, result)
+                return
+            if served + 1 < NEXT_MAX and self.alive and self.tpool._work_queue.empty() \
+                    and _next_bytes_within(conn.sock, NEXT_WAIT):
+                conn.state, conn.sent_continue, conn.framing = TRYING, False, Framing()
+                continue
+            break
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)  # before re-arming: its event may come at once
+        try:
+            self.poller.rearm(conn.sock.fileno())
+        except (OSError, ValueError):  # stopping (the poller is closed): let it expire
+            pass
+        # conn belongs to the poller again: not touched after re-arming
 
     def finish_request(self, conn: Any, result: Any) -> None:
         """Back on the poller: keep the connection for its next request, or close it."""
