@@ -752,7 +752,8 @@ class BufferedThreadWorker(ThreadWorker):
         """In a pool thread: serve, then keep a plain connection for its next request here
         (one-shot re-armed) or hand it to the poller (`finish_request`).  A client that
         sends its next request at once (a Salt master's ext_pillar calls, one after another)
-        finds this thread still there, for NEXT_WAIT at most, when no other work waits."""
+        finds this thread still there, for NEXT_WAIT at most, when it is the worker's only
+        connection (with more, the threads are better spent on whichever is ready)."""
         for served in range(NEXT_MAX):
             try:
                 result = self.handle(conn)
@@ -761,7 +762,7 @@ class BufferedThreadWorker(ThreadWorker):
             if result is not True or not conn.oneshot or conn.parser.unreader.buf.getvalue():
                 self.method_queue.defer(self.finish_request, conn, result)
                 return
-            if served + 1 < NEXT_MAX and self.alive and self.tpool._work_queue.empty() \
+            if served + 1 < NEXT_MAX and self.nr_conns == 1 and self.alive \
                     and _next_bytes_within(conn.sock, NEXT_WAIT):
                 conn.state, conn.sent_continue, conn.framing = TRYING, False, Framing()
                 continue
