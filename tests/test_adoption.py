@@ -6,11 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pkisvc.app import create_app
 from tests.conftest import make_settings, run_cli
 from tests.easyrsa import LAYOUT, SANS, SERVER, make_cluster, seed_files
 from tests.peers import write_host_files
 from tests.test_staged_etcd import neighbours_talk
+
+# Each test runs easy-rsa (RSA keys made by openssl) and a dozen CLI processes: up to 20 s on an
+# idle machine, past the default 120 s limit when other work loads the two cores (seen at load 10).
+pytestmark = pytest.mark.timeout(300)
 
 KUBECFG_SUBJECT = "CN=kubecfg"  # easy-rsa's: no O=system:masters
 

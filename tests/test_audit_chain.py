@@ -451,3 +451,27 @@ def test_vault_a_purged_event_is_named(openbao, vault_store):
     day = periods_of(openbao, base)[1]
     bao(openbao, "kv", "metadata", "delete", f"{base}/events/{day}/000000001")
     assert_named(settings, env, f"events of {day}", "missing")
+
+
+@pytest.mark.vault
+def test_vault_each_replica_keeps_its_own_witness(openbao, vault_store, tmp_path):
+    """Two replicas of one Vault store, each with its own data_dir: a version one of them
+    wrote is witnessed there, and on the other once a check there held; removing it is then
+    named on both."""
+    store_a, settings_a, env_a, base = vault_store
+    settings_b = dataclasses.replace(settings_a, data_dir=tmp_path / "replica-b")
+    env_b = {**env_a, "PKISVC_DATA_DIR": str(settings_b.data_dir)}
+    from pkisvc.backends.vault import VaultBackend
+    store_b = CertStore(VaultBackend.from_settings(settings_b), settings_b,
+                        clock=store_a._clock)
+    store_b.rotate_leaf("server", actor="ops", reason="from replica b")
+    assert witness_of(settings_b)["version"] == 5
+    assert witness_of(settings_a)["version"] == 4  # a has not seen 5 yet
+    r = run_cli("verify", "-o", "json", env=env_a)  # a check on a that holds raises a's
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert witness_of(settings_a)["version"] == 5
+    bao(openbao, "kv", "metadata", "delete", f"{base}/versions/5/record")
+    bao(openbao, "kv", "put", f"{base}/head", "version=4")
+    for settings, env in ((settings_a, env_a), (settings_b, env_b)):
+        assert_named(settings, env, "newest versions removed: store ends at 4, this host saw 5",
+                     str(settings.chain_witness_path))
