@@ -14,6 +14,16 @@ once, with no more poller work than `gthread` does; a part of one goes back to t
 which reads the rest.  A client that misses the deadline gets a `408` and is closed; one that
 announces a larger body gets a `413` without it being read.
 
+Per request it costs less than `gthread` (docs/decisions.md, "The worker's cost per
+request"): a kept-alive plain connection stays registered with the poller one-shot, and the
+pool thread that answered it re-arms it itself (the poller is not woken to do it); its socket
+stays blocking (the poller reads it with MSG_DONTWAIT), so no request pays for switching it;
+gunicorn's settings are looked up once (`_Settings`), the head and a small body go out in one
+send (`_Response`); and when the connection is the worker's only one (a Salt master asking
+for one minion after another), the thread that answered waits NEXT_WAIT (0.5 ms) for its next
+request before handing it back — the only wait for a client, and a partial request found then
+still goes to the poller.
+
 The poller does not parse HTTP: it finds where the request ends (the empty line, then
 `Content-Length` bytes or the chunked framing) and leaves every judgement to gunicorn's parser
 in the thread, so what is accepted and refused is what `gthread` accepts and refuses.  Should
