@@ -629,7 +629,9 @@ class BufferedThreadWorker(ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         while self.closing and self.closing[0][0] <= now:
-            _, conn = self.closing.popleft()
+            deadline, conn = self.closing.popleft()
+            if conn.deadline != deadline or conn.state != CLOSING:
+                continue  # closed already (the client's FIN came): counted once
             self._unregister(conn)
             self._drop(conn)
         while self.reading and self.reading[0][0] <= now:

@@ -136,3 +136,30 @@ def test_a_lone_client_that_sends_part_of_its_next_request_holds_no_thread(one_w
         assert data.startswith(b"HTTP/1.1 200 "), data
     finally:
         lone.close()
+
+
+def test_a_connection_closed_after_lingering_is_counted_closed_once(monkeypatch):
+    """A connection closed with gunicorn's graceful close (its answer said `Connection:
+    close`) leaves the worker's count once, whether the client's FIN or LINGER ends it: a
+    count that sank below the open connections let `worker_connections` be exceeded."""
+    from gunicorn.glogging import Logger
+
+    cfg = Config()
+    w = worker.BufferedThreadWorker(0, 0, [], None, 30, cfg, Logger(cfg))
+    w.poller = worker.selectors.DefaultSelector()
+    clock = [1000.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: clock[0])
+    ours, theirs = socket.socketpair()
+    try:
+        w.nr_conns = 1
+        conn = worker.BufferedConn(cfg, ours, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        w._linger(conn)
+        theirs.close()  # the client's FIN: drained and closed at once
+        for key, _ in w.poller.select(0):
+            key.data(key.fileobj)
+        assert w.nr_conns == 0
+        clock[0] += worker.LINGER + 1  # ... and its lingering deadline passes later
+        w.murder_pending()
+        assert w.nr_conns == 0
+    finally:
+        w.poller.close()
