@@ -1,7 +1,10 @@
-"""The default backend: a versioned directory tree on local disk.
+"""The default backend: a versioned tree on local disk, one file per generation.
 
-    <data_dir>/generations/000001/{record.json, event.json, chain.json, ca.crt, ...}
-                                immutable, 0700/0600; chain.json is the version's chain link
+    <data_dir>/generations/000001.gen   a whole generation in one file (`genfile`): record,
+                                the change's event, the version's chain link, every file's
+                                bytes; immutable, 0600 (dirs 0700)
+    <data_dir>/generations/000001/  a generation as older pkisvc wrote it: {record.json,
+                                event.json, chain.json, ca.crt, ...}; read, never written
     <data_dir>/current          the latest version, replaced atomically
     <data_dir>/events/<day>.jsonl  appended events (not changes), one chain entry a line
                                 (`pkisvc.chain`), appended with fsync under .events.lock
@@ -14,11 +17,14 @@
     <data_dir>/sessions.json    the operator pages' sessions, kept under their ids' hashes
     <data_dir>/tmp/             staging; whatever is left here after a crash is debris
 
-A generation is staged in tmp/, fsynced, and renamed into generations/ while the writer holds
-an exclusive `flock` on <data_dir>/.lock, so readers see a whole generation or none.  A crash
-after that rename but before `current` moved leaves a whole generation ahead of `current`;
-the next writer (or a new process) rolls `current` forward to it.  A change's audit event is
-`event.json` in its generation's directory: the rename commits version and event together.
+A generation is one durable small-file write: written in tmp/, fsynced, hard-linked into
+generations/ (a name that exists is never replaced: `VersionConflict`), generations/ fsynced,
+all while the writer holds an exclusive `flock` on <data_dir>/.lock, so readers see a whole
+generation or none.  A crash after that link but before `current` moved leaves a whole
+generation ahead of `current`; the next writer (or a new process) rolls `current` forward to
+it.  A change's audit event is inside its generation's file: one write commits version and
+event together.  A store may hold both forms (older versions as directories); a version
+stored as both is refused (`BackendUnavailable`) and named by `pkisvc verify`.
 
 A minion's delivery state is one appended, fsynced line written under an exclusive `flock` on
 <data_dir>/.minions.lock (so a state is replaced only if it is still the one the writer read,
@@ -29,22 +35,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, TypeVar
 
 from pkisvc import chain
-from pkisvc.backends import periods
+from pkisvc.backends import genfile, periods
 from pkisvc.backends.base import (
     Order,
     appended_order,
@@ -53,6 +56,7 @@ from pkisvc.backends.base import (
     checked_version,
     merged_events,
 )
+from pkisvc.backends.genfile import CHAIN, EVENT, RECORD
 from pkisvc.errors import (
     BackendUnavailable,
     Conflict,
@@ -67,17 +71,12 @@ from pkisvc.model import (
     SessionRecord,
     StoredGeneration,
     TokenRecord,
-    valid_file_name,
 )
 from pkisvc.settings import Settings
 from pkisvc.witness import Witness
 
-RECORD = "record.json"
-EVENT = "event.json"  # the change's audit event, committed with its generation
-CHAIN = "chain.json"  # the version's link in the audit chain
-NOT_FILES = (RECORD, EVENT, CHAIN)
 _PERIOD_FILE = re.compile(r"([0-9]{8})\.jsonl")
-_GEN_DIR = re.compile(r"[0-9]{6,}")
+_GEN_NAME = re.compile(r"([0-9]{6,})(" + re.escape(genfile.SUFFIX) + ")?")  # file | older dir
 FORGOTTEN = "forgotten"  # a minions.jsonl line that removes a minion (`hosts forget`)
 COMPACT_SLACK = 1000  # minion-state lines beyond twice the minions before a compaction
 T = TypeVar("T")
@@ -113,7 +112,6 @@ class FilesBackend:
         self._sessions = self.root / "sessions.json"
         self._lists: dict[Path, tuple[tuple[int, int, int], list[Any]]] = {}
         self._current_cache: tuple[tuple[int, int], int] | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._minions = self.root / "minions.jsonl"
         self._table = _MinionTable()
         self._table_lock = threading.Lock()
@@ -136,6 +134,9 @@ class FilesBackend:
         except OSError as e:
             raise BackendUnavailable(
                 f"files backend at {self.root}: cannot {what}: {e.strerror or e}") from None
+        except _Damaged as e:
+            raise BackendUnavailable(f"files backend at {self.root}: cannot {what}: {e} "
+                                     "(`pkisvc verify` checks the store)") from None
 
     def _ensure_dirs(self) -> None:
         for d in (self.root, self._gens, self._tmp):
@@ -159,27 +160,40 @@ class FilesBackend:
         """Clear staging debris; roll `current` forward to a whole generation a crash left."""
         for entry in os.scandir(self._tmp):
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                shutil.rmtree(entry.path, ignore_errors=True)  # an older pkisvc's staging
             else:
                 os.unlink(entry.path)
         for entry in os.scandir(self.root):
             if entry.name.startswith((".current.", ".ping.")):
                 os.unlink(entry.path)
-        newest = max(self._dir_versions(), default=None)
         try:
             current = self._read_current()
         except ValueError:
             current = None
-        if newest is not None and (current or 0) < newest:
+        if current is None:  # none yet, or torn by a crash: the newest stored decides
+            newest = max(self._stored_versions(), default=None)
+        else:  # only the versions right after it can be ahead (every writer recovers first)
+            newest = current
+            while self._stored(newest + 1):
+                newest += 1
+        if newest is not None and newest != current:
             self._set_current(newest)
         self._recovered = True
 
-    def _dir_versions(self) -> list[int]:
+    def _stored_versions(self) -> list[int]:
+        """The version numbers in generations/ (files and directories), ascending."""
         try:
-            names = os.listdir(self._gens)
+            entries = list(os.scandir(self._gens))
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names if _GEN_DIR.fullmatch(n))
+        found = set()
+        for entry in entries:
+            m = _GEN_NAME.fullmatch(entry.name)
+            if m is None or entry.name != self._gen_name(int(m[1]), bool(m[2])):
+                continue  # debris, or a name pkisvc never writes
+            if entry.is_file() if m[2] else entry.is_dir():
+                found.add(int(m[1]))
+        return sorted(found)
 
     def _read_current(self) -> int | None:
         # Asked on every request; `current` is only ever replaced (new inode), so a stat
@@ -198,20 +212,53 @@ class FilesBackend:
         return version
 
     def _set_current(self, version: int) -> None:
-        # Not fsynced: the generation directory is what is durable.  After a crash `current`
+        # Not fsynced: the generation's file is what is durable.  After a crash `current`
         # may lag, or be unreadable; recovery puts it on the newest whole generation.
         tmp = self.root / f".current.{os.getpid()}.{secrets.token_hex(4)}"
         _write_file(tmp, f"{version}\n".encode(), sync=False)
         os.replace(tmp, self._current)
 
-    def _sync_all(self, paths: list[Path]) -> None:
-        """fsync files and directories concurrently; return when all are durable."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pkisvc-fsync")
-        list(self._pool.map(_fsync_path, paths))
+    def _gen_name(self, version: int, as_file: bool = True) -> str:
+        return f"{version:06d}{genfile.SUFFIX if as_file else ''}"
+
+    def _gen_file(self, version: int) -> Path:
+        return self._gens / self._gen_name(version)
 
     def _gen_dir(self, version: int) -> Path:
-        return self._gens / f"{version:06d}"
+        """Where an older pkisvc kept version `version` (a directory of files)."""
+        return self._gens / self._gen_name(version, as_file=False)
+
+    def _stored(self, version: int) -> bool:
+        return os.path.isfile(self._gen_file(version)) or os.path.isdir(self._gen_dir(version))
+
+    def _twice(self, version: int) -> str | None:
+        """What is wrong when version is stored both as a file and as a directory."""
+        if os.path.isfile(self._gen_file(version)) and os.path.isdir(self._gen_dir(version)):
+            return (f"stored twice, as {self._gen_name(version)} and as the directory "
+                    f"{self._gen_name(version, as_file=False)}/ (written around pkisvc)")
+        return None
+
+    def _load(self, version: int, *, files: bool = True, twice: bool = False
+              ) -> genfile.Packed:
+        """Version as stored now (no cache): its file, or the directory an older pkisvc
+        wrote (there, files=False reads only record, event and link).
+
+        Raises: FileNotFoundError (no such version); _Damaged (unreadable; stored twice,
+        unless `twice` allows it).
+        """
+        path = self._gen_file(version)
+        try:
+            with open(path, "rb") as f:
+                data = f.read() if files else genfile.read_index(f)
+        except FileNotFoundError:
+            return genfile.read_directory(self._gen_dir(version), files=files)
+        why = None if twice else self._twice(version)
+        if why is not None:
+            raise _Damaged(version, why)
+        try:
+            return genfile.decode(data, files=files)
+        except genfile.Unreadable as e:
+            raise _Damaged(version, f"its file {path.name} is unreadable ({e})") from None
 
     # --- generations -------------------------------------------------------------------
 
@@ -237,25 +284,30 @@ class FilesBackend:
             return self._cache[v]
         if version is not None and v > (self.latest() or 0):
             raise NotFound(f"no version {v}")
-        d = self._gen_dir(v)
         with self._io(f"read version {v}"):
             try:
-                files = {}
-                for entry in os.scandir(d):
-                    if entry.name not in NOT_FILES and valid_file_name(entry.name):
-                        files[entry.name] = Path(entry.path).read_bytes()
-                record = GenerationRecord.from_dict(json.loads((d / RECORD).read_bytes()))
+                packed = self._load(v)
             except FileNotFoundError:
                 raise NotFound(f"no version {v}") from None
-        gen = StoredGeneration(record, files)
+        gen = StoredGeneration(self._remember(v, packed), packed.files)
         self._cache[v] = gen
-        self._records[v] = record
         return gen
+
+    def _remember(self, v: int, packed: genfile.Packed) -> GenerationRecord:
+        """Keep what one read of version v gave: its record, link and event (one read serves
+        `read`, `versions` and `audit` alike)."""
+        record = self._records[v] = GenerationRecord.from_dict(packed.record)
+        self._links.setdefault(v, dict(packed.link) if packed.link is not None else None)
+        if v not in self._events:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # `audit` says why
+                self._events[v] = (AuditEvent.from_dict(packed.event)
+                                   if packed.event is not None else None)
+        return record
 
     def write(self, gen: StoredGeneration, *, expected: int | None,
               event: AuditEvent | None = None) -> int:
         version = checked_version(gen, expected, RECORD)
-        for reserved in (EVENT, CHAIN):
+        for reserved in (EVENT, CHAIN):  # kept out: an older pkisvc's directory layout
             if reserved in gen.files:
                 raise InvalidRequest(f"not a storable file name: {reserved!r}")
         with self._io(f"write version {version}"), self._locked():
@@ -270,23 +322,17 @@ class FilesBackend:
                                                       unchained=expected or 0)
             link = chain.link_version(key, record, stored_event, chain.file_digests(gen.files),
                                       prev["mac"] if prev else None, unchained)
-            stage = self._tmp / f"{version:06d}.{os.getpid()}.{secrets.token_hex(4)}"
-            stage.mkdir(mode=0o700)
-            os.chmod(stage, 0o700)
-            files = {**gen.files, RECORD: json.dumps(record, indent=1).encode(),
-                     CHAIN: json.dumps(link, separators=(",", ":")).encode()}
-            if stored_event is not None:
-                files[EVENT] = json.dumps(stored_event, separators=(",", ":")).encode()
-            written = self._stage_files(stage, files, expected)
-            # fsync every file and the directory at once: ext4 commits them in one journal
-            # transaction (about 1 ms here, against about 15 ms one after another).
-            self._sync_all([stage / n for n in written] + [stage])
+            data = genfile.encode(genfile.Packed(record, stored_event, link, gen.files))
+            # One durable small-file write: the file's fsync, then its name's (the link and
+            # generations/ in one fsync).  A link never replaces a name, as a rename would.
+            tmp = self._tmp / f"{self._gen_name(version)}.{os.getpid()}.{secrets.token_hex(4)}"
+            _write_file(tmp, data)
             try:
-                os.rename(stage, self._gen_dir(version))
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise VersionConflict(f"version {version} already exists") from None
-                raise
+                os.link(tmp, self._gen_file(version))
+            except FileExistsError:
+                raise VersionConflict(f"version {version} already exists") from None
+            finally:
+                os.unlink(tmp)
             _fsync_dir(self._gens)
             self._set_current(version)
         self._cache[version] = gen
@@ -300,34 +346,16 @@ class FilesBackend:
     def _stored_mac(self, version: int) -> str | None:
         """Version's link MAC as stored now (no cache), for the witness."""
         try:
-            mac = json.loads((self._gen_dir(version) / CHAIN).read_bytes()).get("mac")
-        except (OSError, ValueError, AttributeError):
+            mac = (self._load(version, files=False).link or {}).get("mac")
+        except (OSError, _Damaged):
             return None
         return str(mac) if mac is not None else None
-
-    def _stage_files(self, stage: Path, files: dict[str, bytes], parent: int | None
-                     ) -> list[str]:
-        """Put files in stage; return the names written (to be fsynced).  A file the parent
-        version holds with the same bytes (most of them: a change replaces one or two items)
-        is hard-linked from it instead: durable already, it needs no write nor fsync."""
-        held = self._cache.get(parent) if parent else None
-        written = []
-        for name, data in files.items():
-            if held is not None and held.files.get(name) == data:
-                try:
-                    os.link(self._gen_dir(parent) / name, stage / name)  # type: ignore[arg-type]
-                    continue
-                except OSError:
-                    pass  # gone, or a file system without hard links: write it
-            _write_file(stage / name, data, sync=False)
-            written.append(name)
-        return written
 
     def _link(self, version: int) -> dict[str, Any] | None:
         """A version's chain link (None: written before the chain)."""
         if version not in self._links:
             try:
-                self._links[version] = json.loads((self._gen_dir(version) / CHAIN).read_bytes())
+                self._remember(version, self._load(version, files=False))
             except FileNotFoundError:
                 self._links[version] = None
         return self._links[version]
@@ -335,25 +363,21 @@ class FilesBackend:
     def chain_versions(self) -> list[chain.StoredVersion]:
         out = []
         with self._io("read versions"):
-            for v in self._dir_versions():
+            for v in self._stored_versions():
                 out.append(self._stored_version(v))
         return out
 
     def _stored_version(self, v: int) -> chain.StoredVersion:
-        d = self._gen_dir(v)
-        found: dict[str, Any] = {}
-        digests = {}
-        for entry in os.scandir(d):
-            data = Path(entry.path).read_bytes()
-            if entry.name in NOT_FILES:
-                try:
-                    found[entry.name] = json.loads(data)
-                except ValueError:
-                    found[entry.name] = {"unreadable": entry.name}
-            elif valid_file_name(entry.name):
-                digests[entry.name] = hashlib.sha256(data).hexdigest()
-        return chain.StoredVersion(v, found.get(RECORD), found.get(EVENT), found.get(CHAIN),
-                                   digests)
+        twice = self._twice(v)
+        problems = (twice,) if twice is not None else ()
+        try:
+            packed = self._load(v, twice=True)
+        except FileNotFoundError:
+            return chain.StoredVersion(v, None, problems=problems)
+        except _Damaged as e:
+            return chain.StoredVersion(v, None, problems=(*problems, e.why))
+        return chain.StoredVersion(v, packed.record, packed.event, packed.link,
+                                   chain.file_digests(packed.files), problems)
 
     def versions(self) -> list[GenerationRecord]:
         latest = self.latest()
@@ -363,14 +387,12 @@ class FilesBackend:
                 return known
         out = []
         with self._io("list versions"):
-            for v in self._dir_versions():
+            for v in self._stored_versions():
                 if latest is None or v > latest:
                     break
                 rec = self._records.get(v)
                 if rec is None:
-                    rec = GenerationRecord.from_dict(
-                        json.loads((self._gen_dir(v) / RECORD).read_bytes()))
-                    self._records[v] = rec
+                    rec = self._remember(v, self._load(v, files=False))
                 out.append(rec)
         return out
 
@@ -447,10 +469,11 @@ class FilesBackend:
                 event = self._events[v]
             else:
                 try:
-                    raw = (self._gen_dir(v) / EVENT).read_bytes()
-                    event = AuditEvent.from_dict(json.loads(raw))
+                    stored = self._load(v, files=False).event
                 except FileNotFoundError:
-                    event = None  # written before event.json: its event is in audit.jsonl
+                    stored = None
+                # None: written before change events were (its event is in audit.jsonl)
+                event = AuditEvent.from_dict(stored) if stored is not None else None
                 self._events[v] = event
             if event is not None:
                 yield event
@@ -657,6 +680,14 @@ class FilesBackend:
         return None
 
 
+class _Damaged(Exception):
+    """A stored version that cannot be read as one (see `why`)."""
+
+    def __init__(self, version: int, why: str) -> None:
+        super().__init__(f"version {version}: {why}")
+        self.why = why
+
+
 class _PeriodFiles:
     """`periods.Entries` over events/<day>.jsonl; used with .events.lock held, so every
     create lands (no other writer can take the number)."""
@@ -755,14 +786,6 @@ def _write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
             view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

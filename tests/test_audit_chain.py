@@ -1,7 +1,8 @@
 """The audit chain (issue 17, acceptance 2): tampering done with the backend's own tools and the
 service's storage token is named by `pkisvc verify`, shows in `/v1/health` and in the metric.
 
-Files: a text editor's work (`sed`, a copied directory, a removed file) in data_dir.  Vault:
+Files: a text editor's work (an edited member of a generation file, a copied generation, a
+removed file; the same in the directories older stores hold) in data_dir.  Vault:
 `bao kv put`, `bao kv metadata put`, `bao kv metadata delete` with the token the service uses.
 """
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +19,11 @@ import pytest
 
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
+from pkisvc.errors import BackendUnavailable
 from pkisvc.settings import Settings
 from pkisvc.store import CertStore
 from pkisvc.witness import Head, Witness
+from tests import stored
 from tests.conftest import make_settings, run_cli, wait_for
 
 DAY = timedelta(days=1)
@@ -109,16 +111,17 @@ def test_an_untouched_store_verifies(files_store):
 
 def test_an_edited_change_event_is_named(files_store):
     _, _, settings, env = files_store
-    event = settings.data_dir / "generations" / "000003" / "event.json"
-    event.write_text(event.read_text().replace('"actor":"ops"', '"actor":"nobody"'))
+    event = dict(stored.stored(settings.data_dir, 3).event or {})
+    assert event["actor"] == "ops"
+    stored.rewrite(settings.data_dir, 3, event={**event, "actor": "nobody"})
     assert_named(settings, env, "version 3", "MAC")
 
 
 def test_edited_material_is_named(files_store):
     _, _, settings, env = files_store
-    cert = settings.data_dir / "generations" / "000004" / "server.cert"
-    os.chmod(cert, 0o600)
-    cert.write_bytes(cert.read_bytes().replace(b"A", b"B", 1))
+    files = dict(stored.stored(settings.data_dir, 4).files)
+    files["server.cert"] = files["server.cert"].replace(b"A", b"B", 1)
+    stored.rewrite(settings.data_dir, 4, files=files)
     assert_named(settings, env, "version 4", "stored files differ")
 
 
@@ -142,14 +145,57 @@ def test_a_back_dated_event_is_named(files_store):
 
 def test_a_version_written_around_pkisvc_is_named(files_store):
     _store, _, settings, env = files_store
-    gens = settings.data_dir / "generations"
-    shutil.copytree(gens / "000005", gens / "000006")
-    record = json.loads((gens / "000006" / "record.json").read_text())
+    record = dict(stored.stored(settings.data_dir, 5).record)
     record.update(version=6, parent=5, reason="slipped in")
-    (gens / "000006" / "record.json").write_text(json.dumps(record))
+    stored.rewrite(settings.data_dir, 5, to=6, record=record)  # a copy of 5, its record edited
     (settings.data_dir / "current").write_text("6\n")
     assert FilesBackend(settings.data_dir).latest() == 6  # pkisvc would serve it
     assert_named(settings, env, "version 6", "MAC")
+
+
+def test_older_directory_generations_verify_and_the_store_grows_in_files(files_store):
+    """A store an older pkisvc began (versions as directories) reads, verifies and audits
+    as before; its next version is a file."""
+    store, _, settings, env = files_store
+    data = settings.data_dir
+    held = {v: store.read(v) for v in range(1, 6)}
+    events = store.audit(limit=100)
+    for v in (1, 2, 3):
+        stored.as_directory(data, v)
+    fresh = CertStore(FilesBackend(data), settings)
+    assert {v: fresh.read(v) for v in range(1, 6)} == held
+    assert fresh.versions() == store.versions()
+    assert fresh.audit(limit=100) == events
+    assert fresh.rotate_leaf("server", actor="ops").version == 6
+    assert sorted(os.listdir(data / "generations")) == [
+        "000001", "000002", "000003", "000004.gen", "000005.gen", "000006.gen"]
+    assert assert_holds(settings, env)["versions"] == 6
+
+
+def test_an_edited_event_in_an_older_directory_generation_is_named(files_store):
+    _, _, settings, env = files_store
+    event = stored.as_directory(settings.data_dir, 3) / "event.json"
+    event.write_text(event.read_text().replace('"actor":"ops"', '"actor":"nobody"'))
+    assert_named(settings, env, "version 3", "MAC")
+
+
+def test_a_version_stored_both_as_file_and_directory_is_named_and_not_served(files_store):
+    _, _, settings, env = files_store
+    kept = stored.gen_file(settings.data_dir, 4).read_bytes()
+    stored.as_directory(settings.data_dir, 4)
+    stored.gen_file(settings.data_dir, 4).write_bytes(kept)
+    with pytest.raises(BackendUnavailable, match="version 4: stored twice"):
+        FilesBackend(settings.data_dir).read(4)
+    assert_named(settings, env, "version 4", "stored twice")
+
+
+def test_a_torn_generation_file_is_named(files_store):
+    _, _, settings, env = files_store
+    path = stored.gen_file(settings.data_dir, 3)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(BackendUnavailable, match="version 3: its file 000003.gen is unread"):
+        FilesBackend(settings.data_dir).read(3)
+    assert_named(settings, env, "version 3", "unreadable", "torn")
 
 
 def test_a_purged_period_is_named(files_store):
@@ -202,8 +248,8 @@ def test_the_witness_names_the_newest_this_host_wrote(files_store):
 
 def remove_versions_4_and_5(settings: Settings) -> None:
     """An editor in data_dir: the newest two generations gone, `current` moved back."""
-    for v in ("000005", "000004"):
-        shutil.rmtree(settings.data_dir / "generations" / v)
+    for v in (5, 4):
+        stored.remove(settings.data_dir, v)
     (settings.data_dir / "current").write_text("3\n")
     assert FilesBackend(settings.data_dir).latest() == 3  # a whole, shorter chain
 

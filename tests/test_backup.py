@@ -6,7 +6,11 @@ import tarfile
 import pytest
 
 from pkisvc import backup
+from pkisvc.backends.files import FilesBackend
 from pkisvc.errors import InvalidRequest
+from pkisvc.store import CertStore
+from tests.conftest import make_settings
+from tests.stored import as_directory
 
 
 def test_backup_holds_every_generation_the_audit_and_the_tokens_all_0600(store, tmp_path):
@@ -44,3 +48,22 @@ def test_a_backup_that_cannot_be_written_leaves_nothing_behind(store, tmp_path, 
     with pytest.raises(InvalidRequest, match=str(tmp_path / where)):
         backup.write(store, tmp_path / where)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_store_with_older_directory_generations_backs_up_alike(tmp_path):
+    """Versions an older pkisvc wrote as directories and versions written as one file each
+    give the tarball one layout: `generations/00000N/` with record.json and the files."""
+    settings = make_settings(tmp_path / "data")
+    store = CertStore(FilesBackend(settings.data_dir), settings)
+    store.init(actor="ops")
+    store.rotate_ca(actor="ops")
+    assert backup.write(store, tmp_path / "files.tar.gz") == 2
+    as_directory(settings.data_dir, 1)
+    mixed = CertStore(FilesBackend(settings.data_dir), settings)
+    assert backup.write(mixed, tmp_path / "mixed.tar.gz") == 2
+
+    def members(path):
+        with tarfile.open(path) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members(tmp_path / "mixed.tar.gz") == members(tmp_path / "files.tar.gz")
+    assert "pkisvc-backup/generations/000001/ca.key" in members(tmp_path / "mixed.tar.gz")

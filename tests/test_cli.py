@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pkisvc.cli import main, short_duration
 from tests.conftest import openssl, run_cli
+from tests.stored import unpack
 
 
 @pytest.fixture
@@ -46,9 +47,10 @@ def test_operator_session_versions_one_to_six(cfg, tmp_path):
         (6, "rollback"), (5, "rotate-kubecfg"), (4, "rotate-server"), (3, "rotate-ca"),
         (2, "rotate-ca"), (1, "init")]
     assert listed[3]["reason"] == "second"
-    gens = tmp_path / "data" / "generations"
+    # Each stored version's files (unpacked from its generation file) are a whole set.
+    gens = tmp_path / "unpacked"
     for v in range(1, 7):
-        d = gens / f"{v:06d}"
+        d = unpack(tmp_path / "data", v, gens)
         r = openssl("verify", "-CAfile", str(d / "ca.crt"), str(d / "server.cert"),
                     str(d / "kubecfg.crt"))
         assert r.returncode == 0, r.stdout + r.stderr

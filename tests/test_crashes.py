@@ -15,6 +15,7 @@ import requests
 
 from pkisvc.store import CertStore
 from tests.conftest import REPO, clean_env, make_settings, wait_for
+from tests.stored import stored
 from tests.storm import Ledger, change, change_events, check_history, serve
 
 ROUNDS = 20
@@ -100,13 +101,13 @@ def test_sigkill_mid_storm_never_loses_or_tears_a_generation(tmp_path, service_s
             debris = list((data / "tmp").iterdir()) if (data / "tmp").exists() else []
             seen["debris"] += len(debris)
             # The store opens and recovers; no debris is read as a generation, nothing torn.
-            dirs = sorted(d.name for d in (data / "generations").iterdir())
+            names = sorted(d.name for d in (data / "generations").iterdir())
             current = int((data / "current").read_text())
-            seen["ahead"] += sum(1 for d in dirs if int(d) > current)
+            seen["ahead"] += sum(1 for n in names if int(n.removesuffix(".gen")) > current)
         latest = backend.latest()
         if files:
-            assert all(len(d) == 6 and d.isdigit() for d in dirs), dirs
-            assert [f"{v:06d}" for v in range(1, latest + 1)] == dirs
+            assert [f"{v:06d}.gen" for v in range(1, latest + 1)] == names  # one file each
+            assert all(stored(data, v).record["version"] == v for v in range(1, latest + 1))
             assert not list((data / "tmp").iterdir())  # recovery removed the staging debris
         acked_full = {v: a for v, a in ledger.acked.items() if a[0]}
         check_history(backend, acked_full)

@@ -11,9 +11,10 @@ import pytest
 from pkisvc import pki
 from pkisvc.backends.files import FilesBackend
 from pkisvc.changes import parse_files
-from pkisvc.errors import BackendUnavailable
+from pkisvc.errors import BackendUnavailable, VersionConflict
 from pkisvc.store import CertStore
 from tests.conftest import REPO, make_settings, wait_for
+from tests.stored import gen_file, stored
 
 
 @pytest.fixture
@@ -36,7 +37,9 @@ def test_key_files_0600_and_directories_0700(store, settings):
             assert mode(os.path.join(dirpath, d)) == 0o700, d
         for f in filenames:
             assert mode(os.path.join(dirpath, f)) == 0o600, f
-    assert (root / "generations" / "000002" / "ca.key").exists()
+    # A version is one file holding its keys: 0600 like the rest (checked above).
+    assert sorted(os.listdir(root / "generations")) == ["000001.gen", "000002.gen"]
+    assert "ca.key" in stored(root, 2).files
     assert (root / "current").read_text() == "2\n"
 
 
@@ -47,22 +50,30 @@ def test_the_umask_cannot_loosen_modes(tmp_path):
         CertStore(FilesBackend(settings.data_dir), settings).init(actor="t")
     finally:
         os.umask(old)
-    assert mode(settings.data_dir / "generations" / "000001" / "server.key") == 0o600
+    assert mode(gen_file(settings.data_dir, 1)) == 0o600  # holds server.key
+    assert "server.key" in stored(settings.data_dir, 1).files
+    assert mode(settings.data_dir / "generations") == 0o700
 
 
 def test_debris_is_never_mistaken_for_a_generation(store, settings):
     store.init(actor="t")
     root = settings.data_dir
-    half = root / "tmp" / "000002.999.dead"
+    whole = gen_file(root, 1).read_bytes()
+    torn = root / "tmp" / "000002.gen.999.dead"  # a writer killed before its link
+    torn.write_bytes(whole[:len(whole) // 2])
+    half = root / "tmp" / "000002.999.dead"  # an older pkisvc's staging directory
     half.mkdir()
     (half / "ca.crt").write_bytes(b"half written")
     (root / "generations" / "notes").mkdir()
     (root / "generations" / "000002.partial").mkdir()
+    (root / "generations" / "000002.gen.partial").write_bytes(whole)
+    (root / "generations" / "0000002.gen").write_bytes(whole)  # not a name pkisvc writes
     fresh = CertStore(FilesBackend(root), settings)
     assert fresh.latest() == 1
     assert [r.version for r in fresh.versions()] == [1]
     assert fresh.rotate_ca(actor="t").version == 2
-    assert not half.exists()
+    assert not half.exists() and not torn.exists()
+    assert stored(root, 2).record["operation"] == "rotate-ca"
 
 
 def test_a_whole_generation_ahead_of_current_is_rolled_forward(store, settings):
@@ -178,3 +189,24 @@ def test_torn_minion_state_line_is_skipped(tmp_path):
         f.write(b'{"minion":"b","role":"node","vers')  # a crash mid-append
     b.put_minion(_state("c", 1), expected=None)
     assert [s.minion for s in FilesBackend(tmp_path / "data").minions()] == ["a", "c"]
+
+
+def test_a_generation_file_is_never_replaced(store, settings):
+    """Whatever lands version 2 first keeps it: a writer that finds the name taken once its
+    own file is durable (a process not holding the lock put it there) conflicts, and leaves
+    nothing behind."""
+    store.init(actor="t")
+    gen = store.read(1)
+    other = gen_file(settings.data_dir, 1).read_bytes()
+
+    class Raced(FilesBackend):
+        def _recover(self) -> None:
+            super()._recover()
+            if not gen_file(self.root, 2).exists():
+                gen_file(self.root, 2).write_bytes(other)
+
+    record = type(gen.record).from_dict({**gen.record.to_dict(), "version": 2, "parent": 1})
+    with pytest.raises(VersionConflict, match="version 2 already exists"):
+        Raced(settings.data_dir).write(type(gen)(record, gen.files), expected=1)
+    assert gen_file(settings.data_dir, 2).read_bytes() == other
+    assert os.listdir(settings.data_dir / "tmp") == []

@@ -230,5 +230,5 @@ def test_every_go_table_mistake_is_refused_before_anything_is_written(tmp_path):
             store.import_files(m.files, actor="test")
     assert store.latest() == 2
     assert sorted(p.name for p in (tmp_path / "data" / "generations").iterdir()) == [
-        *generations, "000002"]
+        *generations, "000002.gen"]
     assert len(store.audit(limit=1000)) == len(audit) + 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -191,16 +190,17 @@ POISON = "\ud800 line1\nFAKE-ROW 99 rotate-ca\x1b]0;pwned\x07 \u202eevil"
 
 def poison(data_dir: Path) -> None:
     """Write a generation and audit events holding POISON as a version before the chain did
-    (pkisvc now refuses to link text it could not store as sent): by hand, in its layout."""
+    (pkisvc now refuses to link text it could not store as sent): by hand, in its layout (a
+    directory of files and record.json, no chain link, no event)."""
     backend = FilesBackend(data_dir)
     latest = backend.latest()
     gen = backend.read(latest)
     record = dataclasses.replace(gen.record, version=latest + 1, parent=latest,
                                  reason=POISON, actor=POISON)
-    old, new = (data_dir / "generations" / f"{v:06d}" for v in (latest, latest + 1))
-    shutil.copytree(old, new)
-    for name in ("chain.json", "event.json"):
-        (new / name).unlink(missing_ok=True)
+    new = data_dir / "generations" / f"{latest + 1:06d}"
+    new.mkdir()
+    for name, data in gen.files.items():
+        (new / name).write_bytes(data)
     (new / "record.json").write_text(json.dumps(record.to_dict()))
     (data_dir / "current").write_text(f"{latest + 1}\n")
     events = [AuditEvent(time=record.created_at, actor=POISON, action="rollback",

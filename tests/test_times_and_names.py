@@ -32,6 +32,7 @@ from pkisvc.settings import Settings, is_dns_name
 from pkisvc.store import CertStore
 from pkisvc.tokens import new_token
 from tests.conftest import REPO, make_settings
+from tests.stored import stored
 
 RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
@@ -100,11 +101,11 @@ def test_a_changed_store_writes_z_times_to_disk_and_reads_them_back(tmp_path):
     store = CertStore(FilesBackend(settings.data_dir), settings)
     rec = store.init(actor="t")
     assert rec.created_at.tzinfo == UTC
-    on_disk = json.loads((tmp_path / "data/generations/000001/record.json").read_text())
+    on_disk = dict(stored(tmp_path / "data", 1).record)  # as written in the generation file
     assert on_disk["created_at"] == format_time(rec.created_at)
     assert RFC3339_Z.fullmatch(on_disk["created_at"])
     assert RFC3339_Z.fullmatch(on_disk["items"]["server"]["not_after"])
-    event = json.loads((tmp_path / "data/generations/000001/event.json").read_text())
+    event = dict(stored(tmp_path / "data", 1).event or {})
     assert RFC3339_Z.fullmatch(event["time"])  # the change's event, committed with it
     assert store.audit()[0].time == rec.created_at
     assert store.audit(since=rec.created_at)[0].version == 1

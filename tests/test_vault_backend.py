@@ -25,6 +25,7 @@ from pkisvc.model import AuditEvent, StoredGeneration, TokenRecord
 from pkisvc.store import CertStore
 from pkisvc.testing import fake_generation
 from pkisvc.testing.backend import NOON
+from tests import stored
 from tests.conftest import REPO, make_settings, run_cli
 from tests.openbao import OpenBao, PersistentOpenBao, policy, policy_token
 from tests.test_store import assert_whole
@@ -368,6 +369,8 @@ def test_migrate_keeps_history_numbers_audit_and_tokens_and_refuses_a_second_run
                                           "nothing to migrate\n")
     for args in (["init"], ["rotate", "ca"], ["rotate", "server"], ["rollback", "1"]):
         assert cli(*args).exit_code == 0
+    for v in (1, 2):  # as an older pkisvc wrote them: directories, migrated alike
+        stored.as_directory(data, v)
     files = FilesBackend(data)
     files.put_token(TokenRecord("ops", "c" * 64, ("read", "admin"), NOON))
     r = cli("migrate", "--to", "vault")
