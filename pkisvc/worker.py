@@ -14,6 +14,16 @@ once, with no more poller work than `gthread` does; a part of one goes back to t
 which reads the rest.  A client that misses the deadline gets a `408` and is closed; one that
 announces a larger body gets a `413` without it being read.
 
+Per request it costs less than `gthread` (docs/decisions.md, "The worker's cost per
+request"): a kept-alive plain connection stays registered with the poller one-shot, and the
+pool thread that answered it re-arms it itself (the poller is not woken to do it); its socket
+stays blocking (the poller reads it with MSG_DONTWAIT), so no request pays for switching it;
+gunicorn's settings are looked up once (`_Settings`), the head and a small body go out in one
+send (`_Response`); and when the connection is the worker's only one (a Salt master asking
+for one minion after another), the thread that answered waits NEXT_WAIT (0.5 ms) for its next
+request before handing it back — the only wait for a client, and a partial request found then
+still goes to the poller.
+
 The poller does not parse HTTP: it finds where the request ends (the empty line, then
 `Content-Length` bytes or the chunked framing) and leaves every judgement to gunicorn's parser
 in the thread, so what is accepted and refused is what `gthread` accepts and refuses.  Should
@@ -27,16 +37,20 @@ from __future__ import annotations
 
 import errno
 import json
+import select
 import selectors
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections import deque
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 from gunicorn import http, sock, util
+from gunicorn.http import message, parser, wsgi
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 #: Seconds a connection has, from its acceptance or its first byte after a keep-alive pause,
@@ -49,6 +63,13 @@ THREAD_IO_TIMEOUT = 10.0
 LINGER = 2.0
 #: ... and for this many bytes at most (a refused body the client is still sending).
 LINGER_BYTES = 256 * 1024
+#: Seconds between the worker's heartbeats to the arbiter (and checks that it is there).
+NOTIFY_EVERY = 0.25
+#: How long a pool thread that has just answered a kept-alive plain connection waits for its
+#: next request (when no other work is queued), and how many it serves so in a row.
+NEXT_WAIT = 0.0005
+NEXT_MAX = 16
+_ONESHOT = hasattr(select, "EPOLLONESHOT") and selectors.DefaultSelector is selectors.EpollSelector
 #: The largest request head (line and headers) and body read into memory.
 MAX_HEAD = 64 * 1024
 MAX_BODY = 64 * 1024
@@ -174,14 +195,159 @@ def _error(status: str, message: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+# --- gunicorn's request path, with its per-request waste taken out --------------------------
+# What a request is, what is refused and what is answered stay gunicorn's; these classes only
+# remember what cannot change within a worker and write an answer in one piece.
+
+class _Settings:
+    """gunicorn's settings, each looked up once: `Config.__getattr__` runs a few Python calls
+    per look-up, and a request looks up about twenty (a worker's settings never change)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.__dict__["_cfg"] = cfg
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.__dict__["_cfg"], name)
+        self.__dict__[name] = value
+        return value
+
+
+#: (settings, peer address) -> whether gunicorn trusts that peer's forwarding headers; the
+#: answer is the same for every request from the peer (gunicorn parses the address each time).
+_TRUSTED: dict[tuple[int, str], bool] = {}
+
+
+class _Request(message.Request):
+    def _peer_is_trusted_proxy(self) -> bool:
+        peer = self.peer_addr
+        if not isinstance(peer, tuple):
+            return True
+        key = (id(self.cfg), peer[0])
+        trusted = _TRUSTED.get(key)
+        if trusted is None:
+            trusted = bool(super()._peer_is_trusted_proxy())
+            if len(_TRUSTED) >= 4096:
+                _TRUSTED.clear()
+            _TRUSTED[key] = trusted
+        return trusted
+
+
+class _Parser(parser.RequestParser):
+    mesg_class = _Request
+
+    def finish_body(self, deadline: float | None = None, max_bytes: int | None = None) -> bool:
+        """Discard the rest of the current request's body.  Over a plain socket it is in
+        memory already (the whole request was read before it was parsed), so gunicorn's
+        timeout juggling — four syscalls a request — is skipped; were the framing ever wrong,
+        the socket's own timeout (THREAD_IO_TIMEOUT) still bounds the read."""
+        if not self.mesg or isinstance(self.unreader.sock, ssl.SSLSocket):
+            return bool(super().finish_body(deadline, max_bytes))
+        body = self.mesg.body
+        if getattr(body, "failed", False) is True:
+            return False
+        if max_bytes is None and deadline is not None:
+            max_bytes = parser._DRAIN_MAX_BYTES
+        drained = 0
+        try:
+            while True:
+                data = body.read(1024)
+                if not data:
+                    return True
+                drained += len(data)
+                if max_bytes is not None and drained >= max_bytes:
+                    return False
+        except (TimeoutError, BlockingIOError):
+            return False
+
+
+_DATE: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header's value, made once a second."""
+    global _DATE
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE = (now, util.http_date(now))
+    return _DATE[1]
+
+
+class _Response(wsgi.Response):
+    #: Bodies up to this size go out in one send with the head.
+    COALESCE = 64 * 1024
+    headers_sent: bool
+
+    def default_headers(self) -> list[str]:
+        """gunicorn's, with the Date made once a second."""
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        version = self.req.version
+        headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n",
+                   f"Server: {self.version}\r\n", f"Date: {_http_date()}\r\n",
+                   f"Connection: {connection}\r\n"]
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
+        return headers
+
+    def write(self, arg: bytes) -> None:
+        """The first body bytes go out with the head, in one send (gunicorn sends the head
+        alone first): one syscall and one segment less, and no small segment held back."""
+        if (self.headers_sent or self.chunked or self._omits_body or type(arg) is not bytes
+                or not arg or len(arg) > self.COALESCE):
+            return super().write(arg)
+        if self.response_length is not None and len(arg) > self.response_length:
+            arg = arg[:self.response_length]  # never more than announced (as gunicorn)
+        tosend = self.default_headers()
+        tosend.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        head = ("".join(tosend) + "\r\n").encode("latin-1")
+        self.headers_sent = True
+        self.sent += len(arg)
+        self.sock.sendall(head + arg)
+        return None
+
+
+class _Poller(selectors.EpollSelector):
+    """The worker's selector.  A kept-alive plain connection is registered once, one-shot
+    (EPOLLONESHOT): its next bytes disarm it (no unregister), and the pool thread that served
+    the request re-arms it (no register, and no wake of the poller to do it)."""
+
+    def register_oneshot(self, fileobj: Any, data: Any) -> None:
+        key = self.register(fileobj, selectors.EVENT_READ, data)
+        self.rearm(key.fd)
+
+    def rearm(self, fd: int) -> None:
+        self._selector.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)  # type: ignore[attr-defined]
+
+
+def _next_bytes_within(sock: Any, seconds: float) -> bool:
+    """Whether sock becomes readable within seconds (select(): sub-millisecond waits)."""
+    fd = sock.fileno()
+    if not 0 <= fd < 1024:  # (select's limit) not worth a wait
+        return False
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    except (OSError, ValueError):
+        return False
+
+
 class BufferedConn(TConn):
-    """A connection whose next request is collected by the poller before a thread sees it."""
+    """A connection whose next request is collected by the poller before a thread sees it.
+
+    A plain socket stays blocking (the kernel's timeouts, set at accept, bound a thread's
+    reads and writes); the poller reads and writes it with MSG_DONTWAIT, so no request pays
+    for switching it back and forth.  A TLS socket is switched as in gthread."""
 
     parser: Any
     sock: Any
 
     def __init__(self, cfg: Any, sock: Any, client: Any, server: Any) -> None:
         super().__init__(cfg, sock, client, server)
+        self.tls = False
+        self.oneshot = False  # registered with the poller one-shot, between requests
         self.buf = bytearray()
         self.framing = Framing()
         self.state = READING
@@ -191,15 +357,27 @@ class BufferedConn(TConn):
         self.drained = 0
         self.data_ready = True  # gthread's wait-for-data step: the poller did the waiting
 
+    def recv(self, size: int) -> bytes:
+        """A read that never waits (poller and `try_read`)."""
+        if self.tls:
+            return self.sock.recv(size)
+        return self.sock.recv(size, socket.MSG_DONTWAIT)
+
+    def send(self, data: bytes) -> None:
+        """A small write that never waits (refusals, 100 Continue)."""
+        if self.tls:
+            self.sock.send(data)
+        else:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+
     def init(self) -> None:
         """In the pool thread: hand the buffered request to gunicorn's parser."""
         self.initialized = True
-        if isinstance(self.sock, ssl.SSLSocket):
+        if self.tls:
             self.sock.settimeout(THREAD_IO_TIMEOUT)
-        # (a plain socket stays blocking: the kernel's timeouts, set at accept, bound it)
         if self.parser is None:
-            self.parser = http.get_parser(self.cfg, self.sock, self.client)
-        data, self.buf = bytes(self.buf), bytearray()
+            self.parser = _Parser(self.cfg, self.sock, self.client)
+        data, self.buf = self.buf, bytearray()
         if data:
             self.parser.unreader.unread(data)
 
@@ -207,12 +385,17 @@ class BufferedConn(TConn):
 class BufferedThreadWorker(ThreadWorker):
     """gthread with whole requests read in the poller, within a deadline (see the module)."""
 
+    alive: bool
+    poller: Any
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # (deadline, conn) in deadline order: every entry gets the same delay when made.
         self.reading: deque[tuple[float, BufferedConn]] = deque()
         self.closing: deque[tuple[float, BufferedConn]] = deque()
         self._ssl_context: ssl.SSLContext | None = None
+        self._settings = _Settings(self.cfg)
+        self._next_notify = self._next_parent_check = 0.0
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -226,6 +409,31 @@ class BufferedThreadWorker(ThreadWorker):
             self._ssl_context.set_alpn_protocols(["http/1.1"])
         super().init_process()
 
+    def run(self) -> None:
+        if _ONESHOT:  # (gthread made a selector of its own; nothing is registered yet)
+            self.poller.close()
+            self.poller = _Poller()
+        super().run()
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        for conn in list(self.keepalived_conns):  # (pool threads may append meanwhile)
+            conn.timeout = min(conn.timeout, deadline)
+
+    def notify(self) -> None:
+        """Tell the arbiter we are alive, at most every NOTIFY_EVERY seconds: gthread does it
+        (a syscall) at every wake of the poller, twice a request."""
+        now = time.monotonic()
+        if now >= self._next_notify:
+            self._next_notify = now + NOTIFY_EVERY
+            super().notify()
+
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_parent_check:
+            return True
+        self._next_parent_check = now + NOTIFY_EVERY
+        return bool(super().is_parent_alive())
+
     # --- the poller's side -------------------------------------------------------------------
 
     def accept(self, listener: Any) -> None:
@@ -236,19 +444,22 @@ class BufferedThreadWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        conn = BufferedConn(self.cfg, client, addr, listener.getsockname())
+        conn = BufferedConn(self._settings, client, addr, listener.getsockname())
         state = READING
         if self._ssl_context is None:
             # A pool thread's blocking reads and writes give up after THREAD_IO_TIMEOUT: set
-            # once here rather than as Python's timeout, which polls before every call.
+            # once here rather than as Python's timeout, which polls before every call.  The
+            # socket stays blocking from now on (see BufferedConn).
             timeout = struct.pack("ll", int(THREAD_IO_TIMEOUT), 0)
             try:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+                client.setblocking(True)
             except OSError:
                 self._drop(conn)
                 return
         else:
+            conn.tls = True
             try:
                 conn.sock = self._ssl_context.wrap_socket(
                     client, server_side=True, do_handshake_on_connect=False,
@@ -262,7 +473,8 @@ class BufferedThreadWorker(ThreadWorker):
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
         """A kept-alive connection has bytes: a pool thread tries it (see `try_read`)."""
-        self.poller.unregister(client)
+        if not conn.oneshot:  # (a one-shot registration is disarmed by the event itself)
+            self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         self._try(conn)
 
@@ -322,16 +534,15 @@ class BufferedThreadWorker(ThreadWorker):
         before that is still answered).  A plain socket's short read is all there was for
         now (the poller is told of the rest); TLS reads on until the socket is dry, since
         bytes decrypted ahead would not make it readable."""
-        tls = isinstance(conn.sock, ssl.SSLSocket)
         while True:
             try:
-                data = conn.sock.recv(65536)
+                data = conn.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return True
             if not data:
                 return False
             conn.buf += data
-            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY or (len(data) < 65536 and not tls):
+            if len(conn.buf) > MAX_HEAD + 2 * MAX_BODY or (len(data) < 65536 and not conn.tls):
                 return True  # (over the limits: Framing refuses it)
 
     def _maybe_continue(self, conn: BufferedConn) -> None:
@@ -346,13 +557,13 @@ class BufferedThreadWorker(ThreadWorker):
                 head.split(b"\r\n", 1)[0]:
             conn.sent_continue = True
             try:
-                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             except (BlockingIOError, ssl.SSLError, OSError):
                 pass
 
     def _refuse(self, conn: BufferedConn, status: str, message: str) -> None:
         try:
-            conn.sock.send(_error(status, message))  # small: fits the socket's buffer
+            conn.send(_error(status, message))  # small: fits the socket's buffer
         except (OSError, ValueError):
             pass
         self._unregister(conn)
@@ -369,13 +580,25 @@ class BufferedThreadWorker(ThreadWorker):
         except (KeyError, ValueError, OSError):
             pass
 
+    def _leave_kept(self, conn: BufferedConn) -> None:
+        """Drop a one-shot registration before the connection is registered otherwise or
+        closed (a closed descriptor left in the selector would refuse its number's reuse)."""
+        if getattr(conn, "oneshot", False):
+            conn.oneshot = False
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
     def _drop(self, conn: BufferedConn) -> None:
+        self._leave_kept(conn)
         self.nr_conns -= 1
         util.close(conn.sock)
 
     def _linger(self, conn: Any) -> None:
         """gunicorn's graceful close without blocking the poller: send FIN, then drain what
         the client still sends until it closes too, for LINGER seconds at most."""
+        self._leave_kept(conn)
         try:
             conn.sock.setblocking(False)
             conn.sock.shutdown(socket.SHUT_WR)
@@ -406,7 +629,9 @@ class BufferedThreadWorker(ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         while self.closing and self.closing[0][0] <= now:
-            _, conn = self.closing.popleft()
+            deadline, conn = self.closing.popleft()
+            if conn.deadline != deadline or conn.state != CLOSING:
+                continue  # closed already (the client's FIN came): counted once
             self._unregister(conn)
             self._drop(conn)
         while self.reading and self.reading[0][0] <= now:
@@ -422,23 +647,50 @@ class BufferedThreadWorker(ThreadWorker):
     # --- the pool thread's side ------------------------------------------------------------
 
     def handle(self, conn: Any) -> Any:
-        if getattr(conn, "state", "") == TRYING:
-            tried = self.try_read(conn)
-            if tried is not None:
-                return tried
-        return super().handle(conn)
+        """gthread's `handle` for HTTP/1.1 over a connection whose request is in memory (no
+        waiting for data, no HTTP/2 negotiation: see `check_config`)."""
+        req = None
+        try:
+            if conn.state == TRYING:
+                tried = self.try_read(conn)
+                if tried is not None:
+                    return tried
+            conn.init()
+            req = next(conn.parser)
+            if not req:
+                return False
+            return self._keepalive_after(conn, self.handle_request(req, conn))
+        except http.errors.NoMoreData as e:
+            self.log.debug("Ignored premature client disconnection. %s", e)
+        except StopIteration as e:
+            self.log.debug("Closing connection. %s", e)
+        except ssl.SSLError as e:
+            if e.args[0] == ssl.SSL_ERROR_EOF:
+                self.log.debug("ssl connection closed")
+                conn.sock.close()
+            else:
+                self.log.debug("Error processing SSL request.")
+                self.handle_error(req, conn.sock, conn.client, e)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+            else:
+                self.log.debug("Ignoring connection error %s", e.errno)
+        except Exception as e:
+            self.handle_error(req, conn.sock, conn.client, e)
+        return False
 
     def try_read(self, conn: BufferedConn) -> Any:
-        """A kept-alive connection's bytes, read once without waiting (the socket is still
-        non-blocking).  None when they make a whole request (serve it); _DEFER when more must
-        come (the poller reads it, within the deadline); _DROP or False to close."""
+        """A kept-alive connection's bytes, read once without waiting.  None when they make a
+        whole request (serve it); _DEFER when more must come (the poller reads it, within the
+        deadline); _DROP or False to close."""
         conn.state = ""
         try:
             more = self._read(conn)
             end = conn.framing.end(conn.buf)
         except Incomplete as e:
             try:
-                conn.sock.send(_error(e.status, str(e)))  # small: fits the socket's buffer
+                conn.send(_error(e.status, str(e)))  # small: fits the socket's buffer
             except (OSError, ValueError):
                 pass
             return False  # closed gracefully, as a refusal in the poller
@@ -452,15 +704,96 @@ class BufferedThreadWorker(ThreadWorker):
         return _DEFER
 
     def handle_request(self, req: Any, conn: Any) -> bool:
-        if getattr(conn, "sent_continue", False):
+        """gthread's `handle_request`, with settings looked up once and `_Response`."""
+        if conn.sent_continue:
             req._expected_100_continue = False  # the poller has answered it already
-        return bool(super().handle_request(req, conn))
+        cfg = self._settings
+        environ: dict[str, Any] = {}
+        resp = None
+        try:
+            cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, cfg,
+                                        response_class=_Response)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                    self.alive = False
+                resp.force_close()
+            if not self.alive or not cfg.keepalive:
+                resp.force_close()
+            elif len(self.keepalived_conns) >= self.max_keepalived:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            if resp.should_close():
+                self.log.debug("Closing connection.")
+                return False
+        except OSError:
+            util.reraise(*sys.exc_info())
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                # Timeout abort is SystemExit; a 500 after the head would corrupt the answer.
+                self.log.exception("Error handling request")
+                util.close_graceful(conn.sock)
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return True
 
-    def finish_request(self, conn: Any, fs: Any) -> None:
+    def enqueue_req(self, conn: Any) -> None:
+        self.tpool.submit(self._serve, conn)
+
+    def _serve(self, conn: BufferedConn) -> None:
+        """In a pool thread: serve, then keep a plain connection for its next request here
+        (one-shot re-armed) or hand it to the poller (`finish_request`).  A client that
+        sends its next request at once (a Salt master's ext_pillar calls, one after another)
+        finds this thread still there, for NEXT_WAIT at most, when it is the worker's only
+        connection (with more, the threads are better spent on whichever is ready)."""
+        for served in range(NEXT_MAX):
+            try:
+                result = self.handle(conn)
+            except BaseException:  # (handle answers what it can) close rather than lose it
+                result = False
+            if result is not True or not conn.oneshot or conn.parser.unreader.buf.getvalue():
+                self.method_queue.defer(self.finish_request, conn, result)
+                return
+            if served + 1 < NEXT_MAX and self.nr_conns == 1 and self.alive \
+                    and _next_bytes_within(conn.sock, NEXT_WAIT):
+                conn.state, conn.sent_continue, conn.framing = TRYING, False, Framing()
+                continue
+            break
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)  # before re-arming: its event may come at once
+        try:
+            self.poller.rearm(conn.sock.fileno())
+        except (OSError, ValueError):  # stopping (the poller is closed): let it expire
+            pass
+        # conn belongs to the poller again: not touched after re-arming
+
+    def finish_request(self, conn: Any, result: Any) -> None:
         """Back on the poller: keep the connection for its next request, or close it."""
         try:
-            result = fs.result() if not fs.cancelled() else False
             if result is _DEFER:  # a pool thread found only part of a request: read the rest
+                self._leave_kept(conn)
                 self._start_reading(conn, READING, fresh=False)
                 return
             if result is _DROP:
@@ -469,19 +802,29 @@ class BufferedThreadWorker(ThreadWorker):
             if not result:
                 self._linger(conn)
                 return
-            conn.sock.setblocking(False)
+            pending = 0
+            if conn.tls:
+                conn.sock.setblocking(False)
+                pending = conn.sock.pending()
             ahead = conn.parser.unreader.take_buffered()  # pipelined bytes, read already
-            pending = conn.sock.pending() if isinstance(conn.sock, ssl.SSLSocket) else 0
             if ahead or pending:
                 conn.buf += ahead
-                self._try(conn)
+                self._try(conn)  # (a one-shot registration stays, disarmed)
                 return
             conn.set_timeout()
             if not self.alive:
                 conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
             self.keepalived_conns.append(conn)
-            self.poller.register(conn.sock, selectors.EVENT_READ,
-                                 partial(self.on_client_socket_readable, conn))
+            if conn.oneshot:
+                self.poller.rearm(conn.sock.fileno())
+            elif _ONESHOT and not conn.tls:
+                conn.oneshot = True
+                self.poller.register_oneshot(conn.sock,
+                                             partial(self.on_client_socket_readable, conn))
+            else:
+                self.poller.register(conn.sock, selectors.EVENT_READ,
+                                     partial(self.on_client_socket_readable, conn))
         except Exception:
+            self._leave_kept(conn)
             self.nr_conns -= 1
             conn.close()
