@@ -42,8 +42,9 @@ KV write after the answer), then within `vault.version_ttl` (with `version_ttl: 
 change seen everywhere at once, head is moved before the answer, as it was).  `close()` waits
 for the move (a CLI run, a worker that stops).  The records are the truth: a writer killed
 between its commit and `head` (now: also just after its answer) leaves `head` behind, and the
-next writer (whose record create then conflicts) or the next process (once, at its first
-`latest()`) finds the committed records past `head` and moves it on.
+next writer (whose record create then conflicts) or any process reading (at its first
+`latest()`, then every HEAL_EVERY seconds) finds the committed records past `head` and moves
+it on.
 
 A store in the first layout (one `material` secret, KV version N = pkisvc version N, events
 under audit/) is read as it is: its versions are read from `material` and the next write adds
@@ -124,6 +125,7 @@ HEAD_LAG = 60  # seconds a record past `head` is taken for a live writer's, not 
 # HEAD_MAX_DELAY after the first commit it is behind (see _HeadMover)
 HEAD_SETTLE = 0.005
 HEAD_MAX_DELAY = 0.05
+HEAL_EVERY = 10.0  # seconds between latest()'s looks past head (a writer killed before moving it)
 MOVER_IDLE = 30.0  # seconds the thread that moves head waits for the next commit, then ends
 CLOSE_PATIENCE = 30.0  # seconds close() waits for head's move (each Vault call has its timeout)
 MINION_READERS = 8  # concurrent reads when every minion's state is asked for
@@ -178,7 +180,7 @@ class VaultBackend:
         # Each version's change event (None: written before events moved into the version).
         self._changes: dict[int, AuditEvent | None] = {}
         self._events: OrderedDict[str, tuple[Order, AuditEvent]] = OrderedDict()
-        self._healed = False
+        self._healed_at: float | None = None  # when latest() last looked past head
         self._head_seen: tuple[int, int] | None = None  # the last head read or written
         self._mover: _HeadMover | None = None  # moves head after commits (this process's)
         self._writing = 0  # version writes under way in this process
@@ -313,9 +315,13 @@ class VaultBackend:
         head = self._head()
         top = head[0] if head is not None else self._first_layout_latest()
         top = max(top, self._moving())  # committed here, head maybe not moved yet
-        if not self._healed:
+        now = time.monotonic()
+        if self._healed_at is None or now - self._healed_at >= HEAL_EVERY:
+            # Past head, now and then: a writer killed before it moved head leaves it behind,
+            # and a replica that only reads would otherwise not see that version until the
+            # next writer came.  One read (of a record that is not there) per HEAL_EVERY.
             top = self._heal(top)
-            self._healed = True
+            self._healed_at = now
         return top or None
 
     def _heal(self, top: int, level: int = logging.WARNING) -> int:

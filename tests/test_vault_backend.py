@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from pkisvc import chain
 from pkisvc.app import create_app
 from pkisvc.backends import load_backend
+from pkisvc.backends import vault as vault_module
 from pkisvc.backends.files import FilesBackend
 from pkisvc.backends.vault import HEAD_MAX_DELAY, VaultBackend
 from pkisvc.cli import main
@@ -251,6 +252,30 @@ def test_a_head_move_that_fails_leaves_head_behind_for_the_next_writer_to_heal(
     assert elsewhere.backend.settle_head()
     assert stored_head(openbao, settings.cluster)[0] == 3
     assert backend.latest() == 3 and backend.read(3).record.parent == 2
+
+
+def test_a_replica_that_only_reads_moves_a_head_left_behind(openbao, tmp_path, monkeypatch):
+    """A writer that never moved head (killed after its answer) does not hide its version
+    from a replica that only reads: the replica looks past head every HEAL_EVERY seconds."""
+    monkeypatch.setattr(vault_module, "HEAL_EVERY", 0.5)
+    store, settings = vault_store(openbao, tmp_path)
+    store.init(actor="t")
+    assert store.backend.settle_head()
+    reader = load_backend(settings)
+    assert reader.latest() == 1  # its first look past head: nothing there
+    write = store.backend._write
+
+    def killed_before_head(path, data, cas):
+        if path == store.backend._head_path:
+            raise BackendUnavailable("vault at test: the writer is gone")
+        return write(path, data, cas)
+
+    store.backend._write = killed_before_head
+    assert store.rotate_leaf("server", actor="t").version == 2
+    assert store.backend.settle_head()
+    assert stored_head(openbao, settings.cluster)[0] == 1
+    wait_for(lambda: reader.latest() == 2, 0.5 + SEEN_SLACK + 5, "the replica to look past head")
+    assert stored_head(openbao, settings.cluster)[0] == 2  # and it moved head for everyone
 
 
 def test_a_first_layout_store_is_read_as_it_is_and_written_on_in_the_new_one(openbao):
