@@ -48,6 +48,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(limit + extra))
 
 
+def chain_checked(client: Any) -> None:
+    """Wait for a new service's chain check at start: a thread that reads data_dir and raises
+    the witness there (a test that pulls data_dir away must not race it)."""
+    wait_for(lambda: client.get("/v1/health").get_json()["audit_chain"]["ok"] is not None, 60,
+             "the chain check at start")
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings isolated from the environment; EC keys unless a test asks otherwise."""
     values = {"data_dir": str(data_dir), "key_type": "ecdsa-p256", **overrides}

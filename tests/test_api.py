@@ -6,7 +6,7 @@ import pytest
 
 from pkisvc.app import create_app
 from pkisvc.backends.files import FilesBackend
-from tests.conftest import make_settings
+from tests.conftest import chain_checked, make_settings
 
 SCOPES = ["read", "secrets", "audit", "admin"]
 
@@ -187,6 +187,7 @@ def test_backend_down_is_503_and_recovers(tmp_path):
     app = create_app(settings)
     token = (settings.data_dir / "admin.token").read_text().strip()
     client = app.test_client()
+    chain_checked(client)
     moved = tmp_path / "moved"
     shutil.move(settings.data_dir, moved)
     settings.data_dir.write_text("the disk went away")
@@ -210,6 +211,7 @@ def test_backend_down_during_a_rotation_is_503(tmp_path):
         {"name": "ops", "sha256": hashlib.sha256(token.encode()).hexdigest(),
          "scopes": ["admin"]}])
     client = create_app(settings).test_client()
+    chain_checked(client)
     moved = tmp_path / "moved"
     shutil.move(settings.data_dir, moved)
     settings.data_dir.write_text("gone")

@@ -9,7 +9,7 @@ import pytest
 from pkisvc.app import create_app
 from pkisvc.model import MinionState, parse_time
 from pkisvc.ui import lifetimes, minion_table
-from tests.conftest import make_settings
+from tests.conftest import chain_checked, make_settings
 
 PAGES = ["/ui/", "/ui/history", "/ui/minions", "/ui/audit", "/ui/audit?kind=pillar&minion=m"]
 
@@ -336,6 +336,7 @@ def test_backend_down_is_a_503_page_and_keeps_the_login(tmp_path):
          "scopes": ["read", "audit"]}])
     client = create_app(settings).test_client()
     log_in(client, token)
+    chain_checked(client)
     moved = tmp_path / "moved"
     shutil.move(settings.data_dir, moved)
     settings.data_dir.write_text("the disk went away")
