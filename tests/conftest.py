@@ -114,9 +114,10 @@ def openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
                           check=False, timeout=60)
 
 
-def start(cmd, env, port, *, scheme="http", verify=True):
-    """Start a server process in its own group; return it once /v1/health answers."""
-    log = tempfile.TemporaryFile()
+def start(cmd, env, port, *, scheme="http", verify=True, log_path=None):
+    """Start a server process in its own group; return it once /v1/health answers.  Its
+    output goes to log_path when given (kept for a failure's diagnosis), else nowhere."""
+    log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
     p = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=log)
 

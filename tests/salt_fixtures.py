@@ -44,11 +44,20 @@ class Service:
         self.token_file = base / "salt-master.token"
         self.report_token_file = base / "salt-master-report.token"  # the master's reports ([Q])
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log = base / "pkisvc.log"  # the service's output (gunicorn's log)
+
+    def state(self) -> str:
+        """Whether the service runs, and its log's tail: for a failing assertion's message."""
+        alive = self.proc is not None and self.proc.poll() is None
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        return f"service {'running' if alive else 'not running'}; its log ends:\n{tail}"
 
     def start(self) -> Service:
         env = clean_env(PKISVC_DATA_DIR=str(self.data), PKISVC_KEY_TYPE="ecdsa-p256")
+        self.base.mkdir(parents=True, exist_ok=True)
         self.proc = start([sys.executable, "-m", "pkisvc.cli", "serve", "--bind",
-                           f"127.0.0.1:{self.port}", "--workers", "2"], env, self.port)
+                           f"127.0.0.1:{self.port}", "--workers", "2"], env, self.port,
+                          log_path=self.log)
         for name, scope, path in (("salt-master", "secrets", self.token_file),
                                   ("salt-master-reports", "report", self.report_token_file)):
             if not path.exists():

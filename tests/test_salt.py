@@ -185,7 +185,7 @@ def test_service_down_puts_an_error_in_pillar_and_configured_touches_nothing(
         local = Masterless(tmp_path / "salt", service)
         root = local.root("k8s-master-1")
         ok = local.apply("k8s-master-1", "kubernetes.cert.configured")
-        assert all(s["result"] is True for s in ok.values()), ok
+        assert all(s["result"] is True for s in ok.values()), (ok, service.state())
     finally:
         service.stop()
     before = snapshot(root)
