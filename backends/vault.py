@@ -93,6 +93,7 @@ from pkisvc.errors import (
     PermissionDenied,
     VersionConflict,
 )
+from pkisvc.memo import Memo
 from pkisvc.model import (
     AuditEvent,
     GenerationRecord,
@@ -174,7 +175,7 @@ class VaultBackend:
         self._minions_dir = f"{self.base}/minions"
         self._sessions_path = f"{self.base}/sessions"
         self._lock = threading.RLock()
-        self._cache: OrderedDict[int, StoredGeneration] = OrderedDict()
+        self._cache: Memo[int, StoredGeneration] = Memo(CACHE_SIZE)
         self._records: dict[int, GenerationRecord] = {}
         self._nonces: dict[int, str | None] = {}  # None: a version of the first layout
         # Each version's change event (None: written before events moved into the version).
@@ -269,18 +270,10 @@ class VaultBackend:
         return f"{self._versions}/{version}/material-{nonce}"
 
     def _remember(self, gen: StoredGeneration) -> None:
-        with self._lock:
-            self._cache[gen.version] = gen
-            self._cache.move_to_end(gen.version)
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+        self._cache.put(gen.version, gen)
 
     def _cached(self, version: int) -> StoredGeneration | None:
-        with self._lock:
-            gen = self._cache.get(version)
-            if gen is not None:
-                self._cache.move_to_end(version)
-            return gen
+        return self._cache.get(version)
 
     def _note(self, version: int, record: GenerationRecord, event: AuditEvent | None,
               nonce: str | None, link: dict[str, Any] | None = None) -> None:

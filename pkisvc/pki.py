@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkisvc.errors import InvalidMaterial, InvalidRequest
+from pkisvc.memo import Memo
 from pkisvc.model import KEY_TYPES, ItemRecord
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -309,29 +308,9 @@ def sans_of(cert: x509.Certificate) -> tuple[str, ...]:
 MEMO_SIZE = 32
 
 
-class _Memo:
-    """A small thread-safe map, least recently used dropped first."""
-
-    def __init__(self, size: int = MEMO_SIZE) -> None:
-        self._size, self._lock = size, threading.Lock()
-        self._items: OrderedDict[object, object] = OrderedDict()
-
-    def get(self, key: object) -> object | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: object, value: object) -> None:
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
-_described = _Memo()
-_verified = _Memo()  # (certificate DER, issuer DER) -> True: signed by it (never a failure)
+_described: Memo[bytes, ItemRecord] = Memo(MEMO_SIZE)
+# (certificate DER, issuer DER) -> True: signed by it (a failure is never kept)
+_verified: Memo[tuple[bytes, bytes], bool] = Memo(MEMO_SIZE)
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -342,7 +321,7 @@ def describe(cert: x509.Certificate) -> ItemRecord:
     """Summarise cert for a generation record."""
     der = _der(cert)
     found = _described.get(der)
-    if isinstance(found, ItemRecord):
+    if found is not None:
         return found
     rec = _describe(cert)
     _described.put(der, rec)
